@@ -1,0 +1,137 @@
+"""Contract-and-Broadcast Self-Attention (CBSA), eqs. 5-8 of the paper (see CBSA_MATH.md).
+
+Per head k, with W = Z U_k the tokens projected on the head's subspace (N x p):
+  Q0 = pool(W over the patch grid)                  initial guess, m = g_h * g_w representatives
+  A  = softmax_r(s Q0 W^T)                           extraction weights (m x N)
+  Q  = Q0 + eta_rep * A W                            representatives
+  C  = softmax_r(s Q Q^T) Q                          contraction (eq. 8; eq. 7 or none optional)
+  dW = eta_x * A^T C                                 broadcast back to all N tokens
+The cost is O(N m p) per head: no N x N matrix is ever formed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cbtlab.attention.registry import register_attention
+
+CONTRACTIONS = ("softmax", "exact", "none")
+STEP_INITS = ("normal", "constant", "zero")
+
+
+def init_steps(steps: Tensor, scheme: str, scale: float) -> None:
+    """Initialise learnable step sizes: N(0, scale) as in the reference code, the constant
+    `scale`, or zero."""
+    with torch.no_grad():
+        if scheme == "normal":
+            steps.normal_(0.0, scale)
+        elif scheme == "constant":
+            steps.fill_(scale)
+        elif scheme == "zero":
+            steps.zero_()
+        else:
+            raise ValueError(f"unknown step initialisation {scheme!r}; known: {STEP_INITS}")
+
+
+def pool_grid(tokens: Tensor, grid_size: tuple[int, int], out: tuple[int, int], op: str) -> Tensor:
+    """Pool patch tokens laid out on an H x W grid down to a g_h x g_w grid.
+
+    tokens: (B, K, H*W, p) -> (B, K, g_h*g_w, p). Adaptive pooling, so g_h, g_w need not
+    divide H, W (windows then differ in size by at most one token).
+    """
+    b, k, n, p = tokens.shape
+    h, w = grid_size
+    if n != h * w:
+        raise ValueError(f"{n} patch tokens do not fill a {h}x{w} grid")
+    if out[0] > h or out[1] > w:
+        raise ValueError(f"representative grid {out[0]}x{out[1]} exceeds the {h}x{w} patch grid")
+    grid = tokens.transpose(-1, -2).reshape(b * k, p, h, w)  # (B*K, p, H, W)
+    pooled = F.adaptive_avg_pool2d(grid, out) if op == "avg" else F.adaptive_max_pool2d(grid, out)
+    return pooled.reshape(b, k, p, out[0] * out[1]).transpose(-1, -2)  # (B, K, m, p)
+
+
+@register_attention("cbsa")
+class CBSA(nn.Module):
+    """CBSA with a pooled initial guess, softmax contraction and learnable per-head steps.
+
+    Args:
+        dim: token width d.
+        num_heads: K, the number of subspaces; head width p = d / K.
+        num_prefix_tokens: tokens before the patch grid (CLS); they are attended to but not pooled.
+        rep_grid: (g_h, g_w), the representatives' grid; m = g_h * g_w.
+        rep_pool: "avg" or "max" pooling for the initial guess.
+        stop_grad_init: detach Q0 (the paper) or not (the reference code).
+        contraction: "softmax" (eq. 8), "exact" (eq. 7, `(I + beta Q Q^T)^-1 Q`) or "none".
+        contraction_beta: beta of the exact contraction.
+        step_init, step_scale: initialisation of eta_rep and eta_x (see `init_steps`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        num_prefix_tokens: int = 1,
+        rep_grid: tuple[int, int] = (8, 8),
+        rep_pool: str = "avg",
+        stop_grad_init: bool = False,
+        contraction: str = "softmax",
+        contraction_beta: float = 1.0,
+        step_init: str = "normal",
+        step_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide dim={dim}")
+        if contraction not in CONTRACTIONS:
+            raise ValueError(f"unknown contraction {contraction!r}; known: {CONTRACTIONS}")
+        if rep_pool not in ("avg", "max"):
+            raise ValueError(f"unknown rep_pool {rep_pool!r}; known: avg, max")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.num_prefix_tokens = num_prefix_tokens
+        self.rep_grid = (int(rep_grid[0]), int(rep_grid[1]))
+        self.rep_pool = rep_pool
+        self.stop_grad_init = stop_grad_init
+        self.contraction = contraction
+        self.contraction_beta = contraction_beta
+        # U = [U_1 ... U_K]: one bias-free projection for all heads' subspaces.
+        self.qkv = nn.Linear(dim, num_heads * self.head_dim, bias=False)
+        # The paper's over-parameterised output map in place of U^T.
+        self.proj = nn.Linear(num_heads * self.head_dim, dim)
+        self.step_rep = nn.Parameter(torch.empty(num_heads))
+        self.step_x = nn.Parameter(torch.empty(num_heads))
+        init_steps(self.step_rep, step_init, step_scale)
+        init_steps(self.step_x, step_init, step_scale)
+
+    @property
+    def num_representatives(self) -> int:
+        return self.rep_grid[0] * self.rep_grid[1]
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        b, n, _ = x.shape
+        k, p = self.num_heads, self.head_dim
+        w = self.qkv(x).view(b, n, k, p).transpose(1, 2)  # (B, K, N, p)
+        q0 = pool_grid(w[:, :, self.num_prefix_tokens :], grid_size, self.rep_grid, self.rep_pool)
+        if self.stop_grad_init:
+            q0 = q0.detach()
+        attn = torch.softmax((q0 * self.scale) @ w.transpose(-1, -2), dim=-1)  # (B, K, m, N)
+        q = q0 + self.step_rep.view(1, k, 1, 1) * (attn @ w)  # (B, K, m, p)
+        c = self.contract(q)  # (B, K, m, p)
+        dw = self.step_x.view(1, k, 1, 1) * (attn.transpose(-1, -2) @ c)  # (B, K, N, p)
+        return self.proj(dw.transpose(1, 2).reshape(b, n, k * p))
+
+    def contract(self, q: Tensor) -> Tensor:
+        """The contraction step on the m representatives of every head: (B, K, m, p)."""
+        if self.contraction == "softmax":
+            # softmax_r(s Q Q^T) Q; SDPA's default scale is p ** -0.5 = s.
+            return F.scaled_dot_product_attention(q, q, q)
+        if self.contraction == "exact":
+            m = q.shape[-2]
+            eye = torch.eye(m, dtype=q.dtype, device=q.device)
+            gram = eye + self.contraction_beta * (q @ q.transpose(-1, -2))  # (B, K, m, m), SPD
+            return torch.cholesky_solve(q, torch.linalg.cholesky(gram))
+        return q

@@ -1,0 +1,67 @@
+"""The `cbtlab` command.
+
+cbtlab study rep-count [flags]  the representative-count ablation (= studies/rep_count_ablation.py)
+cbtlab data digits              build (or verify) the built-in digits shards; print where they are
+cbtlab config [--set k=v ...]   print the default experiment config, flattened, after overrides
+cbtlab where                    print where cbtlab keeps data, MLflow and Ray results
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cbtlab.config import ConfigError, ExperimentConfig, parse_override
+
+STUDIES = {"rep-count": "cbtlab.tune.studies:rep_count_main"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="cbtlab", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    study = commands.add_parser("study", help="run a study", add_help=False)
+    study.add_argument("name", choices=sorted(STUDIES))
+    data = commands.add_parser("data", help="build a built-in dataset's shards")
+    data.add_argument("dataset", choices=["digits"])
+    data.add_argument("--set", dest="overrides", action="append", default=[])
+    config = commands.add_parser("config", help="print the experiment config")
+    config.add_argument("--set", dest="overrides", action="append", default=[])
+    commands.add_parser("where", help="print where state is kept")
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "study":
+        module, _, func = STUDIES[args.name].partition(":")
+        study_main = getattr(__import__(module, fromlist=[func]), func)
+        return study_main(rest, prog=f"cbtlab study {args.name}")
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "where":
+        from cbtlab.paths import cbtlab_home, data_home, default_tracking_uri, ray_results_home
+
+        print(f"home          {cbtlab_home()}  (CBTLAB_HOME)")
+        print(f"data cache    {data_home()}")
+        print(f"MLflow store  {default_tracking_uri()}  (MLFLOW_TRACKING_URI)")
+        print(f"Ray results   {ray_results_home()}")
+        return 0
+    try:
+        cfg = ExperimentConfig().with_overrides(dict(map(parse_override, args.overrides)))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if args.command == "config":
+        for key, value in cfg.flat().items():
+            print(f"{key} = {value}")
+        return 0
+    from cbtlab.data import prepare_dataset, read_split
+
+    root = prepare_dataset(cfg.data)
+    for split in ("train", "val"):
+        shards = read_split(root, split)
+        print(f"{split}: {shards.num_samples} samples in {len(shards.shards)} shards")
+    print(f"at {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Typed, validated, serialisable experiment configs.
+
+One `ExperimentConfig` describes one training run: the model, the data and the recipe. It
+flattens to dotted keys (`model.rep_grid`, `train.lr`, ...) for MLflow params and Tune search
+spaces, and rebuilds from them. Every bad value raises `ConfigError` naming the field and what
+is allowed, so that a study fails at start-up with one clear message instead of inside a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value is unknown or out of range; the message names the field."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field_name = field_name
+
+
+Grid = tuple[int, int]
+
+
+def parse_grid(value: Any, field_name: str = "grid") -> Grid:
+    """Parse a grid given as `(h, w)`, `[h, w]`, `"HxW"` or a single int `n` (meaning `n x n`)."""
+    if isinstance(value, bool):
+        raise ConfigError(field_name, f"expected a grid like '4x4' or [4, 4], got {value!r}")
+    if isinstance(value, int):
+        dims = (value, value)
+    elif isinstance(value, str):
+        parts = value.lower().replace("*", "x").split("x")
+        try:
+            dims = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ConfigError(field_name, f"expected a grid like '4x4', got {value!r}") from None
+        if len(dims) == 1:
+            dims = (dims[0], dims[0])
+    elif isinstance(value, (list, tuple)):
+        try:
+            dims = tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(field_name, f"expected two integers, got {value!r}") from None
+    else:
+        raise ConfigError(field_name, f"expected a grid like '4x4' or [4, 4], got {value!r}")
+    if len(dims) != 2 or min(dims) < 1:
+        raise ConfigError(field_name, f"expected two positive integers (h x w), got {value!r}")
+    return (dims[0], dims[1])
+
+
+def format_grid(grid: Grid) -> str:
+    return f"{grid[0]}x{grid[1]}"
+
+
+def _choice(field_name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(field_name, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(field_name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(field_name, f"must be {bound}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the transformer: sizes, attention variant and its options."""
+
+    attention: str = "cbsa"
+    img_size: int = 16
+    patch_size: int = 2
+    in_chans: int = 1
+    num_classes: int = 10
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 3
+    # CBSA: the representatives are the patch grid pooled to rep_grid, so m = g_h * g_w.
+    rep_grid: Grid = (4, 4)
+    rep_pool: str = "avg"
+    stop_grad_init: bool = False
+    contraction: str = "softmax"
+    contraction_beta: float = 1.0
+    # Initialisation of the two learnable per-head step sizes (eta_rep, eta_x).
+    step_init: str = "normal"
+    step_scale: float = 1.0
+    ista_step: float = 0.1
+    ista_lambda: float = 0.1
+    global_pool: str = "avg"
+    drop_rate: float = 0.0
+
+    def validate(self) -> None:
+        from cbtlab.attention import ATTENTION_REGISTRY
+
+        _choice("model.attention", self.attention, sorted(ATTENTION_REGISTRY))
+        for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim"):
+            _positive(f"model.{name}", getattr(self, name))
+        _positive("model.depth", self.depth)
+        _positive("model.num_heads", self.num_heads)
+        if self.img_size % self.patch_size:
+            raise ConfigError(
+                "model.patch_size",
+                f"{self.patch_size} does not divide model.img_size={self.img_size}",
+            )
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(
+                "model.num_heads",
+                f"{self.num_heads} does not divide model.embed_dim={self.embed_dim}",
+            )
+        self.rep_grid = parse_grid(self.rep_grid, "model.rep_grid")
+        side = self.img_size // self.patch_size
+        if self.rep_grid[0] > side or self.rep_grid[1] > side:
+            raise ConfigError(
+                "model.rep_grid",
+                f"{format_grid(self.rep_grid)} exceeds the {side}x{side} patch grid "
+                f"(img_size {self.img_size} / patch_size {self.patch_size})",
+            )
+        _choice("model.rep_pool", self.rep_pool, ("avg", "max"))
+        _choice("model.contraction", self.contraction, ("softmax", "exact", "none"))
+        _positive("model.contraction_beta", self.contraction_beta)
+        _choice("model.step_init", self.step_init, ("normal", "constant", "zero"))
+        _positive("model.ista_step", self.ista_step, allow_zero=True)
+        _positive("model.ista_lambda", self.ista_lambda, allow_zero=True)
+        _choice("model.global_pool", self.global_pool, ("token", "avg"))
+        if not 0 <= self.drop_rate < 1:
+            raise ConfigError("model.drop_rate", f"must be in [0, 1), got {self.drop_rate!r}")
+
+    @property
+    def num_representatives(self) -> int:
+        return self.rep_grid[0] * self.rep_grid[1]
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where its shards live, and how batches are formed."""
+
+    dataset: str = "digits"
+    # Folder for the built-in dataset's shards; empty means `<CBTLAB_HOME>/data`.
+    cache_dir: str = ""
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    samples_per_shard: int = 128
+    # Global batch size, split evenly over the training workers.
+    batch_size: int = 64
+    shuffle_buffer: int = 512
+    augment: bool = False
+
+    def validate(self) -> None:
+        _choice("data.dataset", self.dataset, ("digits",))
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError("data.val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
+        _positive("data.samples_per_shard", self.samples_per_shard)
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.shuffle_buffer", self.shuffle_buffer)
+
+
+@dataclass
+class TrainConfig:
+    """The recipe and the Ray Train scaling of one run."""
+
+    epochs: int = 12
+    optimizer: str = "adamw"
+    lr: float = 5e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    label_smoothing: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    use_gpu: bool = False
+    # Intra-op threads per worker; 0 means "the CPUs this worker was given, at least 1".
+    torch_threads: int = 0
+
+    def validate(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _positive("train.lr", self.lr)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(
+                "train.label_smoothing", f"must be in [0, 1), got {self.label_smoothing!r}"
+            )
+        _positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        _positive("train.num_workers", self.num_workers)
+        _positive("train.cpus_per_worker", self.cpus_per_worker)
+        _positive("train.torch_threads", self.torch_threads, allow_zero=True)
+
+
+@dataclass
+class ExperimentConfig:
+    """One training run: model, data and recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> ExperimentConfig:
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        if self.data.batch_size % self.train.num_workers:
+            raise ConfigError(
+                "data.batch_size",
+                f"the global batch {self.data.batch_size} does not split evenly over "
+                f"train.num_workers={self.train.num_workers}",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {
+            section.name: _jsonable(dataclasses.asdict(getattr(self, section.name)))
+            for section in dataclasses.fields(self)
+        }
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> plain values (grids as 'HxW'), the form MLflow params and Tune use."""
+        return {
+            f"{section}.{key}": format_grid(value) if key.endswith("_grid") else value
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+        }
+
+    def config_hash(self) -> str:
+        """Short, stable hash of every field: equal configs give equal hashes."""
+        blob = json.dumps(self.flat(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        """Build from a nested dict (as `to_dict` writes) and validate."""
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(sections)
+        if unknown:
+            name = sorted(unknown)[0]
+            raise ConfigError(name, f"unknown section; allowed: {', '.join(sections)}")
+        built = {
+            name: _build_section(name, typing.get_type_hints(cls)[name], data.get(name, {}))
+            for name in sections
+        }
+        return cls(**built).validate()
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> ExperimentConfig:
+        """Build from dotted keys (`model.depth`: 6, ...), missing keys take their defaults."""
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in flat.items():
+            section, dot, name = key.partition(".")
+            if not dot:
+                raise ConfigError(key, "expected a dotted key such as 'model.depth'")
+            nested.setdefault(section, {})[name] = value
+        return cls.from_dict(nested)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
+        """A copy with some dotted keys replaced, validated."""
+        return ExperimentConfig.from_flat({**self.flat(), **overrides})
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `section.key=value` command-line override; the value is read as JSON if it can
+    be (numbers, true/false, lists), else kept as a string."""
+    key, eq, raw = text.partition("=")
+    if not eq or not key:
+        raise ConfigError(text, "expected an override of the form section.key=value")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _build_section(section: str, section_type: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(section, f"expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(section_type)
+    names = [f.name for f in dataclasses.fields(section_type)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{section}.{key}", f"unknown field; allowed: {', '.join(names)}")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+    return section_type(**kwargs)
+
+
+def _coerce(field_name: str, hint: Any, value: Any) -> Any:
+    """Convert a value read from JSON, a flag or a Tune sample to the field's declared type."""
+    if hint is Grid or typing.get_origin(hint) is tuple:
+        return parse_grid(value, field_name)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(field_name, f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(field_name, f"expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(field_name, f"expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(field_name, f"expected an integer, got {value!r}")
+        return int(as_float)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(field_name, f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(field_name, f"expected a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(field_name, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{field_name}: no coercion for declared type {hint!r}")
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}

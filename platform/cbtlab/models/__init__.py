@@ -1,0 +1,36 @@
+"""Models built from configs: the CBT backbone and its blocks."""
+
+from __future__ import annotations
+
+from cbtlab.config import ModelConfig
+from cbtlab.models.blocks import ISTA, Block
+from cbtlab.models.transformer import CBTransformer
+
+__all__ = ["ISTA", "Block", "CBTransformer", "build_model"]
+
+
+def build_model(cfg: ModelConfig) -> CBTransformer:
+    """The model a `ModelConfig` describes."""
+    return CBTransformer(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        num_classes=cfg.num_classes,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        attention=cfg.attention,
+        attn_options={
+            "rep_grid": cfg.rep_grid,
+            "rep_pool": cfg.rep_pool,
+            "stop_grad_init": cfg.stop_grad_init,
+            "contraction": cfg.contraction,
+            "contraction_beta": cfg.contraction_beta,
+            "step_init": cfg.step_init,
+            "step_scale": cfg.step_scale,
+        },
+        ista_step=cfg.ista_step,
+        ista_lambda=cfg.ista_lambda,
+        global_pool=cfg.global_pool,
+        drop_rate=cfg.drop_rate,
+    )

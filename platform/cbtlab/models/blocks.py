@@ -1,0 +1,52 @@
+"""Transformer building blocks: the ISTA sparse-coding layer and the CBT block."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cbtlab.attention import create_attention
+
+
+class ISTA(nn.Module):
+    """One proximal step of sparse coding over a learnable dictionary D (d x d), as in CRATE:
+    `relu(Z + step * (Z D - Z D^T D) - step * lambd)`."""
+
+    def __init__(self, dim: int, *, step: float = 0.1, lambd: float = 0.1) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.step = step
+        self.lambd = lambd
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_dt = x @ self.weight.t()  # Z D^T
+        grad = x @ self.weight - x_dt @ self.weight  # Z D - Z D^T D
+        return torch.relu(x + self.step * grad - self.step * self.lambd)
+
+
+class Block(nn.Module):
+    """`Z = Z + Attn(LN(Z))`, then `Z = ISTA(LN(Z))` (no residual around ISTA, as in CRATE/CBT)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        attention: str,
+        attn_options: dict[str, Any],
+        ista_step: float = 0.1,
+        ista_lambda: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = create_attention(attention, dim, num_heads, **attn_options)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = ISTA(dim, step=ista_step, lambd=ista_lambda)
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        x = x + self.attn(self.norm1(x), grid_size)
+        return self.mlp(self.norm2(x))

@@ -1,0 +1,31 @@
+"""Where cbtlab keeps its state on one machine.
+
+Everything lives under `CBTLAB_HOME` (default `~/.cbtlab`): the built-in datasets' shards
+(`data/`), the MLflow SQLite store and artifacts (`mlflow.db`, `mlartifacts/`) and Ray's
+results (`ray_results/`). Each has its own override (`MLFLOW_TRACKING_URI`, flags).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cbtlab_home() -> Path:
+    return Path(os.environ.get("CBTLAB_HOME", Path.home() / ".cbtlab")).expanduser().resolve()
+
+
+def data_home() -> Path:
+    return cbtlab_home() / "data"
+
+
+def ray_results_home() -> Path:
+    return cbtlab_home() / "ray_results"
+
+
+def default_tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite file under `CBTLAB_HOME`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{cbtlab_home() / 'mlflow.db'}"

@@ -1,0 +1,96 @@
+"""MLflow logging for studies, written from one place: the Tune driver.
+
+Schema (see README): an experiment per study name; one parent run per study invocation; one
+child run per trial, nested under the parent with the `mlflow.parentRunId` tag. Params are the
+flattened experiment config (`model.rep_grid`, `train.lr`, ...) plus derived values
+(`model.num_representatives`); metrics are logged per epoch with `step = epoch`. Tags carry the
+study, the trial id, the git commit and dirty flag, the config hash and package versions.
+
+Only the driver writes (a Tune `Callback`), never the trial processes or the training workers,
+so parallel trials never contend for the SQLite store.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "cbtlab."
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def _is_local_sqlite(uri: str) -> Path | None:
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
+
+
+class StudyTracker:
+    """Thin, explicit wrapper over `MlflowClient` (no global active-run state)."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str) -> None:
+        self.tracking_uri = tracking_uri
+        db = _is_local_sqlite(tracking_uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        try:
+            experiment = self.client.get_experiment_by_name(experiment_name)
+        except Exception as exc:
+            raise ConnectionError(
+                f"cannot reach the MLflow tracking store {tracking_uri!r}: {exc}"
+            ) from exc
+        if experiment is None:
+            artifact_location = None
+            if db is not None:
+                artifact_location = (db.parent / "mlartifacts" / experiment_name).as_uri()
+            self.experiment_id = self.client.create_experiment(
+                experiment_name, artifact_location=artifact_location
+            )
+        else:
+            self.experiment_id = experiment.experiment_id
+
+    def start_run(
+        self,
+        name: str,
+        *,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        parent_run_id: str | None = None,
+    ) -> str:
+        all_tags = dict(tags)
+        if parent_run_id is not None:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        items = [Param(k, str(v)) for k, v in sorted(params.items())]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[start : start + 100])
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def end_run(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)

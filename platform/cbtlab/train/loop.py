@@ -1,0 +1,230 @@
+"""The training worker: model, optimiser, schedule, epochs of train + evaluate, reports.
+
+`run_training` is plain PyTorch (+ torch.distributed when a process group exists), so it runs
+in a Ray Train worker, in a test, or in a bare process alike; `train_loop_per_worker` is the
+thin Ray Train entry point around it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from cbtlab.config import ExperimentConfig
+from cbtlab.data import TrainEpoch, eval_batches, prepare_dataset, read_split
+from cbtlab.data.transforms import build_transforms
+from cbtlab.models import build_model
+
+Report = Callable[[dict[str, float]], None]
+
+
+def seed_everything(seed: int) -> None:
+    """One seed drives Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: not on biases, norms, step sizes, CLS or positions."""
+    skip = set(getattr(model, "no_weight_decay", set)())
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.train.weight_decay)
+    if cfg.train.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.train.lr)
+    return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=0.9, nesterov=True)
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, min_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up to the base rate, then cosine decay to `min_ratio` of it."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    """Sum per-rank totals over all ranks (identity without a process group)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _topk_correct(logits: Tensor, labels: Tensor, k: int) -> float:
+    k = min(k, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices
+    return (top == labels[:, None]).any(dim=-1).sum().item()
+
+
+def evaluate(
+    model: nn.Module, batches: Any, loss_fn: nn.Module, device: torch.device
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 over this rank's batches, summed over ranks."""
+    model.eval()
+    loss_sum = top1 = top5 = count = 0.0
+    with torch.no_grad():
+        for images, labels in batches:
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            loss_sum += loss_fn(logits, labels).item() * labels.numel()
+            top1 += _topk_correct(logits, labels, 1)
+            top5 += _topk_correct(logits, labels, 5)
+            count += labels.numel()
+    loss_sum, top1, top5, count = _all_sum([loss_sum, top1, top5, count])
+    return {
+        "val/loss": loss_sum / count,
+        "val/top1": top1 / count,
+        "val/top5": top5 / count,
+        "val/samples": count,
+    }
+
+
+def run_training(
+    cfg: ExperimentConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    report: Report,
+    prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m,
+    device: torch.device | None = None,
+) -> nn.Module:
+    """Train `cfg` on this rank's share of the data; call `report` once per epoch with metrics
+    that are already reduced over all ranks. Returns the trained (unwrapped) model."""
+    device = device or torch.device("cpu")
+    threads = cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker))
+    torch.set_num_threads(threads)
+    seed_everything(cfg.train.seed)
+
+    if cfg.data.batch_size % world_size:
+        raise ValueError(
+            f"global batch {cfg.data.batch_size} does not split over {world_size} ranks"
+        )
+    batch_size = cfg.data.batch_size // world_size
+    root = prepare_dataset(cfg.data)
+    train_set, val_set = read_split(root, "train"), read_split(root, "val")
+    train_tf, eval_tf = build_transforms(
+        img_size=cfg.model.img_size,
+        mean=train_set.extra["mean"],
+        std=train_set.extra["std"],
+        augment=cfg.data.augment,
+    )
+
+    model = build_model(cfg.model).to(device)
+    wrapped = prepare_model(model)
+    optimizer = build_optimizer(model, cfg)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    eval_loss = nn.CrossEntropyLoss()
+
+    def epoch_data(epoch: int) -> TrainEpoch:
+        return TrainEpoch(
+            train_set,
+            rank=rank,
+            world_size=world_size,
+            epoch=epoch,
+            seed=cfg.train.seed,
+            batch_size=batch_size,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            transform=train_tf,
+        )
+
+    steps_per_epoch = len(epoch_data(0))
+    scheduler = warmup_cosine(
+        optimizer,
+        warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
+        total_steps=cfg.train.epochs * steps_per_epoch,
+        min_ratio=cfg.train.min_lr_ratio,
+    )
+
+    for epoch in range(cfg.train.epochs):
+        # Augmentation randomness: seeded per (seed, epoch, rank), independent of data order.
+        torch.manual_seed((cfg.train.seed * 1_000_003 + epoch) * 1_009 + rank)
+        wrapped.train()
+        start = time.perf_counter()
+        loss_sum = correct = count = 0.0
+        for images, labels in epoch_data(epoch):
+            images, labels = images.to(device), labels.to(device)
+            logits = wrapped(images)
+            loss = loss_fn(logits, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite training loss {loss.item()} at epoch {epoch} on rank {rank}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * labels.numel()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            count += labels.numel()
+        train_time = time.perf_counter() - start
+        loss_sum, correct, count = _all_sum([loss_sum, correct, count])
+        metrics = {
+            "epoch": epoch + 1,
+            "train/loss": loss_sum / count,
+            "train/top1": correct / count,
+            "train/lr": scheduler.get_last_lr()[0],
+            "throughput/train_img_s": count / train_time,
+            "time/train_epoch_s": train_time,
+        }
+        metrics.update(
+            evaluate(
+                model,
+                eval_batches(
+                    val_set,
+                    rank=rank,
+                    world_size=world_size,
+                    batch_size=batch_size,
+                    transform=eval_tf,
+                ),
+                eval_loss,
+                device,
+            )
+        )
+        metrics["time/epoch_s"] = time.perf_counter() - start
+        report(metrics)
+    return model
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: `config` is `{"experiment": ExperimentConfig.to_dict()}`."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = ExperimentConfig.from_dict(config["experiment"])
+    ctx = ray.train.get_context()
+    run_training(
+        cfg,
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        report=lambda metrics: ray.train.report(metrics),
+        prepare_model=ray.train.torch.prepare_model,
+        device=ray.train.torch.get_device(),
+    )

@@ -1,0 +1,35 @@
+"""Build the Ray Train `TorchTrainer` for one experiment config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cbtlab.config import ExperimentConfig
+from cbtlab.train.loop import train_loop_per_worker
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    *,
+    name: str,
+    storage_path: str,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """A TorchTrainer running `cfg` on `cfg.train.num_workers` DDP workers (gloo on CPU)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.to_dict()},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks)),
+    )

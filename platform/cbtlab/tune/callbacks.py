@@ -1,0 +1,161 @@
+"""The Tune driver callback that writes every trial to MLflow and prints progress."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune import Callback
+
+from cbtlab.config import ExperimentConfig
+from cbtlab.tracking import StudyTracker
+
+TRIAL_METRIC_PREFIXES = ("train/", "val/", "throughput/", "time/")
+
+
+@dataclass
+class TrialRecord:
+    """What the study's summary needs to know about one trial."""
+
+    trial_id: str
+    name: str
+    config: ExperimentConfig
+    run_id: str
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    epochs: int = 0
+    last: dict[str, float] = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)
+    status: str = "RUNNING"
+    stopped_early: bool = False
+    error: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+
+def trial_config(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
+    """The experiment config of a trial: the study's base with the sampled dotted keys."""
+    return base.with_overrides(params)
+
+
+def run_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """MLflow params of a run: the flat config plus derived values."""
+    return {**cfg.flat(), "model.num_representatives": cfg.model.num_representatives}
+
+
+class MLflowTrialLogger(Callback):
+    """Creates a nested MLflow child run per trial and logs its per-epoch metrics.
+
+    Runs in the Tune driver process only, so one writer serves all trials.
+    """
+
+    def __init__(
+        self,
+        tracker: StudyTracker,
+        *,
+        parent_run_id: str,
+        base: ExperimentConfig,
+        tags: dict[str, str],
+        metric: str,
+        verbose: bool = True,
+    ) -> None:
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        self.base = base
+        self.tags = tags
+        self.metric = metric
+        self.verbose = verbose
+        self.records: dict[str, TrialRecord] = {}
+
+    def _say(self, text: str) -> None:
+        # Look sys.stdout up at call time: Tune pickles its callbacks with the experiment state.
+        if self.verbose:
+            print(text, file=sys.stdout, flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.records:  # restarted after a failure: keep the same run
+            return
+        cfg = trial_config(self.base, trial.config)
+        tags = {
+            **self.tags,
+            "cbtlab.trial_id": trial.trial_id,
+            "cbtlab.config_hash": cfg.config_hash(),
+            "cbtlab.seed": str(cfg.train.seed),
+        }
+        run_id = self.tracker.start_run(
+            str(trial), params=run_params(cfg), tags=tags, parent_run_id=self.parent_run_id
+        )
+        self.records[trial.trial_id] = TrialRecord(trial.trial_id, str(trial), cfg, run_id)
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(trial.config.items()))
+        self._say(f"[{trial}] started: {settings}")
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        record = self.records[trial.trial_id]
+        metrics = {
+            k: v
+            for k, v in result.items()
+            if k.startswith(TRIAL_METRIC_PREFIXES) and isinstance(v, (int, float))
+        }
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        self.tracker.log_metrics(record.run_id, metrics, step=epoch)
+        record.epochs = epoch
+        record.last = metrics
+        for key, value in metrics.items():
+            if key.startswith("val/"):
+                better = (
+                    value < record.best.get(key, float("inf"))
+                    if "loss" in key
+                    else (value > record.best.get(key, float("-inf")))
+                )
+                if better:
+                    record.best[key] = value
+        self._say(
+            f"[{trial}] epoch {epoch}/{record.config.train.epochs} "
+            f"train/loss {metrics.get('train/loss', float('nan')):.4f} "
+            f"{self.metric} {metrics.get(self.metric, float('nan')):.4f}"
+        )
+
+    def _finish(self, trial: Any, status: str, error: str = "") -> None:
+        record = self.records.get(trial.trial_id)
+        if record is None or record.ended is not None:
+            return
+        record.ended = time.monotonic()
+        record.status = status
+        record.error = error
+        stopped_early = status == "FINISHED" and record.epochs < record.config.train.epochs
+        record.stopped_early = stopped_early
+        tags = {
+            "cbtlab.epochs_completed": str(record.epochs),
+            "cbtlab.stopped_early": str(stopped_early).lower(),
+        }
+        if error:
+            tags["cbtlab.error"] = error[-5000:]
+        self.tracker.set_tags(record.run_id, tags)
+        self.tracker.log_metrics(
+            record.run_id,
+            {f"best/{k}": v for k, v in record.best.items()} | {"time/trial_s": record.seconds},
+            step=record.epochs,
+        )
+        self.tracker.end_run(record.run_id, status)
+        note = " (stopped early by the scheduler)" if stopped_early else ""
+        self._say(f"[{trial}] {status.lower()} after {record.epochs} epochs{note}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = ""
+        path = getattr(trial, "error_file", None)
+        if path:
+            try:
+                with open(path) as handle:
+                    error = handle.read()
+            except OSError:
+                error = f"see {path}"
+        self._finish(trial, "FAILED", error or "trial failed")

@@ -1,0 +1,146 @@
+"""CBSA: shapes, gradients, the math of CSBA_MATH.md, and linear cost in the token count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from cbtlab.attention import CBSA, create_attention
+from cbtlab.attention.cbsa import pool_grid
+
+
+def reference_cbsa(attn: CBSA, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """CBSA written head by head and sample by sample, straight from the equations."""
+    b = x.shape[0]
+    k, p, s = attn.num_heads, attn.head_dim, attn.head_dim**-0.5
+    u = attn.qkv.weight  # (K*p, d)
+    outs = []
+    for i in range(b):
+        heads = []
+        for h in range(k):
+            w = x[i] @ u[h * p : (h + 1) * p].T  # (N, p)
+            patches = w[attn.num_prefix_tokens :].T.reshape(p, *grid)  # (p, H, W)
+            q0 = F.adaptive_avg_pool2d(patches[None], attn.rep_grid)[0].reshape(p, -1).T  # (m, p)
+            a = torch.softmax(s * q0 @ w.T, dim=-1)  # (m, N)
+            q = q0 + attn.step_rep[h] * a @ w
+            c = torch.softmax(s * q @ q.T, dim=-1) @ q
+            heads.append(attn.step_x[h] * a.T @ c)  # (N, p)
+        outs.append(torch.cat(heads, dim=-1))
+    return attn.proj(torch.stack(outs))
+
+
+GRIDS = [
+    ((4, 4), (2, 2)),
+    ((4, 4), (1, 1)),
+    ((4, 4), (4, 4)),
+    ((6, 10), (2, 5)),
+    ((6, 10), (3, 2)),
+    ((5, 7), (2, 3)),
+]
+
+
+@pytest.mark.parametrize(("patch_grid", "rep_grid"), GRIDS)
+def test_shape_and_gradients(patch_grid: tuple[int, int], rep_grid: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    attn = CBSA(24, 3, num_prefix_tokens=1, rep_grid=rep_grid)
+    n = 1 + patch_grid[0] * patch_grid[1]
+    x = torch.randn(2, n, 24, requires_grad=True)
+    out = attn(x, patch_grid)
+    assert out.shape == (2, n, 24)
+    assert torch.isfinite(out).all()
+    out.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, param in attn.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(("patch_grid", "rep_grid"), GRIDS)
+def test_matches_equations(patch_grid: tuple[int, int], rep_grid: tuple[int, int]) -> None:
+    torch.manual_seed(1)
+    attn = CBSA(24, 3, num_prefix_tokens=1, rep_grid=rep_grid).double()
+    x = torch.randn(2, 1 + patch_grid[0] * patch_grid[1], 24, dtype=torch.float64)
+    torch.testing.assert_close(attn(x, patch_grid), reference_cbsa(attn, x, patch_grid))
+
+
+def test_pool_uses_patch_tokens_only() -> None:
+    """The CLS token must not enter the initial guess: changing it changes Q0 not at all."""
+    tokens = torch.randn(1, 1, 16, 4)
+    pooled = pool_grid(tokens, (4, 4), (2, 2), "avg")
+    expected = tokens[0, 0].reshape(2, 2, 2, 2, 4).permute(0, 2, 1, 3, 4).reshape(4, 4, 4).mean(1)
+    torch.testing.assert_close(pooled[0, 0], expected)
+    with pytest.raises(ValueError, match="exceeds"):
+        pool_grid(tokens, (4, 4), (5, 4), "avg")
+
+
+def test_exact_contraction_solves_the_linear_system() -> None:
+    torch.manual_seed(2)
+    attn = CBSA(16, 2, rep_grid=(2, 2), contraction="exact", contraction_beta=0.5).double()
+    q = torch.randn(3, 2, 4, 8, dtype=torch.float64)
+    gram = torch.eye(4, dtype=torch.float64) + 0.5 * q @ q.transpose(-1, -2)
+    torch.testing.assert_close(attn.contract(q), torch.linalg.inv(gram) @ q)
+
+
+def test_zero_step_init_gives_the_output_bias_only() -> None:
+    attn = CBSA(16, 2, rep_grid=(2, 2), step_init="zero")
+    out = attn(torch.randn(2, 17, 16), (4, 4))
+    torch.testing.assert_close(out, attn.proj.bias.expand_as(out))
+
+
+def test_stop_grad_init_changes_the_gradient() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(2, 17, 16)
+    grads = []
+    for stop in (False, True):
+        torch.manual_seed(4)
+        attn = CBSA(16, 2, rep_grid=(2, 2), stop_grad_init=stop)
+        attn(x, (4, 4)).sum().backward()
+        grads.append(attn.qkv.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Records the shape of every tensor produced by every op (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_no_n_by_n_tensor_is_formed() -> None:
+    n_side = 32  # 1,024 patch tokens + CLS
+    n = 1 + n_side * n_side
+    attn = CBSA(32, 2, rep_grid=(4, 4))
+    x = torch.randn(1, n, 32, requires_grad=True)
+    with ShapeRecorder() as rec:
+        attn(x, (n_side, n_side)).sum().backward()
+    largest = max(torch.Size(s).numel() for s in rec.shapes)
+    assert largest <= 2 * 16 * n, f"an op produced {largest} elements (N = {n})"
+    assert not any(s[-2:] == (n, n) for s in rec.shapes if len(s) >= 2)
+
+
+def _flops(m_grid: tuple[int, int], side: int) -> int:
+    attn = create_attention("cbsa", 32, 2, rep_grid=m_grid)
+    x = torch.randn(1, 1 + side * side, 32)
+    with FlopCounterMode(display=False) as counter:
+        attn(x, (side, side))
+    return counter.get_total_flops()
+
+
+def test_representative_count_sets_the_cost() -> None:
+    """FLOPs grow with m and linearly (not quadratically) with N."""
+    f1, f4, f16 = (_flops(g, 16) for g in ((1, 1), (2, 2), (4, 4)))
+    assert f1 < f4 < f16
+    # The m-dependent part (extraction + broadcast) scales with m.
+    assert (f16 - f1) / (f4 - f1) == pytest.approx(5.0, rel=0.05)
+    small, big = _flops((4, 4), 16), _flops((4, 4), 64)  # 16x the tokens
+    assert big / small < 17

@@ -1,0 +1,59 @@
+"""Configs: round trips, overrides, and one clear error naming the bad field."""
+
+from __future__ import annotations
+
+import pytest
+
+from cbtlab.config import ConfigError, ExperimentConfig, parse_grid, parse_override
+
+
+def test_flat_round_trip_and_hash() -> None:
+    cfg = ExperimentConfig().with_overrides({"model.rep_grid": "2x4", "train.lr": 0.01})
+    again = ExperimentConfig.from_flat(cfg.flat())
+    assert again == cfg
+    assert again.model.rep_grid == (2, 4)
+    assert cfg.flat()["model.rep_grid"] == "2x4"
+    assert again.config_hash() == cfg.config_hash()
+    assert ExperimentConfig().config_hash() != cfg.config_hash()
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "grid"),
+    [("4x4", (4, 4)), ("2X8", (2, 8)), ("3", (3, 3)), ([1, 2], (1, 2)), (5, (5, 5))],
+)
+def test_parse_grid(text: object, grid: tuple[int, int]) -> None:
+    assert parse_grid(text) == grid
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "hint"),
+    [
+        ({"model.rep_grid": "16x16"}, "model.rep_grid", "exceeds the 8x8 patch grid"),
+        ({"model.rep_grid": "4by4"}, "model.rep_grid", "4x4"),
+        ({"model.rep_grid": "0x2"}, "model.rep_grid", "positive"),
+        ({"model.attention": "flash"}, "model.attention", "'cbsa'"),
+        ({"model.step_init": "ones"}, "model.step_init", "'normal', 'constant', 'zero'"),
+        ({"model.num_heads": 5}, "model.num_heads", "does not divide"),
+        ({"model.depth": 2.5}, "model.depth", "integer"),
+        ({"train.lr": "fast"}, "train.lr", "number"),
+        ({"train.lr": -1}, "train.lr", "> 0"),
+        ({"data.batch_size": 63}, "data.batch_size", "split evenly"),
+        ({"data.augment": "maybe"}, "data.augment", "true or false"),
+        ({"model.nonsense": 1}, "model.nonsense", "allowed: attention"),
+        ({"optim.lr": 1}, "optim", "allowed: model, data, train"),
+    ],
+)
+def test_bad_values_name_the_field(override: dict, field: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig().with_overrides(override)
+    assert err.value.field_name == field
+    assert hint in str(err.value)
+
+
+def test_parse_override_reads_json_values() -> None:
+    assert parse_override("train.lr=0.01") == ("train.lr", 0.01)
+    assert parse_override("data.augment=true") == ("data.augment", True)
+    assert parse_override("model.rep_grid=4x2") == ("model.rep_grid", "4x2")
+    with pytest.raises(ConfigError):
+        parse_override("train.lr")

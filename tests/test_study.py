@@ -1,0 +1,84 @@
+"""A tiny study end to end on local Ray: the MLflow parent/child structure it writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cbtlab.tune.studies import rep_count_main
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.mark.ray
+def test_tiny_study_writes_parent_and_nested_children(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = rep_count_main(
+        [
+            "--num-samples", "2",
+            "--epochs", "1",
+            "--grids", "2x2,4x2",
+            "--name", "tiny_study",
+            "--tracking-uri", uri,
+            "--storage-path", str(tmp_path / "ray"),
+            "--set", "model.depth=1",
+            "--set", "model.embed_dim=24",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "representatives" in out and "ui --backend-store-uri " + uri in out
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny_study")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["cbtlab.study"] == "tiny_study"
+    assert "summary.txt" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    grids = set()
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        for tag in ("cbtlab.study", "cbtlab.trial_id", "cbtlab.git_commit", "cbtlab.config_hash"):
+            assert child.data.tags[tag]
+        params = child.data.params
+        grids.add(params["model.rep_grid"])
+        assert params["model.num_representatives"] == str(
+            eval(params["model.rep_grid"].replace("x", "*"))
+        )
+        assert params["model.depth"] == "1"
+        history = client.get_metric_history(child.info.run_id, "val/top1")
+        assert [m.step for m in history] == [1]
+        assert 0 <= history[0].value <= 1
+        assert client.get_metric_history(child.info.run_id, "train/loss")
+    assert grids == {"2x2", "4x2"}
+
+
+def test_bad_flag_value_names_it(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        rep_count_main(["--set", "model.step_init=ones"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.step_init" in err and "'normal', 'constant', 'zero'" in err
+
+
+def test_bad_grid_names_it(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        rep_count_main(["--grids", "2x2,9x9"])
+    err = capsys.readouterr().err
+    assert "model.rep_grid" in err and "9x9 exceeds the 8x8 patch grid" in err

@@ -1,0 +1,63 @@
+"""The training worker loop, run without Ray (one rank)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cbtlab.config import ExperimentConfig
+from cbtlab.train import run_training
+
+TINY = {
+    "model.embed_dim": 24,
+    "model.depth": 1,
+    "model.num_heads": 3,
+    "model.rep_grid": "2x2",
+    "train.epochs": 2,
+    "train.num_workers": 1,
+    "data.batch_size": 128,
+}
+
+
+def _run(overrides: dict) -> list[dict[str, float]]:
+    reports: list[dict[str, float]] = []
+    run_training(ExperimentConfig().with_overrides({**TINY, **overrides}), report=reports.append)
+    return reports
+
+
+def test_reports_every_epoch_with_finite_metrics(digits_root: Path) -> None:
+    reports = _run({})
+    assert [r["epoch"] for r in reports] == [1, 2]
+    for r in reports:
+        assert r["val/samples"] == 360
+        for key in ("train/loss", "val/loss", "val/top1", "val/top5", "throughput/train_img_s"):
+            assert math.isfinite(r[key]), key
+        assert 0 <= r["val/top1"] <= r["val/top5"] <= 1
+    assert reports[1]["train/loss"] < reports[0]["train/loss"]
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(digits_root: Path) -> None:
+    def numbers(reports: list[dict[str, float]]) -> list[dict[str, float]]:
+        timing = ("time/", "throughput/")
+        return [{k: v for k, v in r.items() if not k.startswith(timing)} for r in reports]
+
+    first, again, other = _run({}), _run({}), _run({"train.seed": 1})
+    assert numbers(first) == numbers(again)
+    assert numbers(first) != numbers(other)
+
+
+def test_divergence_stops_at_once(digits_root: Path) -> None:
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        _run({"train.lr": 1e30, "train.grad_clip": 0, "train.warmup_epochs": 0})
+
+
+def test_cpu_threads_follow_the_config(digits_root: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        _run({"train.epochs": 1, "train.torch_threads": 1})
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
