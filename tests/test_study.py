@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cbtlab.tracking.report import study_from_mlflow
 from cbtlab.tune.studies import rep_count_main
 
 
@@ -67,6 +68,16 @@ def test_tiny_study_writes_parent_and_nested_children(
         assert 0 <= history[0].value <= 1
         assert client.get_metric_history(child.info.run_id, "train/loss")
     assert grids == {"2x2", "4x2"}
+
+    # The dashboard rebuilds the same table from MLflow alone.
+    found_parent, keys, metric, rows = study_from_mlflow(uri, "tiny_study")
+    assert found_parent.info.run_id == parent.info.run_id
+    assert keys == ["model.rep_grid"] and metric == "val/top1"
+    assert {r["model.rep_grid"] for r in rows} == {"2x2", "4x2"}
+    for row in rows:
+        child = next(c for c in children if c.info.run_name == row["trial"])
+        assert row["best"] == child.data.metrics["best/val/top1"]
+        assert row["epochs"] == "1" and row["status"] == "FINISHED"
 
 
 def test_bad_flag_value_names_it(capsys: pytest.CaptureFixture[str]) -> None:

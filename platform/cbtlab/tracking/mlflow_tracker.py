@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,20 @@ TAG_PREFIX = "cbtlab."
 PARENT_TAG = "mlflow.parentRunId"
 
 
+def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on an unreachable tracking server (MlflowClient would retry for minutes)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConnectionError(
+            f"cannot reach the MLflow tracking server {tracking_uri!r}: {exc}"
+        ) from exc
+
+
 def _is_local_sqlite(uri: str) -> Path | None:
     prefix = "sqlite:///"
     return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
@@ -38,6 +54,7 @@ class StudyTracker:
 
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
         self.tracking_uri = tracking_uri
+        check_reachable(tracking_uri)
         db = _is_local_sqlite(tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,16 @@ class MLflowTrialLogger(Callback):
 
     def _finish(self, trial: Any, status: str, error: str = "") -> None:
         record = self.records.get(trial.trial_id)
-        if record is None or record.ended is not None:
+        if record is not None:
+            self._end(record, status, error)
+
+    def end_open_runs(self, status: str) -> None:
+        """Close the runs of trials still open when the study stops (interrupted, crashed)."""
+        for record in self.records.values():
+            self._end(record, status, f"the study stopped ({status}) while this trial ran")
+
+    def _end(self, record: TrialRecord, status: str, error: str = "") -> None:
+        if record.ended is not None:
             return
         record.ended = time.monotonic()
         record.status = status
@@ -144,7 +153,7 @@ class MLflowTrialLogger(Callback):
         )
         self.tracker.end_run(record.run_id, status)
         note = " (stopped early by the scheduler)" if stopped_early else ""
-        self._say(f"[{trial}] {status.lower()} after {record.epochs} epochs{note}")
+        self._say(f"[{record.name}] {status.lower()} after {record.epochs} epochs{note}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "FINISHED")

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Sequence
 
 from cbtlab.config import ConfigError, ExperimentConfig, format_grid, parse_grid, parse_override
-from cbtlab.tune.study import StudySpec, format_table, mlflow_ui_command, run_study
+from cbtlab.tracking.report import format_table
+from cbtlab.tune.study import StudySpec, mlflow_ui_command, run_study
 
 # Representative grids on the 8 x 8 patch grid of the digits preset: counts 1..64, square and not.
 REP_GRIDS = ("1x1", "2x2", "4x2", "2x4", "4x4", "8x2", "2x8", "8x4", "4x8", "8x8")
@@ -113,7 +114,7 @@ def rep_count_main(argv: Sequence[str] | None = None, prog: str | None = None) -
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print()
-    print(format_table(result.rows, spec))
+    print(format_table(result.rows, list(spec.space), spec.metric))
     print()
     if result.best is not None:
         print(f"best: {result.best['trial']} {spec.metric} {result.best['best']:.4f}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -19,6 +20,7 @@ from typing import Any
 
 from cbtlab.config import ConfigError, ExperimentConfig
 from cbtlab.paths import default_tracking_uri, ray_results_home
+from cbtlab.tracking.report import format_table
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,20 @@ class StudyResult:
         return max(done, key=lambda r: r["best"]) if done else None
 
 
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when a `host:port` (or `ray://host:port`) cluster address does not answer:
+    `ray.init` would wait minutes for the GCS."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"Ray address {address!r} is not 'auto' or host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
+
+
 def connect_ray(address: str | None, *, worker_logs: bool = False) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start Ray on this machine.
 
@@ -121,6 +137,7 @@ def connect_ray(address: str | None, *, worker_logs: bool = False) -> None:
         runtime_env["py_modules"] = [str(Path(__file__).resolve().parents[1])]
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_ray_address(address)
         ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=worker_logs)
     else:
         # The dashboard stays on: Ray Train's placement-group cleaner needs the State API to
@@ -178,6 +195,7 @@ def run_study(spec: StudySpec) -> StudyResult:
         ),
         "study.metric": f"{spec.metric}:{spec.mode}",
     }
+    connect_ray(spec.ray_address, worker_logs=spec.worker_logs)
     parent_run_id = tracker.start_run(
         spec.name,
         params=parent_params,
@@ -192,7 +210,6 @@ def run_study(spec: StudySpec) -> StudyResult:
     )
     status = "FAILED"
     try:
-        connect_ray(spec.ray_address, worker_logs=spec.worker_logs)
         searcher = OptunaSearch(
             metric=spec.metric,
             mode=spec.mode,
@@ -239,11 +256,14 @@ def run_study(spec: StudySpec) -> StudyResult:
         status = "KILLED"
         raise
     finally:
+        logger.end_open_runs("KILLED" if status == "KILLED" else "FAILED")
         rows = summary_rows(logger, spec)
         failed = sum(1 for r in rows if r["status"] == "FAILED")
         if rows and failed == len(rows):
             status = "FAILED"
-        tracker.log_text(parent_run_id, format_table(rows, spec), "summary.txt")
+        tracker.log_text(
+            parent_run_id, format_table(rows, list(spec.space), spec.metric), "summary.txt"
+        )
         tracker.log_text(parent_run_id, json.dumps(rows, indent=2), "summary.json")
         best = max((r["best"] for r in rows if r["best"] is not None), default=None)
         if best is not None:
@@ -274,42 +294,6 @@ def summary_rows(logger: Any, spec: StudySpec) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def format_table(rows: list[dict[str, Any]], spec: StudySpec) -> str:
-    """A plain-text table of the trials, best first."""
-    headers = [
-        "trial",
-        *spec.space,
-        "representatives",
-        "epochs",
-        f"final {spec.metric}",
-        f"best {spec.metric}",
-        "time (s)",
-        "status",
-    ]
-    ordered = sorted(rows, key=lambda r: -(r["best"] if r["best"] is not None else -1))
-    body = [
-        [
-            r["trial"],
-            *(str(r[key]) for key in spec.space),
-            str(r["representatives"]),
-            str(r["epochs"]),
-            "-" if r["final"] is None else f"{r['final']:.4f}",
-            "-" if r["best"] is None else f"{r['best']:.4f}",
-            f"{r['seconds']:.1f}",
-            "STOPPED (ASHA)" if r["stopped_early"] else r["status"],
-        ]
-        for r in ordered
-    ]
-    widths = [
-        max(len(h), *(len(row[i]) for row in body)) if body else len(h)
-        for i, h in enumerate(headers)
-    ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
-    return "\n".join(lines)
 
 
 def mlflow_ui_command(tracking_uri: str) -> str:

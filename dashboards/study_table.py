@@ -1,0 +1,49 @@
+"""Print (and optionally save) the trial table of a study logged in MLflow.
+
+    python dashboards/study_table.py                       # latest rep_count_ablation study
+    python dashboards/study_table.py --experiment NAME --parent RUN_ID --csv table.csv
+The store is MLFLOW_TRACKING_URI, else ~/.cbtlab/mlflow.db (see `cbtlab where`).
+"""
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+try:
+    import cbtlab  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from cbtlab.paths import default_tracking_uri
+from cbtlab.tracking.report import format_table, study_from_mlflow
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", default="rep_count_ablation", help="the study's name")
+    parser.add_argument(
+        "--parent", default=None, help="the study's parent run id (default: latest)"
+    )
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the rows as CSV")
+    args = parser.parse_args()
+    try:
+        parent, keys, metric, rows = study_from_mlflow(
+            args.tracking_uri or default_tracking_uri(), args.experiment, args.parent
+        )
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"study {args.experiment!r}, parent run {parent.info.run_id} ({parent.info.status})")
+    print(format_table(rows, keys, metric))
+    if args.csv is not None:
+        with args.csv.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
