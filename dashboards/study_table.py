@@ -29,14 +29,14 @@ def main() -> int:
     parser.add_argument("--csv", type=Path, default=None, help="also write the rows as CSV")
     args = parser.parse_args()
     try:
-        parent, keys, metric, rows = study_from_mlflow(
+        parent, keys, metric, mode, rows = study_from_mlflow(
             args.tracking_uri or default_tracking_uri(), args.experiment, args.parent
         )
     except LookupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"study {args.experiment!r}, parent run {parent.info.run_id} ({parent.info.status})")
-    print(format_table(rows, keys, metric))
+    print(format_table(rows, keys, metric, mode))
     if args.csv is not None:
         with args.csv.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial"])

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cbtlab.config import ExperimentConfig
 from cbtlab.tracking.report import study_from_mlflow
+from cbtlab.tune import StudySpec, run_study
 from cbtlab.tune.studies import rep_count_main
 
 
@@ -70,9 +72,9 @@ def test_tiny_study_writes_parent_and_nested_children(
     assert grids == {"2x2", "4x2"}
 
     # The dashboard rebuilds the same table from MLflow alone.
-    found_parent, keys, metric, rows = study_from_mlflow(uri, "tiny_study")
+    found_parent, keys, metric, mode, rows = study_from_mlflow(uri, "tiny_study")
     assert found_parent.info.run_id == parent.info.run_id
-    assert keys == ["model.rep_grid"] and metric == "val/top1"
+    assert (keys, metric, mode) == (["model.rep_grid"], "val/top1", "max")
     assert {r["model.rep_grid"] for r in rows} == {"2x2", "4x2"}
     for row in rows:
         child = next(c for c in children if c.info.run_name == row["trial"])
@@ -93,3 +95,33 @@ def test_bad_grid_names_it(capsys: pytest.CaptureFixture[str]) -> None:
         rep_count_main(["--grids", "2x2,9x9"])
     err = capsys.readouterr().err
     assert "model.rep_grid" in err and "9x9 exceeds the 8x8 patch grid" in err
+
+
+@pytest.mark.ray
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(ray_local: None, tmp_path: Path) -> None:
+    """A trial whose workers raise (a global batch larger than a rank's data) fails alone."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = ExperimentConfig().with_overrides(
+        {"model.depth": 1, "model.embed_dim": 24, "train.epochs": 1}
+    )
+    spec = StudySpec(
+        name="failing_trial",
+        base=base,
+        space={"data.batch_size": [64, 4096]},
+        initial_points=[{"data.batch_size": 64}, {"data.batch_size": 4096}],
+        num_samples=2,
+        asha=False,
+        tracking_uri=uri,
+        storage_path=str(tmp_path / "ray"),
+    )
+    result = run_study(spec)
+    assert result.failed == 1
+    by_batch = {r["data.batch_size"]: r for r in result.rows}
+    assert by_batch[64]["status"] == "FINISHED" and by_batch[4096]["status"] == "FAILED"
+
+    client = MlflowClient(uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["cbtlab.failed"] == "1"
+    failed_child = client.get_run(by_batch[4096]["run_id"])
+    assert failed_child.info.status == "FAILED"
+    assert "fewer than one batch of 2048" in failed_child.data.tags["cbtlab.error"]

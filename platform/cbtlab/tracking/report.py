@@ -15,11 +15,16 @@ from mlflow.tracking import MlflowClient
 from cbtlab.tracking.mlflow_tracker import PARENT_TAG
 
 
-def format_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: str) -> str:
-    """A plain-text table of the trials, best first."""
+def format_table(
+    rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: str, mode: str = "max"
+) -> str:
+    """A plain-text table of the trials, best first (`mode`: is higher or lower better)."""
     headers = ["trial", *keys, "representatives", "epochs", f"final {metric}", f"best {metric}",
                "time (s)", "status"]  # fmt: skip
-    ordered = sorted(rows, key=lambda r: -(r["best"] if r["best"] is not None else -1))
+    sign = -1.0 if mode == "max" else 1.0
+    ordered = sorted(
+        rows, key=lambda r: (r["best"] is None, sign * r["best"] if r["best"] is not None else 0)
+    )
     body = [
         [
             r["trial"],
@@ -44,9 +49,9 @@ def format_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: st
 
 def study_from_mlflow(
     tracking_uri: str, experiment_name: str, parent_run_id: str | None = None
-) -> tuple[Any, list[str], str, list[dict[str, Any]]]:
-    """(parent run, searched keys, metric, trial rows) of a logged study; the latest study
-    run of the experiment unless `parent_run_id` is given."""
+) -> tuple[Any, list[str], str, str, list[dict[str, Any]]]:
+    """(parent run, searched keys, metric, mode, trial rows) of a logged study; the latest
+    study run of the experiment unless `parent_run_id` is given."""
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
@@ -64,7 +69,7 @@ def study_from_mlflow(
     else:
         parent = client.get_run(parent_run_id)
     keys = list(json.loads(parent.data.params["study.space"]))
-    metric = parent.data.params["study.metric"].rsplit(":", 1)[0]
+    metric, _, mode = parent.data.params["study.metric"].rpartition(":")
     children = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
@@ -86,4 +91,4 @@ def study_from_mlflow(
                 "stopped_early": tags.get("cbtlab.stopped_early") == "true",
             }
         )
-    return parent, keys, metric, rows
+    return parent, keys, metric, mode, rows

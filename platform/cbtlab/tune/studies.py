@@ -114,7 +114,7 @@ def rep_count_main(argv: Sequence[str] | None = None, prog: str | None = None) -
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print()
-    print(format_table(result.rows, list(spec.space), spec.metric))
+    print(format_table(result.rows, list(spec.space), spec.metric, spec.mode))
     print()
     if result.best is not None:
         print(f"best: {result.best['trial']} {spec.metric} {result.best['best']:.4f}")

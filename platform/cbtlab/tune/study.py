@@ -100,11 +100,13 @@ class StudyResult:
     experiment_name: str
     rows: list[dict[str, Any]]
     failed: int
+    mode: str = "max"
 
     @property
     def best(self) -> dict[str, Any] | None:
         done = [r for r in self.rows if r["best"] is not None]
-        return max(done, key=lambda r: r["best"]) if done else None
+        pick = max if self.mode == "max" else min
+        return pick(done, key=lambda r: r["best"]) if done else None
 
 
 def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
@@ -178,12 +180,17 @@ def run_study(spec: StudySpec) -> StudyResult:
     # Build the dataset once on the driver; workers on this machine then find it cached.
     data_hash = read_split(prepare_dataset(spec.base.data), "train").content_hash
 
+    git = git_state()
     tags = {
+        "mlflow.source.name": sys.argv[0] or "cbtlab",
+        "mlflow.source.type": "LOCAL",
         "cbtlab.study": spec.name,
         "cbtlab.data_hash": data_hash,
-        **{f"cbtlab.{k}": v for k, v in git_state().items()},
+        **{f"cbtlab.{k}": v for k, v in git.items()},
         **{f"cbtlab.version.{k}": v for k, v in package_versions().items()},
     }
+    if git["git_commit"] != "unknown":
+        tags["mlflow.source.git.commit"] = git["git_commit"]
     parent_params = {
         **spec.base.flat(),
         "study.space": json.dumps(spec.space),
@@ -261,18 +268,19 @@ def run_study(spec: StudySpec) -> StudyResult:
         failed = sum(1 for r in rows if r["status"] == "FAILED")
         if rows and failed == len(rows):
             status = "FAILED"
-        tracker.log_text(
-            parent_run_id, format_table(rows, list(spec.space), spec.metric), "summary.txt"
+        result = StudyResult(
+            parent_run_id, spec.tracking_uri, spec.experiment_name, rows, failed, spec.mode
         )
+        table = format_table(rows, list(spec.space), spec.metric, spec.mode)
+        tracker.log_text(parent_run_id, table, "summary.txt")
         tracker.log_text(parent_run_id, json.dumps(rows, indent=2), "summary.json")
-        best = max((r["best"] for r in rows if r["best"] is not None), default=None)
-        if best is not None:
-            tracker.log_metrics(parent_run_id, {f"best/{spec.metric}": best}, step=0)
+        if result.best is not None:
+            tracker.log_metrics(parent_run_id, {f"best/{spec.metric}": result.best["best"]}, step=0)
         tracker.set_tags(
             parent_run_id, {"cbtlab.trials": str(len(rows)), "cbtlab.failed": str(failed)}
         )
         tracker.end_run(parent_run_id, status)
-    return StudyResult(parent_run_id, spec.tracking_uri, spec.experiment_name, rows, failed)
+    return result
 
 
 def summary_rows(logger: Any, spec: StudySpec) -> list[dict[str, Any]]:
