@@ -87,6 +87,8 @@ class ModelConfig:
     stop_grad_init: bool = False
     contraction: str = "softmax"
     contraction_beta: float = 1.0
+    # Linear variant (eq. 12): beta = p / (N * linear_eps^2).
+    linear_eps: float = 0.5
     # Initialisation of the two learnable per-head step sizes (eta_rep, eta_x).
     step_init: str = "normal"
     step_scale: float = 1.0
@@ -124,6 +126,7 @@ class ModelConfig:
         _choice("model.rep_pool", self.rep_pool, ("avg", "max"))
         _choice("model.contraction", self.contraction, ("softmax", "exact", "none"))
         _positive("model.contraction_beta", self.contraction_beta)
+        _positive("model.linear_eps", self.linear_eps)
         _choice("model.step_init", self.step_init, ("normal", "constant", "zero"))
         _positive("model.ista_step", self.ista_step, allow_zero=True)
         _positive("model.ista_lambda", self.ista_lambda, allow_zero=True)

@@ -3,9 +3,40 @@
 Every mechanism is an `nn.Module` with the constructor `cls(dim, num_heads, *, num_prefix_tokens,
 **options)` and the call `module(x, grid_size)`, where `x` is (B, N, dim) with the prefix tokens
 (CLS) first and the patch tokens after them in row-major order over `grid_size = (H, W)`.
+Options a mechanism does not take are ignored by `create_attention`, so one model config
+(representative grid, step initialisation, ...) serves every variant.
+
+| name               | mechanism                                   | cost per head     |
+|--------------------|---------------------------------------------|-------------------|
+| `cbsa`             | CBSA, eq. 5-8 (options: eq. 7, no contraction) | O(N m p)       |
+| `mssa`             | CRATE's subspace self-attention, eq. 9      | O(N^2 p)          |
+| `softmax`          | ViT multi-head attention (q, k, v; SDPA)    | O(N^2 p)          |
+| `linear`           | the linear variant, eq. 12                  | O(N p^2 + p^3)    |
+| `tssa`             | ToST's token statistics attention, eq. 13   | O(N p)            |
+| `agent`            | agent attention (pooled agents)             | O(N m p)          |
+| `linear_attention` | kernelised linear attention (elu + 1)       | O(N p^2)          |
 """
 
 from cbtlab.attention.cbsa import CBSA
+from cbtlab.attention.family import (
+    MSSA,
+    TSSA,
+    AgentAttention,
+    KernelLinearAttention,
+    LinearVariant,
+    SoftmaxAttention,
+)
 from cbtlab.attention.registry import ATTENTION_REGISTRY, create_attention, register_attention
 
-__all__ = ["ATTENTION_REGISTRY", "CBSA", "create_attention", "register_attention"]
+__all__ = [
+    "ATTENTION_REGISTRY",
+    "CBSA",
+    "MSSA",
+    "TSSA",
+    "AgentAttention",
+    "KernelLinearAttention",
+    "LinearVariant",
+    "SoftmaxAttention",
+    "create_attention",
+    "register_attention",
+]

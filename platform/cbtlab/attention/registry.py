@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,10 +26,12 @@ def register_attention(name: str) -> Callable[[T], T]:
 
 
 def create_attention(name: str, dim: int, num_heads: int, **options: Any) -> nn.Module:
-    """Instantiate the attention registered under `name`."""
+    """Instantiate the attention registered under `name`, passing it the options it takes
+    (the others belong to other mechanisms and are dropped)."""
     try:
         cls = ATTENTION_REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(ATTENTION_REGISTRY))
         raise ValueError(f"unknown attention {name!r}; known: {known}") from None
-    return cls(dim, num_heads, **options)
+    accepted = inspect.signature(cls).parameters
+    return cls(dim, num_heads, **{k: v for k, v in options.items() if k in accepted})

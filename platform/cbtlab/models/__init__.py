@@ -26,6 +26,7 @@ def build_model(cfg: ModelConfig) -> CBTransformer:
             "stop_grad_init": cfg.stop_grad_init,
             "contraction": cfg.contraction,
             "contraction_beta": cfg.contraction_beta,
+            "eps": cfg.linear_eps,
             "step_init": cfg.step_init,
             "step_scale": cfg.step_scale,
         },

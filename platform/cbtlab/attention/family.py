@@ -1,0 +1,185 @@
+"""The rest of the unified family (CBSA_MATH.md), each a choice of representatives.
+
+All share the attention interface of `cbtlab.attention`: `cls(dim, num_heads, *,
+num_prefix_tokens, **options)` and `module(x, grid_size)` on (B, N, dim) tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cbtlab.attention.cbsa import init_steps, pool_grid
+from cbtlab.attention.registry import register_attention
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)  # (B, K, N, p)
+
+
+def _merge(x: Tensor) -> Tensor:
+    b, k, n, p = x.shape
+    return x.transpose(1, 2).reshape(b, n, k * p)  # (B, N, K*p)
+
+
+class _SubspaceAttention(nn.Module):
+    """Shared skeleton: one bias-free projection on the K subspaces (U), one output map."""
+
+    def __init__(self, dim: int, num_heads: int, *, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide dim={dim}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.num_prefix_tokens = num_prefix_tokens
+        self.qkv = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+
+@register_attention("mssa")
+class MSSA(_SubspaceAttention):
+    """CRATE's multi-head subspace self-attention (eq. 9): the tokens are their own
+    representatives, `dW = softmax_r(s W W^T) W`. Cost O(N^2 p) per head."""
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        w = _heads(self.qkv(x), self.num_heads)  # (B, K, N, p)
+        return self.proj(_merge(F.scaled_dot_product_attention(w, w, w)))
+
+
+@register_attention("softmax")
+class SoftmaxAttention(nn.Module):
+    """Standard multi-head self-attention as in timm's ViT: separate q, k, v (one fused
+    `Linear(d, 3d)`), PyTorch's scaled_dot_product_attention, an output projection."""
+
+    def __init__(
+        self, dim: int, num_heads: int, *, num_prefix_tokens: int = 1, qkv_bias: bool = True
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide dim={dim}")
+        self.num_heads = num_heads
+        self.num_prefix_tokens = num_prefix_tokens
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, K, N, p)
+        return self.proj(_merge(F.scaled_dot_product_attention(q, k, v)))
+
+
+@register_attention("linear")
+class LinearVariant(_SubspaceAttention):
+    """The linear variant of eq. 12: representatives are the principal directions of each head's
+    tokens, so `dW = eta * W (I_p + beta W^T W)^-1`, i.e. each eigen-direction of the p x p second
+    moment is shrunk by 1 / (1 + beta * lambda). `beta = p / (N eps^2)`, the coding-rate
+    constant of a p-dimensional subspace; `eta` is learnable per head. Cost O(N p^2 + p^3)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        num_prefix_tokens: int = 1,
+        eps: float = 0.5,
+        step_init: str = "normal",
+        step_scale: float = 1.0,
+    ) -> None:
+        super().__init__(dim, num_heads, num_prefix_tokens=num_prefix_tokens)
+        self.eps = eps
+        self.step = nn.Parameter(torch.empty(num_heads))
+        init_steps(self.step, step_init, step_scale)
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        w = _heads(self.qkv(x), self.num_heads)  # (B, K, N, p)
+        n, p = w.shape[-2], w.shape[-1]
+        beta = p / (n * self.eps**2)
+        eye = torch.eye(p, dtype=w.dtype, device=w.device)
+        gram = eye + beta * (w.transpose(-1, -2) @ w)  # (B, K, p, p), SPD
+        # W G^-1 = (G^-1 W^T)^T since G is symmetric.
+        shrunk = torch.cholesky_solve(w.transpose(-1, -2), torch.linalg.cholesky(gram))
+        dw = self.step.view(1, -1, 1, 1) * shrunk.transpose(-1, -2)  # (B, K, N, p)
+        return self.proj(_merge(dw))
+
+
+@register_attention("tssa")
+class TSSA(_SubspaceAttention):
+    """ToST's token statistics self-attention (eq. 13), as in the authors' code: each token's
+    membership of the K heads is a softmax over heads of its normalised energy in each
+    (temperature per head); each channel is scaled by `1 / (1 + its membership-weighted second
+    moment)`. Cost O(N p) per head."""
+
+    def __init__(self, dim: int, num_heads: int, *, num_prefix_tokens: int = 1) -> None:
+        super().__init__(dim, num_heads, num_prefix_tokens=num_prefix_tokens)
+        self.temp = nn.Parameter(torch.ones(num_heads, 1))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"temp"}
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        w = _heads(self.qkv(x), self.num_heads)  # (B, K, N, p)
+        energy = F.normalize(w, dim=-2).square().sum(-1)  # (B, K, N)
+        pi = torch.softmax(energy * self.temp, dim=1)  # membership over heads
+        weights = pi / (pi.sum(-1, keepdim=True) + 1e-8)  # (B, K, N)
+        moments = (weights.unsqueeze(-2) @ w.square()).squeeze(-2)  # (B, K, p)
+        dw = -(w * pi.unsqueeze(-1)) / (1 + moments.unsqueeze(-2))
+        return self.proj(_merge(dw))
+
+
+@register_attention("agent")
+class AgentAttention(_SubspaceAttention):
+    """Agent attention in the unified form: m pooled agents Q0 gather `A W` from the tokens,
+    and each token reads them back by its own softmax over agents:
+    `dW = softmax_r(s W Q0^T) (A W)`, with `A = softmax_r(s Q0 W^T)`. No contraction.
+    Cost O(N m p) per head."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        num_prefix_tokens: int = 1,
+        rep_grid: tuple[int, int] = (8, 8),
+        rep_pool: str = "avg",
+    ) -> None:
+        super().__init__(dim, num_heads, num_prefix_tokens=num_prefix_tokens)
+        self.rep_grid = (int(rep_grid[0]), int(rep_grid[1]))
+        self.rep_pool = rep_pool
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        w = _heads(self.qkv(x), self.num_heads)  # (B, K, N, p)
+        agents = pool_grid(
+            w[:, :, self.num_prefix_tokens :], grid_size, self.rep_grid, self.rep_pool
+        )
+        gathered = F.scaled_dot_product_attention(agents, w, w)  # A W: (B, K, m, p)
+        return self.proj(_merge(F.scaled_dot_product_attention(w, agents, gathered)))
+
+
+@register_attention("linear_attention")
+class KernelLinearAttention(nn.Module):
+    """Black-box linear attention (Katharopoulos et al., 2020): feature map elu(x) + 1,
+    `out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / (phi(q_i)^T sum_j phi(k_j))`. O(N p^2)."""
+
+    def __init__(
+        self, dim: int, num_heads: int, *, num_prefix_tokens: int = 1, qkv_bias: bool = True
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide dim={dim}")
+        self.num_heads = num_heads
+        self.num_prefix_tokens = num_prefix_tokens
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, K, N, p)
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        kv = k.transpose(-1, -2) @ v  # (B, K, p, p)
+        norm = q @ k.sum(-2, keepdim=True).transpose(-1, -2)  # (B, K, N, 1)
+        return self.proj(_merge((q @ kv) / (norm + 1e-6)))
