@@ -43,7 +43,13 @@ def test_cbt_forward_backward(rep_grid: tuple[int, int], global_pool: str) -> No
     assert model.forward_head(features, pre_logits=True).shape == (4, 24)
 
 
-def test_wrong_input_size_is_a_clear_error() -> None:
-    model = build_model(ModelConfig(embed_dim=24, depth=1, num_heads=3))
-    with pytest.raises(ValueError, match="patch grid"):
-        model(torch.randn(1, 1, 32, 32))
+def test_other_input_sizes_resample_the_position_embedding() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embed_dim=24, depth=1, num_heads=3)).eval()
+    assert model._pos_embed((8, 8)) is model.pos_embed
+    resampled = model._pos_embed((12, 6))  # non-square grid
+    assert resampled.shape == (1, 1 + 72, 24)
+    torch.testing.assert_close(resampled[:, 0], model.pos_embed[:, 0])  # CLS position kept
+    assert model(torch.randn(2, 1, 24, 12)).shape == (2, 10)
+    with pytest.raises(ValueError, match="not a multiple of patch size"):
+        model(torch.randn(1, 1, 15, 16))

@@ -73,7 +73,12 @@ def _positive(field_name: str, value: float, *, allow_zero: bool = False) -> Non
 class ModelConfig:
     """Architecture of the transformer: sizes, attention variant and its options."""
 
+    # An attention name, or comma-separated names splitting the layers into equal consecutive
+    # groups ("mssa,cbsa": the CRATE+CBT hybrid).
     attention: str = "cbsa"
+    stem: str = "patch"
+    block: str = "ista"
+    mlp_ratio: float = 4.0
     img_size: int = 16
     patch_size: int = 2
     in_chans: int = 1
@@ -84,6 +89,8 @@ class ModelConfig:
     # CBSA: the representatives are the patch grid pooled to rep_grid, so m = g_h * g_w.
     rep_grid: Grid = (4, 4)
     rep_pool: str = "avg"
+    rep_init: str = "pool"
+    legacy_pool: bool = False
     stop_grad_init: bool = False
     contraction: str = "softmax"
     contraction_beta: float = 1.0
@@ -99,12 +106,28 @@ class ModelConfig:
 
     def validate(self) -> None:
         from cbtlab.attention import ATTENTION_REGISTRY
+        from cbtlab.models.stems import STEMS
 
-        _choice("model.attention", self.attention, sorted(ATTENTION_REGISTRY))
+        names = [a.strip() for a in self.attention.split(",")]
+        for name in names:
+            _choice("model.attention", name, sorted(ATTENTION_REGISTRY))
+        if self.depth % len(names):
+            raise ConfigError(
+                "model.attention",
+                f"{len(names)} attention groups do not split model.depth={self.depth} evenly",
+            )
+        _choice("model.stem", self.stem, sorted(STEMS))
+        _choice("model.block", self.block, ("ista", "mlp"))
+        _positive("model.mlp_ratio", self.mlp_ratio)
         for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim"):
             _positive(f"model.{name}", getattr(self, name))
         _positive("model.depth", self.depth)
         _positive("model.num_heads", self.num_heads)
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(
+                "model.patch_size",
+                f"the conv stem needs a power of two >= 2, got {self.patch_size}",
+            )
         if self.img_size % self.patch_size:
             raise ConfigError(
                 "model.patch_size",
@@ -124,6 +147,7 @@ class ModelConfig:
                 f"(img_size {self.img_size} / patch_size {self.patch_size})",
             )
         _choice("model.rep_pool", self.rep_pool, ("avg", "max"))
+        _choice("model.rep_init", self.rep_init, ("pool", "learned"))
         _choice("model.contraction", self.contraction, ("softmax", "exact", "none"))
         _positive("model.contraction_beta", self.contraction_beta)
         _positive("model.linear_eps", self.linear_eps)

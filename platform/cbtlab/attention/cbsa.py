@@ -66,6 +66,11 @@ class CBSA(nn.Module):
         contraction: "softmax" (eq. 8), "exact" (eq. 7, `(I + beta Q Q^T)^-1 Q`) or "none".
         contraction_beta: beta of the exact contraction.
         step_init, step_scale: initialisation of eta_rep and eta_x (see `init_steps`).
+        rep_init: "pool" (Q0 pooled from the tokens) or "learned" (Q0 a learned, input-independent
+            m x p matrix per head, Appendix A).
+        legacy_pool: reproduce the reference code's pooling, which pools the first H*W tokens
+            (the CLS token and all patches but the last) as if they were the patch grid. Only for
+            loading the released checkpoints exactly.
     """
 
     def __init__(
@@ -81,6 +86,8 @@ class CBSA(nn.Module):
         contraction_beta: float = 1.0,
         step_init: str = "normal",
         step_scale: float = 1.0,
+        rep_init: str = "pool",
+        legacy_pool: bool = False,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -89,6 +96,8 @@ class CBSA(nn.Module):
             raise ValueError(f"unknown contraction {contraction!r}; known: {CONTRACTIONS}")
         if rep_pool not in ("avg", "max"):
             raise ValueError(f"unknown rep_pool {rep_pool!r}; known: avg, max")
+        if rep_init not in ("pool", "learned"):
+            raise ValueError(f"unknown rep_init {rep_init!r}; known: pool, learned")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -98,6 +107,11 @@ class CBSA(nn.Module):
         self.stop_grad_init = stop_grad_init
         self.contraction = contraction
         self.contraction_beta = contraction_beta
+        self.legacy_pool = legacy_pool
+        self.register_parameter("rep_queries", None)
+        if rep_init == "learned":
+            m = self.rep_grid[0] * self.rep_grid[1]
+            self.rep_queries = nn.Parameter(torch.randn(num_heads, m, self.head_dim) * 0.02)
         # U = [U_1 ... U_K]: one bias-free projection for all heads' subspaces.
         self.qkv = nn.Linear(dim, num_heads * self.head_dim, bias=False)
         # The paper's over-parameterised output map in place of U^T.
@@ -115,7 +129,7 @@ class CBSA(nn.Module):
         b, n, _ = x.shape
         k, p = self.num_heads, self.head_dim
         w = self.qkv(x).view(b, n, k, p).transpose(1, 2)  # (B, K, N, p)
-        q0 = pool_grid(w[:, :, self.num_prefix_tokens :], grid_size, self.rep_grid, self.rep_pool)
+        q0 = self.initial_guess(w, grid_size)  # (B, K, m, p)
         if self.stop_grad_init:
             q0 = q0.detach()
         attn = torch.softmax((q0 * self.scale) @ w.transpose(-1, -2), dim=-1)  # (B, K, m, N)
@@ -123,6 +137,16 @@ class CBSA(nn.Module):
         c = self.contract(q)  # (B, K, m, p)
         dw = self.step_x.view(1, k, 1, 1) * (attn.transpose(-1, -2) @ c)  # (B, K, N, p)
         return self.proj(dw.transpose(1, 2).reshape(b, n, k * p))
+
+    def initial_guess(self, w: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        """Q0 from the projected tokens w (B, K, N, p): pooled patch grid or learned queries."""
+        if self.rep_queries is not None:
+            return self.rep_queries.unsqueeze(0).expand(w.shape[0], -1, -1, -1)
+        if self.legacy_pool:
+            grid_tokens = w[:, :, : grid_size[0] * grid_size[1]]
+        else:
+            grid_tokens = w[:, :, self.num_prefix_tokens :]
+        return pool_grid(grid_tokens, grid_size, self.rep_grid, self.rep_pool)
 
     def contract(self, q: Tensor) -> Tensor:
         """The contraction step on the m representatives of every head: (B, K, m, p)."""

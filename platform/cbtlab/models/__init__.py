@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from cbtlab.config import ModelConfig
-from cbtlab.models.blocks import ISTA, Block
+from cbtlab.models import presets
+from cbtlab.models.blocks import ISTA, MLP, Block
+from cbtlab.models.reference import from_reference
 from cbtlab.models.transformer import CBTransformer
 
-__all__ = ["ISTA", "Block", "CBTransformer", "build_model"]
+__all__ = ["ISTA", "MLP", "Block", "CBTransformer", "build_model", "from_reference", "presets"]
 
 
 def build_model(cfg: ModelConfig) -> CBTransformer:
@@ -20,9 +22,14 @@ def build_model(cfg: ModelConfig) -> CBTransformer:
         depth=cfg.depth,
         num_heads=cfg.num_heads,
         attention=cfg.attention,
+        stem=cfg.stem,
+        block=cfg.block,
+        mlp_ratio=cfg.mlp_ratio,
         attn_options={
             "rep_grid": cfg.rep_grid,
             "rep_pool": cfg.rep_pool,
+            "rep_init": cfg.rep_init,
+            "legacy_pool": cfg.legacy_pool,
             "stop_grad_init": cfg.stop_grad_init,
             "contraction": cfg.contraction,
             "contraction_beta": cfg.contraction_beta,

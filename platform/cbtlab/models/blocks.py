@@ -1,4 +1,4 @@
-"""Transformer building blocks: the ISTA sparse-coding layer and the CBT block."""
+"""Transformer building blocks: the ISTA sparse-coding layer, the MLP, and the block."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from cbtlab.attention import create_attention
+
+BLOCK_TYPES = ("ista", "mlp")
 
 
 class ISTA(nn.Module):
@@ -28,8 +30,22 @@ class ISTA(nn.Module):
         return torch.relu(x + self.step * grad - self.step * self.lambd)
 
 
+class MLP(nn.Module):
+    """ViT's feed-forward layer: Linear, GELU, Linear."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 class Block(nn.Module):
-    """`Z = Z + Attn(LN(Z))`, then `Z = ISTA(LN(Z))` (no residual around ISTA, as in CRATE/CBT)."""
+    """`Z = Z + Attn(LN(Z))`, then either `Z = ISTA(LN(Z))` (CRATE/CBT: no residual around
+    ISTA) or `Z = Z + MLP(LN(Z))` (ViT)."""
 
     def __init__(
         self,
@@ -38,15 +54,25 @@ class Block(nn.Module):
         *,
         attention: str,
         attn_options: dict[str, Any],
+        block: str = "ista",
         ista_step: float = 0.1,
         ista_lambda: float = 0.1,
+        mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
+        if block not in BLOCK_TYPES:
+            raise ValueError(f"unknown block type {block!r}; known: {', '.join(BLOCK_TYPES)}")
+        self.residual_mlp = block == "mlp"
         self.norm1 = nn.LayerNorm(dim)
         self.attn = create_attention(attention, dim, num_heads, **attn_options)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = ISTA(dim, step=ista_step, lambd=ista_lambda)
+        self.mlp: nn.Module = (
+            MLP(dim, int(dim * mlp_ratio))
+            if self.residual_mlp
+            else ISTA(dim, step=ista_step, lambd=ista_lambda)
+        )
 
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
         x = x + self.attn(self.norm1(x), grid_size)
-        return self.mlp(self.norm2(x))
+        out = self.mlp(self.norm2(x))
+        return x + out if self.residual_mlp else out

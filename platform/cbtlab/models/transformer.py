@@ -1,51 +1,84 @@
-"""The CBT backbone: patch stem, CLS token, position embedding, a stack of blocks, a head."""
+"""The backbone: a patch stem, CLS token, position embedding, a stack of blocks and a head.
+
+CBT, CRATE, ToST, ViT and the CRATE+CBT hybrid are all this class with different stems, block
+types and attention names (see `cbtlab.models.presets`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cbtlab.models.blocks import Block
+from cbtlab.models.stems import STEMS
+
+
+def layer_attentions(attention: str | Sequence[str], depth: int) -> list[str]:
+    """Per-layer attention names. `"mssa,cbsa"` splits the layers into equal consecutive groups
+    (MSSA in the first half, CBSA in the second); a sequence gives one name per layer."""
+    if isinstance(attention, str):
+        names = [a.strip() for a in attention.split(",")]
+        if depth % len(names):
+            raise ValueError(f"{len(names)} attention groups do not split depth {depth} evenly")
+        return [name for name in names for _ in range(depth // len(names))]
+    if len(attention) != depth:
+        raise ValueError(f"{len(attention)} attention names for {depth} layers")
+    return list(attention)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 class CBTransformer(nn.Module):
-    """A vision transformer whose attention and block options are chosen by name.
+    """A vision transformer whose stem, block type and attention are chosen by name.
 
-    `forward_features` returns all tokens (B, 1 + H*W, d) after the final norm;
-    `forward_head` pools them (CLS token or the mean of the patch tokens) and classifies.
+    `forward_features` returns the tokens after the last block (B, 1 + H*W, d); `forward_head`
+    pools them (CLS token or mean of the patch tokens), normalises the pooled vector (as the
+    reference code's `mlp_head`) and classifies. Any input size whose sides are multiples of the
+    patch size works: the position embedding is resampled (bicubic) to the input's grid.
     """
 
     def __init__(
         self,
         *,
-        img_size: int = 224,
+        img_size: int | Sequence[int] = 224,
         patch_size: int = 16,
         in_chans: int = 3,
         num_classes: int = 1000,
         embed_dim: int = 192,
         depth: int = 12,
         num_heads: int = 3,
-        attention: str = "cbsa",
+        attention: str | Sequence[str] = "cbsa",
         attn_options: dict[str, Any] | None = None,
+        stem: str = "patch",
+        block: str = "ista",
         ista_step: float = 0.1,
         ista_lambda: float = 0.1,
+        mlp_ratio: float = 4.0,
         global_pool: str = "token",
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if img_size % patch_size:
+        img_h, img_w = _pair(img_size)
+        if img_h % patch_size or img_w % patch_size:
             raise ValueError(f"patch_size={patch_size} does not divide img_size={img_size}")
         if global_pool not in ("token", "avg"):
             raise ValueError(f"unknown global_pool {global_pool!r}; known: token, avg")
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; known: {', '.join(STEMS)}")
         self.num_classes = num_classes
         self.global_pool = global_pool
+        self.patch_size = patch_size
         self.num_prefix_tokens = 1
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.grid_size = (img_h // patch_size, img_w // patch_size)
         num_patches = self.grid_size[0] * self.grid_size[1]
 
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.patch_embed = STEMS[stem](in_chans, embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
         options = {"num_prefix_tokens": self.num_prefix_tokens, **(attn_options or {})}
@@ -53,12 +86,14 @@ class CBTransformer(nn.Module):
             Block(
                 embed_dim,
                 num_heads,
-                attention=attention,
+                attention=name,
                 attn_options=options,
+                block=block,
                 ista_step=ista_step,
                 ista_lambda=ista_lambda,
+                mlp_ratio=mlp_ratio,
             )
-            for _ in range(depth)
+            for name in layer_attentions(attention, depth)
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
@@ -67,24 +102,50 @@ class CBTransformer(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        skip = {"pos_embed", "cls_token"}
+        for name, module in self.named_modules():
+            if module is not self and hasattr(module, "no_weight_decay"):
+                skip |= {f"{name}.{param}" for param in module.no_weight_decay()}
+        return skip
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _pos_embed(self, grid_size: tuple[int, int]) -> Tensor:
+        if grid_size == self.grid_size:
+            return self.pos_embed
+        prefix, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        d = patches.shape[-1]
+        patches = patches.reshape(1, *self.grid_size, d).permute(0, 3, 1, 2)  # (1, d, H, W)
+        patches = F.interpolate(patches, size=grid_size, mode="bicubic", align_corners=False)
+        return torch.cat([prefix, patches.flatten(2).transpose(1, 2)], dim=1)
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise ValueError(
+                f"input {tuple(x.shape[-2:])} is not a multiple of patch size {self.patch_size}"
+            )
         x = self.patch_embed(x)  # (B, d, H, W)
         grid_size = (x.shape[-2], x.shape[-1])
-        if grid_size != self.grid_size:
-            raise ValueError(
-                f"input gives a {grid_size} patch grid; model expects {self.grid_size}"
-            )
         x = x.flatten(2).transpose(1, 2)  # (B, H*W, d)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self._pos_embed(grid_size), grid_size
+
+    def forward_intermediates(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The final tokens and the tokens after every block, each (B, 1 + H*W, d)."""
+        x, grid_size = self._embed(x)
+        layers = []
         for block in self.blocks:
             x = block(x, grid_size)
-        return self.norm(x)  # (B, 1 + H*W, d)
+            layers.append(x)
+        return x, layers
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x, grid_size = self._embed(x)
+        for block in self.blocks:
+            x = block(x, grid_size)
+        return x  # (B, 1 + H*W, d)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x[:, self.num_prefix_tokens :].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
-        x = self.head_drop(x)
+        x = self.head_drop(self.norm(x))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,72 @@
+"""Patch stems: image (B, C, H, W) -> patch feature map (B, d, H/p, W/p)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+
+class PatchStem(nn.Module):
+    """ViT's stem: one p x p convolution with stride p."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class ConvStem(nn.Module):
+    """CBT's stem: log2(p) 3x3 stride-2 convolutions, each with BatchNorm, GELU between them;
+    widths d / 2^(n-1), ..., d / 2, d. Layer indices match the reference code's
+    `to_patch_embedding.proj.{0,2,4,6}.{0,1}` (conv, norm) so checkpoints map one to one."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__()
+        steps = int(math.log2(patch_size))
+        if patch_size < 2 or 2**steps != patch_size:
+            raise ValueError(f"the conv stem needs a power-of-two patch size, got {patch_size}")
+        if embed_dim % 2 ** (steps - 1):
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by 2^{steps - 1}")
+        widths = [embed_dim // 2 ** (steps - 1 - i) for i in range(steps)]
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip([in_chans, *widths[:-1]], widths, strict=True)):
+            if i:
+                layers.append(nn.GELU())
+            layers.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out),
+                )
+            )
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class LinearStem(nn.Module):
+    """The original CRATE stem: flatten each p x p patch (order p1, p2, c), LayerNorm, Linear,
+    LayerNorm."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        patch_dim = in_chans * patch_size * patch_size
+        self.norm_in = nn.LayerNorm(patch_dim)
+        self.proj = nn.Linear(patch_dim, embed_dim)
+        self.norm_out = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        p = self.patch_size
+        gh, gw = h // p, w // p
+        patches = x[:, :, : gh * p, : gw * p].reshape(b, c, gh, p, gw, p)
+        patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
+        tokens = self.norm_out(self.proj(self.norm_in(patches)))  # (B, H*W, d)
+        return tokens.transpose(1, 2).reshape(b, -1, gh, gw)
+
+
+STEMS: dict[str, type[nn.Module]] = {"patch": PatchStem, "conv": ConvStem, "linear": LinearStem}
