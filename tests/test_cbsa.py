@@ -117,10 +117,10 @@ class ShapeRecorder(TorchDispatchMode):
 
 
 def test_no_n_by_n_tensor_is_formed() -> None:
-    n_side = 32  # 1,024 patch tokens + CLS
+    n_side = 128  # 16,384 patch tokens + CLS
     n = 1 + n_side * n_side
-    attn = CBSA(32, 2, rep_grid=(4, 4))
-    x = torch.randn(1, n, 32, requires_grad=True)
+    attn = CBSA(16, 2, rep_grid=(4, 4))
+    x = torch.randn(1, n, 16, requires_grad=True)
     with ShapeRecorder() as rec:
         attn(x, (n_side, n_side)).sum().backward()
     largest = max(torch.Size(s).numel() for s in rec.shapes)
@@ -144,3 +144,38 @@ def test_representative_count_sets_the_cost() -> None:
     assert (f16 - f1) / (f4 - f1) == pytest.approx(5.0, rel=0.05)
     small, big = _flops((4, 4), 16), _flops((4, 4), 64)  # 16x the tokens
     assert big / small < 17
+
+
+def test_overlapping_pool_windows() -> None:
+    """3x3 windows every 2 patches on a 7x7 grid: 3x3 overlapping windows, each averaged."""
+    tokens = torch.randn(2, 3, 49, 4)
+    pooled = pool_grid(tokens, (7, 7), (3, 3), "avg", kernel=3, stride=2)
+    grid = tokens.reshape(2, 3, 7, 7, 4)
+    for i in range(3):
+        for j in range(3):
+            window = grid[:, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].mean(dim=(2, 3))
+            torch.testing.assert_close(pooled[:, :, 3 * i + j], window)
+    with pytest.raises(ValueError, match="give a 3x3 grid, not the representative grid 2x2"):
+        pool_grid(tokens, (7, 7), (2, 2), "avg", kernel=3, stride=2)
+    attn = CBSA(12, 3, rep_grid=(3, 3), rep_pool_kernel=3, rep_pool_stride=2)
+    assert attn(torch.randn(2, 50, 12), (7, 7)).shape == (2, 50, 12)
+
+
+def test_learned_initial_queries_ignore_the_input() -> None:
+    torch.manual_seed(5)
+    attn = CBSA(12, 3, rep_grid=(2, 2), rep_init="learned")
+    w = torch.randn(2, 3, 17, 4)
+    q0 = attn.initial_guess(w, (4, 4))
+    assert q0.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(q0[0], attn.rep_queries)
+    attn(torch.randn(2, 17, 12), (4, 4)).sum().backward()
+    assert attn.rep_queries.grad is not None and attn.rep_queries.grad.abs().sum() > 0
+
+
+def test_legacy_pooling_pools_the_first_grid_tokens() -> None:
+    """The reference code's quirk: the CLS token and all patches but the last are pooled."""
+    attn = CBSA(8, 2, rep_grid=(1, 1), legacy_pool=True)
+    w = torch.randn(1, 2, 17, 4)
+    torch.testing.assert_close(attn.initial_guess(w, (4, 4))[:, :, 0], w[:, :, :16].mean(2))
+    attn.legacy_pool = False
+    torch.testing.assert_close(attn.initial_guess(w, (4, 4))[:, :, 0], w[:, :, 1:].mean(2))

@@ -41,6 +41,10 @@ def test_parse_grid(text: object, grid: tuple[int, int]) -> None:
         ({"data.batch_size": 63}, "data.batch_size", "split evenly"),
         ({"data.augment": "maybe"}, "data.augment", "true or false"),
         ({"model.nonsense": 1}, "model.nonsense", "allowed: attention"),
+        ({"model.rep_pool_kernel": 3}, "model.rep_grid", "set model.rep_grid=2x2"),
+        ({"model.rep_pool_kernel": 9}, "model.rep_pool_kernel", "exceeds the 8x8"),
+        ({"model.attention": "mssa,cbsa,tssa"}, "model.attention", "do not split"),
+        ({"model.stem": "conv", "model.patch_size": 1}, "model.patch_size", "power of two"),
         ({"optim.lr": 1}, "optim", "allowed: model, data, train"),
     ],
 )

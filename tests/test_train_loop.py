@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cbtlab.attention import ATTENTION_REGISTRY
 from cbtlab.config import ExperimentConfig
 from cbtlab.train import run_training
 
@@ -47,6 +48,12 @@ def test_same_seed_same_numbers_other_seed_other_numbers(digits_root: Path) -> N
     first, again, other = _run({}), _run({}), _run({"train.seed": 1})
     assert numbers(first) == numbers(again)
     assert numbers(first) != numbers(other)
+
+
+@pytest.mark.parametrize("attention", [*sorted(ATTENTION_REGISTRY), "mssa,cbsa"])
+def test_every_attention_trains_on_the_digits(digits_root: Path, attention: str) -> None:
+    reports = _run({"model.attention": attention, "model.depth": 2, "train.epochs": 1})
+    assert math.isfinite(reports[0]["train/loss"]) and reports[0]["val/samples"] == 360
 
 
 def test_divergence_stops_at_once(digits_root: Path) -> None:

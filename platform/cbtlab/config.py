@@ -89,6 +89,9 @@ class ModelConfig:
     # CBSA: the representatives are the patch grid pooled to rep_grid, so m = g_h * g_w.
     rep_grid: Grid = (4, 4)
     rep_pool: str = "avg"
+    # Fixed k x k pooling windows every `stride` patches (0: adaptive pooling to rep_grid).
+    rep_pool_kernel: int = 0
+    rep_pool_stride: int = 0
     rep_init: str = "pool"
     legacy_pool: bool = False
     stop_grad_init: bool = False
@@ -147,6 +150,25 @@ class ModelConfig:
                 f"(img_size {self.img_size} / patch_size {self.patch_size})",
             )
         _choice("model.rep_pool", self.rep_pool, ("avg", "max"))
+        _positive("model.rep_pool_kernel", self.rep_pool_kernel, allow_zero=True)
+        _positive("model.rep_pool_stride", self.rep_pool_stride, allow_zero=True)
+        if self.rep_pool_kernel > side:
+            raise ConfigError(
+                "model.rep_pool_kernel",
+                f"{self.rep_pool_kernel} exceeds the {side}x{side} patch grid",
+            )
+        if self.rep_pool_kernel:
+            from cbtlab.attention.cbsa import window_grid
+
+            stride = self.rep_pool_stride or self.rep_pool_kernel
+            got = window_grid((side, side), self.rep_pool_kernel, stride)
+            if got != self.rep_grid:
+                raise ConfigError(
+                    "model.rep_grid",
+                    f"{self.rep_pool_kernel}x{self.rep_pool_kernel} windows with stride {stride} "
+                    f"on the {side}x{side} patch grid give {format_grid(got)}; "
+                    f"set model.rep_grid={format_grid(got)}",
+                )
         _choice("model.rep_init", self.rep_init, ("pool", "learned"))
         _choice("model.contraction", self.contraction, ("softmax", "exact", "none"))
         _positive("model.contraction_beta", self.contraction_beta)

@@ -35,11 +35,26 @@ def init_steps(steps: Tensor, scheme: str, scale: float) -> None:
             raise ValueError(f"unknown step initialisation {scheme!r}; known: {STEP_INITS}")
 
 
-def pool_grid(tokens: Tensor, grid_size: tuple[int, int], out: tuple[int, int], op: str) -> Tensor:
+def window_grid(grid_size: tuple[int, int], kernel: int, stride: int) -> tuple[int, int]:
+    """The output grid of k x k windows with stride s over an H x W grid (no padding)."""
+    return ((grid_size[0] - kernel) // stride + 1, (grid_size[1] - kernel) // stride + 1)
+
+
+def pool_grid(
+    tokens: Tensor,
+    grid_size: tuple[int, int],
+    out: tuple[int, int],
+    op: str,
+    *,
+    kernel: int = 0,
+    stride: int = 0,
+) -> Tensor:
     """Pool patch tokens laid out on an H x W grid down to a g_h x g_w grid.
 
-    tokens: (B, K, H*W, p) -> (B, K, g_h*g_w, p). Adaptive pooling, so g_h, g_w need not
-    divide H, W (windows then differ in size by at most one token).
+    tokens: (B, K, H*W, p) -> (B, K, g_h*g_w, p). By default adaptive pooling, so g_h, g_w need
+    not divide H, W (windows then differ in size by at most one token). With `kernel`, fixed
+    k x k windows every `stride` (default k) tokens, which may overlap; their output grid must
+    be `out`.
     """
     b, k, n, p = tokens.shape
     h, w = grid_size
@@ -48,7 +63,20 @@ def pool_grid(tokens: Tensor, grid_size: tuple[int, int], out: tuple[int, int], 
     if out[0] > h or out[1] > w:
         raise ValueError(f"representative grid {out[0]}x{out[1]} exceeds the {h}x{w} patch grid")
     grid = tokens.transpose(-1, -2).reshape(b * k, p, h, w)  # (B*K, p, H, W)
-    pooled = F.adaptive_avg_pool2d(grid, out) if op == "avg" else F.adaptive_max_pool2d(grid, out)
+    if kernel:
+        stride = stride or kernel
+        if window_grid(grid_size, kernel, stride) != tuple(out):
+            got = window_grid(grid_size, kernel, stride)
+            raise ValueError(
+                f"{kernel}x{kernel} windows with stride {stride} on the {h}x{w} patch grid give a "
+                f"{got[0]}x{got[1]} grid, not the representative grid {out[0]}x{out[1]}"
+            )
+        pool = F.avg_pool2d if op == "avg" else F.max_pool2d
+        pooled = pool(grid, kernel, stride)
+    elif op == "avg":
+        pooled = F.adaptive_avg_pool2d(grid, out)
+    else:
+        pooled = F.adaptive_max_pool2d(grid, out)
     return pooled.reshape(b, k, p, out[0] * out[1]).transpose(-1, -2)  # (B, K, m, p)
 
 
@@ -62,6 +90,8 @@ class CBSA(nn.Module):
         num_prefix_tokens: tokens before the patch grid (CLS); they are attended to but not pooled.
         rep_grid: (g_h, g_w), the representatives' grid; m = g_h * g_w.
         rep_pool: "avg" or "max" pooling for the initial guess.
+        rep_pool_kernel, rep_pool_stride: fixed (possibly overlapping) pooling windows instead
+            of adaptive pooling; their output grid must equal `rep_grid`.
         stop_grad_init: detach Q0 (the paper) or not (the reference code).
         contraction: "softmax" (eq. 8), "exact" (eq. 7, `(I + beta Q Q^T)^-1 Q`) or "none".
         contraction_beta: beta of the exact contraction.
@@ -81,6 +111,8 @@ class CBSA(nn.Module):
         num_prefix_tokens: int = 1,
         rep_grid: tuple[int, int] = (8, 8),
         rep_pool: str = "avg",
+        rep_pool_kernel: int = 0,
+        rep_pool_stride: int = 0,
         stop_grad_init: bool = False,
         contraction: str = "softmax",
         contraction_beta: float = 1.0,
@@ -104,6 +136,8 @@ class CBSA(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.rep_grid = (int(rep_grid[0]), int(rep_grid[1]))
         self.rep_pool = rep_pool
+        self.rep_pool_kernel = rep_pool_kernel
+        self.rep_pool_stride = rep_pool_stride
         self.stop_grad_init = stop_grad_init
         self.contraction = contraction
         self.contraction_beta = contraction_beta
@@ -146,7 +180,14 @@ class CBSA(nn.Module):
             grid_tokens = w[:, :, : grid_size[0] * grid_size[1]]
         else:
             grid_tokens = w[:, :, self.num_prefix_tokens :]
-        return pool_grid(grid_tokens, grid_size, self.rep_grid, self.rep_pool)
+        return pool_grid(
+            grid_tokens,
+            grid_size,
+            self.rep_grid,
+            self.rep_pool,
+            kernel=self.rep_pool_kernel,
+            stride=self.rep_pool_stride,
+        )
 
     def contract(self, q: Tensor) -> Tensor:
         """The contraction step on the m representatives of every head: (B, K, m, p)."""

@@ -28,6 +28,8 @@ def build_model(cfg: ModelConfig) -> CBTransformer:
         attn_options={
             "rep_grid": cfg.rep_grid,
             "rep_pool": cfg.rep_pool,
+            "rep_pool_kernel": cfg.rep_pool_kernel,
+            "rep_pool_stride": cfg.rep_pool_stride,
             "rep_init": cfg.rep_init,
             "legacy_pool": cfg.legacy_pool,
             "stop_grad_init": cfg.stop_grad_init,

@@ -47,9 +47,21 @@ FAMILIES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
 }
 # Keyword arguments that go to the attention layers rather than the backbone.
 ATTENTION_OPTIONS = frozenset(
-    ("rep_grid", "rep_pool", "rep_init", "legacy_pool", "stop_grad_init", "contraction",
-     "contraction_beta", "step_init", "step_scale", "eps")
-)  # fmt: skip
+    {
+        "rep_grid",
+        "rep_pool",
+        "rep_pool_kernel",
+        "rep_pool_stride",
+        "rep_init",
+        "legacy_pool",
+        "stop_grad_init",
+        "contraction",
+        "contraction_beta",
+        "step_init",
+        "step_scale",
+        "eps",
+    }
+)
 # Arguments timm passes to every model function that our models do not take.
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
