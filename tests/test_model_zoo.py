@@ -209,3 +209,36 @@ def test_from_reference_names_what_does_not_fit() -> None:
     sd = _reference_state_dict("mssa", 48, 3, 2, grid=14)
     with pytest.raises(KeyError, match="lacks"):  # an MSSA checkpoint into a CBSA model
         from_reference(sd, "cbt_tiny_patch16_224", embed_dim=48, num_heads=3, depth=2)
+
+
+@pytest.mark.parametrize("attention", sorted(ATTENTION_REGISTRY))
+def test_intermediates_give_tokens_and_attention_maps(attention: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "cbt_tiny_patch16_224", img_size=64, attention=attention, **TINY
+    ).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens, maps = model.forward_intermediates(x, attention=True, attention_rows=[0])
+        _, all_rows = model.forward_intermediates(x, attention=True)
+        torch.testing.assert_close(tokens[-1], model.forward_features(x))
+    assert len(tokens) == len(maps) == 2 and tokens[0].shape == (2, 17, 32)
+    if attention in ("tssa", "linear"):
+        assert maps == [None, None]
+        return
+    for cls_map, full in zip(maps, all_rows, strict=True):
+        assert cls_map.shape == (2, 2, 1, 17) and full.shape == (2, 2, 17, 17)
+        torch.testing.assert_close(cls_map[:, :, 0], full[:, :, 0])
+        if attention != "cbsa":  # rows of a softmax-type map are distributions
+            torch.testing.assert_close(full.sum(-1), torch.ones(2, 2, 17), atol=1e-5, rtol=0)
+
+
+def test_cbsa_map_is_a_transpose_a() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("cbt_tiny_patch16_224", img_size=64, **TINY).eval()
+    with torch.no_grad():
+        x, grid = model._embed(torch.randn(1, 3, 64, 64))
+        block = model.blocks[0]
+        a = block.attn.extraction(block.norm1(x), grid)  # (1, K, m, N)
+        full = block.attn.attention_map(block.norm1(x), grid)
+    torch.testing.assert_close(full, a.transpose(-1, -2) @ a)

@@ -3,6 +3,9 @@
 Every mechanism is an `nn.Module` with the constructor `cls(dim, num_heads, *, num_prefix_tokens,
 **options)` and the call `module(x, grid_size)`, where `x` is (B, N, dim) with the prefix tokens
 (CLS) first and the patch tokens after them in row-major order over `grid_size = (H, W)`.
+Mechanisms with a token-to-token map also have `module.attention_map(x, grid_size, rows)`
+(B, K, R, N), built only for the requested query rows; TSSA and the linear variant act per
+channel / per principal direction and have none.
 Options a mechanism does not take are ignored by `create_attention`, so one model config
 (representative grid, step initialisation, ...) serves every variant.
 

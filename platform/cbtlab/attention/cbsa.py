@@ -172,6 +172,23 @@ class CBSA(nn.Module):
         dw = self.step_x.view(1, k, 1, 1) * (attn.transpose(-1, -2) @ c)  # (B, K, N, p)
         return self.proj(dw.transpose(1, 2).reshape(b, n, k * p))
 
+    def extraction(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        """The extraction matrix A of every head: (B, K, m, N)."""
+        b, n, _ = x.shape
+        w = self.qkv(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        q0 = self.initial_guess(w, grid_size)
+        return torch.softmax((q0 * self.scale) @ w.transpose(-1, -2), dim=-1)
+
+    def attention_map(
+        self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
+    ) -> Tensor:
+        """The effective token-to-token map `A^T A`, only for the query tokens `rows`
+        (default all): (B, K, R, N). Row i weighs how much token i draws from every token
+        through the shared representatives."""
+        attn = self.extraction(x, grid_size)  # (B, K, m, N)
+        picked = attn if rows is None else attn[..., rows]
+        return picked.transpose(-1, -2) @ attn
+
     def initial_guess(self, w: Tensor, grid_size: tuple[int, int]) -> Tensor:
         """Q0 from the projected tokens w (B, K, N, p): pooled patch grid or learned queries."""
         if self.rep_queries is not None:

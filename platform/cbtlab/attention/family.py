@@ -19,6 +19,10 @@ def _heads(x: Tensor, num_heads: int) -> Tensor:
     return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)  # (B, K, N, p)
 
 
+def _rows(t: Tensor, rows: Tensor | None) -> Tensor:
+    return t if rows is None else t[:, :, rows]
+
+
 def _merge(x: Tensor) -> Tensor:
     b, k, n, p = x.shape
     return x.transpose(1, 2).reshape(b, n, k * p)  # (B, N, K*p)
@@ -48,6 +52,13 @@ class MSSA(_SubspaceAttention):
         w = _heads(self.qkv(x), self.num_heads)  # (B, K, N, p)
         return self.proj(_merge(F.scaled_dot_product_attention(w, w, w)))
 
+    def attention_map(
+        self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
+    ) -> Tensor:
+        """softmax_r(s W W^T) for the query tokens `rows`: (B, K, R, N)."""
+        w = _heads(self.qkv(x), self.num_heads)
+        return torch.softmax(self.scale * _rows(w, rows) @ w.transpose(-1, -2), dim=-1)
+
 
 @register_attention("softmax")
 class SoftmaxAttention(nn.Module):
@@ -65,11 +76,21 @@ class SoftmaxAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, K, N, p)
-        return self.proj(_merge(F.scaled_dot_product_attention(q, k, v)))
+        return q, k, v
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        return self.proj(_merge(F.scaled_dot_product_attention(*self._qkv(x))))
+
+    def attention_map(
+        self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
+    ) -> Tensor:
+        """softmax_r(q k^T / sqrt(p)) for the query tokens `rows`: (B, K, R, N)."""
+        q, k, _ = self._qkv(x)
+        return torch.softmax(_rows(q, rows) @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
 
 
 @register_attention("linear")
@@ -150,13 +171,24 @@ class AgentAttention(_SubspaceAttention):
         self.rep_grid = (int(rep_grid[0]), int(rep_grid[1]))
         self.rep_pool = rep_pool
 
-    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+    def _agents(self, x: Tensor, grid_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         w = _heads(self.qkv(x), self.num_heads)  # (B, K, N, p)
-        agents = pool_grid(
-            w[:, :, self.num_prefix_tokens :], grid_size, self.rep_grid, self.rep_pool
-        )
+        patches = w[:, :, self.num_prefix_tokens :]
+        return w, pool_grid(patches, grid_size, self.rep_grid, self.rep_pool)  # Q0: (B, K, m, p)
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        w, agents = self._agents(x, grid_size)
         gathered = F.scaled_dot_product_attention(agents, w, w)  # A W: (B, K, m, p)
         return self.proj(_merge(F.scaled_dot_product_attention(w, agents, gathered)))
+
+    def attention_map(
+        self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
+    ) -> Tensor:
+        """The effective token-to-token map `softmax_r(s W Q0^T) A`: (B, K, R, N)."""
+        w, agents = self._agents(x, grid_size)
+        gather = torch.softmax(self.scale * agents @ w.transpose(-1, -2), dim=-1)  # (B, K, m, N)
+        read = torch.softmax(self.scale * _rows(w, rows) @ agents.transpose(-1, -2), dim=-1)
+        return read @ gather
 
 
 @register_attention("linear_attention")
@@ -175,11 +207,22 @@ class KernelLinearAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+    def _features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, K, N, p)
-        q, k = F.elu(q) + 1, F.elu(k) + 1
+        return F.elu(q) + 1, F.elu(k) + 1, v
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        q, k, v = self._features(x)
         kv = k.transpose(-1, -2) @ v  # (B, K, p, p)
         norm = q @ k.sum(-2, keepdim=True).transpose(-1, -2)  # (B, K, N, 1)
         return self.proj(_merge((q @ kv) / (norm + 1e-6)))
+
+    def attention_map(
+        self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
+    ) -> Tensor:
+        """The implicit map `phi(q) phi(k)^T`, row-normalised, for `rows`: (B, K, R, N)."""
+        q, k, _ = self._features(x)
+        sim = _rows(q, rows) @ k.transpose(-1, -2)
+        return sim / (sim.sum(-1, keepdim=True) + 1e-6)

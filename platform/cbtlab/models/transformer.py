@@ -128,14 +128,31 @@ class CBTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self._pos_embed(grid_size), grid_size
 
-    def forward_intermediates(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """The final tokens and the tokens after every block, each (B, 1 + H*W, d)."""
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        *,
+        attention: bool = False,
+        attention_rows: Sequence[int] | Tensor | None = None,
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Per-layer outputs, for analysis, without hooks.
+
+        Returns the tokens after every block (each (B, 1 + H*W, d)) and, when `attention` is
+        set, every layer's token-to-token attention map (B, K, R, N) for the query tokens
+        `attention_rows` (default all; `[0]` is the CLS token's map). Mechanisms without a
+        token-to-token map (TSSA, the linear variant) give None.
+        """
+        rows = None if attention_rows is None else torch.as_tensor(attention_rows)
         x, grid_size = self._embed(x)
-        layers = []
+        tokens: list[Tensor] = []
+        maps: list[Tensor | None] = []
         for block in self.blocks:
+            if attention:
+                attn_map = getattr(block.attn, "attention_map", None)
+                maps.append(None if attn_map is None else attn_map(block.norm1(x), grid_size, rows))
             x = block(x, grid_size)
-            layers.append(x)
-        return x, layers
+            tokens.append(x)
+        return tokens, maps
 
     def forward_features(self, x: Tensor) -> Tensor:
         x, grid_size = self._embed(x)
