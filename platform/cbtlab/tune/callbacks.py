@@ -13,6 +13,8 @@ from cbtlab.config import ExperimentConfig
 from cbtlab.tracking import StudyTracker
 
 TRIAL_METRIC_PREFIXES = ("train/", "val/", "throughput/", "time/")
+# Metrics whose best value over the epochs is kept (lower is better for losses).
+BEST_TRACKED = ("val/top1", "val/top5", "val/loss")
 
 
 @dataclass
@@ -106,15 +108,12 @@ class MLflowTrialLogger(Callback):
         self.tracker.log_metrics(record.run_id, metrics, step=epoch)
         record.epochs = epoch
         record.last = metrics
-        for key, value in metrics.items():
-            if key.startswith("val/"):
-                better = (
-                    value < record.best.get(key, float("inf"))
-                    if "loss" in key
-                    else (value > record.best.get(key, float("-inf")))
-                )
-                if better:
-                    record.best[key] = value
+        for key in BEST_TRACKED:
+            if key not in metrics:
+                continue
+            value, best = metrics[key], record.best.get(key)
+            if best is None or (value < best if key.endswith("loss") else value > best):
+                record.best[key] = value
         self._say(
             f"[{trial}] epoch {epoch}/{record.config.train.epochs} "
             f"train/loss {metrics.get('train/loss', float('nan')):.4f} "
