@@ -158,7 +158,7 @@ class ModelConfig:
                 f"{self.rep_pool_kernel} exceeds the {side}x{side} patch grid",
             )
         if self.rep_pool_kernel:
-            from cbtlab.attention.cbsa import window_grid
+            from cbtlab.attention.common import window_grid
 
             stride = self.rep_pool_stride or self.rep_pool_kernel
             got = window_grid((side, side), self.rep_pool_kernel, stride)

@@ -15,73 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cbtlab.attention.common import (
+    STEP_INITS,
+    SubspaceAttention,
+    init_steps,
+    merge_heads,
+    pool_grid,
+    window_grid,
+)
 from cbtlab.attention.registry import register_attention
 
+__all__ = ["CBSA", "STEP_INITS", "init_steps", "pool_grid", "window_grid"]
+
 CONTRACTIONS = ("softmax", "exact", "none")
-STEP_INITS = ("normal", "constant", "zero")
-
-
-def init_steps(steps: Tensor, scheme: str, scale: float) -> None:
-    """Initialise learnable step sizes: N(0, scale) as in the reference code, the constant
-    `scale`, or zero."""
-    with torch.no_grad():
-        if scheme == "normal":
-            steps.normal_(0.0, scale)
-        elif scheme == "constant":
-            steps.fill_(scale)
-        elif scheme == "zero":
-            steps.zero_()
-        else:
-            raise ValueError(f"unknown step initialisation {scheme!r}; known: {STEP_INITS}")
-
-
-def window_grid(grid_size: tuple[int, int], kernel: int, stride: int) -> tuple[int, int]:
-    """The output grid of k x k windows with stride s over an H x W grid (no padding)."""
-    return ((grid_size[0] - kernel) // stride + 1, (grid_size[1] - kernel) // stride + 1)
-
-
-def pool_grid(
-    tokens: Tensor,
-    grid_size: tuple[int, int],
-    out: tuple[int, int],
-    op: str,
-    *,
-    kernel: int = 0,
-    stride: int = 0,
-) -> Tensor:
-    """Pool patch tokens laid out on an H x W grid down to a g_h x g_w grid.
-
-    tokens: (B, K, H*W, p) -> (B, K, g_h*g_w, p). By default adaptive pooling, so g_h, g_w need
-    not divide H, W (windows then differ in size by at most one token). With `kernel`, fixed
-    k x k windows every `stride` (default k) tokens, which may overlap; their output grid must
-    be `out`.
-    """
-    b, k, n, p = tokens.shape
-    h, w = grid_size
-    if n != h * w:
-        raise ValueError(f"{n} patch tokens do not fill a {h}x{w} grid")
-    if out[0] > h or out[1] > w:
-        raise ValueError(f"representative grid {out[0]}x{out[1]} exceeds the {h}x{w} patch grid")
-    grid = tokens.transpose(-1, -2).reshape(b * k, p, h, w)  # (B*K, p, H, W)
-    if kernel:
-        stride = stride or kernel
-        if window_grid(grid_size, kernel, stride) != tuple(out):
-            got = window_grid(grid_size, kernel, stride)
-            raise ValueError(
-                f"{kernel}x{kernel} windows with stride {stride} on the {h}x{w} patch grid give a "
-                f"{got[0]}x{got[1]} grid, not the representative grid {out[0]}x{out[1]}"
-            )
-        pool = F.avg_pool2d if op == "avg" else F.max_pool2d
-        pooled = pool(grid, kernel, stride)
-    elif op == "avg":
-        pooled = F.adaptive_avg_pool2d(grid, out)
-    else:
-        pooled = F.adaptive_max_pool2d(grid, out)
-    return pooled.reshape(b, k, p, out[0] * out[1]).transpose(-1, -2)  # (B, K, m, p)
 
 
 @register_attention("cbsa")
-class CBSA(nn.Module):
+class CBSA(SubspaceAttention):
     """CBSA with a pooled initial guess, softmax contraction and learnable per-head steps.
 
     Args:
@@ -121,19 +71,13 @@ class CBSA(nn.Module):
         rep_init: str = "pool",
         legacy_pool: bool = False,
     ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} does not divide dim={dim}")
+        super().__init__(dim, num_heads, num_prefix_tokens=num_prefix_tokens)
         if contraction not in CONTRACTIONS:
             raise ValueError(f"unknown contraction {contraction!r}; known: {CONTRACTIONS}")
         if rep_pool not in ("avg", "max"):
             raise ValueError(f"unknown rep_pool {rep_pool!r}; known: avg, max")
         if rep_init not in ("pool", "learned"):
             raise ValueError(f"unknown rep_init {rep_init!r}; known: pool, learned")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.num_prefix_tokens = num_prefix_tokens
         self.rep_grid = (int(rep_grid[0]), int(rep_grid[1]))
         self.rep_pool = rep_pool
         self.rep_pool_kernel = rep_pool_kernel
@@ -146,10 +90,6 @@ class CBSA(nn.Module):
         if rep_init == "learned":
             m = self.rep_grid[0] * self.rep_grid[1]
             self.rep_queries = nn.Parameter(torch.randn(num_heads, m, self.head_dim) * 0.02)
-        # U = [U_1 ... U_K]: one bias-free projection for all heads' subspaces.
-        self.qkv = nn.Linear(dim, num_heads * self.head_dim, bias=False)
-        # The paper's over-parameterised output map in place of U^T.
-        self.proj = nn.Linear(num_heads * self.head_dim, dim)
         self.step_rep = nn.Parameter(torch.empty(num_heads))
         self.step_x = nn.Parameter(torch.empty(num_heads))
         init_steps(self.step_rep, step_init, step_scale)
@@ -160,24 +100,24 @@ class CBSA(nn.Module):
         return self.rep_grid[0] * self.rep_grid[1]
 
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
-        b, n, _ = x.shape
-        k, p = self.num_heads, self.head_dim
-        w = self.qkv(x).view(b, n, k, p).transpose(1, 2)  # (B, K, N, p)
+        k = self.num_heads
+        w = self.project(x)  # (B, K, N, p)
         q0 = self.initial_guess(w, grid_size)  # (B, K, m, p)
         if self.stop_grad_init:
             q0 = q0.detach()
-        attn = torch.softmax((q0 * self.scale) @ w.transpose(-1, -2), dim=-1)  # (B, K, m, N)
+        attn = self._extract(q0, w)  # (B, K, m, N)
         q = q0 + self.step_rep.view(1, k, 1, 1) * (attn @ w)  # (B, K, m, p)
         c = self.contract(q)  # (B, K, m, p)
         dw = self.step_x.view(1, k, 1, 1) * (attn.transpose(-1, -2) @ c)  # (B, K, N, p)
-        return self.proj(dw.transpose(1, 2).reshape(b, n, k * p))
+        return self.proj(merge_heads(dw))
+
+    def _extract(self, q0: Tensor, w: Tensor) -> Tensor:
+        return torch.softmax((q0 * self.scale) @ w.transpose(-1, -2), dim=-1)
 
     def extraction(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
         """The extraction matrix A of every head: (B, K, m, N)."""
-        b, n, _ = x.shape
-        w = self.qkv(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        q0 = self.initial_guess(w, grid_size)
-        return torch.softmax((q0 * self.scale) @ w.transpose(-1, -2), dim=-1)
+        w = self.project(x)
+        return self._extract(self.initial_guess(w, grid_size), w)
 
     def attention_map(
         self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None

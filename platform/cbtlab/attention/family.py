@@ -10,54 +10,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cbtlab.attention.cbsa import init_steps, pool_grid
+from cbtlab.attention.common import (
+    SubspaceAttention,
+    init_steps,
+    merge_heads,
+    pool_grid,
+    select_rows,
+)
 from cbtlab.attention.registry import register_attention
 
 
-def _heads(x: Tensor, num_heads: int) -> Tensor:
-    b, n, c = x.shape
-    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)  # (B, K, N, p)
-
-
-def _rows(t: Tensor, rows: Tensor | None) -> Tensor:
-    return t if rows is None else t[:, :, rows]
-
-
-def _merge(x: Tensor) -> Tensor:
-    b, k, n, p = x.shape
-    return x.transpose(1, 2).reshape(b, n, k * p)  # (B, N, K*p)
-
-
-class _SubspaceAttention(nn.Module):
-    """Shared skeleton: one bias-free projection on the K subspaces (U), one output map."""
-
-    def __init__(self, dim: int, num_heads: int, *, num_prefix_tokens: int = 1) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} does not divide dim={dim}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.num_prefix_tokens = num_prefix_tokens
-        self.qkv = nn.Linear(dim, dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
-
-
 @register_attention("mssa")
-class MSSA(_SubspaceAttention):
+class MSSA(SubspaceAttention):
     """CRATE's multi-head subspace self-attention (eq. 9): the tokens are their own
     representatives, `dW = softmax_r(s W W^T) W`. Cost O(N^2 p) per head."""
 
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
-        w = _heads(self.qkv(x), self.num_heads)  # (B, K, N, p)
-        return self.proj(_merge(F.scaled_dot_product_attention(w, w, w)))
+        w = self.project(x)  # (B, K, N, p)
+        return self.proj(merge_heads(F.scaled_dot_product_attention(w, w, w)))
 
     def attention_map(
         self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
     ) -> Tensor:
         """softmax_r(s W W^T) for the query tokens `rows`: (B, K, R, N)."""
-        w = _heads(self.qkv(x), self.num_heads)
-        return torch.softmax(self.scale * _rows(w, rows) @ w.transpose(-1, -2), dim=-1)
+        w = self.project(x)
+        return torch.softmax(self.scale * select_rows(w, rows) @ w.transpose(-1, -2), dim=-1)
 
 
 @register_attention("softmax")
@@ -83,18 +60,20 @@ class SoftmaxAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
-        return self.proj(_merge(F.scaled_dot_product_attention(*self._qkv(x))))
+        return self.proj(merge_heads(F.scaled_dot_product_attention(*self._qkv(x))))
 
     def attention_map(
         self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
     ) -> Tensor:
         """softmax_r(q k^T / sqrt(p)) for the query tokens `rows`: (B, K, R, N)."""
         q, k, _ = self._qkv(x)
-        return torch.softmax(_rows(q, rows) @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+        return torch.softmax(
+            select_rows(q, rows) @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1
+        )
 
 
 @register_attention("linear")
-class LinearVariant(_SubspaceAttention):
+class LinearVariant(SubspaceAttention):
     """The linear variant of eq. 12: representatives are the principal directions of each head's
     tokens, so `dW = eta * W (I_p + beta W^T W)^-1`, i.e. each eigen-direction of the p x p second
     moment is shrunk by 1 / (1 + beta * lambda). `beta = p / (N eps^2)`, the coding-rate
@@ -116,7 +95,7 @@ class LinearVariant(_SubspaceAttention):
         init_steps(self.step, step_init, step_scale)
 
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
-        w = _heads(self.qkv(x), self.num_heads)  # (B, K, N, p)
+        w = self.project(x)  # (B, K, N, p)
         n, p = w.shape[-2], w.shape[-1]
         beta = p / (n * self.eps**2)
         eye = torch.eye(p, dtype=w.dtype, device=w.device)
@@ -124,11 +103,11 @@ class LinearVariant(_SubspaceAttention):
         # W G^-1 = (G^-1 W^T)^T since G is symmetric.
         shrunk = torch.cholesky_solve(w.transpose(-1, -2), torch.linalg.cholesky(gram))
         dw = self.step.view(1, -1, 1, 1) * shrunk.transpose(-1, -2)  # (B, K, N, p)
-        return self.proj(_merge(dw))
+        return self.proj(merge_heads(dw))
 
 
 @register_attention("tssa")
-class TSSA(_SubspaceAttention):
+class TSSA(SubspaceAttention):
     """ToST's token statistics self-attention (eq. 13), as in the authors' code: each token's
     membership of the K heads is a softmax over heads of its normalised energy in each
     (temperature per head); each channel is scaled by `1 / (1 + its membership-weighted second
@@ -142,17 +121,17 @@ class TSSA(_SubspaceAttention):
         return {"temp"}
 
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
-        w = _heads(self.qkv(x), self.num_heads)  # (B, K, N, p)
+        w = self.project(x)  # (B, K, N, p)
         energy = F.normalize(w, dim=-2).square().sum(-1)  # (B, K, N)
         pi = torch.softmax(energy * self.temp, dim=1)  # membership over heads
         weights = pi / (pi.sum(-1, keepdim=True) + 1e-8)  # (B, K, N)
         moments = (weights.unsqueeze(-2) @ w.square()).squeeze(-2)  # (B, K, p)
         dw = -(w * pi.unsqueeze(-1)) / (1 + moments.unsqueeze(-2))
-        return self.proj(_merge(dw))
+        return self.proj(merge_heads(dw))
 
 
 @register_attention("agent")
-class AgentAttention(_SubspaceAttention):
+class AgentAttention(SubspaceAttention):
     """Agent attention in the unified form: m pooled agents Q0 gather `A W` from the tokens,
     and each token reads them back by its own softmax over agents:
     `dW = softmax_r(s W Q0^T) (A W)`, with `A = softmax_r(s Q0 W^T)`. No contraction.
@@ -172,14 +151,14 @@ class AgentAttention(_SubspaceAttention):
         self.rep_pool = rep_pool
 
     def _agents(self, x: Tensor, grid_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        w = _heads(self.qkv(x), self.num_heads)  # (B, K, N, p)
+        w = self.project(x)  # (B, K, N, p)
         patches = w[:, :, self.num_prefix_tokens :]
         return w, pool_grid(patches, grid_size, self.rep_grid, self.rep_pool)  # Q0: (B, K, m, p)
 
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
         w, agents = self._agents(x, grid_size)
         gathered = F.scaled_dot_product_attention(agents, w, w)  # A W: (B, K, m, p)
-        return self.proj(_merge(F.scaled_dot_product_attention(w, agents, gathered)))
+        return self.proj(merge_heads(F.scaled_dot_product_attention(w, agents, gathered)))
 
     def attention_map(
         self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
@@ -187,42 +166,30 @@ class AgentAttention(_SubspaceAttention):
         """The effective token-to-token map `softmax_r(s W Q0^T) A`: (B, K, R, N)."""
         w, agents = self._agents(x, grid_size)
         gather = torch.softmax(self.scale * agents @ w.transpose(-1, -2), dim=-1)  # (B, K, m, N)
-        read = torch.softmax(self.scale * _rows(w, rows) @ agents.transpose(-1, -2), dim=-1)
+        read = torch.softmax(self.scale * select_rows(w, rows) @ agents.transpose(-1, -2), dim=-1)
         return read @ gather
 
 
 @register_attention("linear_attention")
-class KernelLinearAttention(nn.Module):
-    """Black-box linear attention (Katharopoulos et al., 2020): feature map elu(x) + 1,
+class KernelLinearAttention(SoftmaxAttention):
+    """Black-box linear attention (Katharopoulos et al., 2020): ViT's projections with the
+    feature map elu(x) + 1 in place of the softmax,
     `out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / (phi(q_i)^T sum_j phi(k_j))`. O(N p^2)."""
 
-    def __init__(
-        self, dim: int, num_heads: int, *, num_prefix_tokens: int = 1, qkv_bias: bool = True
-    ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} does not divide dim={dim}")
-        self.num_heads = num_heads
-        self.num_prefix_tokens = num_prefix_tokens
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
     def _features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        b, n, c = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, K, N, p)
+        q, k, v = self._qkv(x)
         return F.elu(q) + 1, F.elu(k) + 1, v
 
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
         q, k, v = self._features(x)
         kv = k.transpose(-1, -2) @ v  # (B, K, p, p)
         norm = q @ k.sum(-2, keepdim=True).transpose(-1, -2)  # (B, K, N, 1)
-        return self.proj(_merge((q @ kv) / (norm + 1e-6)))
+        return self.proj(merge_heads((q @ kv) / (norm + 1e-6)))
 
     def attention_map(
         self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
     ) -> Tensor:
         """The implicit map `phi(q) phi(k)^T`, row-normalised, for `rows`: (B, K, R, N)."""
         q, k, _ = self._features(x)
-        sim = _rows(q, rows) @ k.transpose(-1, -2)
+        sim = select_rows(q, rows) @ k.transpose(-1, -2)
         return sim / (sim.sum(-1, keepdim=True) + 1e-6)

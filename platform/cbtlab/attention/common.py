@@ -1,0 +1,107 @@
+"""Pieces shared by the attention mechanisms: head reshapes, the subspace skeleton, the pooled
+initial guess, step-size initialisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+STEP_INITS = ("normal", "constant", "zero")
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, N, K*p) -> (B, K, N, p)."""
+    b, n, c = x.shape
+    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, K, N, p) -> (B, N, K*p)."""
+    b, k, n, p = x.shape
+    return x.transpose(1, 2).reshape(b, n, k * p)
+
+
+def select_rows(t: Tensor, rows: Tensor | None) -> Tensor:
+    """The query tokens `rows` of (B, K, N, p), or all of them."""
+    return t if rows is None else t[:, :, rows]
+
+
+class SubspaceAttention(nn.Module):
+    """The skeleton of the white-box mechanisms: one bias-free projection on the K subspaces
+    (U = [U_1 ... U_K], called `qkv` as in the reference code) and one output map with bias
+    (the paper's over-parameterisation of U^T)."""
+
+    def __init__(self, dim: int, num_heads: int, *, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide dim={dim}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.num_prefix_tokens = num_prefix_tokens
+        self.qkv = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def project(self, x: Tensor) -> Tensor:
+        """W_k = Z U_k for every head: (B, N, d) -> (B, K, N, p)."""
+        return split_heads(self.qkv(x), self.num_heads)
+
+
+def init_steps(steps: Tensor, scheme: str, scale: float) -> None:
+    """Initialise learnable step sizes: N(0, scale) as in the reference code, the constant
+    `scale`, or zero."""
+    with torch.no_grad():
+        if scheme == "normal":
+            steps.normal_(0.0, scale)
+        elif scheme == "constant":
+            steps.fill_(scale)
+        elif scheme == "zero":
+            steps.zero_()
+        else:
+            raise ValueError(f"unknown step initialisation {scheme!r}; known: {STEP_INITS}")
+
+
+def window_grid(grid_size: tuple[int, int], kernel: int, stride: int) -> tuple[int, int]:
+    """The output grid of k x k windows with stride s over an H x W grid (no padding)."""
+    return ((grid_size[0] - kernel) // stride + 1, (grid_size[1] - kernel) // stride + 1)
+
+
+def pool_grid(
+    tokens: Tensor,
+    grid_size: tuple[int, int],
+    out: tuple[int, int],
+    op: str,
+    *,
+    kernel: int = 0,
+    stride: int = 0,
+) -> Tensor:
+    """Pool patch tokens laid out on an H x W grid down to a g_h x g_w grid.
+
+    tokens: (B, K, H*W, p) -> (B, K, g_h*g_w, p). By default adaptive pooling, so g_h, g_w need
+    not divide H, W (windows then differ in size by at most one token). With `kernel`, fixed
+    k x k windows every `stride` (default k) tokens, which may overlap; their output grid must
+    be `out`.
+    """
+    b, k, n, p = tokens.shape
+    h, w = grid_size
+    if n != h * w:
+        raise ValueError(f"{n} patch tokens do not fill a {h}x{w} grid")
+    if out[0] > h or out[1] > w:
+        raise ValueError(f"representative grid {out[0]}x{out[1]} exceeds the {h}x{w} patch grid")
+    grid = tokens.transpose(-1, -2).reshape(b * k, p, h, w)  # (B*K, p, H, W)
+    if kernel:
+        stride = stride or kernel
+        if window_grid(grid_size, kernel, stride) != tuple(out):
+            got = window_grid(grid_size, kernel, stride)
+            raise ValueError(
+                f"{kernel}x{kernel} windows with stride {stride} on the {h}x{w} patch grid give a "
+                f"{got[0]}x{got[1]} grid, not the representative grid {out[0]}x{out[1]}"
+            )
+        pool = F.avg_pool2d if op == "avg" else F.max_pool2d
+        pooled = pool(grid, kernel, stride)
+    elif op == "avg":
+        pooled = F.adaptive_avg_pool2d(grid, out)
+    else:
+        pooled = F.adaptive_max_pool2d(grid, out)
+    return pooled.reshape(b, k, p, out[0] * out[1]).transpose(-1, -2)  # (B, K, m, p)
