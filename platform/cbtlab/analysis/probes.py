@@ -1,0 +1,89 @@
+"""Probes of a trained model: compression per layer, rank of CBSA's extraction matrix, and
+accuracy under noise in the attention projections (Fig. 5, Appendix A, Fig. 8 right)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cbtlab.analysis.coding_rate import compression_term, subspace_bases
+from cbtlab.attention import CBSA
+from cbtlab.models import CBTransformer
+
+
+@torch.no_grad()
+def layer_compression(
+    model: CBTransformer, images: Tensor, eps: float = 0.5, *, normalize: bool = False
+) -> list[float]:
+    """Rc of the tokens after every layer, measured against that layer's own subspaces U,
+    averaged over the images. For layers whose attention has no subspace projection (ViT's
+    q, k, v) the entry is NaN."""
+    model.eval()
+    tokens, _ = model.forward_intermediates(images)
+    out = []
+    for block, z in zip(model.blocks, tokens, strict=True):
+        weight = getattr(block.attn, "qkv", None)
+        if weight is None or weight.weight.shape[0] != weight.weight.shape[1]:
+            out.append(float("nan"))
+            continue
+        bases = subspace_bases(weight.weight, block.attn.num_heads)
+        out.append(compression_term(z, bases, eps, normalize=normalize).mean().item())
+    return out
+
+
+@torch.no_grad()
+def extraction_rank(
+    model: CBTransformer, images: Tensor, *, rel_threshold: float = 1e-3
+) -> list[list[float]]:
+    """Numerical rank of A (m x N) per CBSA layer and head, averaged over the images: singular
+    values above `rel_threshold` times the largest count. Non-CBSA layers give []."""
+    model.eval()
+    x, grid_size = model._embed(images)
+    ranks: list[list[float]] = []
+    for block in model.blocks:
+        if isinstance(block.attn, CBSA):
+            a = block.attn.extraction(block.norm1(x), grid_size).double()  # (B, K, m, N)
+            s = torch.linalg.svdvals(a)  # (B, K, min(m, N))
+            rank = (s > rel_threshold * s[..., :1]).sum(-1).double().mean(0)
+            ranks.append(rank.tolist())
+        else:
+            ranks.append([])
+        x = block(x, grid_size)
+    return ranks
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+    model.eval()
+    correct = total = 0
+    for images, labels in batches:
+        correct += (model(images).argmax(-1) == labels).sum().item()
+        total += labels.numel()
+    return correct / total
+
+
+@torch.no_grad()
+def noisy_attention_accuracy(
+    model: CBTransformer,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    scales: Sequence[float],
+    *,
+    seed: int = 0,
+) -> dict[float, float]:
+    """Accuracy when every attention layer's input projection W (`attn.qkv.weight`) becomes
+    `W + scale * rms(W) * G`, G ~ N(0, 1) elementwise (one draw per scale, seeded). Scale 0 is
+    the clean model."""
+    results = {}
+    for scale in scales:
+        noisy = copy.deepcopy(model)
+        gen = torch.Generator().manual_seed(seed)
+        for block in noisy.blocks:
+            weight = block.attn.qkv.weight
+            rms = weight.square().mean().sqrt()
+            noise = torch.randn(weight.shape, generator=gen, dtype=weight.dtype)
+            weight.add_(scale * rms * noise.to(weight.device))
+        results[float(scale)] = accuracy(noisy, batches)
+    return results
