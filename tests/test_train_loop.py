@@ -56,6 +56,14 @@ def test_every_attention_trains_on_the_digits(digits_root: Path, attention: str)
     assert math.isfinite(reports[0]["train/loss"]) and reports[0]["val/samples"] == 360
 
 
+def test_compression_is_logged_at_the_chosen_epochs(digits_root: Path) -> None:
+    reports = _run({"train.epochs": 2, "train.probe_every": 2, "train.probe_samples": 16})
+    assert not any(k.startswith("rc") for k in reports[0])
+    keys = {k for k in reports[1] if k.startswith(("rc/", "rc_norm/"))}
+    assert keys == {"rc/layer_00", "rc_norm/layer_00"}  # TINY has one layer
+    assert all(math.isfinite(reports[1][k]) and reports[1][k] > 0 for k in keys)
+
+
 def test_divergence_stops_at_once(digits_root: Path) -> None:
     with pytest.raises(FloatingPointError, match="non-finite training loss"):
         _run({"train.lr": 1e30, "train.grad_clip": 0, "train.warmup_epochs": 0})

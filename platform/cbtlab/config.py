@@ -227,6 +227,10 @@ class TrainConfig:
     use_gpu: bool = False
     # Intra-op threads per worker; 0 means "the CPUs this worker was given, at least 1".
     torch_threads: int = 0
+    # Every this many epochs (0: never), log the compression term of every layer
+    # (rc/layer_XX, rc_norm/layer_XX) on the first probe_samples validation images.
+    probe_every: int = 0
+    probe_samples: int = 64
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -244,6 +248,8 @@ class TrainConfig:
         _positive("train.num_workers", self.num_workers)
         _positive("train.cpus_per_worker", self.cpus_per_worker)
         _positive("train.torch_threads", self.torch_threads, allow_zero=True)
+        _positive("train.probe_every", self.probe_every, allow_zero=True)
+        _positive("train.probe_samples", self.probe_samples)
 
 
 @dataclass

@@ -105,6 +105,18 @@ def evaluate(
     }
 
 
+def compression_metrics(model: nn.Module, images: Tensor) -> dict[str, float]:
+    """rc/layer_XX and rc_norm/layer_XX (tokens unit-normalised): the compression term of
+    every layer's output against its own subspaces (CBSA_MATH.md, eq. 2; eps = 0.5)."""
+    from cbtlab.analysis import layer_compression
+
+    metrics = {}
+    for name, normalize in (("rc", False), ("rc_norm", True)):
+        for i, value in enumerate(layer_compression(model, images, normalize=normalize)):
+            metrics[f"{name}/layer_{i:02d}"] = value
+    return metrics
+
+
 def run_training(
     cfg: ExperimentConfig,
     *,
@@ -152,6 +164,14 @@ def run_training(
             shuffle_buffer=cfg.data.shuffle_buffer,
             transform=train_tf,
         )
+
+    probe_images = None
+    if cfg.train.probe_every:
+        # The same images on every rank, so every rank reports the same values.
+        probe = eval_batches(
+            val_set, rank=0, world_size=1, batch_size=cfg.train.probe_samples, transform=eval_tf
+        )
+        probe_images = next(probe)[0].to(device)
 
     steps_per_epoch = len(epoch_data(0))
     scheduler = warmup_cosine(
@@ -209,6 +229,8 @@ def run_training(
             )
         )
         metrics["time/epoch_s"] = time.perf_counter() - start
+        if cfg.train.probe_every and (epoch + 1) % cfg.train.probe_every == 0:
+            metrics.update(compression_metrics(model, probe_images))
         report(metrics)
     return model
 

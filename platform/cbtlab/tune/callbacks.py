@@ -12,7 +12,7 @@ from ray.tune import Callback
 from cbtlab.config import ExperimentConfig
 from cbtlab.tracking import StudyTracker
 
-TRIAL_METRIC_PREFIXES = ("train/", "val/", "throughput/", "time/")
+TRIAL_METRIC_PREFIXES = ("train/", "val/", "throughput/", "time/", "rc/", "rc_norm/")
 # Metrics whose best value over the epochs is kept (lower is better for losses).
 BEST_TRACKED = ("val/top1", "val/top5", "val/loss")
 
