@@ -30,3 +30,15 @@ def digits_root(isolated_home: Path) -> Path:
     from cbtlab.data import prepare_dataset
 
     return prepare_dataset(DataConfig())
+
+
+@pytest.fixture(scope="session")
+def ray_session(isolated_home: Path):
+    """One local Ray instance for every test that needs it, shut down at the end."""
+    import ray
+
+    from cbtlab.tune.study import connect_ray
+
+    connect_ray(None)
+    yield
+    ray.shutdown()

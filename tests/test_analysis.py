@@ -66,7 +66,7 @@ def trained(digits_root: Path):
     cfg = ExperimentConfig().with_overrides(
         {"model.embed_dim": 48, "model.depth": 2, "train.epochs": 3, "train.num_workers": 1}
     )
-    model = run_training(cfg, report=lambda m: None).eval()
+    model = run_training(cfg, report=lambda metrics, state: None).eval()
     val = read_split(prepare_dataset(cfg.data), "val")
     _, eval_tf = build_transforms(
         img_size=cfg.model.img_size, mean=val.extra["mean"], std=val.extra["std"], augment=False

@@ -13,18 +13,9 @@ from cbtlab.tune import StudySpec, run_study
 from cbtlab.tune.studies import rep_count_main
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 @pytest.mark.ray
 def test_tiny_study_writes_parent_and_nested_children(
-    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = rep_count_main(
@@ -98,7 +89,9 @@ def test_bad_grid_names_it(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.ray
-def test_a_failing_trial_is_recorded_and_the_study_goes_on(ray_local: None, tmp_path: Path) -> None:
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(
+    ray_session: None, tmp_path: Path
+) -> None:
     """A trial whose workers raise (a global batch larger than a rank's data) fails alone."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = ExperimentConfig().with_overrides(

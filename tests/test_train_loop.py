@@ -11,6 +11,7 @@ import torch
 from cbtlab.attention import ATTENTION_REGISTRY
 from cbtlab.config import ExperimentConfig
 from cbtlab.train import run_training
+from cbtlab.train.checkpoint import CheckpointError, load_state, save_state
 
 TINY = {
     "model.embed_dim": 24,
@@ -23,10 +24,16 @@ TINY = {
 }
 
 
-def _run(overrides: dict) -> list[dict[str, float]]:
+def _run(overrides: dict, resume: dict | None = None) -> list[dict[str, float]]:
     reports: list[dict[str, float]] = []
-    run_training(ExperimentConfig().with_overrides({**TINY, **overrides}), report=reports.append)
+    cfg = ExperimentConfig().with_overrides({**TINY, **overrides})
+    run_training(cfg, report=lambda metrics, state: reports.append(metrics), resume=resume)
     return reports
+
+
+def _numbers(reports: list[dict[str, float]]) -> list[dict[str, float]]:
+    timing = ("time/", "throughput/")
+    return [{k: v for k, v in r.items() if not k.startswith(timing)} for r in reports]
 
 
 def test_reports_every_epoch_with_finite_metrics(digits_root: Path) -> None:
@@ -41,13 +48,37 @@ def test_reports_every_epoch_with_finite_metrics(digits_root: Path) -> None:
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(digits_root: Path) -> None:
-    def numbers(reports: list[dict[str, float]]) -> list[dict[str, float]]:
-        timing = ("time/", "throughput/")
-        return [{k: v for k, v in r.items() if not k.startswith(timing)} for r in reports]
-
     first, again, other = _run({}), _run({}), _run({"train.seed": 1})
-    assert numbers(first) == numbers(again)
-    assert numbers(first) != numbers(other)
+    assert _numbers(first) == _numbers(again)
+    assert _numbers(first) != _numbers(other)
+
+
+def test_resuming_from_a_checkpoint_continues_exactly(digits_root: Path, tmp_path: Path) -> None:
+    cfg = ExperimentConfig().with_overrides({**TINY, "train.epochs": 3})
+    states: list[dict] = []
+    straight: list[dict[str, float]] = []
+    final = run_training(cfg, report=lambda m, s: (straight.append(m), states.append(s)))
+    assert all(s is not None for s in states)  # checkpoint_every = 1
+    save_state(states[0], tmp_path / "ckpt")  # through the disk format, weights_only loading
+    resumed: list[dict[str, float]] = []
+    again = run_training(
+        cfg, report=lambda m, s: resumed.append(m), resume=load_state(tmp_path / "ckpt")
+    )
+    assert [r["epoch"] for r in resumed] == [2, 3]
+    assert _numbers(resumed) == _numbers(straight[1:])
+    for (name, a), b in zip(final.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_an_incompatible_checkpoint_is_refused(digits_root: Path, tmp_path: Path) -> None:
+    states: list[dict] = []
+    cfg = ExperimentConfig().with_overrides({**TINY, "train.epochs": 1})
+    run_training(cfg, report=lambda m, s: states.append(s))
+    with pytest.raises(CheckpointError, match=r"model\.depth=1"):
+        _run({"model.depth": 2}, resume=states[0])
+    (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_state(tmp_path)
 
 
 @pytest.mark.parametrize("attention", [*sorted(ATTENTION_REGISTRY), "mssa,cbsa"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,6 +232,13 @@ class TrainConfig:
     # (rc/layer_XX, rc_norm/layer_XX) on the first probe_samples validation images.
     probe_every: int = 0
     probe_samples: int = 64
+    # Checkpoint every this many epochs (and after the last; 0: never); keep the best this many
+    # by val/top1 (the latest is always kept); restart from the latest after a worker failure.
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    # Test-only: "epoch:step:rank" raises there in a run that did not start from a checkpoint.
+    inject_failure: str = ""
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -250,6 +258,13 @@ class TrainConfig:
         _positive("train.torch_threads", self.torch_threads, allow_zero=True)
         _positive("train.probe_every", self.probe_every, allow_zero=True)
         _positive("train.probe_samples", self.probe_samples)
+        _positive("train.checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _positive("train.keep_checkpoints", self.keep_checkpoints)
+        _positive("train.max_failures", self.max_failures, allow_zero=True)
+        if self.inject_failure and not re.fullmatch(r"\d+:\d+:\d+", self.inject_failure):
+            raise ConfigError(
+                "train.inject_failure", f"expected 'epoch:step:rank', got {self.inject_failure!r}"
+            )
 
 
 @dataclass

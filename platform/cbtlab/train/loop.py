@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +24,11 @@ from cbtlab.config import ExperimentConfig
 from cbtlab.data import TrainEpoch, eval_batches, prepare_dataset, read_split
 from cbtlab.data.transforms import build_transforms
 from cbtlab.models import build_model
+from cbtlab.train.checkpoint import check_compatible, load_state, make_state, save_state
 
-Report = Callable[[dict[str, float]], None]
+# report(metrics, checkpoint_state): called once per epoch on every rank; the state (a dict for
+# `checkpoint.save_state`) is given on rank 0 at checkpoint epochs, else None.
+Report = Callable[[dict[str, float], dict[str, Any] | None], None]
 
 
 def seed_everything(seed: int) -> None:
@@ -125,9 +130,11 @@ def run_training(
     report: Report,
     prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m,
     device: torch.device | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """Train `cfg` on this rank's share of the data; call `report` once per epoch with metrics
-    that are already reduced over all ranks. Returns the trained (unwrapped) model."""
+    """Train `cfg` on this rank's share of the data; call `report(metrics, state)` once per
+    epoch with metrics already reduced over all ranks (see `Report`). `resume` is a checkpoint
+    state to continue from. Returns the trained (unwrapped) model."""
     device = device or torch.device("cpu")
     threads = cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker))
     torch.set_num_threads(threads)
@@ -180,14 +187,26 @@ def run_training(
         total_steps=cfg.train.epochs * steps_per_epoch,
         min_ratio=cfg.train.min_lr_ratio,
     )
+    first_epoch = 0
+    if resume is not None:
+        check_compatible(resume, cfg)
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        first_epoch = resume["epochs_done"]
+    failure = _parse_failure(cfg.train.inject_failure) if resume is None else None
 
-    for epoch in range(cfg.train.epochs):
+    for epoch in range(first_epoch, cfg.train.epochs):
         # Augmentation randomness: seeded per (seed, epoch, rank), independent of data order.
         torch.manual_seed((cfg.train.seed * 1_000_003 + epoch) * 1_009 + rank)
         wrapped.train()
         start = time.perf_counter()
         loss_sum = correct = count = 0.0
-        for images, labels in epoch_data(epoch):
+        for step, (images, labels) in enumerate(epoch_data(epoch)):
+            if failure == (epoch, step, rank):
+                raise InjectedFailure(
+                    f"injected failure at epoch {epoch}, step {step}, rank {rank}"
+                )
             images, labels = images.to(device), labels.to(device)
             logits = wrapped(images)
             loss = loss_fn(logits, labels)
@@ -231,8 +250,36 @@ def run_training(
         metrics["time/epoch_s"] = time.perf_counter() - start
         if cfg.train.probe_every and (epoch + 1) % cfg.train.probe_every == 0:
             metrics.update(compression_metrics(model, probe_images))
-        report(metrics)
+        state = None
+        last = epoch + 1 == cfg.train.epochs
+        if (
+            rank == 0
+            and cfg.train.checkpoint_every
+            and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last)
+        ):
+            state = make_state(
+                cfg,
+                epoch=epoch + 1,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                metrics=metrics,
+            )
+        report(metrics, state)
     return model
+
+
+class InjectedFailure(RuntimeError):
+    """The test-only failure of `train.inject_failure`."""
+
+
+def _parse_failure(spec: str) -> tuple[int, int, int] | None:
+    """`train.inject_failure` = "epoch:step:rank" (test-only): that rank raises at that step of
+    a run that did not start from a checkpoint, so a restart from the last checkpoint goes on."""
+    if not spec:
+        return None
+    epoch, step, rank = (int(part) for part in spec.split(":"))
+    return epoch, step, rank
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -242,11 +289,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = ExperimentConfig.from_dict(config["experiment"])
     ctx = ray.train.get_context()
+    resume = None
+    checkpoint = ray.train.get_checkpoint() or (
+        ray.train.Checkpoint(config["resume_from"]) if config.get("resume_from") else None
+    )
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume = load_state(Path(directory))
+
+    def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_state(state, Path(directory))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
     run_training(
         cfg,
         rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(),
-        report=lambda metrics: ray.train.report(metrics),
+        report=report,
         prepare_model=ray.train.torch.prepare_model,
         device=ray.train.torch.get_device(),
+        resume=resume,
     )

@@ -15,9 +15,14 @@ def build_trainer(
     name: str,
     storage_path: str,
     callbacks: Sequence[Any] = (),
+    resume_from: str | None = None,
 ) -> Any:
-    """A TorchTrainer running `cfg` on `cfg.train.num_workers` DDP workers (gloo on CPU)."""
-    from ray.train import RunConfig, ScalingConfig
+    """A TorchTrainer running `cfg` on `cfg.train.num_workers` DDP workers (gloo on CPU).
+
+    Workers report a checkpoint every `train.checkpoint_every` epochs; after a worker failure
+    the run restarts from the latest one (up to `train.max_failures` times). `resume_from` is a
+    checkpoint directory (or URI) to start from."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cfg.train.cpus_per_worker}
@@ -25,11 +30,21 @@ def build_trainer(
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.to_dict()},
+        train_loop_config={"experiment": cfg.to_dict(), "resume_from": resume_from},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
             resources_per_worker=resources,
         ),
-        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks)),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=list(callbacks),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="val/top1",
+                checkpoint_score_order="max",
+            ),
+        ),
     )
