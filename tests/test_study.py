@@ -118,3 +118,27 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
     failed_child = client.get_run(by_batch[4096]["run_id"])
     assert failed_child.info.status == "FAILED"
     assert "fewer than one batch of 2048" in failed_child.data.tags["cbtlab.error"]
+
+
+@pytest.mark.ray
+def test_a_diverging_trial_fails_at_once_with_the_reason(ray_session: None, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = ExperimentConfig().with_overrides(
+        {"model.depth": 1, "model.embed_dim": 24, "train.epochs": 3, "train.grad_clip": 0,
+         "train.warmup_epochs": 0}
+    )  # fmt: skip
+    spec = StudySpec(
+        name="diverging",
+        base=base,
+        space={"train.lr": [1e30]},
+        initial_points=[{"train.lr": 1e30}],
+        num_samples=1,
+        tracking_uri=uri,
+        storage_path=str(tmp_path / "ray"),
+    )
+    result = run_study(spec)
+    assert result.failed == 1 and result.rows[0]["status"] == "FAILED"
+    child = MlflowClient(uri).get_run(result.rows[0]["run_id"])
+    assert child.info.status == "FAILED"
+    error = child.data.tags["cbtlab.error"]
+    assert "non-finite training loss at epoch 0, step 1" in error

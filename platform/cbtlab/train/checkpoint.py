@@ -19,6 +19,7 @@ from cbtlab.config import ExperimentConfig
 
 FORMAT = 1
 STATE_FILE = "state.pt"
+DIVERGED_FILE = "diverged.txt"
 
 
 class CheckpointError(ValueError):
@@ -58,8 +59,17 @@ def save_state(state: dict[str, Any], directory: Path) -> Path:
     return path
 
 
+def mark_diverged(directory: Path, reason: str) -> None:
+    """The checkpoint a diverged run ends with: no state, only the reason."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / DIVERGED_FILE).write_text(reason)
+
+
 def load_state(directory: Path) -> dict[str, Any]:
     path = Path(directory) / STATE_FILE
+    marker = Path(directory) / DIVERGED_FILE
+    if marker.is_file():
+        raise CheckpointError(f"{directory} marks a diverged run: {marker.read_text()}")
     if not path.is_file():
         raise CheckpointError(f"no {STATE_FILE} in checkpoint {directory}")
     try:

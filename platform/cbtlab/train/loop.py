@@ -24,7 +24,13 @@ from cbtlab.config import ExperimentConfig
 from cbtlab.data import TrainEpoch, eval_batches, prepare_dataset, read_split
 from cbtlab.data.transforms import build_transforms
 from cbtlab.models import build_model
-from cbtlab.train.checkpoint import check_compatible, load_state, make_state, save_state
+from cbtlab.train.checkpoint import (
+    check_compatible,
+    load_state,
+    make_state,
+    mark_diverged,
+    save_state,
+)
 
 # report(metrics, checkpoint_state): called once per epoch on every rank; the state (a dict for
 # `checkpoint.save_state`) is given on rank 0 at checkpoint epochs, else None.
@@ -71,6 +77,23 @@ def warmup_cosine(
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Diverged(FloatingPointError):
+    """The training loss became NaN or infinite on some rank (raised on every rank)."""
+
+    def __init__(self, epoch: int, step: int, loss: float) -> None:
+        super().__init__(f"non-finite training loss at epoch {epoch}, step {step} (here: {loss})")
+        self.epoch, self.step = epoch, step
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    tensor = torch.tensor([float(flag)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def _all_sum(values: list[float]) -> list[float]:
@@ -210,10 +233,10 @@ def run_training(
             images, labels = images.to(device), labels.to(device)
             logits = wrapped(images)
             loss = loss_fn(logits, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite training loss {loss.item()} at epoch {epoch} on rank {rank}"
-                )
+            # Every rank learns of a non-finite loss on any rank at the same step, so all stop
+            # together (a rank that stopped alone would leave the others hanging in DDP).
+            if _any_rank(not torch.isfinite(loss).item()):
+                raise Diverged(epoch, step, loss.item())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip > 0:
@@ -269,6 +292,10 @@ def run_training(
     return model
 
 
+DIVERGED_KEY = "train/diverged"
+DIVERGED_WORST = {"val/top1": 0.0, "val/top5": 0.0, "val/loss": math.inf, "train/loss": math.inf}
+
+
 class InjectedFailure(RuntimeError):
     """The test-only failure of `train.inject_failure`."""
 
@@ -305,12 +332,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_state(state, Path(directory))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    run_training(
-        cfg,
-        rank=ctx.get_world_rank(),
-        world_size=ctx.get_world_size(),
-        report=report,
-        prepare_model=ray.train.torch.prepare_model,
-        device=ray.train.torch.get_device(),
-        resume=resume,
-    )
+    try:
+        run_training(
+            cfg,
+            rank=ctx.get_world_rank(),
+            world_size=ctx.get_world_size(),
+            report=report,
+            prepare_model=ray.train.torch.prepare_model,
+            device=ray.train.torch.get_device(),
+            resume=resume,
+        )
+    except Diverged as exc:
+        # Not a worker failure to retry: end the run normally and let the driver fail it
+        # (`cbtlab.train.fit` raises), so Tune and MLflow record the divergence at once. Ray
+        # Train keeps only checkpointed metrics in its result, so rank 0 attaches a marker
+        # checkpoint; the worst values of the usual metrics go along because Tune's searcher
+        # and scheduler need the study metric in every result.
+        metrics = {
+            **DIVERGED_WORST,
+            DIVERGED_KEY: 1.0,
+            "diverged/epoch": exc.epoch,
+            "diverged/step": exc.step,
+        }
+        if ctx.get_world_rank() != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            mark_diverged(Path(directory), str(exc))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

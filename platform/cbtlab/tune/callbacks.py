@@ -99,6 +99,12 @@ class MLflowTrialLogger(Callback):
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         record = self.records[trial.trial_id]
+        if result.get("train/diverged"):
+            self._say(
+                f"[{trial}] diverged: non-finite training loss at epoch "
+                f"{result.get('diverged/epoch')}, step {result.get('diverged/step')}"
+            )
+            return
         metrics = {
             k: v
             for k, v in result.items()

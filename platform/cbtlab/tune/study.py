@@ -152,7 +152,7 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_path: st
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cbtlab.train import build_trainer
+    from cbtlab.train import build_trainer, fit
 
     cfg = ExperimentConfig.from_dict(base).with_overrides(params)
     trainer = build_trainer(
@@ -161,7 +161,7 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_path: st
         storage_path=storage_path,
         callbacks=[TuneReportCallback()],
     )
-    trainer.fit()
+    fit(trainer)
 
 
 def run_study(spec: StudySpec) -> StudyResult:
