@@ -61,3 +61,28 @@ def test_parse_override_reads_json_values() -> None:
     assert parse_override("model.rep_grid=4x2") == ("model.rep_grid", "4x2")
     with pytest.raises(ConfigError):
         parse_override("train.lr")
+
+
+def test_config_files(tmp_path) -> None:
+    from cbtlab.config import load_config_file
+
+    (tmp_path / "a.toml").write_text('[model]\nrep_grid = "2x4"\n\n[train]\nepochs = 3\n')
+    cfg = load_config_file(tmp_path / "a.toml")
+    assert cfg.model.rep_grid == (2, 4) and cfg.train.epochs == 3 and cfg.model.depth == 4
+    (tmp_path / "b.json").write_text('{"train": {"lr": "fast"}}')
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config_file(tmp_path / "b.json")
+    (tmp_path / "c.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config_file(tmp_path / "c.json")
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config_file(tmp_path / "missing.toml")
+
+
+def test_train_command_refuses_a_bad_checkpoint_before_starting(tmp_path, capsys) -> None:
+    from cbtlab.train.cli import train_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--resume", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no state.pt in checkpoint" in capsys.readouterr().err

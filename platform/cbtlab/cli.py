@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     study = commands.add_parser("study", help="run a study", add_help=False)
     study.add_argument("name", choices=sorted(STUDIES))
+    commands.add_parser(
+        "train", help="one training run (see `cbtlab train --help`)", add_help=False
+    )
     data = commands.add_parser("data", help="build a built-in dataset's shards")
     data.add_argument("dataset", choices=["digits"])
     data.add_argument("--set", dest="overrides", action="append", default=[])
@@ -31,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("where", help="print where state is kept")
 
     args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        from cbtlab.train.cli import train_main
+
+        return train_main(rest, prog="cbtlab train")
     if args.command == "study":
         module, _, func = STUDIES[args.name].partition(":")
         study_main = getattr(__import__(module, fromlist=[func]), func)

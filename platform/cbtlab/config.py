@@ -14,6 +14,7 @@ import json
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -334,6 +335,29 @@ class ExperimentConfig:
     def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
         """A copy with some dotted keys replaced, validated."""
         return ExperimentConfig.from_flat({**self.flat(), **overrides})
+
+
+def load_config_file(path: str | Path) -> ExperimentConfig:
+    """An experiment config from a JSON or TOML file with the sections model / data / train
+    (missing fields keep their defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--config", f"no such file: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError("--config", f"{path}: expected a .json or .toml file")
+    except (ValueError, ImportError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError("--config", f"cannot parse {path}: {exc}") from exc
+    return ExperimentConfig.from_dict(data)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
