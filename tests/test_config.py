@@ -70,7 +70,7 @@ def test_config_files(tmp_path) -> None:
     cfg = load_config_file(tmp_path / "a.toml")
     assert cfg.model.rep_grid == (2, 4) and cfg.train.epochs == 3 and cfg.model.depth == 4
     (tmp_path / "b.json").write_text('{"train": {"lr": "fast"}}')
-    with pytest.raises(ConfigError, match="train.lr"):
+    with pytest.raises(ConfigError, match=r"train\.lr"):
         load_config_file(tmp_path / "b.json")
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot parse"):
