@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cbtlab.config import ConfigError, ExperimentConfig, parse_override
+from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
 
 STUDIES = {"rep-count": "cbtlab.tune.studies:rep_count_main"}
 
@@ -28,9 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     data = commands.add_parser("data", help="build a built-in dataset's shards")
     data.add_argument("dataset", choices=["digits"])
-    data.add_argument("--set", dest="overrides", action="append", default=[])
+    add_override_argument(data)
     config = commands.add_parser("config", help="print the experiment config")
-    config.add_argument("--set", dest="overrides", action="append", default=[])
+    add_override_argument(config)
     commands.add_parser("where", help="print where state is kept")
 
     args, rest = parser.parse_known_args(argv)

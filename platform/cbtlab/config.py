@@ -360,6 +360,19 @@ def load_config_file(path: str | Path) -> ExperimentConfig:
     return ExperimentConfig.from_dict(data)
 
 
+def add_override_argument(parser: Any) -> None:
+    """The `--set section.key=value` flag (repeatable) of every command; parse the collected
+    `args.overrides` with `parse_override`."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config field, e.g. --set model.depth=6 (repeatable)",
+    )
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse one `section.key=value` command-line override; the value is read as JSON if it can
     be (numbers, true/false, lists), else kept as a string."""

@@ -8,7 +8,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cbtlab.config import ConfigError, ExperimentConfig, load_config_file, parse_override
+from cbtlab.config import (
+    ConfigError,
+    ExperimentConfig,
+    add_override_argument,
+    load_config_file,
+    parse_override,
+)
 from cbtlab.train.checkpoint import CheckpointError, check_compatible, load_state
 
 
@@ -19,14 +25,7 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="a .json or .toml experiment config")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config field (repeatable)",
-    )
+    add_override_argument(parser)
     parser.add_argument("--workers", type=int, default=None, help="train.num_workers")
     parser.add_argument("--gpus-per-worker", type=int, default=0, help="0: CPU (gloo)")
     parser.add_argument("--resume", default=None, help="a checkpoint directory to start from")

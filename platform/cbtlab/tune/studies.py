@@ -10,7 +10,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cbtlab.config import ConfigError, ExperimentConfig, format_grid, parse_grid, parse_override
+from cbtlab.config import (
+    ConfigError,
+    ExperimentConfig,
+    add_override_argument,
+    format_grid,
+    parse_grid,
+    parse_override,
+)
 from cbtlab.tracking.report import format_table
 from cbtlab.tune.study import StudySpec, mlflow_ui_command, run_study
 
@@ -51,14 +58,7 @@ def study_parser(description: str, prog: str | None = None) -> argparse.Argument
     parser.add_argument("--storage-path", default=None, help="Ray results folder or URI")
     parser.add_argument("--worker-logs", action="store_true", help="show training workers' logs")
     parser.add_argument("--name", default=None, help="study name (the MLflow experiment)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config field, e.g. --set model.depth=6 (repeatable)",
-    )
+    add_override_argument(parser)
     return parser
 
 
