@@ -55,14 +55,12 @@ def extraction_rank(
     return ranks
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
-    model.eval()
-    correct = total = 0
-    for images, labels in batches:
-        correct += (model(images).argmax(-1) == labels).sum().item()
-        total += labels.numel()
-    return correct / total
+    """Top-1 accuracy over the batches (the training loop's evaluation, on one process)."""
+    from cbtlab.train.loop import evaluate
+
+    device = next(model.parameters()).device
+    return evaluate(model, batches, nn.CrossEntropyLoss(), device)["val/top1"]
 
 
 @torch.no_grad()

@@ -79,12 +79,37 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class Diverged(FloatingPointError):
-    """The training loss became NaN or infinite on some rank (raised on every rank)."""
+DIVERGED_KEY = "train/diverged"
+DIVERGED_WORST = {"val/top1": 0.0, "val/top5": 0.0, "val/loss": math.inf, "train/loss": math.inf}
 
-    def __init__(self, epoch: int, step: int, loss: float) -> None:
-        super().__init__(f"non-finite training loss at epoch {epoch}, step {step} (here: {loss})")
+
+class Diverged(FloatingPointError):
+    """The training loss became NaN or infinite on some rank (raised on every rank).
+
+    It travels from the workers to the driver as a result: `as_metrics()` in the workers'
+    last report, `from_metrics()` where that report arrives (the trial, the MLflow callback).
+    """
+
+    def __init__(self, epoch: int, step: int, loss: float | None = None) -> None:
+        where = f"non-finite training loss at epoch {epoch}, step {step}"
+        super().__init__(where if loss is None else f"{where} (here: {loss})")
         self.epoch, self.step = epoch, step
+
+    def as_metrics(self) -> dict[str, float]:
+        # The worst values of the usual metrics go along: Tune's searcher and scheduler need
+        # the study metric in every result, and the trial is failed right after.
+        return {
+            **DIVERGED_WORST,
+            DIVERGED_KEY: 1.0,
+            "diverged/epoch": self.epoch,
+            "diverged/step": self.step,
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any] | None) -> Diverged | None:
+        if not metrics or not metrics.get(DIVERGED_KEY):
+            return None
+        return cls(int(metrics["diverged/epoch"]), int(metrics["diverged/step"]))
 
 
 def _any_rank(flag: bool) -> bool:
@@ -292,10 +317,6 @@ def run_training(
     return model
 
 
-DIVERGED_KEY = "train/diverged"
-DIVERGED_WORST = {"val/top1": 0.0, "val/top5": 0.0, "val/loss": math.inf, "train/loss": math.inf}
-
-
 class InjectedFailure(RuntimeError):
     """The test-only failure of `train.inject_failure`."""
 
@@ -324,13 +345,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             resume = load_state(Path(directory))
 
+    def report_with_checkpoint(metrics: dict[str, float], write: Callable[[Path], Any]) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            write(Path(directory))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         if state is None:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as directory:
-            save_state(state, Path(directory))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            report_with_checkpoint(metrics, lambda directory: save_state(state, directory))
 
     try:
         run_training(
@@ -346,17 +370,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Not a worker failure to retry: end the run normally and let the driver fail it
         # (`cbtlab.train.fit` raises), so Tune and MLflow record the divergence at once. Ray
         # Train keeps only checkpointed metrics in its result, so rank 0 attaches a marker
-        # checkpoint; the worst values of the usual metrics go along because Tune's searcher
-        # and scheduler need the study metric in every result.
-        metrics = {
-            **DIVERGED_WORST,
-            DIVERGED_KEY: 1.0,
-            "diverged/epoch": exc.epoch,
-            "diverged/step": exc.step,
-        }
-        if ctx.get_world_rank() != 0:
+        # checkpoint.
+        metrics, reason = exc.as_metrics(), str(exc)
+        if ctx.get_world_rank() == 0:
+            report_with_checkpoint(metrics, lambda directory: mark_diverged(directory, reason))
+        else:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as directory:
-            mark_diverged(Path(directory), str(exc))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

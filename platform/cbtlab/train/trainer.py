@@ -52,10 +52,10 @@ def build_trainer(
 
 def fit(trainer: Any) -> Any:
     """Run `trainer.fit()`; raise `Diverged` if the workers stopped on a non-finite loss."""
-    from cbtlab.train.loop import DIVERGED_KEY, Diverged
+    from cbtlab.train.loop import Diverged
 
     result = trainer.fit()
-    metrics = result.metrics or {}
-    if metrics.get(DIVERGED_KEY):
-        raise Diverged(int(metrics["diverged/epoch"]), int(metrics["diverged/step"]), float("nan"))
+    diverged = Diverged.from_metrics(result.metrics)
+    if diverged is not None:
+        raise diverged
     return result

@@ -11,6 +11,7 @@ from ray.tune import Callback
 
 from cbtlab.config import ExperimentConfig
 from cbtlab.tracking import StudyTracker
+from cbtlab.train.loop import Diverged
 
 TRIAL_METRIC_PREFIXES = ("train/", "val/", "throughput/", "time/", "rc/", "rc_norm/")
 # Metrics whose best value over the epochs is kept (lower is better for losses).
@@ -99,11 +100,9 @@ class MLflowTrialLogger(Callback):
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         record = self.records[trial.trial_id]
-        if result.get("train/diverged"):
-            self._say(
-                f"[{trial}] diverged: non-finite training loss at epoch "
-                f"{result.get('diverged/epoch')}, step {result.get('diverged/step')}"
-            )
+        diverged = Diverged.from_metrics(result)
+        if diverged is not None:
+            self._say(f"[{trial}] diverged: {diverged}")
             return
         metrics = {
             k: v
