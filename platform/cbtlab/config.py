@@ -112,15 +112,14 @@ class ModelConfig:
     def validate(self) -> None:
         from cbtlab.attention import ATTENTION_REGISTRY
         from cbtlab.models.stems import STEMS
+        from cbtlab.models.transformer import layer_attentions
 
-        names = [a.strip() for a in self.attention.split(",")]
-        for name in names:
-            _choice("model.attention", name, sorted(ATTENTION_REGISTRY))
-        if self.depth % len(names):
-            raise ConfigError(
-                "model.attention",
-                f"{len(names)} attention groups do not split model.depth={self.depth} evenly",
-            )
+        for name in self.attention.split(","):
+            _choice("model.attention", name.strip(), sorted(ATTENTION_REGISTRY))
+        try:
+            layer_attentions(self.attention, self.depth)
+        except ValueError as exc:
+            raise ConfigError("model.attention", str(exc)) from None
         _choice("model.stem", self.stem, sorted(STEMS))
         _choice("model.block", self.block, ("ista", "mlp"))
         _positive("model.mlp_ratio", self.mlp_ratio)
