@@ -1,9 +1,13 @@
 """Writing and describing WebDataset shards: tar files, a Parquet manifest and a dataset card.
 
-The manifest has one row per sample (key, label, split, shard, size, sha256 of the image bytes);
-the card (JSON) lists every split's shards with their sample counts and byte sizes, and a content
-hash over the manifest, so that a reader knows counts without opening tars and can check that
-what is on disk is what was written.
+The manifest has one row per sample (key, label, split, shard, size, sha256 of the image bytes;
+datasets built by `cbtlab.data.build` add the class name); the card (JSON) lists every split's
+shards with their sample counts and byte sizes, the sample and per-class counts of every split,
+the class names when known, and a content hash over the manifest, so that a reader knows counts
+without opening tars and can check that what is on disk is what was written.
+
+A shard holds, per sample, the members `{key}.{ext}` (the image bytes) and `{key}.cls` (the
+label as decimal text), with fixed member metadata so that a rebuild is byte-identical.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,6 +26,10 @@ import webdataset as wds
 
 CARD_NAME = "card.json"
 MANIFEST_NAME = "manifest.parquet"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.tar"
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,28 @@ class ShardSet:
         return [s.path for s in self.shards]
 
 
+def open_tar_writer(fileobj: IO[bytes]) -> wds.TarWriter:
+    """A tar writer for shards; a fixed member mtime makes a rebuild byte-identical."""
+    return wds.TarWriter(fileobj, mtime=0.0)
+
+
+def write_sample(writer: wds.TarWriter, sample: Sample) -> None:
+    """Write one sample as the members `{key}.{ext}` (the image) and `{key}.cls` (the label)."""
+    writer.write({"__key__": sample.key, sample.ext: sample.image, "cls": sample.label})
+
+
+def manifest_row(sample: Sample, split: str, shard: str) -> dict[str, Any]:
+    """The manifest's row for one sample (callers may add columns, e.g. the class name)."""
+    return {
+        "key": sample.key,
+        "label": sample.label,
+        "split": split,
+        "shard": shard,
+        "size": len(sample.image),
+        "sha256": hashlib.sha256(sample.image).hexdigest(),
+    }
+
+
 def write_split(
     samples: Iterable[Sample], out_dir: Path, split: str, samples_per_shard: int
 ) -> tuple[list[ShardInfo], list[dict[str, Any]]]:
@@ -67,32 +97,25 @@ def write_split(
     shards: list[ShardInfo] = []
     rows: list[dict[str, Any]] = []
     writer: wds.TarWriter | None = None
+    file: IO[bytes] | None = None
     count = 0
 
     def close() -> None:
-        nonlocal writer
-        if writer is not None:
+        nonlocal writer, file
+        if writer is not None and file is not None:
             writer.close()
-            path = out_dir / f"{split}-{len(shards):05d}.tar"
+            file.close()
+            path = out_dir / shard_name(split, len(shards))
             shards.append(ShardInfo(path.name, count, path.stat().st_size))
-            writer = None
+            writer = file = None
 
     for sample in samples:
         if writer is None:
-            # A fixed member mtime makes a rebuild byte-identical to the first build.
-            writer = wds.TarWriter(str(out_dir / f"{split}-{len(shards):05d}.tar"), mtime=0.0)
+            file = open(out_dir / shard_name(split, len(shards)), "wb")  # noqa: SIM115
+            writer = open_tar_writer(file)
             count = 0
-        writer.write({"__key__": sample.key, sample.ext: sample.image, "cls": sample.label})
-        rows.append(
-            {
-                "key": sample.key,
-                "label": sample.label,
-                "split": split,
-                "shard": f"{split}-{len(shards):05d}.tar",
-                "size": len(sample.image),
-                "sha256": hashlib.sha256(sample.image).hexdigest(),
-            }
-        )
+        write_sample(writer, sample)
+        rows.append(manifest_row(sample, split, shard_name(split, len(shards))))
         count += 1
         if count == samples_per_shard:
             close()
@@ -104,28 +127,41 @@ def write_card(
     out_dir: Path,
     name: str,
     splits: dict[str, list[ShardInfo]],
-    rows: list[dict[str, Any]],
+    rows: list[dict[str, Any]] | pa.Table,
     *,
     num_classes: int,
     image_ext: str,
     extra: dict[str, Any],
+    class_names: Sequence[str] | None = None,
 ) -> None:
     """Write the manifest and the card; the card is written last, so its presence marks a
-    complete dataset."""
-    table = pa.Table.from_pylist(rows)
+    complete dataset.
+
+    `rows` (dicts or a table, in shard order) become the manifest; the content hash runs over
+    their (key, label, sha256). The card holds the class names when given, the sample count of
+    every split, per-class counts and the shards."""
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
     pq.write_table(table, out_dir / MANIFEST_NAME)
+    columns = table.select(["key", "label", "split", "sha256"]).to_pydict()
     digest = hashlib.sha256()
-    for row in rows:
-        digest.update(f"{row['key']}:{row['label']}:{row['sha256']}\n".encode())
     counts: dict[str, list[int]] = {}
-    for row in rows:
-        per_class = counts.setdefault(row["split"], [0] * num_classes)
-        per_class[row["label"]] += 1
-    card = {
+    for key, label, split, sha in zip(
+        columns["key"], columns["label"], columns["split"], columns["sha256"], strict=True
+    ):
+        digest.update(f"{key}:{label}:{sha}\n".encode())
+        counts.setdefault(split, [0] * num_classes)[label] += 1
+    card: dict[str, Any] = {
         "name": name,
         "num_classes": num_classes,
         "image_ext": image_ext,
         "content_hash": digest.hexdigest(),
+    }
+    if class_names is not None:
+        card["class_names"] = list(class_names)
+    card |= {
+        "num_samples": {split: sum(per_class) for split, per_class in counts.items()},
         "class_counts": counts,
         "splits": {
             split: [
