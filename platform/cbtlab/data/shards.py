@@ -69,8 +69,9 @@ class ShardSet:
 
 
 def open_tar_writer(fileobj: IO[bytes]) -> wds.TarWriter:
-    """A tar writer for shards; a fixed member mtime makes a rebuild byte-identical."""
-    return wds.TarWriter(fileobj, mtime=0.0)
+    """A tar writer for shards; a fixed member mtime makes a rebuild byte-identical. It is an
+    int: a float mtime makes tarfile add a 1 KiB PAX header to every member."""
+    return wds.TarWriter(fileobj, mtime=0)
 
 
 def write_sample(writer: wds.TarWriter, sample: Sample) -> None:
@@ -123,6 +124,15 @@ def write_split(
     return shards, rows
 
 
+def content_hash(manifest: pa.Table) -> str:
+    """The dataset's content hash: sha256 over the manifest's `key:label:sha256` lines."""
+    columns = manifest.select(["key", "label", "sha256"]).to_pydict()
+    digest = hashlib.sha256()
+    for key, label, sha in zip(columns["key"], columns["label"], columns["sha256"], strict=True):
+        digest.update(f"{key}:{label}:{sha}\n".encode())
+    return digest.hexdigest()
+
+
 def write_card(
     out_dir: Path,
     name: str,
@@ -144,19 +154,16 @@ def write_card(
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
     pq.write_table(table, out_dir / MANIFEST_NAME)
-    columns = table.select(["key", "label", "split", "sha256"]).to_pydict()
-    digest = hashlib.sha256()
     counts: dict[str, list[int]] = {}
-    for key, label, split, sha in zip(
-        columns["key"], columns["label"], columns["split"], columns["sha256"], strict=True
+    for split, label in zip(
+        table.column("split").to_pylist(), table.column("label").to_pylist(), strict=True
     ):
-        digest.update(f"{key}:{label}:{sha}\n".encode())
         counts.setdefault(split, [0] * num_classes)[label] += 1
     card: dict[str, Any] = {
         "name": name,
         "num_classes": num_classes,
         "image_ext": image_ext,
-        "content_hash": digest.hexdigest(),
+        "content_hash": content_hash(table),
     }
     if class_names is not None:
         card["class_names"] = list(class_names)
