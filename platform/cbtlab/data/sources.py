@@ -157,7 +157,9 @@ class ImageFolderSource(Source):
 
     kind = "imagefolder"
 
-    def __init__(self, root: Path | str, *, val_labels: Path | str | None = None, name: str = ""):
+    def __init__(
+        self, root: Path | str, *, val_labels: Path | str | None = None, name: str = ""
+    ) -> None:
         self.root = _require_dir(Path(root).expanduser().resolve(), "input folder")
         train = _require_dir(self.root / "train", "training folder")
         classes = sorted(p.name for p in train.iterdir() if p.is_dir())
@@ -335,7 +337,7 @@ class CifarSource(Source):
     }
     IMAGE_SHAPE = (3, 32, 32)  # (C, H, W): one row of a batch's `data` holds three planes
 
-    def __init__(self, root: Path | str, *, kind: str = "cifar10", name: str = ""):
+    def __init__(self, root: Path | str, *, kind: str = "cifar10", name: str = "") -> None:
         if kind not in self.LAYOUTS:
             raise ValueError(f"unknown CIFAR kind {kind!r}; expected one of {sorted(self.LAYOUTS)}")
         self.kind = kind
@@ -435,7 +437,7 @@ class Flowers102Source(Source):
     kind = "flowers102"
     SPLITS: ClassVar[dict[str, str]] = {"train": "trnid", "val": "valid", "test": "tstid"}
 
-    def __init__(self, root: Path | str, *, name: str = ""):
+    def __init__(self, root: Path | str, *, name: str = "") -> None:
         self.root = _require_dir(Path(root).expanduser().resolve(), "input folder")
         _require_dir(self.root / "jpg", "image folder")
         _require_file(self.root / "imagelabels.mat", "label file")
@@ -479,7 +481,7 @@ class PetsSource(Source):
     kind = "pets"
     SPLITS: ClassVar[dict[str, str]] = {"train": "trainval.txt", "val": "test.txt"}
 
-    def __init__(self, root: Path | str, *, name: str = ""):
+    def __init__(self, root: Path | str, *, name: str = "") -> None:
         self.root = _require_dir(Path(root).expanduser().resolve(), "input folder")
         _require_dir(self.root / "images", "image folder")
         for file in self.SPLITS.values():
