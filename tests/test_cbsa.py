@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from cbtlab.attention import CBSA, create_attention
-from cbtlab.attention.cbsa import pool_grid
+from cbtlab.attention.cbsa import cbsa_mixing, pool_grid
 
 
 def reference_cbsa(attn: CBSA, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -116,10 +116,12 @@ class ShapeRecorder(TorchDispatchMode):
         return out
 
 
-def test_no_n_by_n_tensor_is_formed() -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_n_by_n_tensor_is_formed(fused: bool) -> None:
     n_side = 128  # 16,384 patch tokens + CLS
     n = 1 + n_side * n_side
     attn = CBSA(16, 2, rep_grid=(4, 4))
+    attn.fused = fused
     x = torch.randn(1, n, 16, requires_grad=True)
     with ShapeRecorder() as rec:
         attn(x, (n_side, n_side)).sum().backward()
@@ -179,3 +181,79 @@ def test_legacy_pooling_pools_the_first_grid_tokens() -> None:
     torch.testing.assert_close(attn.initial_guess(w, (4, 4))[:, :, 0], w[:, :, :16].mean(2))
     attn.legacy_pool = False
     torch.testing.assert_close(attn.initial_guess(w, (4, 4))[:, :, 0], w[:, :, 1:].mean(2))
+
+
+FUSED_CASES = [
+    {},
+    {"rep_pool": "max"},
+    {"rep_init": "learned"},
+    {"legacy_pool": True},
+    {"contraction": "exact"},
+    {"contraction": "none"},
+    {"stop_grad_init": True},
+    {"rep_grid": (3, 3), "rep_pool_kernel": 3, "rep_pool_stride": 2},
+    {"rep_grid": (2, 5)},
+    {"rep_grid": (3, 5)},
+    {"num_prefix_tokens": 0},
+]
+
+
+@pytest.mark.parametrize("options", FUSED_CASES, ids=lambda o: ",".join(map(str, o)) or "default")
+@pytest.mark.parametrize("batch", [1, 3, 150])
+def test_fused_form_equals_the_reference_form(options: dict, batch: int) -> None:
+    """Output and every gradient agree in float64, for every option; batch 150 on 61 tokens
+    runs the fused form in several chunks of samples."""
+    torch.manual_seed(0)
+    kwargs = {"num_prefix_tokens": 1, "rep_grid": (2, 2), **options}
+    grid = (7, 7) if "rep_pool_kernel" in options else (6, 10)
+    attn = CBSA(24, 3, **kwargs).double()
+    n = kwargs["num_prefix_tokens"] + grid[0] * grid[1]
+    x = torch.randn(batch, n, 24, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fused in (False, True):
+        attn.fused = fused
+        attn.zero_grad()
+        x.grad = None
+        out = attn(x, grid)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads = {"x": x.grad.clone()}
+        grads.update({k: p.grad.clone() for k, p in attn.named_parameters() if p.grad is not None})
+        results.append((out.detach(), grads))
+    (ref, ref_grads), (fused_out, fused_grads) = results
+    torch.testing.assert_close(fused_out, ref, rtol=1e-10, atol=1e-10)
+    assert ref_grads.keys() == fused_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(fused_grads[name], ref_grads[name], rtol=1e-9, atol=1e-9)
+
+
+def test_mixing_equals_the_reference_core() -> None:
+    """`cbsa_mixing` (the mechanism without projections) against the equations."""
+    torch.manual_seed(0)
+    b, k, n, m, p = 5, 2, 40, 6, 8
+    w = torch.randn(b, k, n, p, dtype=torch.float64, requires_grad=True)
+    q0 = torch.randn(b, k, m, p, dtype=torch.float64, requires_grad=True)
+    steps = torch.randn(2, k, dtype=torch.float64, requires_grad=True)
+
+    def reference() -> torch.Tensor:
+        a = torch.softmax(q0 @ w.transpose(-1, -2) * p**-0.5, dim=-1)
+        q = q0 + steps[0].view(1, k, 1, 1) * (a @ w)
+        c = F.scaled_dot_product_attention(q, q, q)
+        return steps[1].view(1, k, 1, 1) * (a.transpose(-1, -2) @ c)
+
+    weights = torch.randn(b, k, n, p, dtype=torch.float64)
+    outs, grads = [], []
+    for fn in (reference, lambda: cbsa_mixing(w, q0, steps[0], steps[1])):
+        out = fn()
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad((out * weights).sum(), (w, q0, steps)))
+    torch.testing.assert_close(outs[1], outs[0])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_form_traces_without_graph_breaks() -> None:
+    """torch.compile sees one graph: the custom autograd functions and the chunk loop trace."""
+    attn = CBSA(24, 3, rep_grid=(2, 2))
+    x = torch.randn(3, 1 + 36, 24, requires_grad=True)
+    explanation = torch._dynamo.explain(attn)(x, (6, 6))
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -5,7 +5,9 @@ matmuls included (PyTorch's `FlopCounterMode`; the CPU flash-attention kernel, w
 know, is counted with the same formula as the GPU kernels). Elementwise ops, softmax, norms and
 pooling are not counted. Papers that quote "FLOPs" often mean multiply-adds (fvcore): divide
 by 2 to compare. Counting runs on a copy of the model on PyTorch's meta device, so it costs no
-compute and works at any resolution.
+compute and works at any resolution. Layers with a fused implementation (CBSA) are counted in
+their reference form, the equations as the paper writes them, so that counts compare with the
+paper's whatever the implementation executes.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def count_flops(
     """
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     meta = copy.deepcopy(model).to("meta").eval()
+    for module in meta.modules():
+        if hasattr(module, "fused"):
+            module.fused = False
     counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
     with counter, torch.no_grad():
         meta(torch.empty(1, in_chans, h, w, device="meta"))

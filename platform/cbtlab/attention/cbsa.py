@@ -7,9 +7,26 @@ Per head k, with W = Z U_k the tokens projected on the head's subspace (N x p):
   C  = softmax_r(s Q Q^T) Q                          contraction (eq. 8; eq. 7 or none optional)
   dW = eta_x * A^T C                                 broadcast back to all N tokens
 The cost is O(N m p) per head: no N x N matrix is ever formed.
+
+Two implementations compute the same function (tests hold them together):
+- `forward_reference`: the equations above as written, head by head in batched form. Used to
+  count FLOPs (so that counts match the paper's) and as the ground truth.
+- the default fused form, which folds the projections into the representatives' side so that
+  the N-sized work is three GEMMs per sample on the tokens as they lie, (N, d), with no head
+  split, transposed copies or merge:
+      Qx = s Q0 U_k^T stacked over heads (K m x d)     L = Qx Z^T (K m x N),  A = softmax_r(L)
+      A W_k = (A Z) U_k                                  (the m x p aggregation, from A Z: K m x d)
+      out = A^T G + b,  G_k = eta_x C_k P_k^T            (P_k: head k's slice of the output map)
+  A is stored once (K m x N per sample) and reused by both products and by the backward pass,
+  whose two GEMM pairs are written out (`_ExtractAggregate`, `_Broadcast`) so that every
+  gradient lands in the layout of the tensor it belongs to. Samples are processed in chunks of
+  about `CHUNK_TOKENS` tokens, so that one chunk's A and Z stay in the CPU's cache: this keeps
+  the time linear in N where the plain form slows down once its tensors outgrow the cache.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +42,82 @@ from cbtlab.attention.common import (
 )
 from cbtlab.attention.registry import register_attention
 
-__all__ = ["CBSA", "STEP_INITS", "init_steps", "pool_grid", "window_grid"]
+__all__ = ["CBSA", "STEP_INITS", "cbsa_mixing", "init_steps", "pool_grid", "window_grid"]
 
 CONTRACTIONS = ("softmax", "exact", "none")
+# Tokens per chunk of samples in the fused form (at least one sample per chunk).
+CHUNK_TOKENS = 4096
+
+
+class _ExtractAggregate(torch.autograd.Function):
+    """(Qx, Z) -> (A, A Z) with A = softmax_r(Qx Z^T); batched over samples.
+
+    Qx: (B, R, d), Z: (B, N, d) -> A: (B, R, N), A Z: (B, R, d). The backward pass takes the
+    gradient of A from its other consumer (`_Broadcast`) and of A Z, and returns those of Qx
+    and Z without forming anything bigger than A."""
+
+    @staticmethod
+    def forward(ctx, qx: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        attn = torch.softmax(torch.bmm(qx, z.transpose(1, 2)), dim=-1)
+        ctx.save_for_backward(qx, z, attn)
+        return attn, torch.bmm(attn, z)
+
+    @staticmethod
+    def backward(ctx, grad_attn: Tensor | None, grad_az: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        qx, z, attn = ctx.saved_tensors
+        # dL/dA in full: the broadcast's share plus dAZ Z^T.
+        if grad_attn is None:
+            grad = torch.bmm(grad_az, z.transpose(1, 2))
+        else:
+            grad = torch.baddbmm(grad_attn, grad_az, z.transpose(1, 2))
+        grad = torch._softmax_backward_data(grad, attn, -1, attn.dtype)
+        grad_qx = torch.bmm(grad, z)
+        grad_z = torch.baddbmm(torch.bmm(attn.transpose(1, 2), grad_az), grad.transpose(1, 2), qx)
+        return grad_qx, grad_z
+
+
+class _Broadcast(torch.autograd.Function):
+    """out = A^T G (+ bias): (B, R, N), (B, R, c), (c,) or None -> (B, N, c); dA comes back as
+    (B, R, N), the layout of A."""
+
+    @staticmethod
+    def forward(ctx, attn: Tensor, g: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(attn, g)
+        if bias is None:
+            return torch.bmm(attn.transpose(1, 2), g)
+        return torch.baddbmm(bias, attn.transpose(1, 2), g)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:  # type: ignore[override]
+        attn, g = ctx.saved_tensors
+        grad_attn = torch.bmm(g, grad_out.transpose(1, 2))
+        grad_g = torch.bmm(attn, grad_out)
+        grad_bias = grad_out.sum(dim=(0, 1)) if ctx.needs_input_grad[2] else None
+        return grad_attn, grad_g, grad_bias
+
+
+def cbsa_mixing(
+    w: Tensor,
+    q0: Tensor,
+    step_rep: Tensor,
+    step_x: Tensor,
+    contract: Callable[[Tensor], Tensor] = lambda q: F.scaled_dot_product_attention(q, q, q),
+) -> Tensor:
+    """CBSA's token mixing on projected tokens, without the projections: W (B, K, N, p) and
+    Q0 (B, K, m, p) -> eta_x A^T C (B, K, N, p), with the fused backward pass of the layer.
+
+    This is the operation to set against `scaled_dot_product_attention(q, k, v)` when
+    comparing mechanisms rather than layers (`cbtlab.perf`)."""
+    b, k, n, p = w.shape
+    chunk = max(1, CHUNK_TOKENS // n)
+    if b > chunk:
+        parts = zip(w.split(chunk), q0.split(chunk), strict=True)
+        return torch.cat([cbsa_mixing(wp, qp, step_rep, step_x, contract) for wp, qp in parts])
+    m = q0.shape[2]
+    attn, aw = _ExtractAggregate.apply((q0 * p**-0.5).reshape(b * k, m, p), w.reshape(b * k, n, p))
+    q = q0 + step_rep.view(1, k, 1, 1) * aw.view(b, k, m, p)
+    c = step_x.view(1, k, 1, 1) * contract(q)
+    return _Broadcast.apply(attn, c.reshape(b * k, m, p), None).view(b, k, n, p)
 
 
 @register_attention("cbsa")
@@ -94,12 +184,23 @@ class CBSA(SubspaceAttention):
         self.step_x = nn.Parameter(torch.empty(num_heads))
         init_steps(self.step_rep, step_init, step_scale)
         init_steps(self.step_x, step_init, step_scale)
+        # The fused form (default) or the equations as written; same function, see the top.
+        self.fused = True
 
     @property
     def num_representatives(self) -> int:
         return self.rep_grid[0] * self.rep_grid[1]
 
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        if not self.fused:
+            return self.forward_reference(x, grid_size)
+        chunk = max(1, CHUNK_TOKENS // x.shape[1])
+        if x.shape[0] <= chunk:
+            return self._forward_fused(x, grid_size)
+        return torch.cat([self._forward_fused(part, grid_size) for part in x.split(chunk)])
+
+    def forward_reference(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        """The equations as written (see the module docstring); same result as `forward`."""
         k = self.num_heads
         w = self.project(x)  # (B, K, N, p)
         q0 = self.initial_guess(w, grid_size)  # (B, K, m, p)
@@ -110,6 +211,34 @@ class CBSA(SubspaceAttention):
         c = self.contract(q)  # (B, K, m, p)
         dw = self.step_x.view(1, k, 1, 1) * (attn.transpose(-1, -2) @ c)  # (B, K, N, p)
         return self.proj(merge_heads(dw))
+
+    def _forward_fused(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        b, _, d = x.shape
+        k, p = self.num_heads, self.head_dim
+        u = self.qkv.weight.view(k, p, d)  # U_k^T, one (p x d) block per head
+        q0 = self._initial_guess_fused(x, grid_size, u)  # (B, K, m, p)
+        if self.stop_grad_init:
+            q0 = q0.detach()
+        m = q0.shape[2]
+        qx = ((q0 * self.scale) @ u).reshape(b, k * m, d)  # (B, K m, d)
+        attn, az = _ExtractAggregate.apply(qx, x)  # (B, K m, N), (B, K m, d)
+        aw = az.view(b, k, m, d) @ u.transpose(1, 2)  # A W_k: (B, K, m, p)
+        q = q0 + self.step_rep.view(1, k, 1, 1) * aw
+        c = self.step_x.view(1, k, 1, 1) * self.contract(q)  # (B, K, m, p)
+        # G_k = eta_x C_k P_k^T with P_k = proj.weight[:, k p : (k + 1) p].
+        g = c @ self.proj.weight.view(d, k, p).permute(1, 2, 0)  # (B, K, m, d)
+        return _Broadcast.apply(attn, g.reshape(b, k * m, d), self.proj.bias)
+
+    def _initial_guess_fused(self, x: Tensor, grid_size: tuple[int, int], u: Tensor) -> Tensor:
+        """Q0 without projecting all N tokens: average pooling commutes with the projection,
+        so the (few) pooled tokens are projected instead. Max pooling does not commute; it
+        projects the tokens first, as the reference form does."""
+        if self.rep_queries is not None:
+            return self.initial_guess(x, grid_size)  # only the batch size is read
+        if self.rep_pool == "max":
+            return self.initial_guess(self.project(x), grid_size)
+        pooled = self._pool(x.unsqueeze(1), grid_size)  # (B, 1, m, d)
+        return pooled @ u.transpose(1, 2)  # (B, K, m, p)
 
     def _extract(self, q0: Tensor, w: Tensor) -> Tensor:
         return torch.softmax((q0 * self.scale) @ w.transpose(-1, -2), dim=-1)
@@ -133,10 +262,14 @@ class CBSA(SubspaceAttention):
         """Q0 from the projected tokens w (B, K, N, p): pooled patch grid or learned queries."""
         if self.rep_queries is not None:
             return self.rep_queries.unsqueeze(0).expand(w.shape[0], -1, -1, -1)
+        return self._pool(w, grid_size)
+
+    def _pool(self, tokens: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        """Pool the patch grid of tokens (B, K, N, c) to the representatives (B, K, m, c)."""
         if self.legacy_pool:
-            grid_tokens = w[:, :, : grid_size[0] * grid_size[1]]
+            grid_tokens = tokens[:, :, : grid_size[0] * grid_size[1]]
         else:
-            grid_tokens = w[:, :, self.num_prefix_tokens :]
+            grid_tokens = tokens[:, :, self.num_prefix_tokens :]
         return pool_grid(
             grid_tokens,
             grid_size,

@@ -89,6 +89,16 @@ def pool_grid(
         raise ValueError(f"{n} patch tokens do not fill a {h}x{w} grid")
     if out[0] > h or out[1] > w:
         raise ValueError(f"representative grid {out[0]}x{out[1]} exceeds the {h}x{w} patch grid")
+    if (
+        op == "avg"
+        and h % out[0] == 0
+        and w % out[1] == 0
+        and (not kernel or (kernel == h // out[0] == w // out[1] and stride in (0, kernel)))
+    ):
+        # Equal tiles: a mean over a view, on the tokens as they lie (no transposed copies,
+        # forward or backward).
+        tiles = tokens.unflatten(2, (out[0], h // out[0], out[1], w // out[1]))
+        return tiles.mean(dim=(3, 5)).flatten(2, 3)
     grid = tokens.transpose(-1, -2).reshape(b * k, p, h, w)  # (B*K, p, H, W)
     if kernel:
         stride = stride or kernel
