@@ -1,0 +1,172 @@
+"""Command lines of the performance studies (`studies/attention_scaling.py`,
+`studies/throughput.py`): flags in, a printed table and an MLflow run out."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from cbtlab.perf.attention_scaling import (
+    LAYERS,
+    ScalingSpec,
+    run_scaling,
+    scaling_headline,
+    scaling_metrics,
+    scaling_table,
+)
+from cbtlab.perf.record import log_benchmark
+from cbtlab.perf.throughput import (
+    MODELS,
+    ThroughputSpec,
+    run_throughput,
+    throughput_headline,
+    throughput_metrics,
+    throughput_table,
+)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per case")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--tracking-uri", default="", help="MLflow URI (default: the project's)")
+    parser.add_argument("--no-mlflow", action="store_true", help="print only")
+
+
+def _setup(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible")
+
+
+def scaling_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="attention_scaling.py",
+        description="Forward+backward time and peak memory of every attention mechanism "
+        "against the token count, side by side.",
+    )
+    parser.add_argument("--sides", type=_ints, default=[14, 28, 56, 112, 128],
+                        help="patch-grid sides; tokens = side^2")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=3)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--rep-grid", type=_ints, default=[8, 8], help="g_h,g_w (m = g_h g_w)")
+    parser.add_argument("--layers", type=_names, default=list(LAYERS))
+    parser.add_argument("--levels", type=_names, default=["mechanism", "layer"])
+    parser.add_argument("--max-quadratic-tokens", type=int, default=3136,
+                        help="skip softmax/MSSA/SDPA above this many tokens")  # fmt: skip
+    _common(parser)
+    args = parser.parse_args(argv)
+    _setup(args)
+    if len(args.rep_grid) != 2:
+        parser.error("--rep-grid takes two integers, e.g. 8,8")
+    spec = ScalingSpec(
+        sides=args.sides,
+        batch=args.batch,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        rep_grid=(args.rep_grid[0], args.rep_grid[1]),
+        layers=args.layers,
+        levels=args.levels,
+        max_quadratic_tokens=args.max_quadratic_tokens,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        device=args.device,
+    )
+    try:
+        spec.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"attention scaling on {args.device} ({torch.get_num_threads()} threads), batch "
+          f"{spec.batch}, {spec.heads} heads x {spec.head_dim}, m = "
+          f"{spec.rep_grid[0] * spec.rep_grid[1]}", flush=True)  # fmt: skip
+    rows = run_scaling(spec, echo=lambda line: print(line, flush=True))
+    table = scaling_table(rows)
+    print(table)
+    _log(args, "attention_scaling", scaling_metrics(rows), rows, table)
+    for line in scaling_headline(rows):
+        print(line)
+    sys.stdout.flush()
+    return 0
+
+
+def _log(
+    args: argparse.Namespace,
+    experiment: str,
+    metrics: dict[str, float],
+    rows: list[dict[str, Any]],
+    table: str,
+) -> None:
+    if args.no_mlflow:
+        return
+    params = {k: v for k, v in vars(args).items() if k != "no_mlflow"}
+    params.update(threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+    uri, run_id = log_benchmark(
+        experiment,
+        params=params,
+        metrics=metrics,
+        rows=rows,
+        table_text=table,
+        tracking_uri=args.tracking_uri,
+    )
+    print(f"logged to MLflow {uri}, run {run_id}")
+
+
+def throughput_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="throughput.py",
+        description="Training and inference images/s of CBT, ViT, CRATE and ToST, side by side.",
+    )
+    parser.add_argument("--models", type=_names, default=list(MODELS))
+    parser.add_argument("--resolutions", type=_ints, default=[224, 448])
+    parser.add_argument("--batch", type=int, default=8,
+                        help="images per step at 224 px, scaled by pixel count above")  # fmt: skip
+    parser.add_argument("--modes", type=_names, default=["train", "infer"])
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on for CUDA, off on CPU)")  # fmt: skip
+    _common(parser)
+    args = parser.parse_args(argv)
+    _setup(args)
+    spec = ThroughputSpec(
+        models=args.models,
+        resolutions=args.resolutions,
+        batch_at_224=args.batch,
+        modes=args.modes,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        device=args.device,
+        amp=args.device.startswith("cuda") if args.amp is None else args.amp,
+    )
+    try:
+        spec.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"throughput on {args.device} ({torch.get_num_threads()} threads), "
+          f"{'bf16 autocast' if spec.amp else 'fp32'}", flush=True)  # fmt: skip
+    rows = run_throughput(spec, echo=lambda line: print(line, flush=True))
+    table = throughput_table(rows)
+    print(table)
+    _log(args, "throughput", throughput_metrics(rows), rows, table)
+    for line in throughput_headline(rows):
+        print(line)
+    return 0

@@ -1,0 +1,45 @@
+"""Logging a benchmark to MLflow: one run per invocation, its settings as params, one metric
+per measured row, provenance tags, and the table as text and Parquet artifacts."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cbtlab.paths import default_tracking_uri
+from cbtlab.tracking.mlflow_tracker import TAG_PREFIX, StudyTracker
+from cbtlab.tracking.provenance import git_state, package_versions
+
+
+def log_benchmark(
+    experiment: str,
+    *,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    rows: Sequence[Mapping[str, Any]],
+    table_text: str,
+    tracking_uri: str = "",
+) -> tuple[str, str]:
+    """Log one benchmark run; returns (tracking URI, run id)."""
+    uri = tracking_uri or default_tracking_uri()
+    tracker = StudyTracker(uri, experiment)
+    tags = {f"{TAG_PREFIX}{k}": v for k, v in git_state().items()}
+    tags.update({f"{TAG_PREFIX}version.{k}": v for k, v in package_versions().items()})
+    run_id = tracker.start_run(experiment, params=params, tags=tags)
+    try:
+        tracker.log_metrics(run_id, metrics, step=0)
+        tracker.log_text(run_id, table_text + "\n", f"{experiment}.txt")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{experiment}.parquet"
+            pq.write_table(pa.Table.from_pylist([dict(r) for r in rows]), path)
+            tracker.log_artifact(run_id, path)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.end_run(run_id, "FINISHED")
+    return uri, run_id

@@ -1,0 +1,112 @@
+"""Timing that survives a shared, noisy machine: every case is warmed up, then the cases run
+interleaved, round after round, and each reports its median. A burst of load from another
+process then hits all cases alike instead of one, so ratios between cases stay meaningful.
+
+Peak memory: on CUDA the allocator's own peak; on CPU, where PyTorch keeps no statistics, the
+peak of the bytes held by tensors created while the function runs (`PeakMemory`, a dispatch
+mode that follows every storage from allocation to release).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call of one case: the median and the spread over the measured rounds."""
+
+    median_s: float
+    min_s: float
+    max_s: float
+    rounds: int
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_side_by_side(
+    cases: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int = 1,
+    rounds: int = 5,
+    device: torch.device | str | None = None,
+) -> dict[str, Timing]:
+    """Time every case `rounds` times, interleaved (case A, B, C, A, B, C, ...), after
+    `warmup` untimed calls each; returns each case's median time per call."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {
+        name: Timing(statistics.median(ts), min(ts), max(ts), len(ts))
+        for name, ts in samples.items()
+    }
+
+
+class PeakMemory(TorchDispatchMode):
+    """Track the bytes of tensor storage allocated inside the mode and still alive; `peak` is
+    the most held at once. Inputs that existed before the mode are not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._held: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        }
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in self._held or key in inputs:
+                continue  # a view of, or an in-place result on, storage that exists already
+            self._held[key] = size
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key)
+        return out
+
+    def _release(self, key: int) -> None:
+        self.live -= self._held.pop(key, 0)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None) -> int:
+    """Peak bytes that `fn` holds in tensors at once (see the module docstring)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with PeakMemory() as tracker:
+        fn()
+    return tracker.peak
