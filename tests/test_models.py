@@ -53,3 +53,20 @@ def test_other_input_sizes_resample_the_position_embedding() -> None:
     assert model(torch.randn(2, 1, 24, 12)).shape == (2, 10)
     with pytest.raises(ValueError, match="not a multiple of patch size"):
         model(torch.randn(1, 1, 15, 16))
+
+
+def test_ista_two_product_form_equals_the_reference() -> None:
+    """(Z - Z D^T) D = Z D - Z D^T D: output and gradients match the three-product form."""
+    torch.manual_seed(0)
+    ista = ISTA(12, step=0.3, lambd=0.2).double()
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fused in (False, True):
+        ista.fused = fused
+        ista.zero_grad()
+        x.grad = None
+        out = ista(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad.clone(), ista.weight.grad.clone()))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want)
