@@ -109,5 +109,9 @@ class StudyTracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
+    def log_artifact(self, run_id: str, path: str | Path) -> None:
+        """Upload a local file to the run's artifact root (under its own name)."""
+        self.client.log_artifact(run_id, str(path))
+
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
