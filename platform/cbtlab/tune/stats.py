@@ -304,6 +304,8 @@ def _p(value: float) -> str:
 def format_stats(table: pa.Table) -> str:
     """A plain-text table: per cell mean ± CI half-width, the difference to the baseline with
     its CI, the test and its raw and Holm-corrected p-values, d_z and the notes."""
+    from cbtlab.tracking.report import render_table  # (imports MLflow)
+
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     confidence = float(meta.get("confidence", "0.95"))
     level = f"{confidence * 100:g}%"
@@ -341,8 +343,4 @@ def format_stats(table: pa.Table) -> str:
                 row["note"],
             ]
         )
-    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in body]
-    return "\n".join(lines)
+    return render_table(headers, body)
