@@ -1,9 +1,17 @@
 """How many representatives does CBSA need? The representative-count ablation.
 
-On one machine (local Ray, the built-in digits, MLflow in ~/.cbtlab/mlflow.db):
+On one machine (local Ray, the built-in digits, MLflow in ~/.cbtlab/mlflow.db; Optuna TPE +
+ASHA, 6 trials of 12 epochs, one seed):
     python studies/rep_count_ablation.py
+Every grid with 3 paired seeds, then statistics against 4x4 (no ASHA in a grid):
+    python studies/rep_count_ablation.py --grid --seeds 3 --grids 1x1,2x2,4x4,8x8 \
+        --baseline model.rep_grid=4x4
 On a cluster:
     ray job submit --working-dir . -- python studies/rep_count_ablation.py --address auto
+The paper's recipe on prebuilt ImageNet shards (refused, naming what is missing, until cbtlab
+has prebuilt-shard datasets and the Lion optimiser):
+    ray job submit --working-dir . -- python studies/rep_count_ablation.py --address auto \
+        --preset imagenet --data-root s3://bucket/imagenet-wds --grid --seeds 3
 Options: `python studies/rep_count_ablation.py --help`.
 """
 

@@ -4,6 +4,7 @@ cbtlab study rep-count [flags]  the representative-count ablation (= studies/rep
 cbtlab data digits              build (or verify) the built-in digits shards; print where they are
 cbtlab config [--set k=v ...]   print the default experiment config, flattened, after overrides
 cbtlab where                    print where cbtlab keeps data, MLflow and Ray results
+cbtlab study variants|step-init [flags]   the attention-variant / step-size studies (studies/*.py)
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from collections.abc import Sequence
 
 from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
 
-STUDIES = {"rep-count": "cbtlab.tune.studies:rep_count_main"}
+STUDIES = {
+    "rep-count": "cbtlab.tune.studies:rep_count_main",
+    "variants": "cbtlab.tune.studies:variant_comparison_main",
+    "step-init": "cbtlab.tune.studies:step_size_init_main",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

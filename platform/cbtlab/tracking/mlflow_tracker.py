@@ -109,7 +109,8 @@ class StudyTracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
-    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a local file to the run's artifacts (under its own name, in `artifact_path`)."""
         self.client.log_artifact(run_id, str(path), artifact_path)
 
     def end_run(self, run_id: str, status: str) -> None:

@@ -42,7 +42,7 @@ def format_table(
 
 
 def render_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    """Left-aligned plain-text columns under a header and a rule."""
+    """Left-aligned plain-text columns under a dashed header rule."""
     widths = [max([len(h)] + [len(row[i]) for row in body]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))

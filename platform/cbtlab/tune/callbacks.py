@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from ray.tune import Callback
 from cbtlab.config import ExperimentConfig
 from cbtlab.tracking import StudyTracker
 from cbtlab.train.loop import Diverged
+from cbtlab.tune.stats import cell_label
 
 TRIAL_METRIC_PREFIXES = ("train/", "val/", "throughput/", "time/", "rc/", "rc_norm/")
 # Metrics whose best value over the epochs is kept (lower is better for losses).
@@ -64,6 +66,7 @@ class MLflowTrialLogger(Callback):
         base: ExperimentConfig,
         tags: dict[str, str],
         metric: str,
+        cell_keys: Sequence[str] = (),
         verbose: bool = True,
     ) -> None:
         self.tracker = tracker
@@ -71,6 +74,8 @@ class MLflowTrialLogger(Callback):
         self.base = base
         self.tags = tags
         self.metric = metric
+        # The searched keys: a trial's values of them (its cell) go to the tag cbtlab.cell.
+        self.cell_keys = list(cell_keys)
         self.verbose = verbose
         self.records: dict[str, TrialRecord] = {}
 
@@ -89,6 +94,9 @@ class MLflowTrialLogger(Callback):
             "cbtlab.config_hash": cfg.config_hash(),
             "cbtlab.seed": str(cfg.train.seed),
         }
+        if self.cell_keys:
+            flat = cfg.flat()
+            tags["cbtlab.cell"] = cell_label({k: flat[k] for k in self.cell_keys})
         run_id = self.tracker.start_run(
             str(trial), params=run_params(cfg), tags=tags, parent_run_id=self.parent_run_id
         )

@@ -2,13 +2,23 @@
 
 Each `studies/*.py` script is a thin wrapper around a `*_main(argv)` here, so that the same
 study also runs as `cbtlab study NAME ...`.
+
+| study               | factors                                   | kind                      |
+|---------------------|-------------------------------------------|---------------------------|
+| rep_count_ablation  | model.rep_grid                            | Optuna + ASHA, or a grid  |
+| variant_comparison  | model.attention (Table 4, equal size)     | grid x seeds              |
+| step_size_init      | model.step_init x model.step_scale        | grid x seeds              |
+
+Presets (`--preset`): `smoke`, the digits on CPU in minutes (the config's defaults); `imagenet`,
+the paper's ImageNet-1k recipe on CBT-T's skeleton over prebuilt shards (`--data-root`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from cbtlab.config import (
     ConfigError,
@@ -18,13 +28,34 @@ from cbtlab.config import (
     parse_grid,
     parse_override,
 )
-from cbtlab.tracking.report import format_table
+from cbtlab.tune.stats import TESTS
 from cbtlab.tune.study import StudySpec, mlflow_ui_command, run_study
 
 # Representative grids on the 8 x 8 patch grid of the digits preset: counts 1..64, square and not.
 REP_GRIDS = ("1x1", "2x2", "4x2", "2x4", "4x4", "8x2", "2x8", "8x4", "4x8", "8x8")
 # The first trials cover every count once (m = 1, 4, 8, 16, 32, 64), then TPE samples the rest.
 REP_GRIDS_FIRST = ("1x1", "2x2", "4x2", "4x4", "8x4", "8x8")
+# Table 4's mechanisms and the ViT baseline, all in the same skeleton (width, depth, heads).
+VARIANTS = ("cbsa", "mssa", "tssa", "agent", "linear", "softmax")
+# init:scale; the reference code's N(0, 1) first (the baseline), zero takes no scale.
+STEP_CELLS = "normal:1,normal:0.1,constant:1,constant:0.1,constant:-0.1,constant:-1,zero"
+
+PRESETS = ("smoke", "imagenet")
+# The paper's ImageNet-1k recipe (Table 3): 150 epochs, Lion, lr 2e-4, weight decay 0.05,
+# global batch 256, label smoothing 0.1; random-resized crop + flip come with prebuilt shards.
+IMAGENET_RECIPE: dict[str, Any] = {
+    "model.in_chans": 3,
+    "model.num_classes": 1000,
+    "model.rep_grid": "8x8",  # as the registered timm presets (cbtlab.models.presets)
+    "data.dataset": "shards",
+    "data.batch_size": 256,
+    "train.epochs": 150,
+    "train.optimizer": "lion",
+    "train.lr": 2e-4,
+    "train.weight_decay": 0.05,
+    "train.label_smoothing": 0.1,
+    "train.use_gpu": True,
+}
 
 
 def _grid_list(text: str) -> list[str]:
@@ -34,22 +65,135 @@ def _grid_list(text: str) -> list[str]:
     return grids
 
 
-def study_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
-    """Flags every study shares: scale, search, Ray, MLflow, config overrides."""
+def parse_cell(text: str, flag: str = "--baseline") -> dict[str, Any]:
+    """`key=value,key=value` -> {key: value}; a value may hold commas ("mssa,cbsa")."""
+    cell: dict[str, Any] = {}
+    key = None
+    for part in text.split(","):
+        if "=" in part or key is None:
+            key, value = parse_override(part)
+            cell[key] = value
+        else:  # the comma belonged to the previous value
+            cell[key] = parse_override(f"{key}={cell[key]},{part}")[1]
+    if not cell:
+        raise ConfigError(flag, "expected key=value[,key=value...]")
+    return cell
+
+
+def preset_overrides(preset: str, data_root: str | None) -> dict[str, Any]:
+    """The config overrides of a preset; raises ConfigError naming everything this cbtlab
+    lacks for it (e.g. prebuilt-shard support, the Lion optimiser)."""
+    if preset == "smoke":
+        return {}
+    if preset != "imagenet":
+        raise ConfigError("--preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
+    from cbtlab.models.presets import architecture
+
+    model = {f"model.{k}": v for k, v in architecture("cbt_tiny_patch16_224").items()}
+    overrides = {**model, **IMAGENET_RECIPE, "data.root": data_root or ""}
+    problems = [] if data_root else ["--data-root: give the prebuilt ImageNet shards (folder/URL)"]
+    whole = _config_error(overrides)
+    if whole:
+        # Try the parts one by one so that the message names every missing piece at once.
+        data = ("data.dataset", "data.root")
+        groups = [[k for k in overrides if k.startswith("model.")], list(data)]
+        groups += [[k] for k in overrides if not k.startswith(("model.", *data))]
+        parts = [_config_error({k: overrides[k] for k in group}) for group in groups]
+        problems += [p for p in parts if p] or [whole]
+    if problems:
+        raise ConfigError(
+            "--preset",
+            "imagenet (the paper's ImageNet-1k recipe) needs what this cbtlab lacks:\n  "
+            + "\n  ".join(problems),
+        )
+    return overrides
+
+
+def _config_error(overrides: dict[str, Any]) -> str | None:
+    try:
+        ExperimentConfig().with_overrides(overrides)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def study_parser(
+    description: str, prog: str | None = None, *, search: bool = True, seeds: int = 1
+) -> argparse.ArgumentParser:
+    """Flags every study shares: preset, scale, seeds and statistics, resources, Ray, MLflow,
+    config overrides; with `search`, also the Optuna/ASHA flags and `--grid`."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--num-samples", type=int, default=6, help="number of trials")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (train.epochs)")
-    parser.add_argument("--seed", type=int, default=0, help="training seed of every trial")
-    parser.add_argument("--search-seed", type=int, default=0, help="seed of the Optuna sampler")
-    parser.add_argument("--max-concurrent", type=int, default=1, help="trials run at once")
-    parser.add_argument("--no-asha", action="store_true", help="run every trial to the end")
     parser.add_argument(
-        "--grace-period",
+        "--preset",
+        choices=PRESETS,
+        default="smoke",
+        help="smoke: the digits on CPU; imagenet: the paper's recipe on shards",
+    )
+    parser.add_argument("--data-root", default=None, help="prebuilt shards for --preset imagenet")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (train.epochs)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (of the first seed)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=seeds,
+        help="seeds per cell: train.seed = --seed + i, the same in every cell (paired)"
+        + ("; more than 1 runs a grid" if search else ""),
+    )
+    if search:
+        parser.add_argument(
+            "--grid", action="store_true", help="run every cell (x --seeds) instead of Optuna"
+        )
+        parser.add_argument(
+            "--num-samples", type=int, default=None, help="trials of the Optuna search (6)"
+        )
+        parser.add_argument("--search-seed", type=int, default=0, help="seed of the Optuna sampler")
+        parser.add_argument("--no-asha", action="store_true", help="run every trial to the end")
+        parser.add_argument(
+            "--grace-period",
+            type=int,
+            default=None,
+            help="ASHA: epochs every trial runs before it may be stopped (default: half the "
+            "epochs); a grid never stops trials early",
+        )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="KEY=VALUE,...",
+        help="the cell every other is compared with (default: the grid's first cell)",
+    )
+    parser.add_argument(
+        "--stats-test",
+        choices=TESTS,
+        default="auto",
+        help="paired test: auto = t below 6 seeds, Wilcoxon from 6",
+    )
+    parser.add_argument(
+        "--stats-on",
+        choices=("final", "best"),
+        default="final",
+        help="a trial's value: its metric at the last epoch or its best epoch",
+    )
+    parser.add_argument(
+        "--workers",
         type=int,
         default=None,
-        help="ASHA: epochs every trial runs before it may be stopped (default: half the epochs)",
+        help="training workers per trial (default: train.num_workers)",
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="default: 1 when the cluster has GPUs (or train.use_gpu), else 0",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at once (default: 1 for an Optuna search, as many as the cluster holds "
+        "for a grid)",
     )
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     parser.add_argument(
@@ -63,49 +207,66 @@ def study_parser(description: str, prog: str | None = None) -> argparse.Argument
 
 
 def base_config(args: argparse.Namespace) -> ExperimentConfig:
-    overrides = dict(parse_override(text) for text in args.overrides)
+    """The preset, then `--set` overrides, then `--epochs` and `--seed`."""
+    overrides = preset_overrides(args.preset, args.data_root)
+    overrides.update(parse_override(text) for text in args.overrides)
     if args.epochs is not None:
         overrides["train.epochs"] = args.epochs
     overrides["train.seed"] = args.seed
     return ExperimentConfig().with_overrides(overrides)
 
 
-def rep_count_spec(args: argparse.Namespace) -> StudySpec:
-    grids = _grid_list(args.grids)
-    first = [g for g in REP_GRIDS_FIRST if g in grids] + [
-        g for g in grids if g not in REP_GRIDS_FIRST
-    ]
+def study_spec(
+    args: argparse.Namespace,
+    *,
+    name: str,
+    space: dict[str, list[Any]],
+    cells: Sequence[dict[str, Any]] = (),
+    grid: bool = False,
+) -> StudySpec:
+    """A StudySpec from the shared flags (the search flags when the parser has them)."""
+    search = {}
+    if hasattr(args, "grid"):
+        grid = grid or args.grid or args.seeds > 1
+        if grid and args.num_samples is not None:
+            raise ConfigError("--num-samples", "a grid runs every cell x seed; drop the flag")
+        search = {
+            "num_samples": args.num_samples or 6,
+            "search_seed": args.search_seed,
+            "asha": not args.no_asha,
+            "grace_period": args.grace_period,
+        }
     return StudySpec(
-        name=args.name or "rep_count_ablation",
+        name=args.name or name,
         base=base_config(args),
-        space={"model.rep_grid": grids},
-        initial_points=[{"model.rep_grid": g} for g in first[: args.num_samples]],
-        num_samples=args.num_samples,
-        search_seed=args.search_seed,
-        asha=not args.no_asha,
-        grace_period=args.grace_period,
+        space=space,
+        grid=grid,
+        cells=list(cells),
+        seeds=args.seeds,
+        baseline=parse_cell(args.baseline) if args.baseline else None,
+        stats_test=args.stats_test,
+        stats_on=args.stats_on,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
         max_concurrent=args.max_concurrent,
         ray_address=args.address,
         worker_logs=args.worker_logs,
         storage_path=args.storage_path or "",
         tracking_uri=args.tracking_uri or "",
-    ).validate()
+        **search,
+    )
 
 
-def rep_count_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    parser = study_parser(
-        "How many representatives does CBSA need? Searches the representative grid "
-        "(count and shape) of a CBT on the digits with Optuna + ASHA; logs to MLflow.",
-        prog=prog,
-    )
-    parser.add_argument(
-        "--grids",
-        default=",".join(REP_GRIDS),
-        help="representative grids to search (g_h x g_w, comma-separated)",
-    )
+def run_study_main(
+    parser: argparse.ArgumentParser,
+    make_spec: Callable[[argparse.Namespace], StudySpec],
+    argv: Sequence[str] | None,
+) -> int:
+    """Parse, build the spec (a bad value: one message naming it, exit 2), run, print the
+    trial table, the statistics of a grid, and where MLflow keeps it all."""
     args = parser.parse_args(argv)
     try:
-        spec = rep_count_spec(args)
+        spec = make_spec(args).validate()
     except ConfigError as exc:
         parser.error(str(exc))
     try:
@@ -114,10 +275,126 @@ def rep_count_main(argv: Sequence[str] | None = None, prog: str | None = None) -
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print()
-    print(format_table(result.rows, list(spec.space), spec.metric, spec.mode))
+    print(result.table)
     print()
+    if result.stats_text:
+        print(f"statistics over seeds {spec.seed_values} (each cell vs the baseline, paired):")
+        print(result.stats_text)
+        where = f"written to {result.stats_path}; " if result.stats_path else ""
+        print(f"{where}logged as stats.parquet and stats.txt on the parent run")
+        print()
     if result.best is not None:
         print(f"best: {result.best['trial']} {spec.metric} {result.best['best']:.4f}")
     print(f"MLflow: experiment {result.experiment_name!r}, parent run {result.parent_run_id}")
     print(f"open the MLflow UI with:\n  {mlflow_ui_command(result.tracking_uri)}")
     return 0 if result.failed < len(result.rows) else 1
+
+
+def rep_count_spec(args: argparse.Namespace) -> StudySpec:
+    grids = _grid_list(args.grids)
+    spec = study_spec(args, name="rep_count_ablation", space={"model.rep_grid": grids})
+    if not spec.grid:
+        first = [g for g in REP_GRIDS_FIRST if g in grids] + [
+            g for g in grids if g not in REP_GRIDS_FIRST
+        ]
+        spec.initial_points = [{"model.rep_grid": g} for g in first[: spec.num_samples]]
+    return spec
+
+
+def rep_count_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = study_parser(
+        "How many representatives does CBSA need? Searches the representative grid "
+        "(count and shape) of a CBT with Optuna + ASHA, or runs every grid with --grid / "
+        "--seeds N and compares them with paired statistics; logs to MLflow.",
+        prog=prog,
+    )
+    parser.add_argument(
+        "--grids",
+        default=",".join(REP_GRIDS),
+        help="representative grids to search (g_h x g_w, comma-separated)",
+    )
+    return parser
+
+
+def rep_count_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return run_study_main(rep_count_parser(prog), rep_count_spec, argv)
+
+
+def variant_spec(args: argparse.Namespace) -> StudySpec:
+    return study_spec(
+        args, name="variant_comparison", space={"model.attention": list(args.variants)}, grid=True
+    )
+
+
+def variant_comparison_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = study_parser(
+        "CBSA against the other attentions at equal size (the paper's Table 4): every variant "
+        "in the same skeleton, each with the same --seeds; paired statistics vs the baseline.",
+        prog=prog,
+        search=False,
+        seeds=3,
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        help="attention names (a per-layer mix as 'mssa,cbsa'); the first is the baseline",
+    )
+    return parser
+
+
+def variant_comparison_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return run_study_main(variant_comparison_parser(prog), variant_spec, argv)
+
+
+def parse_step_cells(text: str) -> list[dict[str, Any]]:
+    """`init:scale,...` (zero takes no scale) -> cells of model.step_init x model.step_scale."""
+    cells = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        init, _, raw = item.partition(":")
+        try:
+            scale = float(raw) if raw else None
+        except ValueError:
+            raise ConfigError("--cells", f"{item}: expected init:scale, e.g. constant:1") from None
+        if init == "zero":
+            if scale:
+                raise ConfigError("--cells", f"{item}: zero initialisation takes no scale")
+            scale = 0.0
+        elif scale is None:
+            raise ConfigError("--cells", f"{item}: give a scale, e.g. {init}:0.1")
+        elif init == "normal" and scale < 0:
+            # torch's normal_ refuses a negative std inside the worker; config.py does not check.
+            raise ConfigError("--cells", f"{item}: N(0, s) needs s >= 0; negate a constant")
+        cells.append({"model.step_init": init, "model.step_scale": scale})
+    if not cells:
+        raise ConfigError("--cells", "give at least one cell, e.g. normal:1,zero")
+    return cells
+
+
+def step_init_spec(args: argparse.Namespace) -> StudySpec:
+    cells = parse_step_cells(args.cells)
+    space = {
+        key: list(dict.fromkeys(cell[key] for cell in cells))
+        for key in ("model.step_init", "model.step_scale")
+    }
+    return study_spec(args, name="step_size_init", space=space, cells=cells, grid=True)
+
+
+def step_size_init_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = study_parser(
+        "How should CBSA's learnable step sizes (eta_rep, eta_x) start? N(0, s), the constant "
+        "s (either sign) or zero, each with the same --seeds; paired statistics vs the baseline.",
+        prog=prog,
+        search=False,
+        seeds=3,
+    )
+    parser.add_argument(
+        "--cells",
+        default=STEP_CELLS,
+        help="init:scale cells (normal, constant, zero); the first is the baseline",
+    )
+    return parser
+
+
+def step_size_init_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return run_study_main(step_size_init_parser(prog), step_init_spec, argv)

@@ -1,18 +1,32 @@
 """Run a study: a Ray Tune search whose trials each drive a Ray Train `TorchTrainer`.
 
 Three layers, as in Ray's Train V2 + Tune pattern:
-  Tuner (this process: OptunaSearch, ASHA, the MLflow writer)
+  Tuner (this process: the searcher, ASHA, the MLflow writer)
     -> trial driver (`_run_trial`: builds and fits a TorchTrainer)
       -> training workers (`cbtlab.train.train_loop_per_worker`, DDP)
+
+Two kinds of study:
+- a search (the default): Optuna's seeded TPE proposes cells of `space`, ASHA may stop them;
+- a grid (`grid=True`, implied by `seeds > 1` or explicit `cells`): every cell runs once per
+  seed, `train.seed = base seed + i` for i < seeds, the same seeds in every cell so that cells
+  pair up seed by seed; trials are queued seed-major (every cell with the first seed, then the
+  second, ...) so that an interrupted study still holds complete pairs. ASHA is off in a grid:
+  every trial runs all its epochs, so every cell's seeds are treated alike and the statistics
+  compare values at the same epoch. Afterwards the driver compares every cell with the baseline
+  (`cbtlab.tune.stats`), writes `stats.parquet` and logs it on the study's parent run.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
 import socket
 import sys
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -21,8 +35,19 @@ from typing import Any
 from cbtlab.config import ConfigError, ExperimentConfig
 from cbtlab.paths import default_tracking_uri, ray_results_home
 from cbtlab.tracking.report import format_table
+from cbtlab.tune.stats import (
+    TESTS,
+    Observation,
+    cell_label,
+    compare_cells,
+    format_stats,
+    write_stats,
+)
 
 log = logging.getLogger(__name__)
+
+# MLflow's limit on a param value's length.
+MLFLOW_PARAM_CHARS = 6000
 
 
 @dataclass
@@ -39,11 +64,31 @@ class StudySpec:
     search_seed: int = 0
     metric: str = "val/top1"
     mode: str = "max"
+    # ASHA early stopping; a search only (a grid runs every trial to the end).
     asha: bool = True
     # Epochs every trial runs before ASHA may stop it; None means half of train.epochs.
     grace_period: int | None = None
     reduction_factor: int = 2
-    max_concurrent: int = 1
+    # An explicit grid instead of the Optuna search: every cell runs once per seed.
+    grid: bool = False
+    # The grid's cells (each a full assignment of `space`); empty: the full factorial of `space`
+    # (validate() fills it in, spelled as the flat config).
+    cells: list[dict[str, Any]] = field(default_factory=list)
+    # Seeds per cell: train.seed = base.train.seed + i for i < seeds, in every cell alike.
+    seeds: int = 1
+    # The cell every other cell is compared with; None: the grid's first cell.
+    baseline: dict[str, Any] | None = None
+    # The statistics' paired test ("auto", "t", "wilcoxon", see cbtlab.tune.stats) and the trial
+    # value they use: the metric at the last epoch ("final") or its best over the epochs ("best").
+    stats_test: str = "auto"
+    stats_on: str = "final"
+    # Training workers per trial and GPUs per worker (0 or 1); None: train.num_workers, and a
+    # GPU per worker when train.use_gpu is set or the cluster has GPUs (see plan_resources).
+    workers: int | None = None
+    gpus_per_worker: int | None = None
+    # Trials at once; None: 1 for a search (ASHA's and TPE's decisions then do not depend on
+    # timing), as many as the cluster's resources fit for a grid.
+    max_concurrent: int | None = None
     # CPUs held by each trial's driver process (the TorchTrainer's workers hold their own).
     trial_driver_cpus: float = 0.1
     ray_address: str | None = None
@@ -73,11 +118,49 @@ class StudySpec:
                     "study.initial_points", f"{point} does not assign {set(self.space)}"
                 )
             self.base.with_overrides(point)
+        scaling: dict[str, Any] = {}
+        if self.workers is not None:
+            if self.workers < 1:
+                raise ConfigError("study.workers", f"must be >= 1, got {self.workers}")
+            scaling["train.num_workers"] = self.workers
+        if self.gpus_per_worker is not None:
+            if self.gpus_per_worker not in (0, 1):
+                raise ConfigError(
+                    "study.gpus_per_worker",
+                    f"one GPU per worker (DDP) or none, got {self.gpus_per_worker}",
+                )
+            scaling["train.use_gpu"] = bool(self.gpus_per_worker)
+        if scaling:
+            self.base = self.base.with_overrides(scaling)
+        if self.seeds < 1:
+            raise ConfigError("study.seeds", f"must be >= 1, got {self.seeds}")
+        self.grid = self.grid or self.seeds > 1 or bool(self.cells)
+        if self.grid and "train.seed" in self.space:
+            raise ConfigError("train.seed", "a grid sets the seeds itself: use study.seeds")
+        for cell in self.cells:
+            if set(cell) != set(self.space):
+                raise ConfigError("study.cells", f"{cell} does not assign {set(self.space)}")
+        if self.grid:  # every cell, spelled as the flat config, must give a valid config
+            self.cells = grid_cells(self)
+        if self.baseline is not None:
+            self.baseline = normalise_cell(self.base, self.baseline)
+            if self.grid and self.baseline not in self.cells:
+                raise ConfigError(
+                    "study.baseline",
+                    f"{cell_label(self.baseline)} is not a cell of the grid; cells: "
+                    + "; ".join(cell_label(c) for c in self.cells),
+                )
+        if self.stats_test not in TESTS:
+            raise ConfigError(
+                "study.stats_test", f"{self.stats_test!r} is not one of {', '.join(TESTS)}"
+            )
+        if self.stats_on not in ("final", "best"):
+            raise ConfigError("study.stats_on", f"{self.stats_on!r} is not 'final' or 'best'")
         if self.num_samples < 1:
             raise ConfigError("study.num_samples", f"must be >= 1, got {self.num_samples}")
         if self.mode not in ("max", "min"):
             raise ConfigError("study.mode", f"{self.mode!r} is not one of 'max', 'min'")
-        if self.max_concurrent < 1:
+        if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ConfigError("study.max_concurrent", f"must be >= 1, got {self.max_concurrent}")
         if self.grace_period is None:
             self.grace_period = max(1, self.base.train.epochs // 2)
@@ -92,6 +175,84 @@ class StudySpec:
         self.experiment_name = self.experiment_name or self.name
         return self
 
+    @property
+    def seed_values(self) -> list[int]:
+        """The seeds every cell of a grid runs with."""
+        return [self.base.train.seed + i for i in range(self.seeds)]
+
+    @property
+    def trial_keys(self) -> list[str]:
+        """The config keys that tell one trial from another (the summary table's columns)."""
+        return [*self.space, "train.seed"] if self.grid else list(self.space)
+
+
+def normalise_cell(base: ExperimentConfig, cell: Mapping[str, Any]) -> dict[str, Any]:
+    """`cell` with its values as the flat config writes them (grids as 'HxW', numbers typed),
+    so that cells given in any spelling compare equal to the trials' configs."""
+    flat = base.with_overrides(dict(cell)).flat()
+    return {key: flat[key] for key in cell}
+
+
+def grid_cells(spec: StudySpec) -> list[dict[str, Any]]:
+    """The cells of a grid study, normalised: `spec.cells`, or the full factorial of
+    `spec.space` (the last key varying fastest)."""
+    if spec.cells:
+        cells = spec.cells
+    else:
+        combos = itertools.product(*spec.space.values())
+        cells = [dict(zip(spec.space, combo, strict=True)) for combo in combos]
+    return [normalise_cell(spec.base, cell) for cell in cells]
+
+
+def grid_trials(spec: StudySpec) -> list[dict[str, Any]]:
+    """Every trial of a validated grid study, in the order they are queued: each cell with the
+    first seed, then each cell with the second, ... (`train.seed` = base seed + i in every
+    cell)."""
+    cells = spec.cells
+    return [{**cell, "train.seed": seed} for seed in spec.seed_values for cell in cells]
+
+
+@dataclass
+class ResourcePlan:
+    """How a study's trials fit on the cluster."""
+
+    base: ExperimentConfig  # the study's base config with the trial scaling applied
+    max_concurrent: int
+    trial_cpus: float
+    trial_gpus: int
+    fits: int  # trials the whole cluster holds at once
+    summary: str
+
+
+def plan_resources(spec: StudySpec, cluster: Mapping[str, float]) -> ResourcePlan:
+    """Size the trials for `cluster` (as `ray.cluster_resources()` reports it).
+
+    A GPU per worker when `spec.gpus_per_worker` says so, else when train.use_gpu is set or the
+    cluster has GPUs; `max_concurrent` (unless given): 1 for a search, for a grid as many trials
+    as the cluster's CPUs and GPUs hold (at least 1; more wait for resources)."""
+    base, train = spec.base, spec.base.train
+    if spec.gpus_per_worker is None and not train.use_gpu and cluster.get("GPU", 0) >= 1:
+        base = base.with_overrides({"train.use_gpu": True})
+        train = base.train
+    trial_cpus = spec.trial_driver_cpus + train.num_workers * train.cpus_per_worker
+    trial_gpus = train.num_workers if train.use_gpu else 0
+    fits = math.floor(cluster.get("CPU", 0.0) / trial_cpus + 1e-9)
+    if trial_gpus:
+        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / trial_gpus + 1e-9))
+    if spec.max_concurrent is not None:
+        concurrent = spec.max_concurrent
+    else:
+        concurrent = max(1, fits) if spec.grid else 1
+    worker = f"{train.cpus_per_worker:g} CPU" + (", 1 GPU" if train.use_gpu else "")
+    summary = (
+        f"each trial: {train.num_workers} workers x ({worker}) + {spec.trial_driver_cpus:g} CPU "
+        f"for its driver; the cluster ({cluster.get('CPU', 0):g} CPU, "
+        f"{cluster.get('GPU', 0):g} GPU) holds {fits} at once; running {concurrent} at once"
+    )
+    if fits < 1:
+        summary += " (a trial needs more than the cluster has now: it waits for resources)"
+    return ResourcePlan(base, concurrent, trial_cpus, trial_gpus, fits, summary)
+
 
 @dataclass
 class StudyResult:
@@ -101,6 +262,12 @@ class StudyResult:
     rows: list[dict[str, Any]]
     failed: int
     mode: str = "max"
+    # The printed trial table; for a grid also its statistics (a pyarrow Table), their text
+    # and where stats.parquet was written (also an artifact of the parent run).
+    table: str = ""
+    stats: Any = None
+    stats_text: str = ""
+    stats_path: str = ""
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -167,8 +334,10 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_path: st
 def run_study(spec: StudySpec) -> StudyResult:
     """Run the study to completion; log it to MLflow; return its summary rows."""
     import optuna
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
     from cbtlab.data import prepare_dataset, read_split
@@ -191,67 +360,101 @@ def run_study(spec: StudySpec) -> StudyResult:
     }
     if git["git_commit"] != "unknown":
         tags["mlflow.source.git.commit"] = git["git_commit"]
+    connect_ray(spec.ray_address, worker_logs=spec.worker_logs)
+    plan = plan_resources(spec, ray.cluster_resources())
+    base = plan.base
+    _say(f"study {spec.name}: {plan.summary}")
+    trials = grid_trials(spec) if spec.grid else []
+    if spec.grid:
+        _say(
+            f"study {spec.name}: a grid of {len(spec.cells)} cells x {spec.seeds} "
+            f"seeds {spec.seed_values} = {len(trials)} trials; no early stopping (ASHA is off "
+            "in a grid so that every cell's seeds run the same epochs)"
+        )
     parent_params = {
-        **spec.base.flat(),
+        **base.flat(),
         "study.space": json.dumps(spec.space),
-        "study.num_samples": spec.num_samples,
+        "study.num_samples": len(trials) if spec.grid else spec.num_samples,
         "study.search_seed": spec.search_seed,
-        "study.searcher": "optuna-tpe",
+        "study.searcher": "grid" if spec.grid else "optuna-tpe",
         "study.scheduler": (
-            f"asha(grace={spec.grace_period},rf={spec.reduction_factor})" if spec.asha else "fifo"
+            f"asha(grace={spec.grace_period},rf={spec.reduction_factor})"
+            if spec.asha and not spec.grid
+            else "fifo"
         ),
         "study.metric": f"{spec.metric}:{spec.mode}",
+        "study.seeds": spec.seeds,
+        "study.max_concurrent": plan.max_concurrent,
     }
-    connect_ray(spec.ray_address, worker_logs=spec.worker_logs)
+    if spec.grid:
+        cells_json = json.dumps(spec.cells)
+        if len(cells_json) <= MLFLOW_PARAM_CHARS:  # else only in the artifact cells.json
+            parent_params["study.cells"] = cells_json
+        parent_params["study.baseline"] = cell_label(spec.baseline or spec.cells[0])
+        parent_params["study.stats"] = f"{spec.stats_test}:{spec.stats_on}"
     parent_run_id = tracker.start_run(
         spec.name,
         params=parent_params,
-        tags={**tags, "cbtlab.role": "study", "cbtlab.config_hash": spec.base.config_hash()},
+        tags={**tags, "cbtlab.role": "study", "cbtlab.config_hash": base.config_hash()},
     )
     logger = MLflowTrialLogger(
         tracker,
         parent_run_id=parent_run_id,
-        base=spec.base,
+        base=base,
         tags={**tags, "cbtlab.role": "trial"},
         metric=spec.metric,
+        cell_keys=list(spec.space),
     )
+    if spec.grid:
+        tracker.log_text(parent_run_id, cells_json, "cells.json")
+    run_name = f"{spec.name}-{parent_run_id[:8]}"
     status = "FAILED"
     try:
-        searcher = OptunaSearch(
-            metric=spec.metric,
-            mode=spec.mode,
-            points_to_evaluate=spec.initial_points or None,
-            sampler=optuna.samplers.TPESampler(seed=spec.search_seed),
-        )
+        if spec.grid:
+            # The explicit list, in order: each point replaces one of num_samples random
+            # samples of the (never sampled) choices below.
+            searcher = BasicVariantGenerator(points_to_evaluate=trials)
+            num_samples = len(trials)
+            param_space = {
+                **{key: tune.choice(values) for key, values in spec.space.items()},
+                "train.seed": tune.choice(spec.seed_values),
+            }
+        else:
+            searcher = OptunaSearch(
+                metric=spec.metric,
+                mode=spec.mode,
+                points_to_evaluate=spec.initial_points or None,
+                sampler=optuna.samplers.TPESampler(seed=spec.search_seed),
+            )
+            num_samples = spec.num_samples
+            param_space = {key: tune.choice(values) for key, values in spec.space.items()}
         scheduler = None
-        if spec.asha:
+        if spec.asha and not spec.grid:
             scheduler = ASHAScheduler(
                 time_attr="training_iteration",
-                max_t=spec.base.train.epochs,
-                grace_period=min(spec.grace_period, spec.base.train.epochs),
+                max_t=base.train.epochs,
+                grace_period=min(spec.grace_period, base.train.epochs),
                 reduction_factor=spec.reduction_factor,
             )
         trainable = tune.with_resources(
-            tune.with_parameters(
-                _run_trial, base=spec.base.to_dict(), storage_path=spec.storage_path
-            ),
+            tune.with_parameters(_run_trial, base=base.to_dict(), storage_path=spec.storage_path),
             {"cpu": spec.trial_driver_cpus},
         )
         tuner = tune.Tuner(
             trainable,
-            param_space={key: tune.choice(values) for key, values in spec.space.items()},
+            param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=spec.metric,
                 mode=spec.mode,
                 search_alg=searcher,
                 scheduler=scheduler,
-                num_samples=spec.num_samples,
-                max_concurrent_trials=spec.max_concurrent,
+                num_samples=num_samples,
+                max_concurrent_trials=plan.max_concurrent,
                 trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
             ),
             run_config=tune.RunConfig(
-                name=f"{spec.name}-{parent_run_id[:8]}",
+                name=run_name,
                 storage_path=spec.storage_path,
                 callbacks=[logger],
                 verbose=0,
@@ -268,12 +471,14 @@ def run_study(spec: StudySpec) -> StudyResult:
         failed = sum(1 for r in rows if r["status"] == "FAILED")
         if rows and failed == len(rows):
             status = "FAILED"
+        table = format_table(rows, spec.trial_keys, spec.metric, spec.mode)
         result = StudyResult(
-            parent_run_id, spec.tracking_uri, spec.experiment_name, rows, failed, spec.mode
+            parent_run_id, spec.tracking_uri, spec.experiment_name, rows, failed, spec.mode, table
         )
-        table = format_table(rows, list(spec.space), spec.metric, spec.mode)
         tracker.log_text(parent_run_id, table, "summary.txt")
         tracker.log_text(parent_run_id, json.dumps(rows, indent=2), "summary.json")
+        if spec.grid and rows:
+            _log_statistics(result, spec, tracker, run_name)
         if result.best is not None:
             tracker.log_metrics(parent_run_id, {f"best/{spec.metric}": result.best["best"]}, step=0)
         tracker.set_tags(
@@ -283,6 +488,60 @@ def run_study(spec: StudySpec) -> StudyResult:
     return result
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stdout, flush=True)
+
+
+def study_statistics(rows: list[dict[str, Any]], spec: StudySpec) -> Any:
+    """The statistics table (`cbtlab.tune.stats.compare_cells`) of a grid study's trial rows:
+    a cell's value per seed is its `spec.stats_on` metric; failed trials and trials stopped
+    before their last epoch count as missing. Cells follow the grid's order."""
+    factors = list(spec.space)
+    cells = spec.cells
+    order = {tuple(c.values()): i for i, c in enumerate(cells)}
+
+    def value(row: dict[str, Any]) -> float | None:
+        complete = row["status"] == "FINISHED" and not row["stopped_early"]
+        return row[spec.stats_on] if complete else None
+
+    observations = sorted(
+        (Observation({k: r[k] for k in factors}, r["train.seed"], value(r)) for r in rows),
+        key=lambda o: (order.get(tuple(o.cell.values()), len(order)), o.seed),
+    )
+    present = {tuple(o.cell.values()) for o in observations}
+    baseline = spec.baseline or cells[0]
+    if tuple(baseline.values()) not in present:
+        raise LookupError(f"the baseline {cell_label(baseline)} ran no trial")
+    return compare_cells(
+        observations,
+        baseline=baseline,
+        test=spec.stats_test,
+        metric=f"{spec.stats_on} {spec.metric}",
+    )
+
+
+def _log_statistics(result: StudyResult, spec: StudySpec, tracker: Any, run_name: str) -> None:
+    """Compute a grid's statistics, write stats.parquet (beside the Tune results when they are
+    local) and log it, with its text table, on the parent run. A failure here is reported,
+    never raised: the study's own results are already logged."""
+    try:
+        stats = study_statistics(result.rows, spec)
+    except (LookupError, ValueError) as exc:
+        result.stats_text = f"no statistics: {exc}"
+        log.warning(result.stats_text)
+        return
+    result.stats, result.stats_text = stats, format_stats(stats)
+    if "://" in spec.storage_path:  # remote Ray storage: the run's artifact is the only copy
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_stats(stats, Path(tmp) / "stats.parquet")
+            tracker.log_artifact(result.parent_run_id, path)
+    else:
+        path = write_stats(stats, Path(spec.storage_path) / run_name / "stats.parquet")
+        tracker.log_artifact(result.parent_run_id, path)
+        result.stats_path = str(path)
+    tracker.log_text(result.parent_run_id, result.stats_text, "stats.txt")
+
+
 def summary_rows(logger: Any, spec: StudySpec) -> list[dict[str, Any]]:
     rows = []
     for record in logger.records.values():
@@ -290,7 +549,7 @@ def summary_rows(logger: Any, spec: StudySpec) -> list[dict[str, Any]]:
         rows.append(
             {
                 "trial": record.name,
-                **{key: flat[key] for key in spec.space},
+                **{key: flat[key] for key in [*spec.space, "train.seed"]},
                 "representatives": record.config.model.num_representatives,
                 "epochs": record.epochs,
                 "final": record.last.get(spec.metric),
