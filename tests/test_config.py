@@ -86,3 +86,11 @@ def test_train_command_refuses_a_bad_checkpoint_before_starting(tmp_path, capsys
         train_main(["--resume", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no state.pt in checkpoint" in capsys.readouterr().err
+
+
+def test_a_normal_step_init_needs_a_non_negative_scale() -> None:
+    base = ExperimentConfig()
+    with pytest.raises(ConfigError, match=r"model\.step_scale"):
+        base.with_overrides({"model.step_init": "normal", "model.step_scale": -0.5}).validate()
+    negative = base.with_overrides({"model.step_init": "constant", "model.step_scale": -0.5})
+    assert negative.validate().model.step_scale == -0.5

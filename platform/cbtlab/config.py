@@ -175,6 +175,9 @@ class ModelConfig:
         _positive("model.contraction_beta", self.contraction_beta)
         _positive("model.linear_eps", self.linear_eps)
         _choice("model.step_init", self.step_init, ("normal", "constant", "zero"))
+        if self.step_init == "normal":
+            # The scale is a standard deviation there; "constant" may be negative.
+            _positive("model.step_scale", self.step_scale, allow_zero=True)
         _positive("model.ista_step", self.ista_step, allow_zero=True)
         _positive("model.ista_lambda", self.ista_lambda, allow_zero=True)
         _choice("model.global_pool", self.global_pool, ("token", "avg"))
