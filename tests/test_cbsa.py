@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+import cbtlab.attention.cbsa as cbsa_module
 from cbtlab.attention import CBSA, create_attention
 from cbtlab.attention.cbsa import cbsa_mixing, pool_grid
 
@@ -200,9 +201,12 @@ FUSED_CASES = [
 
 @pytest.mark.parametrize("options", FUSED_CASES, ids=lambda o: ",".join(map(str, o)) or "default")
 @pytest.mark.parametrize("batch", [1, 3, 150])
-def test_fused_form_equals_the_reference_form(options: dict, batch: int) -> None:
+def test_fused_form_equals_the_reference_form(
+    options: dict, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Output and every gradient agree in float64, for every option; batch 150 on 61 tokens
     runs the fused form in several chunks of samples."""
+    monkeypatch.setattr(cbsa_module, "FUSED_MIN_TOKENS_PER_REP", 0)  # fused at any size
     torch.manual_seed(0)
     kwargs = {"num_prefix_tokens": 1, "rep_grid": (2, 2), **options}
     grid = (7, 7) if "rep_pool_kernel" in options else (6, 10)
@@ -249,6 +253,15 @@ def test_mixing_equals_the_reference_core() -> None:
     torch.testing.assert_close(outs[1], outs[0])
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_the_fused_form_runs_from_its_token_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    attn = CBSA(24, 3, rep_grid=(2, 2))  # m = 4: fused from 24 tokens
+    calls: list[int] = []
+    monkeypatch.setattr(attn, "_forward_fused", lambda x, grid: calls.append(x.shape[1]) or x)
+    attn(torch.randn(1, 1 + 16, 24), (4, 4))
+    attn(torch.randn(1, 1 + 36, 24), (6, 6))
+    assert calls == [37]
 
 
 def test_fused_form_traces_without_graph_breaks() -> None:
