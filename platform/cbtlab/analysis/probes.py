@@ -1,26 +1,33 @@
-"""Probes of a trained model: compression per layer, rank of CBSA's extraction matrix, and
-accuracy under noise in the attention projections (Fig. 5, Appendix A, Fig. 8 right)."""
+"""Probes of a trained model: compression per layer, coding rates of tokens and
+representatives per head, rank of CBSA's extraction matrix, and accuracy under noise in the
+attention projections (Fig. 5, Fig. 6, Appendix A, Fig. 8 right)."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from cbtlab.analysis.coding_rate import compression_term, subspace_bases
+from cbtlab.analysis.coding_rate import coding_rate, compression_term, subspace_bases
 from cbtlab.attention import CBSA
 from cbtlab.models import CBTransformer
 
 
 @torch.no_grad()
 def layer_compression(
-    model: CBTransformer, images: Tensor, eps: float = 0.5, *, normalize: bool = False
+    model: CBTransformer,
+    images: Tensor,
+    eps: float = 0.5,
+    *,
+    normalize: bool = False,
+    squared_eps: bool = True,
 ) -> list[float]:
     """Rc of the tokens after every layer, measured against that layer's own subspaces U,
     averaged over the images. For layers whose attention has no subspace projection (ViT's
-    q, k, v) the entry is NaN."""
+    q, k, v) the entry is NaN. `squared_eps=False`: the reference code's `p / (N eps)`."""
     model.eval()
     tokens, _ = model.forward_intermediates(images)
     out = []
@@ -30,7 +37,8 @@ def layer_compression(
             out.append(float("nan"))
             continue
         bases = subspace_bases(weight.weight, block.attn.num_heads)
-        out.append(compression_term(z, bases, eps, normalize=normalize).mean().item())
+        rc = compression_term(z, bases, eps, normalize=normalize, squared_eps=squared_eps)
+        out.append(rc.mean().item())
     return out
 
 
@@ -53,6 +61,63 @@ def extraction_rank(
             ranks.append([])
         x = block(x, grid_size)
     return ranks
+
+
+@torch.no_grad()
+def head_representatives(
+    model: CBTransformer, images: Tensor
+) -> list[tuple[Tensor, Tensor] | None]:
+    """Per layer, for CBSA layers: the tokens projected on every head's subspace,
+    `W_k = LN(Z) U_k` (B, K, N, p), and the representatives extracted from them, `Q_k`
+    (B, K, m, p) (after the extraction step, before the contraction). None for other layers.
+
+    Walks the blocks as `forward_intermediates` does; no hooks."""
+    model.eval()
+    x, grid_size = model._embed(images)
+    out: list[tuple[Tensor, Tensor] | None] = []
+    for block in model.blocks:
+        if isinstance(block.attn, CBSA):
+            z = block.norm1(x)
+            out.append((block.attn.project(z), block.attn.representatives(z, grid_size)))
+        else:
+            out.append(None)
+        x = block(x, grid_size)
+    return out
+
+
+@dataclass
+class HeadCodingRates:
+    """Fig. 6 for one CBSA layer: per head, the coding rate of the N tokens on the head's
+    subspace, R(W_k), and of its m representatives, R(Q_k), each averaged over the images."""
+
+    layer: int
+    tokens: list[float]
+    representatives: list[float]
+
+
+@torch.no_grad()
+def head_coding_rates(
+    model: CBTransformer, images: Tensor, eps: float = 0.5, *, squared_eps: bool = True
+) -> list[HeadCodingRates]:
+    """R(W_k) and R(Q_k) per head of every CBSA layer (CBSA_MATH.md, eq. 1 and 4).
+
+    Each rate is `1/2 logdet(I + p / (n eps^2) X^T X)` of its own rows (n = N tokens, CLS
+    included, or m representatives), per image, in float64 on the smaller Gram side;
+    `squared_eps=False` takes the reference code's `p / (n eps)`. Non-CBSA layers are left
+    out; the `layer` field keeps the block index."""
+    rates = []
+    for layer, pair in enumerate(head_representatives(model, images)):
+        if pair is None:
+            continue
+        w, q = pair
+        rates.append(
+            HeadCodingRates(
+                layer,
+                coding_rate(w, eps, squared_eps=squared_eps).mean(0).tolist(),  # (K,)
+                coding_rate(q, eps, squared_eps=squared_eps).mean(0).tolist(),
+            )
+        )
+    return rates
 
 
 def accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:

@@ -252,6 +252,15 @@ class CBSA(SubspaceAttention):
         w = self.project(x)
         return self._extract(self.initial_guess(w, grid_size), w)
 
+    def representatives(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        """The representatives Q of every head after the extraction step (eq. 5) and before the
+        contraction, `Q = Q0 + eta_rep A W`: (B, K, m, p). The arithmetic of
+        `forward_reference`, for analysis (e.g. their coding rate, Fig. 6)."""
+        w = self.project(x)  # (B, K, N, p)
+        q0 = self.initial_guess(w, grid_size)  # (B, K, m, p)
+        attn = self._extract(q0, w)  # (B, K, m, N)
+        return q0 + self.step_rep.view(1, -1, 1, 1) * (attn @ w)
+
     def attention_map(
         self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
     ) -> Tensor:
