@@ -50,6 +50,8 @@ def test_tiny_study_writes_parent_and_nested_children(
         assert child.info.status == "FINISHED"
         for tag in ("cbtlab.study", "cbtlab.trial_id", "cbtlab.git_commit", "cbtlab.config_hash"):
             assert child.data.tags[tag]
+        # The trial's latest checkpoint is findable from its run (probes and re-runs load it).
+        assert Path(child.data.tags["cbtlab.checkpoint"], "state.pt").is_file()
         params = child.data.params
         grids.add(params["model.rep_grid"])
         assert params["model.num_representatives"] == str(

@@ -59,9 +59,9 @@ from cbtlab.analysis.segmentation import (
 )
 from cbtlab.config import ExperimentConfig
 from cbtlab.models import CBTransformer
+from cbtlab.tracking.mlflow_tracker import CHECKPOINT_TAG
 from cbtlab.train.checkpoint import STATE_FILE, CheckpointError, check_compatible, load_state
 
-CHECKPOINT_TAG = "cbtlab.checkpoint"
 TRIAL_TAG = "cbtlab.trial_id"
 ARTIFACT_DIR = "probes"
 STANDALONE_EXPERIMENT = "interpretability_probe"

@@ -11,9 +11,9 @@ The cost is O(N m p) per head: no N x N matrix is ever formed.
 Two implementations compute the same function (tests hold them together):
 - `forward_reference`: the equations above as written, head by head in batched form. Used to
   count FLOPs (so that counts match the paper's) and as the ground truth.
-- the fused form (the default once N >= 6 m, where it is faster), which folds the projections into the representatives' side so that
-  the N-sized work is three GEMMs per sample on the tokens as they lie, (N, d), with no head
-  split, transposed copies or merge:
+- the fused form (the default once N >= 6 m, where it is faster), which folds the projections
+  into the representatives' side so that the N-sized work is three GEMMs per sample on the
+  tokens as they lie, (N, d), with no head split, transposed copies or merge:
       Qx = s Q0 U_k^T stacked over heads (K m x d)     L = Qx Z^T (K m x N),  A = softmax_r(L)
       A W_k = (A Z) U_k                                  (the m x p aggregation, from A Z: K m x d)
       out = A^T G + b,  G_k = eta_x C_k P_k^T            (P_k: head k's slice of the output map)

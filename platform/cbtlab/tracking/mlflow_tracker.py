@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 TAG_PREFIX = "cbtlab."
 PARENT_TAG = "mlflow.parentRunId"
+# The latest checkpoint of a trial's training run (a folder or URI), set as it is reported.
+CHECKPOINT_TAG = f"{TAG_PREFIX}checkpoint"
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:

@@ -12,6 +12,7 @@ from ray.tune import Callback
 
 from cbtlab.config import ExperimentConfig
 from cbtlab.tracking import StudyTracker
+from cbtlab.tracking.mlflow_tracker import CHECKPOINT_TAG
 from cbtlab.train.loop import Diverged
 from cbtlab.tune.stats import cell_label
 
@@ -119,6 +120,9 @@ class MLflowTrialLogger(Callback):
         }
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         self.tracker.log_metrics(record.run_id, metrics, step=epoch)
+        if result.get("checkpoint_path"):
+            # Where the trial's latest checkpoint lives (the probes and re-runs load it).
+            self.tracker.set_tags(record.run_id, {CHECKPOINT_TAG: str(result["checkpoint_path"])})
         record.epochs = epoch
         record.last = metrics
         for key in BEST_TRACKED:
