@@ -171,14 +171,14 @@ def run_study(spec: StudySpec) -> StudyResult:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from cbtlab.data import prepare_dataset, read_split
+    from cbtlab.data import open_split, prepare_dataset
     from cbtlab.tracking import StudyTracker, git_state, package_versions
     from cbtlab.tune.callbacks import MLflowTrialLogger
 
     spec.validate()
     tracker = StudyTracker(spec.tracking_uri, spec.experiment_name)
     # Build the dataset once on the driver; workers on this machine then find it cached.
-    data_hash = read_split(prepare_dataset(spec.base.data), "train").content_hash
+    data_hash = open_split(prepare_dataset(spec.base.data), "train").content_hash
 
     git = git_state()
     tags = {
