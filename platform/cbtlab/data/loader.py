@@ -37,6 +37,7 @@ import hashlib
 import io
 import logging
 import random
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -57,6 +58,10 @@ log = logging.getLogger(__name__)
 Batch = tuple[Tensor, Tensor]
 # What a stream yields: a batch and the corrupt samples skipped since the previous one.
 CountedBatch = tuple[Tensor, Tensor, int]
+# New loader workers every epoch are forked (cheap) on Linux even where the default start method
+# is "spawn" or "forkserver" (processes started by torch.multiprocessing.spawn, Python >= 3.14),
+# which would re-import torch in every worker every epoch; they never touch CUDA.
+_WORKER_START = "fork" if sys.platform.startswith("linux") else None
 # Corrupt samples logged (with key and shard) per stream before going quiet.
 LOGGED_CORRUPT = 3
 
@@ -186,6 +191,7 @@ class _Epoch:
                 batch_size=None,  # the streams batch themselves
                 num_workers=len(self.dataset.streams),
                 pin_memory=self.pin_memory,
+                multiprocessing_context=_WORKER_START,
             )
         for images, labels, skipped in source:
             self.corrupt_samples += skipped
