@@ -214,6 +214,28 @@ def test_transform_recipes_give_the_right_shapes() -> None:
         build_transforms(img_size=16, mean=[0.1], std=[0.2], augment="flip")
 
 
+def test_imagenet_transforms_match_timms() -> None:
+    from timm.data import create_transform
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ours = build_transforms(img_size=224, mean=mean, std=std, augment="imagenet", crop_pct=0.875)
+    timm_eval = create_transform(224, crop_pct=0.875, interpolation="bicubic", mean=mean, std=std)
+    photo = _photo(500, 375, seed=1)
+    diff = (ours.eval(photo) - timm_eval(photo)).abs()  # uint8 rounding: a level or two
+    assert diff.max() < 0.05 and diff.mean() < 1e-3
+    batch = torch.stack([ours.train(photo), ours.train(photo)])
+    assert type(batch) is torch.Tensor and batch.dtype == torch.float32
+    with_ra = build_transforms(
+        img_size=224,
+        mean=mean,
+        std=std,
+        augment="imagenet",
+        crop_pct=0.875,
+        auto_augment="rand-m9-mstd0.5-inc1",
+    )
+    assert with_ra.train(photo).shape == (3, 224, 224)
+
+
 def test_jpeg_draft_decoding_keeps_the_output_resolution(tmp_path: Path) -> None:
     buf = io.BytesIO()
     _photo(1200, 900).save(buf, format="JPEG", quality=90)
