@@ -321,7 +321,8 @@ class _RankStreams(IterableDataset):
             return
         rng = None
         if self.seed_key is not None:
-            key = f"{self.seed_key}:{worker}"
+            # Worker 0 keeps the single-stream key of earlier versions: same digits batches.
+            key = f"{self.seed_key}:{worker}" if worker else self.seed_key
             _seed_global_generators(key)  # the transforms' randomness
             rng = random.Random(key)
         made = skipped = 0
