@@ -68,9 +68,9 @@ def trained(digits_root: Path):
     )
     model = run_training(cfg, report=lambda metrics, state: None).eval()
     val = read_split(prepare_dataset(cfg.data), "val")
-    _, eval_tf = build_transforms(
-        img_size=cfg.model.img_size, mean=val.extra["mean"], std=val.extra["std"], augment=False
-    )
+    eval_tf = build_transforms(
+        img_size=cfg.model.img_size, mean=val.extra["mean"], std=val.extra["std"]
+    ).eval
     batches = list(eval_batches(val, rank=0, world_size=1, batch_size=120, transform=eval_tf))
     return model, batches
 

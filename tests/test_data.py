@@ -145,7 +145,29 @@ def test_validation_sees_every_sample_once(digits_root: Path) -> None:
     assert torch.bincount(labels, minlength=10).tolist() == expected
 
 
-def test_too_many_ranks_is_a_clear_error(digits_root: Path) -> None:
-    val = read_split(digits_root, "val")
+def test_too_many_ranks_is_a_clear_error_in_training_not_in_evaluation(
+    digits_root: Path,
+) -> None:
+    val = read_split(digits_root, "val")  # 3 shards
     with pytest.raises(ValueError, match="cannot give each of 8 ranks"):
-        next(eval_batches(val, rank=0, world_size=8, batch_size=8, transform=_keys_transform))
+        TrainEpoch(
+            val,
+            rank=0,
+            world_size=8,
+            epoch=0,
+            seed=0,
+            batch_size=8,
+            shuffle_buffer=8,
+            transform=_keys_transform,
+        )
+    # Evaluation: ranks beyond the shard count evaluate nothing; every sample still once.
+    per_rank = [
+        sum(
+            len(y)
+            for _, y in eval_batches(
+                val, rank=r, world_size=8, batch_size=64, transform=_keys_transform
+            )
+        )
+        for r in range(8)
+    ]
+    assert sum(per_rank) == 360 and per_rank[3:] == [0] * 5

@@ -2,6 +2,7 @@
 
 cbtlab study rep-count [flags]  the representative-count ablation (= studies/rep_count_ablation.py)
 cbtlab data digits              build (or verify) the built-in digits shards; print where they are
+cbtlab data shards --set data.root=PATH_OR_URL   read a prebuilt dataset's card; print its splits
 cbtlab config [--set k=v ...]   print the default experiment config, flattened, after overrides
 cbtlab where                    print where cbtlab keeps data, MLflow and Ray results
 cbtlab study variants|step-init [flags]   the attention-variant / step-size studies (studies/*.py)
@@ -31,8 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser(
         "train", help="one training run (see `cbtlab train --help`)", add_help=False
     )
-    data = commands.add_parser("data", help="build a built-in dataset's shards")
-    data.add_argument("dataset", choices=["digits"])
+    data = commands.add_parser("data", help="build a built-in dataset's shards, or check a card")
+    data.add_argument("dataset", choices=["digits", "shards"])
     add_override_argument(data)
     config = commands.add_parser("config", help="print the experiment config")
     add_override_argument(config)
@@ -58,18 +59,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Ray results   {ray_results_home()}")
         return 0
     try:
-        cfg = ExperimentConfig().with_overrides(dict(map(parse_override, args.overrides)))
+        overrides = dict(map(parse_override, args.overrides))
+        if args.command == "data":
+            overrides["data.dataset"] = args.dataset
+        cfg = ExperimentConfig().with_overrides(overrides)
     except ConfigError as exc:
         parser.error(str(exc))
     if args.command == "config":
         for key, value in cfg.flat().items():
             print(f"{key} = {value}")
         return 0
-    from cbtlab.data import prepare_dataset, read_split
+    from cbtlab.data import open_split, prepare_dataset
 
     root = prepare_dataset(cfg.data)
     for split in ("train", "val"):
-        shards = read_split(root, split)
+        shards = open_split(root, split)
         print(f"{split}: {shards.num_samples} samples in {len(shards.shards)} shards")
     print(f"at {root}")
     return 0

@@ -59,6 +59,10 @@ def format_grid(grid: Grid) -> str:
     return f"{grid[0]}x{grid[1]}"
 
 
+# The prefixes of timm's augmentation strings (timm.data.auto_augment).
+AUTO_AUGMENT_KINDS = ("rand", "augmix", "original", "v0", "3a")
+
+
 def _choice(field_name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
@@ -191,9 +195,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Which dataset, where its shards live, and how batches are formed."""
+    """Which dataset, where its shards live, how images are augmented and batches formed."""
 
+    # "digits": the built-in dataset, sharded on first use; "shards": a prebuilt shard folder or
+    # URL (data.root) holding a dataset card (card.json).
     dataset: str = "digits"
+    # The prebuilt shards (data.dataset="shards"): a folder, a URL (http(s)://, s3://, ... read
+    # through webdataset or fsspec) or a "pipe:" command with "{}" for the file name.
+    root: str = ""
     # Folder for the built-in dataset's shards; empty means `<CBTLAB_HOME>/data`.
     cache_dir: str = ""
     val_fraction: float = 0.2
@@ -202,15 +211,58 @@ class DataConfig:
     # Global batch size, split evenly over the training workers.
     batch_size: int = 64
     shuffle_buffer: int = 512
-    augment: bool = False
+    # DataLoader worker processes per training worker (0: decode in the training process).
+    # Give the Ray workers the CPUs for them (train.cpus_per_worker).
+    loader_workers: int = 0
+    # Training augmentation: "none"; "digits" (a mild random affine warp); "imagenet" (the
+    # paper's random-resized crop, scale (0.08, 1), and horizontal flip); "auto": "none" for the
+    # digits, "imagenet" for prebuilt shards.
+    augment: str = "auto"
+    # A timm RandAugment/AutoAugment string added to "imagenet" augmentation, e.g.
+    # "rand-m9-mstd0.5-inc1"; empty: none.
+    auto_augment: str = ""
+    # Evaluation of prebuilt shards: the shorter side resized to img_size / crop_pct, then a
+    # centre crop of img_size (the digits are resized whole).
+    crop_pct: float = 0.875
+    # Decode JPEGs at a reduced scale (libjpeg's DCT scaling) when the transform would shrink
+    # them further anyway; never below the resolution the output needs.
+    jpeg_draft: bool = True
 
     def validate(self) -> None:
-        _choice("data.dataset", self.dataset, ("digits",))
+        _choice("data.dataset", self.dataset, ("digits", "shards"))
+        if self.dataset == "shards" and not self.root:
+            raise ConfigError("data.root", 'set the shard folder or URL for data.dataset="shards"')
         if not 0 < self.val_fraction < 1:
             raise ConfigError("data.val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
         _positive("data.samples_per_shard", self.samples_per_shard)
         _positive("data.batch_size", self.batch_size)
         _positive("data.shuffle_buffer", self.shuffle_buffer)
+        _positive("data.loader_workers", self.loader_workers, allow_zero=True)
+        _choice("data.augment", self.augment, ("auto", "none", "digits", "imagenet"))
+        if self.auto_augment and self.train_augment != "imagenet":
+            raise ConfigError(
+                "data.auto_augment", 'goes with data.augment="imagenet" (or "auto" on shards)'
+            )
+        if self.auto_augment and not self.auto_augment.startswith(AUTO_AUGMENT_KINDS):
+            raise ConfigError(
+                "data.auto_augment",
+                f"{self.auto_augment!r} is not a timm augmentation string starting with one of "
+                f"{', '.join(AUTO_AUGMENT_KINDS)}",
+            )
+        if not 0 < self.crop_pct <= 1:
+            raise ConfigError("data.crop_pct", f"must be in (0, 1], got {self.crop_pct!r}")
+
+    @property
+    def train_augment(self) -> str:
+        """`augment` with "auto" resolved for this dataset."""
+        if self.augment != "auto":
+            return self.augment
+        return "none" if self.dataset == "digits" else "imagenet"
+
+    @property
+    def eval_crop_pct(self) -> float | None:
+        """The evaluation crop fraction; None: resize whole images (the digits)."""
+        return None if self.dataset == "digits" else self.crop_pct
 
 
 @dataclass

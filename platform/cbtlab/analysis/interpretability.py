@@ -123,12 +123,12 @@ def validation_data(
     """The first `max_images` validation images of the run's dataset in batches of the run's
     `data.batch_size`, with the evaluation transform, and the (mean, std) they were
     normalised with. (The one place that knows the data API.)"""
-    from cbtlab.data import eval_batches, prepare_dataset, read_split
-    from cbtlab.data.transforms import build_transforms
+    from cbtlab.data import eval_batches, open_split, prepare_dataset, transforms_for
+    from cbtlab.data.transforms import image_stats
 
-    val = read_split(prepare_dataset(cfg.data), "val")
-    mean, std = val.extra["mean"], val.extra["std"]
-    _, eval_tf = build_transforms(img_size=cfg.model.img_size, mean=mean, std=std, augment=False)
+    val = open_split(prepare_dataset(cfg.data), "val")
+    _, mean, std = image_stats(val)
+    eval_tf = transforms_for(cfg.data, cfg.model.img_size, val).eval
     batches, count = [], 0
     for images, labels in eval_batches(
         val, rank=0, world_size=1, batch_size=cfg.data.batch_size, transform=eval_tf

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cbtlab.config import DataConfig
+from cbtlab.config import DataConfig, ModelConfig
 from cbtlab.data.digits import ensure_digits
-from cbtlab.data.loader import TrainEpoch, eval_batches
+from cbtlab.data.loader import ShardReadError, TrainEpoch, eval_batches
+from cbtlab.data.remote import open_split
 from cbtlab.data.shards import ShardSet, read_split
+from cbtlab.data.transforms import Transforms, build_transforms, image_stats
 from cbtlab.paths import data_home
 
-__all__ = ["ShardSet", "TrainEpoch", "eval_batches", "prepare_dataset", "read_split"]
+__all__ = [
+    "ShardReadError",
+    "ShardSet",
+    "TrainEpoch",
+    "Transforms",
+    "check_dataset_fits",
+    "eval_batches",
+    "open_split",
+    "prepare_dataset",
+    "read_split",
+    "transforms_for",
+]
 
 
-def prepare_dataset(cfg: DataConfig) -> Path:
-    """Make sure the configured dataset's shards exist; return their folder."""
+def prepare_dataset(cfg: DataConfig) -> Path | str:
+    """Make sure the configured dataset's shards exist; return their folder (or URL), for
+    `open_split`."""
+    if cfg.dataset == "shards":
+        return cfg.root
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else data_home()
     if cfg.dataset == "digits":
         return ensure_digits(
@@ -24,3 +40,31 @@ def prepare_dataset(cfg: DataConfig) -> Path:
             samples_per_shard=cfg.samples_per_shard,
         )
     raise ValueError(f"unknown dataset {cfg.dataset!r}")
+
+
+def transforms_for(cfg: DataConfig, img_size: int, shardset: ShardSet) -> Transforms:
+    """The configured recipe, normalised with the dataset card's statistics."""
+    _, mean, std = image_stats(shardset)
+    return build_transforms(
+        img_size=img_size,
+        mean=mean,
+        std=std,
+        augment=cfg.train_augment,
+        crop_pct=cfg.eval_crop_pct,
+        auto_augment=cfg.auto_augment,
+    )
+
+
+def check_dataset_fits(model: ModelConfig, shardset: ShardSet) -> None:
+    """Raise ValueError if the model's input channels or classes differ from the dataset's."""
+    channels, _, _ = image_stats(shardset)
+    if channels != model.in_chans:
+        raise ValueError(
+            f"dataset {shardset.name!r} has {channels}-channel images; "
+            f"set model.in_chans={channels}"
+        )
+    if shardset.num_classes != model.num_classes:
+        raise ValueError(
+            f"dataset {shardset.name!r} has {shardset.num_classes} classes; "
+            f"set model.num_classes={shardset.num_classes}"
+        )

@@ -1,49 +1,205 @@
-"""Streaming WebDataset shards to the ranks of a data-parallel run.
+"""Streaming WebDataset shards to the ranks of a data-parallel run and their DataLoader workers.
 
-Training: every epoch the shard order is shuffled with (seed, epoch), rank r takes shards
-r, r + world, ...; samples pass through a seeded shuffle buffer. Every rank yields the same
-number of full batches (the smallest rank's count), so no rank waits at the end of an epoch
-for a collective the others never join. Validation: each shard goes to exactly one rank and
-is read whole, so every sample is evaluated exactly once across ranks.
+Streams. An epoch's shard order is shuffled with (seed, epoch); rank r of R takes shards
+r, r + R, ...; DataLoader worker w of its W takes every W-th of those. Each (rank, worker)
+stream reads its tars in order, shuffles samples in a buffer seeded by (seed, epoch, rank,
+worker), decodes them, applies the transform (the global random/NumPy/torch generators seeded
+from the same four) and forms its own batches; the DataLoader hands its workers' batches out
+round-robin, in order. An epoch's batches on a rank are thus a function of (seed, epoch, rank)
+and W, never of timing, so a mid-epoch resume could rebuild the epoch and skip k batches.
+`loader_workers=0` runs the one stream in the training process: the batches of one worker.
+
+Equal batches. Each stream's batch quota comes from the card's per-shard counts: a rank yields
+`steps` = the smallest, over ranks, of the full batches its streams hold, spread over its
+streams as evenly as their samples allow. Every rank runs the same number of steps, so none
+waits at the end of an epoch for a collective the others never join. W is lowered (to at least
+one) when there are fewer than R x W shards, so that every stream holds a shard.
+
+Corrupt samples. A sample whose image or label fails to decode is skipped and counted (the count
+travels with the batches; `corrupt_samples` after an epoch). A training stream that skipped so
+many that it runs short of its quota reads its shards again (a top-up pass, the shuffle going
+on), so every rank still yields exactly `steps` batches and needs no extra collective; the price
+is that a few samples are seen twice in that epoch. A pass that decodes nothing raises.
+
+Validation. Each shard goes to exactly one (rank, worker) stream and is read whole, the last
+batch of each stream partial, so every decodable sample is evaluated exactly once across ranks.
+Ranks may get unequal numbers of batches (evaluation sums over ranks once, at the end); a rank
+beyond the shard count evaluates nothing.
+
+Errors. A shard that cannot be opened or read, or that holds another number of samples than its
+card says, raises `ShardReadError` naming it: never a silently short epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import logging
 import random
-from collections.abc import Callable, Iterator
-from itertools import islice
-from typing import Any
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
 
+import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from cbtlab.data.remote import open_url
 from cbtlab.data.shards import ShardInfo, ShardSet
 
+log = logging.getLogger(__name__)
+
 Batch = tuple[Tensor, Tensor]
+# What a stream yields: a batch and the corrupt samples skipped since the previous one.
+CountedBatch = tuple[Tensor, Tensor, int]
+# New loader workers every epoch are forked (cheap) on Linux even where the default start method
+# is "spawn" or "forkserver" (processes started by torch.multiprocessing.spawn, Python >= 3.14),
+# which would re-import torch in every worker every epoch; they never touch CUDA.
+_WORKER_START = "fork" if sys.platform.startswith("linux") else None
+# Corrupt samples logged (with key and shard) per stream before going quiet.
+LOGGED_CORRUPT = 3
 
 
-def _rank_shards(shards: list[ShardInfo], rank: int, world_size: int) -> list[ShardInfo]:
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside a world of size {world_size}")
+class ShardReadError(OSError):
+    """A shard could not be opened or read, or disagrees with its card; the message names it."""
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The shards one (rank, worker) reads, and its batch quota (None: all, last partial)."""
+
+    shards: tuple[ShardInfo, ...]
+    batches: int | None = None
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Every rank's streams (`streams[rank][worker]`) and the training batches per rank."""
+
+    streams: tuple[tuple[Stream, ...], ...]
+    steps: int = 0
+
+
+def usable_workers(num_shards: int, world_size: int, workers: int) -> int:
+    """Training streams per rank: `workers` (at least one), fewer if some would get no shard."""
+    return max(1, min(workers, num_shards // world_size))
+
+
+def plan_train_epoch(
+    shardset: ShardSet, *, world_size: int, workers: int, epoch: int, seed: int, batch_size: int
+) -> EpochPlan:
+    """The streams of one training epoch, the same on every rank (see the module docstring)."""
+    shards = list(shardset.shards)
     if len(shards) < world_size:
         raise ValueError(
-            f"{len(shards)} shards cannot give each of {world_size} ranks at least one; "
-            "write smaller shards or use fewer workers"
+            f"the {shardset.split} split's {len(shards)} shards cannot give each of {world_size} "
+            "ranks at least one; write smaller shards or use fewer workers"
         )
-    return shards[rank::world_size]
+    random.Random(f"{seed}:{epoch}").shuffle(shards)
+    count = usable_workers(len(shards), world_size, workers)
+    slots = [
+        [tuple(shards[rank::world_size][w::count]) for w in range(count)]
+        for rank in range(world_size)
+    ]
+    caps = [[sum(s.num_samples for s in slot) // batch_size for slot in rank] for rank in slots]
+    steps = min(sum(rank_caps) for rank_caps in caps)
+    if steps == 0:
+        smallest = min(sum(s.num_samples for s in slot) for rank in slots for slot in rank)
+        raise ValueError(
+            f"a stream ({world_size} ranks x {count} loader workers) holds only {smallest} "
+            f"training samples this epoch, fewer than one batch of {batch_size}; lower "
+            "data.batch_size, data.loader_workers or the number of workers"
+        )
+    streams = tuple(
+        tuple(
+            Stream(slot, quota)
+            for slot, quota in zip(rank_slots, _spread(steps, rank_caps), strict=True)
+        )
+        for rank_slots, rank_caps in zip(slots, caps, strict=True)
+    )
+    return EpochPlan(streams, steps)
 
 
-def epoch_assignment(
-    shardset: ShardSet, *, world_size: int, epoch: int, seed: int
-) -> list[list[ShardInfo]]:
-    """The shards of each rank for one training epoch (the same on every rank)."""
-    order = list(shardset.shards)
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return [_rank_shards(order, r, world_size) for r in range(world_size)]
+def plan_eval(shardset: ShardSet, *, world_size: int, workers: int) -> EpochPlan:
+    """Every shard to exactly one (rank, worker) stream, read whole."""
+    streams = []
+    for rank in range(world_size):
+        mine = shardset.shards[rank::world_size]
+        count = min(max(1, workers), len(mine))
+        streams.append(tuple(Stream(tuple(mine[w::count])) for w in range(count)))
+    return EpochPlan(tuple(streams))
 
 
-class TrainEpoch:
+def _spread(total: int, caps: list[int]) -> list[int]:
+    """`total` batches over streams holding at most `caps`, as evenly as they allow."""
+    quotas = [0] * len(caps)
+    while total:
+        for i, cap in enumerate(caps):
+            if total and quotas[i] < cap:
+                quotas[i] += 1
+                total -= 1
+    return quotas
+
+
+class _Epoch:
+    """One rank's epoch: iterating yields (images, labels); `corrupt_samples` then counts the
+    samples skipped while reading it."""
+
+    def __init__(
+        self,
+        shardset: ShardSet,
+        streams: tuple[Stream, ...],
+        *,
+        batch_size: int,
+        transform: Callable[[Any], Tensor],
+        loader_workers: int,
+        decode_size: int | None,
+        pin_memory: bool,
+        shuffle_buffer: int = 0,
+        seed_key: str | None = None,
+    ) -> None:
+        self.dataset = _RankStreams(
+            streams,
+            batch_size=batch_size,
+            transform=transform,
+            image_ext=shardset.image_ext,
+            mode="L" if shardset.extra.get("channels", 3) == 1 else "RGB",
+            decode_size=decode_size,
+            shuffle_buffer=shuffle_buffer,
+            seed_key=seed_key,
+        )
+        self.loader_workers = loader_workers
+        self.pin_memory = pin_memory
+        self.corrupt_samples = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.corrupt_samples = 0
+        if not self.dataset.streams:
+            return
+        source: Iterable[CountedBatch]
+        if self.loader_workers == 0:
+            source = self.dataset
+        else:
+            source = DataLoader(
+                self.dataset,
+                batch_size=None,  # the streams batch themselves
+                num_workers=len(self.dataset.streams),
+                pin_memory=self.pin_memory,
+                multiprocessing_context=_WORKER_START,
+            )
+        for images, labels, skipped in source:
+            self.corrupt_samples += skipped
+            if len(labels):
+                yield images, labels
+
+
+class TrainEpoch(_Epoch):
     """One epoch of training batches for one rank; `len()` is the same on every rank."""
 
     def __init__(
@@ -57,37 +213,43 @@ class TrainEpoch:
         batch_size: int,
         shuffle_buffer: int,
         transform: Callable[[Any], Tensor],
+        loader_workers: int = 0,
+        decode_size: int | None = None,
+        pin_memory: bool = False,
     ) -> None:
-        assignment = epoch_assignment(shardset, world_size=world_size, epoch=epoch, seed=seed)
-        per_rank = [sum(s.num_samples for s in shards) for shards in assignment]
-        self.steps = min(per_rank) // batch_size
-        if self.steps == 0:
-            raise ValueError(
-                f"a rank holds only {min(per_rank)} training samples this epoch, fewer than one "
-                f"batch of {batch_size}; lower data.batch_size or the number of workers"
-            )
-        self.urls = [s.path for s in assignment[rank]]
-        self.rng = random.Random(f"{seed}:{epoch}:{rank}")
-        self.batch_size = batch_size
-        self.shuffle_buffer = shuffle_buffer
-        self.transform = transform
-        self.image_ext = shardset.image_ext
-        self.decoder = _decoder(shardset)
+        _check_rank(rank, world_size)
+        self.plan = plan_train_epoch(
+            shardset,
+            world_size=world_size,
+            workers=max(1, loader_workers),
+            epoch=epoch,
+            seed=seed,
+            batch_size=batch_size,
+        )
+        self.steps = self.plan.steps
+        self.rank = rank
+        super().__init__(
+            shardset,
+            self.plan.streams[rank],
+            batch_size=batch_size,
+            transform=transform,
+            loader_workers=loader_workers,
+            decode_size=decode_size,
+            pin_memory=pin_memory,
+            shuffle_buffer=shuffle_buffer,
+            seed_key=f"{seed}:{epoch}:{rank}",
+        )
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[Batch]:
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            wds.tarfile_to_samples(),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=self.rng),
-            wds.decode(self.decoder),
-            wds.to_tuple(self.image_ext, "cls"),
-            wds.map_tuple(self.transform, int),
-            wds.batched(self.batch_size, partial=False, collation_fn=_collate),
-        )
-        return islice(iter(pipeline), self.steps)
+        made = 0
+        for batch in super().__iter__():
+            made += 1
+            yield batch
+        if made != self.steps:  # the streams' quotas add up to `steps`; a guard, not a path
+            raise RuntimeError(f"rank {self.rank} got {made} of its {self.steps} planned batches")
 
 
 def eval_batches(
@@ -97,25 +259,200 @@ def eval_batches(
     world_size: int,
     batch_size: int,
     transform: Callable[[Any], Tensor],
-) -> Iterator[Batch]:
-    """This rank's share of an evaluation split, every sample once, the last batch partial."""
-    urls = [s.path for s in _rank_shards(list(shardset.shards), rank, world_size)]
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(urls),
-        wds.tarfile_to_samples(),
-        wds.decode(_decoder(shardset)),
-        wds.to_tuple(shardset.image_ext, "cls"),
-        wds.map_tuple(transform, int),
-        wds.batched(batch_size, partial=True, collation_fn=_collate),
+    loader_workers: int = 0,
+    decode_size: int | None = None,
+    pin_memory: bool = False,
+) -> _Epoch:
+    """This rank's share of an evaluation split, every sample once, each stream's last batch
+    partial; iterate it (once per evaluation), then read its `corrupt_samples`."""
+    _check_rank(rank, world_size)
+    plan = plan_eval(shardset, world_size=world_size, workers=loader_workers)
+    return _Epoch(
+        shardset,
+        plan.streams[rank],
+        batch_size=batch_size,
+        transform=transform,
+        loader_workers=loader_workers,
+        decode_size=decode_size,
+        pin_memory=pin_memory,
     )
-    return iter(pipeline)
 
 
-def _decoder(shardset: ShardSet) -> str:
-    """webdataset's PIL decoder: greyscale ("pill") for one-channel datasets, else RGB."""
-    return "pill" if shardset.extra.get("channels", 3) == 1 else "pil"
+def _check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of size {world_size}")
+
+
+class _RankStreams(IterableDataset):
+    """A rank's streams as a torch dataset: DataLoader worker w (or the training process,
+    without workers) runs stream w and yields its `CountedBatch`es."""
+
+    def __init__(
+        self,
+        streams: tuple[Stream, ...],
+        *,
+        batch_size: int,
+        transform: Callable[[Any], Tensor],
+        image_ext: str,
+        mode: str,
+        decode_size: int | None,
+        shuffle_buffer: int,
+        seed_key: str | None,
+    ) -> None:
+        self.streams = streams
+        self.batch_size = batch_size
+        self.transform = transform
+        self.image_ext = image_ext
+        self.mode = mode
+        self.decode_size = decode_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed_key = seed_key
+
+    def __iter__(self) -> Iterator[CountedBatch]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if workers != len(self.streams):
+            raise RuntimeError(f"{workers} loader workers for {len(self.streams)} streams")
+        return self._run(worker)
+
+    def _run(self, worker: int) -> Iterator[CountedBatch]:
+        stream = self.streams[worker]
+        if stream.batches == 0:
+            return
+        rng = None
+        if self.seed_key is not None:
+            # Worker 0 keeps the single-stream key of earlier versions: same digits batches.
+            key = f"{self.seed_key}:{worker}" if worker else self.seed_key
+            _seed_global_generators(key)  # the transforms' randomness
+            rng = random.Random(key)
+        made = skipped = 0
+        corrupt: set[tuple[str, str]] = set()  # counted once, though a top-up meets them again
+        pending: list[tuple[Tensor, int]] = []
+        while True:
+            decoded = 0
+            samples: Iterator[dict[str, Any]] = _read_shards(stream.shards)
+            if rng is not None:
+                samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
+                    samples
+                )
+            for sample in samples:
+                item = self._decode(sample, logged=len(corrupt) < LOGGED_CORRUPT)
+                if item is None:
+                    where = (sample["__url__"], sample["__key__"])
+                    if where not in corrupt:
+                        corrupt.add(where)
+                        skipped += 1
+                    continue
+                decoded += 1
+                pending.append((self.transform(item[0]), item[1]))
+                if len(pending) == self.batch_size:
+                    yield (*_collate(pending), skipped)
+                    made, skipped, pending = made + 1, 0, []
+                    if made == stream.batches:
+                        return
+            if stream.batches is None:
+                if pending or skipped:
+                    yield (*_collate(pending), skipped)
+                return
+            if decoded == 0:
+                raise ValueError(
+                    f"no sample of {', '.join(s.path for s in stream.shards)} decodes; "
+                    "the shards are corrupt"
+                )
+            log.warning(
+                "a stream ran %d batches short of its %d after skipping corrupt samples; "
+                "reading its shards again to fill them",
+                stream.batches - made,
+                stream.batches,
+            )
+
+    def _decode(self, sample: dict[str, Any], *, logged: bool) -> tuple[Image.Image, int] | None:
+        """The sample's image in `mode` and its label; None (and a log line) if either fails."""
+        try:
+            image = Image.open(io.BytesIO(sample[self.image_ext]))
+            if self.decode_size and image.format == "JPEG":
+                # libjpeg's DCT scaling: both sides stay >= decode_size (see transforms.py).
+                image.draft(self.mode, (self.decode_size, self.decode_size))
+            image.load()
+            if image.mode != self.mode:
+                image = image.convert(self.mode)
+            return image, int(sample["cls"])
+        except Exception as exc:  # any decoder failure means a corrupt sample
+            if logged:
+                key, url = sample["__key__"], sample["__url__"]
+                log.warning("skipping corrupt sample %s in %s: %r", key, url, exc)
+            return None
+
+
+def _seed_global_generators(key: str) -> None:
+    value = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+def _read_shards(shards: Iterable[ShardInfo]) -> Iterator[dict[str, Any]]:
+    for shard in shards:
+        yield from _read_shard(shard)
+
+
+def _read_shard(shard: ShardInfo) -> Iterator[dict[str, Any]]:
+    """The samples of one tar shard ({"__key__", "__url__", ext: bytes, ...}), checked against
+    its card's count when read to the end."""
+    url = shard.path
+    try:
+        stream = open_url(url)
+    except Exception as exc:
+        raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
+    count, finished = 0, False
+    try:
+        for sample in _group(tar_file_iterator(stream), url):
+            count += 1
+            yield sample
+        finished = True
+    except Exception as exc:
+        raise ShardReadError(f"cannot read shard {url} (after {count} samples): {exc}") from exc
+    finally:
+        _close(stream, url, early=not finished)
+    if count != shard.num_samples:
+        raise ShardReadError(
+            f"shard {url} holds {count} samples, its dataset card says {shard.num_samples}"
+        )
+
+
+def _group(files: Iterable[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
+    """Consecutive tar members with the same key (the name up to its first dot) as one sample."""
+    sample: dict[str, Any] = {}
+    for member in files:
+        key, ext = base_plus_ext(member["fname"])
+        if key is None:
+            continue
+        if key != sample.get("__key__"):
+            if sample:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        sample[ext.lower()] = member["data"]
+    if sample:
+        yield sample
+
+
+def _close(stream: IO[bytes], url: str, *, early: bool) -> None:
+    if early:
+        # Stopped early (quota reached, or an error): a pipe's command is killed, not awaited.
+        proc = getattr(stream, "proc", None)
+        if proc is not None:
+            proc.kill()
+        with contextlib.suppress(Exception):
+            stream.close()
+        return
+    try:
+        stream.close()  # a pipe reports its command's exit status here
+    except Exception as exc:
+        raise ShardReadError(f"cannot read shard {url}: {exc}") from exc
 
 
 def _collate(samples: list[tuple[Tensor, int]]) -> Batch:
+    if not samples:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
     images, labels = zip(*samples, strict=True)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)

@@ -7,6 +7,7 @@ thin Ray Train entry point around it.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import tempfile
@@ -21,8 +22,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cbtlab.config import ExperimentConfig
-from cbtlab.data import TrainEpoch, eval_batches, prepare_dataset, read_split
-from cbtlab.data.transforms import build_transforms
+from cbtlab.data import (
+    TrainEpoch,
+    check_dataset_fits,
+    eval_batches,
+    open_split,
+    prepare_dataset,
+    transforms_for,
+)
+from cbtlab.data.loader import usable_workers
 from cbtlab.models import build_model
 from cbtlab.train.checkpoint import (
     check_compatible,
@@ -31,6 +39,8 @@ from cbtlab.train.checkpoint import (
     mark_diverged,
     save_state,
 )
+
+log = logging.getLogger(__name__)
 
 # report(metrics, checkpoint_state): called once per epoch on every rank; the state (a dict for
 # `checkpoint.save_state`) is given on rank 0 at checkpoint epochs, else None.
@@ -194,13 +204,21 @@ def run_training(
         )
     batch_size = cfg.data.batch_size // world_size
     root = prepare_dataset(cfg.data)
-    train_set, val_set = read_split(root, "train"), read_split(root, "val")
-    train_tf, eval_tf = build_transforms(
-        img_size=cfg.model.img_size,
-        mean=train_set.extra["mean"],
-        std=train_set.extra["std"],
-        augment=cfg.data.augment,
-    )
+    train_set, val_set = open_split(root, "train"), open_split(root, "val")
+    check_dataset_fits(cfg.model, train_set)
+    tf = transforms_for(cfg.data, cfg.model.img_size, train_set)
+    draft = cfg.data.jpeg_draft
+    workers = cfg.data.loader_workers
+    usable = usable_workers(len(train_set.shards), world_size, workers)
+    if rank == 0 and workers > usable:
+        log.warning(
+            "data.loader_workers=%d, but %d training shards over %d ranks feed only %d per rank",
+            workers,
+            len(train_set.shards),
+            world_size,
+            usable,
+        )
+    pin_memory = device.type == "cuda"
 
     model = build_model(cfg.model).to(device)
     wrapped = prepare_model(model)
@@ -217,16 +235,19 @@ def run_training(
             seed=cfg.train.seed,
             batch_size=batch_size,
             shuffle_buffer=cfg.data.shuffle_buffer,
-            transform=train_tf,
+            transform=tf.train,
+            loader_workers=workers,
+            decode_size=tf.train_decode_size if draft else None,
+            pin_memory=pin_memory,
         )
 
     probe_images = None
     if cfg.train.probe_every:
         # The same images on every rank, so every rank reports the same values.
         probe = eval_batches(
-            val_set, rank=0, world_size=1, batch_size=cfg.train.probe_samples, transform=eval_tf
+            val_set, rank=0, world_size=1, batch_size=cfg.train.probe_samples, transform=tf.eval
         )
-        probe_images = next(probe)[0].to(device)
+        probe_images = next(iter(probe))[0].to(device)
 
     steps_per_epoch = len(epoch_data(0))
     scheduler = warmup_cosine(
@@ -250,12 +271,14 @@ def run_training(
         wrapped.train()
         start = time.perf_counter()
         loss_sum = correct = count = 0.0
-        for step, (images, labels) in enumerate(epoch_data(epoch)):
+        train_data = epoch_data(epoch)
+        for step, (images, labels) in enumerate(train_data):
             if failure == (epoch, step, rank):
                 raise InjectedFailure(
                     f"injected failure at epoch {epoch}, step {step}, rank {rank}"
                 )
-            images, labels = images.to(device), labels.to(device)
+            images = images.to(device, non_blocking=pin_memory)
+            labels = labels.to(device, non_blocking=pin_memory)
             logits = wrapped(images)
             loss = loss_fn(logits, labels)
             # Every rank learns of a non-finite loss on any rank at the same step, so all stop
@@ -272,7 +295,9 @@ def run_training(
             correct += (logits.argmax(-1) == labels).sum().item()
             count += labels.numel()
         train_time = time.perf_counter() - start
-        loss_sum, correct, count = _all_sum([loss_sum, correct, count])
+        loss_sum, correct, count, corrupt = _all_sum(
+            [loss_sum, correct, count, train_data.corrupt_samples]
+        )
         metrics = {
             "epoch": epoch + 1,
             "train/loss": loss_sum / count,
@@ -280,21 +305,20 @@ def run_training(
             "train/lr": scheduler.get_last_lr()[0],
             "throughput/train_img_s": count / train_time,
             "time/train_epoch_s": train_time,
+            "data/corrupt_samples": corrupt,
         }
-        metrics.update(
-            evaluate(
-                model,
-                eval_batches(
-                    val_set,
-                    rank=rank,
-                    world_size=world_size,
-                    batch_size=batch_size,
-                    transform=eval_tf,
-                ),
-                eval_loss,
-                device,
-            )
+        val_data = eval_batches(
+            val_set,
+            rank=rank,
+            world_size=world_size,
+            batch_size=batch_size,
+            transform=tf.eval,
+            loader_workers=workers,
+            decode_size=tf.eval_decode_size if draft else None,
+            pin_memory=pin_memory,
         )
+        metrics.update(evaluate(model, val_data, eval_loss, device))
+        (metrics["val/corrupt_samples"],) = _all_sum([val_data.corrupt_samples])
         metrics["time/epoch_s"] = time.perf_counter() - start
         if cfg.train.probe_every and (epoch + 1) % cfg.train.probe_every == 0:
             metrics.update(compression_metrics(model, probe_images))

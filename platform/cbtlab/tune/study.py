@@ -110,8 +110,9 @@ class StudySpec:
                 raise ConfigError(key, f"not a config field; fields: {', '.join(sorted(known))}")
             if not values:
                 raise ConfigError(key, "no values to search")
-            for value in values:  # each value must give a valid config on its own
-                self.base.with_overrides({key: value})
+            if not self.cells:  # explicit cells are checked whole below (values may pair up)
+                for value in values:  # each value must give a valid config on its own
+                    self.base.with_overrides({key: value})
         for point in self.initial_points:
             if set(point) != set(self.space):
                 raise ConfigError(
@@ -340,14 +341,14 @@ def run_study(spec: StudySpec) -> StudyResult:
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    from cbtlab.data import prepare_dataset, read_split
+    from cbtlab.data import open_split, prepare_dataset
     from cbtlab.tracking import StudyTracker, git_state, package_versions
     from cbtlab.tune.callbacks import MLflowTrialLogger
 
     spec.validate()
     tracker = StudyTracker(spec.tracking_uri, spec.experiment_name)
     # Build the dataset once on the driver; workers on this machine then find it cached.
-    data_hash = read_split(prepare_dataset(spec.base.data), "train").content_hash
+    data_hash = open_split(prepare_dataset(spec.base.data), "train").content_hash
 
     git = git_state()
     tags = {

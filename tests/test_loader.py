@@ -1,0 +1,287 @@
+"""The training-side loader: ranks x DataLoader workers, corrupt samples, errors, transforms."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cbtlab.config import ExperimentConfig
+from cbtlab.data import ShardReadError, ShardSet, TrainEpoch, eval_batches, open_split, read_split
+from cbtlab.data.loader import plan_train_epoch
+from cbtlab.data.shards import Sample, write_card, write_split
+from cbtlab.data.transforms import build_transforms
+
+CORRUPT = b"\x89PNG\r\n\x1a\n but not really"
+
+
+def _numbered(
+    out: Path, count: int, per_shard: int, *, corrupt: frozenset[int] = frozenset()
+) -> ShardSet:
+    """Train and val splits of `count` 8 x 8 PNGs whose first two pixels spell their number;
+    the numbers in `corrupt` get bytes that no decoder reads."""
+
+    def samples(offset: int):
+        for i in range(offset, offset + count):
+            pixels = np.zeros((8, 8), dtype=np.uint8)
+            pixels[0, 0], pixels[0, 1] = divmod(i, 256)
+            buf = io.BytesIO()
+            Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+            image = CORRUPT if i in corrupt else buf.getvalue()
+            yield Sample(key=f"s{i:05d}", image=image, ext="png", label=i % 10)
+
+    out.mkdir(parents=True, exist_ok=True)
+    train, train_rows = write_split(samples(0), out, "train", per_shard)
+    val, val_rows = write_split(samples(10_000), out, "val", per_shard)
+    extra = {"channels": 1, "mean": [0.1], "std": [0.2]}
+    write_card(
+        out,
+        "numbered",
+        {"train": train, "val": val},
+        train_rows + val_rows,
+        num_classes=10,
+        image_ext="png",
+        extra=extra,
+    )
+    return read_split(out, "train")
+
+
+def _number(img: Image.Image) -> torch.Tensor:
+    high, low = img.getpixel((0, 0)), img.getpixel((1, 0))
+    return torch.tensor(high * 256 + low)
+
+
+def _jittery_number(img: Image.Image) -> torch.Tensor:
+    """`_number`, after an unseeded random pause: worker timing must not change the order."""
+    time.sleep(int.from_bytes(os.urandom(1), "little") / 100_000)
+    return _number(img)
+
+
+def _train(shardset: ShardSet, rank: int, world: int, *, epoch: int = 0, **kw) -> TrainEpoch:
+    args = {"seed": 0, "batch_size": 8, "shuffle_buffer": 16, "transform": _number, **kw}
+    return TrainEpoch(shardset, rank=rank, world_size=world, epoch=epoch, **args)
+
+
+def _batches(loader) -> list[list[int]]:
+    return [[int(n) for n in numbers] for numbers, _ in loader]
+
+
+def test_ranks_x_workers_see_every_sample_once(tmp_path: Path) -> None:
+    shardset = _numbered(tmp_path, count=192, per_shard=24)  # 8 shards, 2 per stream
+    per_rank = [_batches(_train(shardset, r, 2, loader_workers=2)) for r in range(2)]
+    assert [len(b) for b in per_rank] == [12, 12]  # 2 workers x 48 samples / 8 per batch
+    seen = [n for batches in per_rank for batch in batches for n in batch]
+    assert sorted(seen) == list(range(192))
+
+
+def test_uneven_streams_still_give_every_rank_the_same_batches(tmp_path: Path) -> None:
+    shardset = _numbered(tmp_path, count=230, per_shard=23)  # 10 shards: 3 + 2 per rank
+    loaders = [_train(shardset, r, 2, loader_workers=2) for r in range(2)]
+    per_rank = [_batches(loader) for loader in loaders]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(loaders[0]) == 13  # (8 + 5) batches
+    assert all(len(batch) == 8 for batches in per_rank for batch in batches)
+    seen = [n for batches in per_rank for batch in batches for n in batch]
+    assert len(set(seen)) == len(seen)
+    # Three ranks over a shuffled shard order: equal counts in every epoch.
+    for epoch in range(3):
+        counts = {len(_train(shardset, r, 3, epoch=epoch, loader_workers=2)) for r in range(3)}
+        assert len(counts) == 1
+
+
+def test_batches_depend_on_seed_and_epoch_not_on_timing(tmp_path: Path) -> None:
+    shardset = _numbered(tmp_path, count=192, per_shard=24)
+    first = _batches(_train(shardset, 1, 2, loader_workers=2, transform=_jittery_number))
+    assert first == _batches(_train(shardset, 1, 2, loader_workers=2, transform=_jittery_number))
+    assert first != _batches(_train(shardset, 1, 2, epoch=1, loader_workers=2))
+    assert first != _batches(_train(shardset, 1, 2, loader_workers=2, seed=1))
+    # No worker processes: the one stream of a single worker, batch for batch.
+    assert _batches(_train(shardset, 0, 2)) == _batches(_train(shardset, 0, 2, loader_workers=1))
+
+
+def test_too_few_shards_for_the_workers_lowers_the_workers(tmp_path: Path) -> None:
+    shardset = _numbered(tmp_path, count=96, per_shard=24)  # 4 shards, 2 ranks
+    plan = plan_train_epoch(shardset, world_size=2, workers=4, epoch=0, seed=0, batch_size=8)
+    assert [len(streams) for streams in plan.streams] == [2, 2]
+    per_rank = [_batches(_train(shardset, r, 2, loader_workers=4)) for r in range(2)]
+    assert sorted(n for b in per_rank for batch in b for n in batch) == list(range(96))
+    with pytest.raises(ValueError, match="fewer than one batch of 32"):
+        _train(shardset, 0, 2, loader_workers=2, batch_size=32)  # 24 samples per stream
+
+
+def test_validation_covers_every_sample_once_across_ranks_and_workers(tmp_path: Path) -> None:
+    _numbered(tmp_path, count=100, per_shard=9)  # 12 shards, the last one short
+    val = read_split(tmp_path, "val")
+    seen, batches = [], []
+    for rank in range(2):
+        loader = eval_batches(
+            val, rank=rank, world_size=2, batch_size=8, transform=_number, loader_workers=2
+        )
+        got = _batches(loader)
+        batches.append(len(got))
+        seen += [n for batch in got for n in batch]
+    assert sorted(seen) == list(range(10_000, 10_100))
+    # Rank 0's workers read 27 + 27 samples (4 + 4 batches, the last ones partial); rank 1's
+    # 27 + 19 (4 + 3): unequal, which evaluation allows.
+    assert batches == [8, 7]
+
+
+def test_corrupt_samples_are_skipped_counted_and_topped_up(tmp_path: Path) -> None:
+    # 4 shards x 16: with batches of 16 the plan needs every sample, so the one corrupt image
+    # leaves the stream a batch short and a second pass over its shards fills it.
+    shardset = _numbered(tmp_path, count=64, per_shard=16, corrupt=frozenset({5}))
+    for workers in (0, 2):
+        loader = _train(shardset, 0, 1, batch_size=16, loader_workers=workers)
+        batches = _batches(loader)
+        assert len(batches) == len(loader) == 4 and loader.corrupt_samples == 1
+        counts = Counter(n for batch in batches for n in batch)
+        assert 5 not in counts and max(counts.values()) <= 2
+
+
+def test_corrupt_validation_samples_are_counted(tmp_path: Path) -> None:
+    _numbered(tmp_path, count=50, per_shard=10, corrupt=frozenset({10_003, 10_049}))
+    val = read_split(tmp_path, "val")
+    loader = eval_batches(val, rank=0, world_size=1, batch_size=16, transform=_number)
+    assert sum(len(n) for n in _batches(loader)) == 48 and loader.corrupt_samples == 2
+
+
+def test_a_missing_or_damaged_shard_is_an_error_naming_it(tmp_path: Path) -> None:
+    shardset = _numbered(tmp_path, count=64, per_shard=16)
+    shard = Path(shardset.shards[2].path)
+    original = shard.read_bytes()
+    shard.unlink()  # after read_split checked it
+    for workers in (0, 2):
+        with pytest.raises(ShardReadError, match=shard.name):
+            _batches(_train(shardset, 0, 1, loader_workers=workers))
+    shard.write_bytes(original[: len(original) // 2])  # truncated inside a member
+    with pytest.raises(ShardReadError, match=shard.name):
+        _batches(eval_batches(shardset, rank=0, world_size=1, batch_size=8, transform=_number))
+    shard.write_bytes(original)
+    wrong = dataclasses.replace(shardset.shards[2], num_samples=17)
+    lying = dataclasses.replace(shardset, shards=(wrong,))
+    with pytest.raises(ShardReadError, match=rf"{shard.name} holds 16 samples.*says 17"):
+        _batches(eval_batches(lying, rank=0, world_size=1, batch_size=8, transform=_number))
+
+
+def test_a_pipe_root_reads_the_same_samples(tmp_path: Path) -> None:
+    _numbered(tmp_path, count=64, per_shard=16)
+    local = open_split(tmp_path, "val")
+    piped = open_split(f"pipe:cat {tmp_path}/{{}}", "val")
+    assert piped.shards[0].path == f"pipe:cat {tmp_path}/val-00000.tar"
+
+    def numbers(shardset: ShardSet) -> list[list[int]]:
+        return _batches(
+            eval_batches(shardset, rank=0, world_size=1, batch_size=8, transform=_number)
+        )
+
+    assert numbers(piped) == numbers(local)
+    with pytest.raises(FileNotFoundError, match=r"missing/card\.json"):
+        open_split(f"pipe:cat {tmp_path}/missing/{{}}", "val")
+    gone = dataclasses.replace(piped.shards[0], path=f"pipe:cat {tmp_path}/gone.tar")
+    with pytest.raises(ShardReadError, match=r"gone\.tar"):
+        numbers(dataclasses.replace(piped, shards=(gone,)))
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth random colour image (JPEG-friendly)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), mode="RGB")
+    return small.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def test_transform_recipes_give_the_right_shapes() -> None:
+    rgb = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    paper = build_transforms(img_size=224, augment="imagenet", crop_pct=0.875, **rgb)
+    photo = _photo(500, 375)
+    assert paper.train(photo).shape == paper.eval(photo).shape == (3, 224, 224)
+    assert torch.equal(paper.eval(photo), paper.eval(photo))  # evaluation is deterministic
+    torch.manual_seed(0)
+    assert not torch.equal(paper.train(photo), paper.train(photo))
+    assert paper.eval_decode_size == 256 and paper.train_decode_size > 224 / math.sqrt(0.08)
+    digits = build_transforms(img_size=16, mean=[0.1], std=[0.2], augment="digits")
+    scan = Image.new("L", (8, 8))
+    assert digits.train(scan).shape == digits.eval(scan).shape == (1, 16, 16)
+    assert digits.eval_decode_size is None
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        build_transforms(img_size=16, mean=[0.1], std=[0.2], augment="flip")
+
+
+def test_imagenet_transforms_match_timms() -> None:
+    from timm.data import create_transform
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ours = build_transforms(img_size=224, mean=mean, std=std, augment="imagenet", crop_pct=0.875)
+    timm_eval = create_transform(224, crop_pct=0.875, interpolation="bicubic", mean=mean, std=std)
+    photo = _photo(500, 375, seed=1)
+    diff = (ours.eval(photo) - timm_eval(photo)).abs()  # uint8 rounding: a level or two
+    assert diff.max() < 0.05 and diff.mean() < 1e-3
+    batch = torch.stack([ours.train(photo), ours.train(photo)])
+    assert type(batch) is torch.Tensor and batch.dtype == torch.float32
+    with_ra = build_transforms(
+        img_size=224,
+        mean=mean,
+        std=std,
+        augment="imagenet",
+        crop_pct=0.875,
+        auto_augment="rand-m9-mstd0.5-inc1",
+    )
+    assert with_ra.train(photo).shape == (3, 224, 224)
+
+
+def test_jpeg_draft_decoding_keeps_the_output_resolution(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    _photo(1200, 900).save(buf, format="JPEG", quality=90)
+    shards, rows = write_split(
+        [Sample(key="big", image=buf.getvalue(), ext="jpg", label=0)], tmp_path, "val", 1
+    )
+    write_card(tmp_path, "big", {"val": shards}, rows, num_classes=1, image_ext="jpg", extra={})
+    val = read_split(tmp_path, "val")
+    tf = build_transforms(img_size=224, mean=[0.5] * 3, std=[0.25] * 3, crop_pct=0.875)
+    sizes = []
+
+    def record(image: Image.Image) -> torch.Tensor:
+        sizes.append(image.size)
+        return tf.eval(image)
+
+    outputs = [
+        next(iter(eval_batches(val, rank=0, world_size=1, batch_size=1, transform=record, **kw)))
+        for kw in ({}, {"decode_size": tf.eval_decode_size})
+    ]
+    assert sizes == [(1200, 900), (600, 450)]  # half scale: both sides still >= 256
+    assert (outputs[0][0] - outputs[1][0]).abs().mean() < 0.05
+
+
+def test_corrupt_counts_reach_the_training_metrics(tmp_path: Path) -> None:
+    root = tmp_path / "shards"
+    _numbered(root, count=256, per_shard=32, corrupt=frozenset({7, 10_001}))
+    cfg = ExperimentConfig().with_overrides(
+        {
+            "data.dataset": "shards",
+            "data.root": str(root),
+            "data.augment": "none",
+            "data.loader_workers": 2,
+            "data.batch_size": 32,
+            "model.embed_dim": 24,
+            "model.depth": 1,
+            "model.num_heads": 3,
+            "model.rep_grid": "2x2",
+            "train.epochs": 1,
+            "train.num_workers": 1,
+        }
+    )
+    from cbtlab.train import run_training
+
+    reports: list[dict[str, float]] = []
+    run_training(cfg, report=lambda metrics, state: reports.append(metrics))
+    assert reports[0]["data/corrupt_samples"] == 1
+    assert reports[0]["val/corrupt_samples"] == 1 and reports[0]["val/samples"] == 255
+    with pytest.raises(ValueError, match=r"model\.num_classes=10"):
+        run_training(cfg.with_overrides({"model.num_classes": 5}), report=lambda m, s: None)
