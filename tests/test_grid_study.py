@@ -121,8 +121,10 @@ def test_variant_and_step_studies_expand_their_cells() -> None:
     assert {"model.step_init": "constant", "model.step_scale": -1.0} in cells
     assert {"model.step_init": "zero", "model.step_scale": 0.0} in cells
     assert not any(c["model.step_init"] == "zero" and c["model.step_scale"] for c in cells)
-    with pytest.raises(ConfigError, match="needs s >= 0"):
-        parse_step_cells("normal:-1")
+    # A negative scale is a standard deviation under normal: the config refuses the cell.
+    args = step_size_init_parser().parse_args(["--cells", "normal:1,normal:-1"])
+    with pytest.raises(ConfigError, match=r"model\.step_scale: must be >= 0"):
+        step_init_spec(args).validate()
     with pytest.raises(ConfigError, match="takes no scale"):
         parse_step_cells("zero:1")
 

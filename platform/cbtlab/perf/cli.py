@@ -101,10 +101,24 @@ def scaling_main(argv: Sequence[str] | None = None) -> int:
           f"{spec.batch}, {spec.heads} heads x {spec.head_dim}, m = "
           f"{spec.rep_grid[0] * spec.rep_grid[1]}", flush=True)  # fmt: skip
     rows = run_scaling(spec, echo=lambda line: print(line, flush=True))
-    table = scaling_table(rows)
+    return _report(
+        args, "attention_scaling", rows, scaling_table(rows), scaling_metrics(rows),
+        scaling_headline(rows),
+    )  # fmt: skip
+
+
+def _report(
+    args: argparse.Namespace,
+    experiment: str,
+    rows: list[dict[str, Any]],
+    table: str,
+    metrics: dict[str, float],
+    headline: list[str],
+) -> int:
+    """Print the table, log the run to MLflow (unless --no-mlflow), end with the headline."""
     print(table)
-    _log(args, "attention_scaling", scaling_metrics(rows), rows, table)
-    for line in scaling_headline(rows):
+    _log(args, experiment, metrics, rows, table)
+    for line in headline:
         print(line)
     sys.stdout.flush()
     return 0
@@ -164,9 +178,7 @@ def throughput_main(argv: Sequence[str] | None = None) -> int:
     print(f"throughput on {args.device} ({torch.get_num_threads()} threads), "
           f"{'bf16 autocast' if spec.amp else 'fp32'}", flush=True)  # fmt: skip
     rows = run_throughput(spec, echo=lambda line: print(line, flush=True))
-    table = throughput_table(rows)
-    print(table)
-    _log(args, "throughput", throughput_metrics(rows), rows, table)
-    for line in throughput_headline(rows):
-        print(line)
-    return 0
+    return _report(
+        args, "throughput", rows, throughput_table(rows), throughput_metrics(rows),
+        throughput_headline(rows),
+    )  # fmt: skip

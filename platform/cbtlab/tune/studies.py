@@ -362,9 +362,6 @@ def parse_step_cells(text: str) -> list[dict[str, Any]]:
             scale = 0.0
         elif scale is None:
             raise ConfigError("--cells", f"{item}: give a scale, e.g. {init}:0.1")
-        elif init == "normal" and scale < 0:
-            # torch's normal_ refuses a negative std inside the worker; config.py does not check.
-            raise ConfigError("--cells", f"{item}: N(0, s) needs s >= 0; negate a constant")
         cells.append({"model.step_init": init, "model.step_scale": scale})
     if not cells:
         raise ConfigError("--cells", "give at least one cell, e.g. normal:1,zero")
