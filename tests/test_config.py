@@ -50,6 +50,18 @@ def test_parse_grid(text: object, grid: tuple[int, int]) -> None:
         ({"model.attention": "mssa,cbsa,tssa"}, "model.attention", "do not split"),
         ({"model.stem": "conv", "model.patch_size": 1}, "model.patch_size", "power of two"),
         ({"optim.lr": 1}, "optim", "allowed: model, data, train"),
+        ({"train.optimizer": "adam"}, "train.optimizer", "'adamw', 'sgd', 'lion'"),
+        ({"train.precision": "fp16"}, "train.precision", "'auto', 'fp32', 'bf16'"),
+        ({"train.grad_accum_steps": 0}, "train.grad_accum_steps", "> 0"),
+        ({"train.checkpoint_every_steps": -1}, "train.checkpoint_every_steps", ">= 0"),
+        ({"train.head_only_epochs": 1}, "train.head_only_epochs", "needs train.init_from"),
+        (
+            {"train.head_only_epochs": 12, "train.init_from": "ckpt"},
+            "train.head_only_epochs",
+            "none of the 12 epochs",
+        ),
+        ({"train.backbone_lr_scale": -0.1}, "train.backbone_lr_scale", ">= 0"),
+        ({"train.compile": "maybe"}, "train.compile", "true or false"),
     ],
 )
 def test_bad_values_name_the_field(override: dict, field: str, hint: str) -> None:
@@ -90,6 +102,16 @@ def test_train_command_refuses_a_bad_checkpoint_before_starting(tmp_path, capsys
         train_main(["--resume", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no state.pt in checkpoint" in capsys.readouterr().err
+    import torch
+
+    from cbtlab.models import build_model
+
+    deeper = build_model(ExperimentConfig().with_overrides({"model.depth": 5}).model)
+    torch.save(deeper.state_dict(), tmp_path / "deeper.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--set", f"train.init_from={tmp_path / 'deeper.pt'}"])
+    assert exit_info.value.code == 2
+    assert "train.init_from: the checkpoint has 'blocks.4." in capsys.readouterr().err
 
 
 def test_a_normal_step_init_needs_a_non_negative_scale() -> None:

@@ -47,3 +47,34 @@ def test_a_crashed_worker_restarts_and_ends_identically(ray_session: None, tmp_p
     assert a["epochs_done"] == b["epochs_done"] == 3
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+@pytest.mark.ray
+def test_a_crash_after_a_mid_epoch_checkpoint_resumes_mid_epoch(
+    ray_session: None, tmp_path: Path
+) -> None:
+    # No checkpoint at the end of the first epoch (checkpoint_every=2), one every 5 optimiser
+    # steps: the crash at step 8 of the second epoch comes after a mid-epoch checkpoint in that
+    # epoch, the only kind there is before it. (Starting over from scratch cannot succeed: the
+    # injected failure fires in every run not started from a checkpoint.) Random augmentation
+    # runs in the training processes, so the restored random state matters.
+    base = ExperimentConfig().with_overrides(
+        {
+            **TINY,
+            "train.epochs": 2,
+            "train.checkpoint_every": 2,
+            "train.checkpoint_every_steps": 5,
+            "data.augment": "digits",
+        }
+    )
+    straight = _fit(base, "straight_mid", tmp_path)
+    recovered = _fit(base.with_overrides({"train.inject_failure": "1:8:1"}), "mid", tmp_path)
+    numbers = [
+        {k: v for k, v in r.metrics.items() if k.startswith(("train/", "val/"))}
+        for r in (straight, recovered)
+    ]
+    assert numbers[0] == numbers[1] and numbers[0]["val/samples"] == 360
+    a, b = _final_state(straight), _final_state(recovered)
+    assert a["epochs_done"] == b["epochs_done"] == 2 and a["position"] is None
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name

@@ -145,15 +145,21 @@ def test_resources_follow_the_cluster_unless_flags_say_otherwise() -> None:
     assert big.fits == 0 and big.max_concurrent == 1 and "waits for resources" in big.summary
 
 
-def test_imagenet_preset_names_what_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
+def test_imagenet_preset_builds_the_recipe_and_names_what_is_missing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec = rep_count("--preset", "imagenet", "--data-root", "/data/imagenet-wds")
+    cfg = ExperimentConfig.from_dict(spec.base.to_dict())  # valid as a whole
+    assert cfg.train.optimizer == "lion" and cfg.train.lr == 2e-4
+    assert (cfg.data.dataset, cfg.data.root) == ("shards", "/data/imagenet-wds")
+    assert (cfg.model.num_classes, cfg.model.img_size, cfg.data.batch_size) == (1000, 224, 256)
     with pytest.raises(SystemExit) as exit_info:
-        rep_count_main(["--preset", "imagenet", "--data-root", "/data/imagenet-wds"])
+        rep_count_main(["--preset", "imagenet"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--preset: imagenet" in err
-    # Prebuilt shards (data.dataset=shards, data.root) exist; TrainConfig has no Lion yet.
-    missing = err.split("lacks")[1]
-    assert "'lion'" in missing and "data.root" not in missing and "--data-root" not in missing
+    missing = err.split("is missing")[1]
+    assert "--data-root" in missing and "'lion'" not in missing
 
 
 def row(grid: str, seed: int, final: float | None, status: str = "FINISHED") -> dict:

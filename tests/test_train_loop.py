@@ -32,7 +32,7 @@ def _run(overrides: dict, resume: dict | None = None) -> list[dict[str, float]]:
 
 
 def _numbers(reports: list[dict[str, float]]) -> list[dict[str, float]]:
-    timing = ("time/", "throughput/")
+    timing = ("time/", "throughput/", "perf/")
     return [{k: v for k, v in r.items() if not k.startswith(timing)} for r in reports]
 
 
@@ -45,6 +45,11 @@ def test_reports_every_epoch_with_finite_metrics(digits_root: Path) -> None:
             assert math.isfinite(r[key]), key
         assert 0 <= r["val/top1"] <= r["val/top5"] <= 1
     assert reports[1]["train/loss"] < reports[0]["train/loss"]
+    for r in reports:  # one rank: the total is the per-worker rate
+        assert 0 <= r["train/top1"] <= r["train/top5"] <= 1
+        assert r["perf/images_per_s"] == r["perf/images_per_s_per_worker"] > 0
+        assert 0 < r["perf/data_wait_fraction"] < 1
+        assert r["perf/peak_mem_mb"] > 10  # this process's peak RSS: torch alone is more
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(digits_root: Path) -> None:
@@ -107,3 +112,81 @@ def test_cpu_threads_follow_the_config(digits_root: Path) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_lion_and_bf16_train_on_the_cpu(digits_root: Path) -> None:
+    reports = _run(
+        {"train.optimizer": "lion", "train.lr": 1e-3, "train.precision": "bf16", "train.epochs": 2}
+    )
+    assert all(math.isfinite(r["train/loss"]) for r in reports)
+    assert reports[1]["train/loss"] < reports[0]["train/loss"]
+
+
+def test_accumulated_half_batches_train_like_full_batches(digits_root: Path) -> None:
+    # SGD, so that float32's other summation order stays a rounding-level difference (Adam's
+    # normalisation would magnify it on parameters whose gradients are near zero).
+    common = {"train.optimizer": "sgd", "train.lr": 0.05, "train.epochs": 1}
+    models, reports = [], []
+    for batch, accum in ((128, 1), (64, 2)):
+        cfg = ExperimentConfig().with_overrides(
+            {**TINY, **common, "data.batch_size": batch, "train.grad_accum_steps": accum}
+        )
+        models.append(run_training(cfg, report=lambda m, s: reports.append(m)))
+    one, two = models
+    assert reports[1]["train/loss"] == pytest.approx(reports[0]["train/loss"], rel=1e-5)
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compile_reaches_the_loop(digits_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled = []
+
+    def fake_compile(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr("cbtlab.train.loop.compile_model", fake_compile)
+    _run({"train.epochs": 1})
+    assert compiled == []
+    _run({"train.epochs": 1, "train.compile": True})
+    assert len(compiled) == 1
+
+
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_a_mid_epoch_checkpoint_continues_exactly(
+    digits_root: Path, tmp_path: Path, loader_workers: int
+) -> None:
+    # Random augmentation and dropout: the random state matters after the skipped batches.
+    cfg = ExperimentConfig().with_overrides(
+        {
+            **TINY,
+            "data.batch_size": 64,
+            "data.augment": "digits",
+            "data.loader_workers": loader_workers,
+            "model.drop_rate": 0.2,
+            "train.checkpoint_every_steps": 7,
+        }
+    )
+    straight: list[tuple[dict, dict | None]] = []
+    final = run_training(cfg, report=lambda m, s: straight.append((m, s)))
+    mid = [s for m, s in straight if m.get("checkpoint/mid_epoch")]
+    epochs = [m for m, s in straight if not m.get("checkpoint/mid_epoch")]
+    assert [m["epoch"] for m in epochs] == [1, 2] and len(mid) >= 2
+    state = next(s for s in mid if s["epochs_done"] == 1)  # in the second epoch
+    assert state["position"]["batches_done"] > 0
+    save_state(state, tmp_path / "mid")
+    resumed: list[dict[str, float]] = []
+    again = run_training(
+        cfg,
+        report=lambda m, s: None if m.get("checkpoint/mid_epoch") else resumed.append(m),
+        resume=load_state(tmp_path / "mid"),
+    )
+    assert _numbers(resumed) == _numbers(epochs[1:])
+    for (name, a), b in zip(final.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(CheckpointError, match=r"data\.batch_size=64"):
+        run_training(
+            cfg.with_overrides({"data.batch_size": 32}),
+            report=lambda m, s: None,
+            resume=load_state(tmp_path / "mid"),
+        )

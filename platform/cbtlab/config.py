@@ -270,6 +270,7 @@ class TrainConfig:
     """The recipe and the Ray Train scaling of one run."""
 
     epochs: int = 12
+    # "adamw", "sgd" (Nesterov momentum 0.9) or "lion" (timm's; the paper's ImageNet recipe).
     optimizer: str = "adamw"
     lr: float = 5e-3
     weight_decay: float = 0.05
@@ -278,6 +279,22 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+    # Autocast dtype: "bf16", "fp32", or "auto" (bf16 on CUDA, fp32 on CPU). bf16 needs no
+    # loss scaling.
+    precision: str = "auto"
+    # torch.compile the model (on CPU, inductor needs a C++ compiler).
+    compile: bool = False
+    # Micro-batches of data.batch_size per optimizer step: the effective global batch is
+    # data.batch_size x grad_accum_steps, and the schedule counts optimizer steps.
+    grad_accum_steps: int = 1
+    # Fine-tuning: start from these weights, a cbtlab checkpoint (folder or state.pt) or the
+    # authors' reference checkpoint; the head is new where model.num_classes differs, and the
+    # position embedding is resampled to model.img_size.
+    init_from: str = ""
+    # Fine-tuning: the first this many epochs train the head alone (the backbone's rate is 0),
+    # and the backbone's rate is the head's times backbone_lr_scale.
+    head_only_epochs: int = 0
+    backbone_lr_scale: float = 1.0
     num_workers: int = 2
     cpus_per_worker: float = 0.5
     use_gpu: bool = False
@@ -290,6 +307,9 @@ class TrainConfig:
     # Checkpoint every this many epochs (and after the last; 0: never); keep the best this many
     # by val/top1 (the latest is always kept); restart from the latest after a worker failure.
     checkpoint_every: int = 1
+    # Also every this many optimizer steps (0: never) within an epoch, with the data position
+    # and every rank's random state, so that a restart continues mid-epoch exactly.
+    checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2
     max_failures: int = 2
     # Test-only: "epoch:step:rank" raises there in a run that did not start from a checkpoint.
@@ -297,7 +317,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)
-        _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _choice("train.optimizer", self.optimizer, ("adamw", "sgd", "lion"))
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _positive("train.warmup_epochs", self.warmup_epochs, allow_zero=True)
@@ -308,12 +328,26 @@ class TrainConfig:
                 "train.label_smoothing", f"must be in [0, 1), got {self.label_smoothing!r}"
             )
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _positive("train.grad_accum_steps", self.grad_accum_steps)
+        _positive("train.head_only_epochs", self.head_only_epochs, allow_zero=True)
+        if self.head_only_epochs and not self.init_from:
+            raise ConfigError(
+                "train.head_only_epochs", "needs train.init_from (a random backbone would stay so)"
+            )
+        if self.head_only_epochs >= self.epochs:
+            raise ConfigError(
+                "train.head_only_epochs",
+                f"{self.head_only_epochs} leaves none of the {self.epochs} epochs to the backbone",
+            )
+        _positive("train.backbone_lr_scale", self.backbone_lr_scale, allow_zero=True)
         _positive("train.num_workers", self.num_workers)
         _positive("train.cpus_per_worker", self.cpus_per_worker)
         _positive("train.torch_threads", self.torch_threads, allow_zero=True)
         _positive("train.probe_every", self.probe_every, allow_zero=True)
         _positive("train.probe_samples", self.probe_samples)
         _positive("train.checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _positive("train.checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         _positive("train.max_failures", self.max_failures, allow_zero=True)
         if self.inject_failure and not re.fullmatch(r"\d+:\d+:\d+", self.inject_failure):

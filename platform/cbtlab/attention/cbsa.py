@@ -27,6 +27,7 @@ Two implementations compute the same function (tests hold them together):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -118,10 +119,23 @@ def cbsa_mixing(
         parts = zip(w.split(chunk), q0.split(chunk), strict=True)
         return torch.cat([cbsa_mixing(wp, qp, step_rep, step_x, contract) for wp, qp in parts])
     m = q0.shape[2]
-    attn, aw = _ExtractAggregate.apply((q0 * p**-0.5).reshape(b * k, m, p), w.reshape(b * k, n, p))
+    qx, z = (q0 * p**-0.5).reshape(b * k, m, p), w.reshape(b * k, n, p)
+    attn, aw = _apply_in_autocast_dtype(_ExtractAggregate, qx, z)
     q = q0 + step_rep.view(1, k, 1, 1) * aw.view(b, k, m, p)
     c = step_x.view(1, k, 1, 1) * contract(q)
-    return _Broadcast.apply(attn, c.reshape(b * k, m, p), None).view(b, k, n, p)
+    return _apply_in_autocast_dtype(_Broadcast, attn, c.reshape(b * k, m, p), None).view(b, k, n, p)
+
+
+def _apply_in_autocast_dtype(fn: type[torch.autograd.Function], *args: Tensor | None) -> Any:
+    """`fn.apply(*args)`; under autocast, with the tensors in autocast's dtype and autocast off
+    inside, so that the hand-written backward meets a single dtype (autocast would leave the
+    softmax in float32 and the products in bfloat16, and does not reach the backward)."""
+    device = next(a for a in args if a is not None).device.type
+    if not torch.is_autocast_enabled(device):
+        return fn.apply(*args)
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return fn.apply(*(a if a is None else a.to(dtype) for a in args))
 
 
 @register_attention("cbsa")
@@ -225,13 +239,13 @@ class CBSA(SubspaceAttention):
             q0 = q0.detach()
         m = q0.shape[2]
         qx = ((q0 * self.scale) @ u).reshape(b, k * m, d)  # (B, K m, d)
-        attn, az = _ExtractAggregate.apply(qx, x)  # (B, K m, N), (B, K m, d)
+        attn, az = _apply_in_autocast_dtype(_ExtractAggregate, qx, x)  # (B, K m, N), (B, K m, d)
         aw = az.view(b, k, m, d) @ u.transpose(1, 2)  # A W_k: (B, K, m, p)
         q = q0 + self.step_rep.view(1, k, 1, 1) * aw
         c = self.step_x.view(1, k, 1, 1) * self.contract(q)  # (B, K, m, p)
         # G_k = eta_x C_k P_k^T with P_k = proj.weight[:, k p : (k + 1) p].
         g = c @ self.proj.weight.view(d, k, p).permute(1, 2, 0)  # (B, K, m, d)
-        return _Broadcast.apply(attn, g.reshape(b, k * m, d), self.proj.bias)
+        return _apply_in_autocast_dtype(_Broadcast, attn, g.reshape(b, k * m, d), self.proj.bias)
 
     def _initial_guess_fused(self, x: Tensor, grid_size: tuple[int, int], u: Tensor) -> Tensor:
         """Q0 without projecting all N tokens: average pooling commutes with the projection,

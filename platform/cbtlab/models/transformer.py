@@ -34,6 +34,17 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def resample_pos_embed(
+    pos_embed: Tensor, grid_size: tuple[int, int], new_grid: tuple[int, int]
+) -> Tensor:
+    """A (1, 1 + H*W, d) position embedding (CLS first) resampled, bicubic, to another grid."""
+    prefix, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    d = patches.shape[-1]
+    patches = patches.reshape(1, *grid_size, d).permute(0, 3, 1, 2)  # (1, d, H, W)
+    patches = F.interpolate(patches, size=new_grid, mode="bicubic", align_corners=False)
+    return torch.cat([prefix, patches.flatten(2).transpose(1, 2)], dim=1)  # (1, 1 + H'*W', d)
+
+
 class CBTransformer(nn.Module):
     """A vision transformer whose stem, block type and attention are chosen by name.
 
@@ -111,11 +122,7 @@ class CBTransformer(nn.Module):
     def _pos_embed(self, grid_size: tuple[int, int]) -> Tensor:
         if grid_size == self.grid_size:
             return self.pos_embed
-        prefix, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        d = patches.shape[-1]
-        patches = patches.reshape(1, *self.grid_size, d).permute(0, 3, 1, 2)  # (1, d, H, W)
-        patches = F.interpolate(patches, size=grid_size, mode="bicubic", align_corners=False)
-        return torch.cat([prefix, patches.flatten(2).transpose(1, 2)], dim=1)
+        return resample_pos_embed(self.pos_embed, self.grid_size, grid_size)
 
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:

@@ -5,14 +5,24 @@ optimiser and the schedule, the number of finished epochs, the metrics of the la
 model config it was made with. Data order and augmentation are seeded from (seed, epoch, rank)
 at the start of every epoch, so resuming at an epoch boundary replays the same batches and the
 same random augmentations as an uninterrupted run. Loading uses `torch.load(weights_only=True)`.
+
+A mid-epoch checkpoint (`train.checkpoint_every_steps`) adds the data position: the batches of
+the unfinished epoch already trained on, and for every rank its random generators (Python,
+NumPy, torch, CUDA) and its partial metric sums. An epoch's batches on a rank depend only on
+(seed, epoch, rank, world size, loader workers, batch size), so the resumed run rebuilds the
+epoch, skips those batches by reading them (decoding and transforming included: it replays the
+augmentations' random draws, which the cheap way of skipping would change), then restores the
+generators, and goes on exactly as the uninterrupted run did.
 """
 
 from __future__ import annotations
 
 import copy
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cbtlab.config import ExperimentConfig
@@ -34,7 +44,10 @@ def make_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     metrics: dict[str, float],
+    position: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The checkpoint after `epoch` finished epochs; `position` (from `data_position`) marks a
+    mid-epoch one."""
     # A snapshot: state_dict() returns the live tensors, which training keeps updating.
     return copy.deepcopy(
         {
@@ -45,9 +58,69 @@ def make_state(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            # A loss scaler's state would go here; bf16 and fp32 need none (no fp16 offered).
+            "scaler": None,
             "metrics": dict(metrics),
+            "position": position,
         }
     )
+
+
+def data_position(
+    cfg: ExperimentConfig, *, world_size: int, batches_done: int, ranks: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Where in the unfinished epoch a mid-epoch checkpoint stands: `batches_done` training
+    batches (micro-batches) on every rank, each rank's `ranks[r]` (`rng_state`, metric sums),
+    and what the epoch's batches depend on."""
+    return {
+        "batches_done": batches_done,
+        "ranks": ranks,
+        "stream": _stream_key(cfg, world_size),
+    }
+
+
+def _stream_key(cfg: ExperimentConfig, world_size: int) -> dict[str, int]:
+    return {
+        "train.num_workers": world_size,
+        "data.batch_size": cfg.data.batch_size,
+        "data.loader_workers": cfg.data.loader_workers,
+        "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "train.seed": cfg.train.seed,
+    }
+
+
+def check_position(state: dict[str, Any], cfg: ExperimentConfig, world_size: int) -> None:
+    """A mid-epoch checkpoint continues only with the data stream it was made on."""
+    position = state.get("position")
+    if not position:
+        return
+    ours = _stream_key(cfg, world_size)
+    for key, value in position["stream"].items():
+        if ours.get(key) != value:
+            raise CheckpointError(
+                f"the checkpoint stopped mid-epoch with {key}={value!r}, this run has "
+                f"{ours.get(key)!r}; a mid-epoch position continues only on the same data stream"
+            )
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random generators, in types `torch.load(weights_only=True)` reads."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    keys, pos, has_gauss, gauss = state["numpy"]
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_state(state: dict[str, Any], directory: Path) -> Path:

@@ -15,7 +15,7 @@ from cbtlab.config import (
     load_config_file,
     parse_override,
 )
-from cbtlab.train.checkpoint import CheckpointError, check_compatible, load_state
+from cbtlab.train.checkpoint import CheckpointError, check_compatible, check_position, load_state
 
 
 def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -44,7 +44,16 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
             overrides["train.use_gpu"] = True
         cfg = cfg.with_overrides(overrides)
         if args.resume and "://" not in args.resume:  # a local checkpoint: check it here
-            check_compatible(load_state(Path(args.resume)), cfg)
+            state = load_state(Path(args.resume))
+            check_compatible(state, cfg)
+            check_position(state, cfg, cfg.train.num_workers)
+        if cfg.train.init_from and "://" not in cfg.train.init_from:
+            # Fine-tuning weights that do not fit fail here, not in every worker.
+            from cbtlab.models import build_model
+            from cbtlab.train.finetune import init_from
+
+            for note in init_from(build_model(cfg.model), cfg.train.init_from):
+                print(f"train.init_from: {note}")
     except (ConfigError, CheckpointError) as exc:
         parser.error(str(exc))
 

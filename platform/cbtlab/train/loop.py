@@ -2,17 +2,22 @@
 
 `run_training` is plain PyTorch (+ torch.distributed when a process group exists), so it runs
 in a Ray Train worker, in a test, or in a bare process alike; `train_loop_per_worker` is the
-thin Ray Train entry point around it.
+thin Ray Train entry point around it. The recipe's parts (optimiser, schedule, precision,
+compilation, the accumulated step) are in `cbtlab.train.recipe`, the epoch's bookkeeping in
+`cbtlab.train.metrics`, the weights of a fine-tuning start in `cbtlab.train.finetune`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import logging
 import math
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +39,33 @@ from cbtlab.data.loader import usable_workers
 from cbtlab.models import build_model
 from cbtlab.train.checkpoint import (
     check_compatible,
+    check_position,
+    data_position,
     load_state,
     make_state,
     mark_diverged,
+    rng_state,
     save_state,
+    set_rng_state,
+)
+from cbtlab.train.finetune import init_from
+from cbtlab.train.metrics import EpochMeter, all_reduce, topk_correct
+from cbtlab.train.recipe import (
+    TrainStep,
+    autocast,
+    build_optimizer,
+    compile_model,
+    resolve_precision,
+    warmup_cosine,
 )
 
 log = logging.getLogger(__name__)
 
-# report(metrics, checkpoint_state): called once per epoch on every rank; the state (a dict for
-# `checkpoint.save_state`) is given on rank 0 at checkpoint epochs, else None.
+# report(metrics, checkpoint_state): called once per epoch on every rank, and at mid-epoch
+# checkpoints (`train.checkpoint_every_steps`; their metrics carry MID_EPOCH_KEY); the state (a
+# dict for `checkpoint.save_state`) is given on rank 0 at checkpoints, else None.
 Report = Callable[[dict[str, float], dict[str, Any] | None], None]
+MID_EPOCH_KEY = "checkpoint/mid_epoch"
 
 
 def seed_everything(seed: int) -> None:
@@ -52,41 +73,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: not on biases, norms, step sizes, CLS or positions."""
-    skip = set(getattr(model, "no_weight_decay", set)())
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.train.weight_decay)
-    if cfg.train.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.train.lr)
-    return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=0.9, nesterov=True)
-
-
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, min_ratio: float
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step linear warm-up to the base rate, then cosine decay to `min_ratio` of it."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 DIVERGED_KEY = "train/diverged"
@@ -131,35 +117,43 @@ def _any_rank(flag: bool) -> bool:
     return bool(tensor.item())
 
 
-def _all_sum(values: list[float]) -> list[float]:
-    """Sum per-rank totals over all ranks (identity without a process group)."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
+def _check_finite(loss: Tensor, *, epoch: int, step: int) -> None:
+    # Every rank learns of a non-finite loss on any rank at the same step, so all stop
+    # together (a rank that stopped alone would leave the others hanging in DDP).
+    if _any_rank(not torch.isfinite(loss).item()):
+        raise Diverged(epoch, step, loss.item())
 
 
-def _topk_correct(logits: Tensor, labels: Tensor, k: int) -> float:
-    k = min(k, logits.shape[-1])
-    top = logits.topk(k, dim=-1).indices
-    return (top == labels[:, None]).any(dim=-1).sum().item()
+def _gather(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's `obj`, in rank order (a collective under a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def evaluate(
-    model: nn.Module, batches: Any, loss_fn: nn.Module, device: torch.device
+    model: nn.Module,
+    batches: Any,
+    loss_fn: nn.Module,
+    device: torch.device,
+    amp: Callable[[], Any] = contextlib.nullcontext,
 ) -> dict[str, float]:
-    """Loss, top-1 and top-5 over this rank's batches, summed over ranks."""
+    """Loss, top-1 and top-5 over this rank's batches, summed over ranks; `amp` gives the
+    forward pass's autocast context."""
     model.eval()
     loss_sum = top1 = top5 = count = 0.0
     with torch.no_grad():
         for images, labels in batches:
             images, labels = images.to(device), labels.to(device)
-            logits = model(images)
-            loss_sum += loss_fn(logits, labels).item() * labels.numel()
-            top1 += _topk_correct(logits, labels, 1)
-            top5 += _topk_correct(logits, labels, 5)
+            with amp():
+                logits = model(images)
+            loss_sum += loss_fn(logits.float(), labels).item() * labels.numel()
+            top1 += topk_correct(logits, labels, 1)
+            top5 += topk_correct(logits, labels, 5)
             count += labels.numel()
-    loss_sum, top1, top5, count = _all_sum([loss_sum, top1, top5, count])
+    loss_sum, top1, top5, count = all_reduce([loss_sum, top1, top5, count])
     return {
         "val/loss": loss_sum / count,
         "val/top1": top1 / count,
@@ -192,7 +186,8 @@ def run_training(
 ) -> nn.Module:
     """Train `cfg` on this rank's share of the data; call `report(metrics, state)` once per
     epoch with metrics already reduced over all ranks (see `Report`). `resume` is a checkpoint
-    state to continue from. Returns the trained (unwrapped) model."""
+    state to continue from (an epoch's end or, with a data position, mid-epoch). Returns the
+    trained (unwrapped) model."""
     device = device or torch.device("cpu")
     threads = cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker))
     torch.set_num_threads(threads)
@@ -219,10 +214,17 @@ def run_training(
             usable,
         )
     pin_memory = device.type == "cuda"
+    amp = autocast(resolve_precision(cfg.train.precision, device), device)
 
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if cfg.train.init_from and resume is None:  # a restart continues from its checkpoint
+        for note in init_from(model, cfg.train.init_from):
+            if rank == 0:
+                log.info("train.init_from=%s: %s", cfg.train.init_from, note)
+    model = model.to(device)
     wrapped = prepare_model(model)
-    optimizer = build_optimizer(model, cfg)
+    if cfg.train.compile:
+        wrapped = compile_model(wrapped, device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
 
@@ -249,64 +251,95 @@ def run_training(
         )
         probe_images = next(iter(probe))[0].to(device)
 
-    steps_per_epoch = len(epoch_data(0))
+    accum = cfg.train.grad_accum_steps
+    steps_per_epoch = len(epoch_data(0)) // accum  # optimiser steps
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"train.grad_accum_steps={accum} exceeds the {len(epoch_data(0))} batches of an epoch"
+        )
+    optimizer = build_optimizer(
+        model, cfg, frozen_steps=cfg.train.head_only_epochs * steps_per_epoch
+    )
     scheduler = warmup_cosine(
         optimizer,
         warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
         total_steps=cfg.train.epochs * steps_per_epoch,
         min_ratio=cfg.train.min_lr_ratio,
     )
-    first_epoch = 0
+    first_epoch, position = 0, None
     if resume is not None:
         check_compatible(resume, cfg)
+        check_position(resume, cfg, world_size)
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        first_epoch = resume["epochs_done"]
+        first_epoch, position = resume["epochs_done"], resume.get("position")
     failure = _parse_failure(cfg.train.inject_failure) if resume is None else None
+    train_step = TrainStep(
+        wrapped,
+        optimizer,
+        scheduler,
+        loss_fn,
+        accum_steps=accum,
+        grad_clip=cfg.train.grad_clip,
+        clip_params=list(model.parameters()),
+        autocast=amp,
+        compiled=cfg.train.compile,
+    )
+    every_steps = cfg.train.checkpoint_every_steps
 
     for epoch in range(first_epoch, cfg.train.epochs):
         # Augmentation randomness: seeded per (seed, epoch, rank), independent of data order.
         torch.manual_seed((cfg.train.seed * 1_000_003 + epoch) * 1_009 + rank)
         wrapped.train()
-        start = time.perf_counter()
-        loss_sum = correct = count = 0.0
+        meter = EpochMeter(device)
         train_data = epoch_data(epoch)
-        for step, (images, labels) in enumerate(train_data):
-            if failure == (epoch, step, rank):
+        # Whole optimiser steps only: a remainder of fewer than `accum` batches is not read.
+        used = len(train_data) // accum * accum
+        batches = iter(
+            train_data if used == len(train_data) else itertools.islice(train_data, used)
+        )
+        skip = 0
+        if position is not None:  # a mid-epoch checkpoint: see cbtlab.train.checkpoint
+            skip = position["batches_done"]
+            _consume(batches, skip)
+            mine = position["ranks"][rank]
+            set_rng_state(mine["rng"], device)
+            meter.load(mine["sums"])
+            meter.restart_clock()
+            position = None
+        for index, (images, labels) in enumerate(meter.timed(batches), start=skip):
+            if failure == (epoch, index, rank):
                 raise InjectedFailure(
-                    f"injected failure at epoch {epoch}, step {step}, rank {rank}"
+                    f"injected failure at epoch {epoch}, step {index}, rank {rank}"
                 )
             images = images.to(device, non_blocking=pin_memory)
             labels = labels.to(device, non_blocking=pin_memory)
-            logits = wrapped(images)
-            loss = loss_fn(logits, labels)
-            # Every rank learns of a non-finite loss on any rank at the same step, so all stop
-            # together (a rank that stopped alone would leave the others hanging in DDP).
-            if _any_rank(not torch.isfinite(loss).item()):
-                raise Diverged(epoch, step, loss.item())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * labels.numel()
-            correct += (logits.argmax(-1) == labels).sum().item()
-            count += labels.numel()
-        train_time = time.perf_counter() - start
-        loss_sum, correct, count, corrupt = _all_sum(
-            [loss_sum, correct, count, train_data.corrupt_samples]
-        )
-        metrics = {
-            "epoch": epoch + 1,
-            "train/loss": loss_sum / count,
-            "train/top1": correct / count,
-            "train/lr": scheduler.get_last_lr()[0],
-            "throughput/train_img_s": count / train_time,
-            "time/train_epoch_s": train_time,
-            "data/corrupt_samples": corrupt,
-        }
+            check = functools.partial(_check_finite, epoch=epoch, step=index)
+            loss, logits, stepped = train_step(images, labels, check)
+            meter.add(loss, logits, labels)
+            # A mid-epoch checkpoint every `every_steps` optimiser steps; the epoch's end has
+            # one of its own.
+            if (
+                stepped
+                and every_steps
+                and scheduler.last_epoch % every_steps == 0
+                and index + 1 < used
+            ):
+                _mid_epoch_checkpoint(
+                    cfg,
+                    report,
+                    rank=rank,
+                    world_size=world_size,
+                    device=device,
+                    epoch=epoch,
+                    batches_done=index + 1,
+                    batches_in_epoch=used,
+                    sums=meter.state(),
+                    training=(model, optimizer, scheduler),
+                )
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "train/lr": scheduler.get_last_lr()[0]}
+        metrics.update(meter.metrics(world_size=world_size, corrupt=train_data.corrupt_samples))
         val_data = eval_batches(
             val_set,
             rank=rank,
@@ -317,9 +350,9 @@ def run_training(
             decode_size=tf.eval_decode_size if draft else None,
             pin_memory=pin_memory,
         )
-        metrics.update(evaluate(model, val_data, eval_loss, device))
-        (metrics["val/corrupt_samples"],) = _all_sum([val_data.corrupt_samples])
-        metrics["time/epoch_s"] = time.perf_counter() - start
+        metrics.update(evaluate(model, val_data, eval_loss, device, amp))
+        (metrics["val/corrupt_samples"],) = all_reduce([val_data.corrupt_samples])
+        metrics["time/epoch_s"] = time.perf_counter() - meter.start
         if cfg.train.probe_every and (epoch + 1) % cfg.train.probe_every == 0:
             metrics.update(compression_metrics(model, probe_images))
         state = None
@@ -339,6 +372,54 @@ def run_training(
             )
         report(metrics, state)
     return model
+
+
+def _consume(batches: Iterator[Any], count: int) -> None:
+    """Read and drop `count` batches (decoded and transformed: see cbtlab.train.checkpoint)."""
+    next(itertools.islice(batches, count, count), None)
+
+
+def _mid_epoch_checkpoint(
+    cfg: ExperimentConfig,
+    report: Report,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    epoch: int,
+    batches_done: int,
+    batches_in_epoch: int,
+    sums: dict[str, float],
+    training: tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
+) -> None:
+    """Report a checkpoint with every rank's random state and partial sums (a collective)."""
+    model, optimizer, scheduler = training
+    rng = rng_state(device)
+    ranks = _gather({"rng": rng, "sums": sums}, world_size)
+    metrics = {
+        "epoch": epoch + batches_done / batches_in_epoch,
+        "train/step": scheduler.last_epoch,
+        MID_EPOCH_KEY: 1.0,
+        # Unscored: never among the best kept by val/top1, only ever kept as the latest.
+        "val/top1": -math.inf,
+    }
+    state = None
+    if rank == 0:
+        state = make_state(
+            cfg,
+            epoch=epoch,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            metrics=metrics,
+            position=data_position(
+                cfg, world_size=world_size, batches_done=batches_done, ranks=ranks
+            ),
+        )
+    report(metrics, state)
+    # Whatever reporting draws from the generators, the run goes on from the saved state, as a
+    # run restarted from this checkpoint does.
+    set_rng_state(rng, device)
 
 
 class InjectedFailure(RuntimeError):

@@ -9,14 +9,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from cbtlab.config import ExperimentConfig
 from cbtlab.tracking import StudyTracker
 from cbtlab.tracking.mlflow_tracker import CHECKPOINT_TAG
-from cbtlab.train.loop import Diverged
+from cbtlab.train.loop import MID_EPOCH_KEY, Diverged
 from cbtlab.tune.stats import cell_label
 
-TRIAL_METRIC_PREFIXES = ("train/", "val/", "throughput/", "time/", "rc/", "rc_norm/")
+TRIAL_METRIC_PREFIXES = (
+    "train/",
+    "val/",
+    "throughput/",
+    "time/",
+    "perf/",
+    "data/",
+    "rc/",
+    "rc_norm/",
+)
 # Metrics whose best value over the epochs is kept (lower is better for losses).
 BEST_TRACKED = ("val/top1", "val/top5", "val/loss")
 
@@ -51,6 +61,19 @@ def trial_config(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentCo
 def run_params(cfg: ExperimentConfig) -> dict[str, Any]:
     """MLflow params of a run: the flat config plus derived values."""
     return {**cfg.flat(), "model.num_representatives": cfg.model.num_representatives}
+
+
+class EpochReportCallback(TuneReportCallback):
+    """Ray Train -> Tune, one result per epoch: the mid-epoch checkpoints' reports
+    (`train.checkpoint_every_steps`) stay with Ray Train, which restarts from them, and never
+    reach the searcher, the scheduler's epoch count or MLflow."""
+
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+    ) -> None:
+        if metrics and metrics[0].get(MID_EPOCH_KEY):
+            return
+        super().after_report(run_context, metrics, checkpoint)
 
 
 class MLflowTrialLogger(Callback):

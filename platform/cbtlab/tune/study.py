@@ -318,16 +318,16 @@ def connect_ray(address: str | None, *, worker_logs: bool = False) -> None:
 def _run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_path: str) -> None:
     """A Tune trial: build the trial's config and fit a TorchTrainer on it."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from cbtlab.train import build_trainer, fit
+    from cbtlab.tune.callbacks import EpochReportCallback
 
     cfg = ExperimentConfig.from_dict(base).with_overrides(params)
     trainer = build_trainer(
         cfg,
         name=tune.get_context().get_trial_name(),
         storage_path=storage_path,
-        callbacks=[TuneReportCallback()],
+        callbacks=[EpochReportCallback()],
     )
     fit(trainer)
 

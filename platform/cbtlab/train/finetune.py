@@ -1,0 +1,115 @@
+"""Fine-tuning: start a model from other weights (`train.init_from`).
+
+The weights come from a cbtlab checkpoint (a checkpoint folder or its `state.pt`), a bare
+state dict of our models, or the authors' reference checkpoint (`{'state_dict': ...}` in the
+reference layout, renamed by `cbtlab.models.reference`). Everything but the classifier loads
+into the model as it is, with two exceptions: the position embedding is resampled (bicubic, as
+the model does for other input sizes) when `model.img_size` gives another patch grid, and the
+head (`head.*`) is kept fresh when its shape differs (another `model.num_classes`). Any other
+missing, extra or differently shaped tensor is refused, naming it. The reference checkpoints'
+(K, 1, 1) step sizes are reshaped to ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from cbtlab.models.reference import convert_reference_state_dict, unwrap_checkpoint
+from cbtlab.models.transformer import resample_pos_embed
+from cbtlab.train.checkpoint import FORMAT, STATE_FILE, CheckpointError
+from cbtlab.train.recipe import HEAD_PREFIX
+
+log = logging.getLogger(__name__)
+
+# Keys only the reference layout has.
+_REFERENCE_KEY = re.compile(r"^(to_patch_embedding|transformer\.layers|mlp_head|pos_embedding)")
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """The model weights of `path`, under our parameter names (see the module docstring)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"train.init_from: no such checkpoint file {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refused or a damaged file
+        raise CheckpointError(
+            f"train.init_from: cannot read {path} with weights_only=True ({exc}); "
+            "save its state dict alone (torch.save(model.state_dict(), ...))"
+        ) from exc
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"train.init_from: {path} holds no state dict")
+    if raw.get("format") == FORMAT and "model" in raw:  # a cbtlab checkpoint
+        return dict(raw["model"])
+    state = unwrap_checkpoint(raw)
+    if any(_REFERENCE_KEY.match(key) for key in state):
+        try:
+            return convert_reference_state_dict(state)
+        except KeyError as exc:
+            raise CheckpointError(f"train.init_from: {path}: {exc.args[0]}") from None
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def load_backbone(model: nn.Module, weights: Mapping[str, Tensor]) -> list[str]:
+    """Load `weights` into `model` (see the module docstring); returns notes on what was
+    adapted (a new head, a resampled position embedding) for the log."""
+    target = model.state_dict()
+    extra = sorted(set(weights) - set(target))
+    missing = sorted(set(target) - set(weights))
+    if extra or missing:
+        what = f"has {extra[0]!r}, which the model lacks" if extra else f"lacks {missing[0]!r}"
+        raise CheckpointError(
+            f"train.init_from: the checkpoint {what} ({len(extra)} extra, {len(missing)} "
+            "missing tensors): is it for this model.attention / depth / stem / block?"
+        )
+    merged, notes = {}, []
+    for key, ours in target.items():
+        theirs = weights[key]
+        if theirs.shape == ours.shape:
+            merged[key] = theirs
+        elif key.startswith(HEAD_PREFIX):
+            merged[key] = ours
+            if key.endswith("weight"):
+                notes.append(
+                    f"a new head: {ours.shape[0]} classes (the checkpoint's has {theirs.shape[0]})"
+                )
+        elif key == "pos_embed" and theirs.shape[-1] == ours.shape[-1]:
+            merged[key] = resample_pos_embed(theirs, _grid(theirs, key), _grid(ours, key))
+            notes.append(
+                f"the position embedding resampled from a {_grid(theirs, key)} patch grid "
+                f"to {_grid(ours, key)}"
+            )
+        elif key.endswith(("step_x", "step_rep")) and theirs.numel() == ours.numel():
+            merged[key] = theirs.reshape(ours.shape)  # the reference stores (K, 1, 1)
+        else:
+            raise CheckpointError(
+                f"train.init_from: {key} has shape {tuple(theirs.shape)} in the checkpoint, "
+                f"{tuple(ours.shape)} in the model; only the head and the position embedding "
+                "may differ"
+            )
+    with torch.no_grad():
+        model.load_state_dict(merged, strict=True)
+    return notes
+
+
+def init_from(model: nn.Module, path: str | Path) -> list[str]:
+    """Start `model` from the weights at `path`; returns what was adapted."""
+    return load_backbone(model, read_weights(path))
+
+
+def _grid(pos_embed: Tensor, key: str) -> tuple[int, int]:
+    """The square patch grid of a (1, 1 + H*W, d) position embedding (one CLS token)."""
+    patches = pos_embed.shape[1] - 1
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise CheckpointError(f"train.init_from: {key} holds {patches} patches, not a square grid")
+    return (side, side)

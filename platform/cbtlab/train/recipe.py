@@ -1,0 +1,215 @@
+"""The recipe's components: optimiser, schedule, precision, compilation and the training step.
+
+The worker loop (`cbtlab.train.loop`) calls these in order; each is small enough to test alone.
+The paper's ImageNet recipe (the reference code's `main.py`, Appendix C) is Lion at 2e-4 with
+weight decay 0.05, a 256 global batch, label smoothing 0.1, a warm-up then a cosine decay to zero
+and mixed precision: `cbtlab.tune.studies.IMAGENET_RECIPE` sets those fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cbtlab.config import ExperimentConfig
+
+# The classifier's parameters (CBTransformer.head); fine-tuning may treat them apart.
+HEAD_PREFIX = "head."
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, *, backbone_lr_scale: float = 1.0, frozen_steps: int = 0
+) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: not on biases, norms, step sizes, CLS or positions.
+
+    With a backbone rate scale other than 1 or `frozen_steps` (the backbone's rate is 0 for
+    that many optimizer steps), the head gets groups of its own, first, so that its rate is the
+    one `train/lr` shows; groups carry `lr_scale` and `frozen_steps` for `warmup_cosine`."""
+    skip = set(getattr(model, "no_weight_decay", set)())
+    split = backbone_lr_scale != 1.0 or frozen_steps > 0
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        head = split and name.startswith(HEAD_PREFIX)
+        decay = not (param.ndim <= 1 or name in skip)
+        groups.setdefault((head, decay), []).append(param)
+    kinds = [(True, True), (True, False)] if split else []
+    out = []
+    for head, decay in [*kinds, (False, True), (False, False)]:
+        params = groups.get((head, decay), [])
+        if split and not params:
+            continue
+        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if split:
+            group["lr_scale"] = 1.0 if head else backbone_lr_scale
+            group["frozen_steps"] = 0 if head else frozen_steps
+        out.append(group)
+    return out
+
+
+def build_optimizer(
+    model: nn.Module, cfg: ExperimentConfig, *, frozen_steps: int = 0
+) -> torch.optim.Optimizer:
+    """AdamW, SGD (Nesterov) or Lion (timm's) over `param_groups`, each group at
+    `train.lr` times its `lr_scale`."""
+    groups = param_groups(
+        model,
+        cfg.train.weight_decay,
+        backbone_lr_scale=cfg.train.backbone_lr_scale,
+        frozen_steps=frozen_steps,
+    )
+    for group in groups:
+        group["lr"] = cfg.train.lr * group.get("lr_scale", 1.0)
+    name, lr = cfg.train.optimizer, cfg.train.lr
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "lion":
+        from timm.optim import Lion
+
+        # Lion's update has unit size per coordinate, hence the small rates (the reference
+        # uses lion_pytorch's defaults: betas (0.9, 0.99), decoupled weight decay).
+        return Lion(groups, lr=lr, betas=(0.9, 0.99))
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, min_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up to the base rate, then cosine decay to `min_ratio` of it; a
+    group with `frozen_steps` stays at 0 for its first that many steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def group_factor(frozen: int) -> Callable[[int], float]:
+        return lambda step: 0.0 if step < frozen else factor(step)
+
+    lambdas = [group_factor(g.get("frozen_steps", 0)) for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision` for this device: "auto" is bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"train.precision='bf16': the GPU {device} does not support bfloat16")
+    return precision
+
+
+def autocast(
+    precision: str, device: torch.device
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the forward pass's autocast context (`resolve_precision` first)."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class CompileError(RuntimeError):
+    """`train.compile` is on and torch.compile cannot work here."""
+
+
+def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
+    """`torch.compile(module)`, after checking what it needs (a C++ compiler on CPU)."""
+    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        raise CompileError(
+            "train.compile=true: torch.compile on CPU needs a C++ compiler (g++ or clang++), "
+            "and none is on PATH; install one or set train.compile=false"
+        )
+    return torch.compile(module)
+
+
+@contextlib.contextmanager
+def explain_compile_errors(enabled: bool) -> Iterator[None]:
+    """Turn torch.compile's failures (raised at the first forward) into a CompileError that
+    names the flag; other errors pass unchanged."""
+    if not enabled:
+        yield
+        return
+    try:
+        yield
+    except Exception as exc:
+        module = type(exc).__module__
+        if not module.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompileError(
+            f"train.compile=true: torch.compile failed ({type(exc).__name__}: {first}); "
+            "set train.compile=false to train without it"
+        ) from exc
+
+
+class TrainStep:
+    """Forward and backward of one micro-batch; every `accum_steps`-th also steps the optimiser
+    and the schedule.
+
+    The loss of each micro-batch is scaled by 1 / accum_steps, so that the accumulated gradient
+    is that of the mean loss over the whole (equal-sized) micro-batches: the same update as one
+    batch of accum_steps times the size. Under DDP, the gradients are all-reduced on the last
+    micro-batch only (`no_sync` on the others).
+    """
+
+    def __init__(
+        self,
+        wrapped: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        loss_fn: nn.Module,
+        *,
+        accum_steps: int = 1,
+        grad_clip: float = 0.0,
+        clip_params: list[nn.Parameter] | None = None,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        compiled: bool = False,
+    ) -> None:
+        self.wrapped = wrapped
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_fn = loss_fn
+        self.accum_steps = accum_steps
+        self.grad_clip = grad_clip
+        # In the model's order: the clipping norm's summation order is part of the numbers.
+        self.clip_params = clip_params or [
+            p for group in optimizer.param_groups for p in group["params"]
+        ]
+        self.autocast = autocast
+        self.compiled = compiled
+        self.pending = 0  # micro-batches accumulated since the last optimiser step
+
+    def __call__(
+        self, images: Tensor, labels: Tensor, check: Callable[[Tensor], None] = lambda loss: None
+    ) -> tuple[Tensor, Tensor, bool]:
+        """(loss, logits, stepped): `check(loss)` runs between forward and backward (the loop's
+        divergence test); `stepped` is true when this micro-batch completed an optimiser step."""
+        last = self.pending + 1 == self.accum_steps
+        no_sync = getattr(self.wrapped, "no_sync", None)
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+        with sync:
+            with explain_compile_errors(self.compiled), self.autocast():
+                logits = self.wrapped(images)
+                loss = self.loss_fn(logits, labels)
+            check(loss)
+            (loss / self.accum_steps).backward()
+        self.pending += 1
+        if last:
+            self.step()
+        return loss, logits, last
+
+    def step(self) -> None:
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.clip_params, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = 0

@@ -1,0 +1,174 @@
+"""The recipe's components alone: optimisers, parameter groups, the schedule, precision,
+compilation errors and the accumulated training step."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cbtlab.config import ExperimentConfig
+from cbtlab.models import build_model
+from cbtlab.train.recipe import (
+    CompileError,
+    TrainStep,
+    autocast,
+    build_optimizer,
+    compile_model,
+    explain_compile_errors,
+    param_groups,
+    resolve_precision,
+    warmup_cosine,
+)
+
+TINY = {"model.embed_dim": 24, "model.depth": 1, "model.num_heads": 3, "model.rep_grid": "2x2"}
+
+
+def _cfg(**overrides: object) -> ExperimentConfig:
+    return ExperimentConfig().with_overrides({**TINY, **overrides})
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lion"])
+def test_every_optimizer_lowers_the_loss_on_a_fixed_batch(name: str) -> None:
+    torch.manual_seed(0)
+    cfg = _cfg(**{"train.optimizer": name, "train.lr": 1e-3 if name == "lion" else 1e-2})
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg)
+    if name == "lion":
+        from timm.optim import Lion
+
+        assert isinstance(optimizer, Lion)
+    x, y = torch.randn(16, 1, 16, 16), torch.randint(0, 10, (16,))
+    losses = []
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_the_head_gets_groups_of_its_own_only_when_fine_tuning() -> None:
+    model = build_model(_cfg().model)
+    plain = param_groups(model, 0.05)
+    assert len(plain) == 2 and "lr_scale" not in plain[0]
+    cfg = _cfg(**{"train.backbone_lr_scale": 0.1, "train.lr": 1e-3})
+    optimizer = build_optimizer(model, cfg, frozen_steps=3)
+    head = {id(model.head.weight), id(model.head.bias)}
+    groups = optimizer.param_groups
+    assert {id(p) for g in groups[:2] for p in g["params"]} == head  # the head first
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    scheduler = warmup_cosine(optimizer, warmup_steps=0, total_steps=10, min_ratio=0.0)
+    for _ in range(3):  # the backbone's rate is 0 for the frozen steps
+        assert scheduler.get_last_lr()[2:] == [0.0, 0.0] and scheduler.get_last_lr()[0] > 0
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[2] == pytest.approx(0.1 * scheduler.get_last_lr()[0])
+
+
+def test_precision_auto_is_bf16_on_cuda_only() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    with autocast("fp32", cpu)():
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    with autocast("bf16", cpu)():
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_compile_failures_name_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    class BackendFailed(RuntimeError):
+        pass
+
+    BackendFailed.__module__ = "torch._dynamo.exc"
+    explained = pytest.raises(CompileError, match=r"train\.compile=true: torch\.compile failed")
+    with explained, explain_compile_errors(True):
+        raise BackendFailed("no backend\ndetails")
+    with pytest.raises(ValueError), explain_compile_errors(True):  # not a compiler error
+        raise ValueError("a shape")
+    with pytest.raises(BackendFailed), explain_compile_errors(False):  # the flag off
+        raise BackendFailed("x")
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(CompileError, match="C\\+\\+ compiler"):
+        compile_model(nn.Linear(2, 2), torch.device("cpu"))
+
+
+def _train_steps(model: nn.Module, batches: list, accum: int, wrap: bool = False) -> nn.Module:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+    scheduler = warmup_cosine(optimizer, warmup_steps=1, total_steps=4, min_ratio=0.1)
+    wrapped = nn.parallel.DistributedDataParallel(model) if wrap else model
+    step = TrainStep(
+        wrapped,
+        optimizer,
+        scheduler,
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        accum_steps=accum,
+        grad_clip=0.5,
+    )
+    stepped = []
+    for x, y in batches:
+        stepped.append(step(x, y)[2])
+    assert stepped == [(i + 1) % accum == 0 for i in range(len(batches))]
+    return model
+
+
+@contextlib.contextmanager
+def _one_rank_group():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ddp", [False, True])
+def test_accumulating_half_batches_gives_the_full_batch_update(ddp: bool) -> None:
+    """float64, so that only the order of the sums differs: accum=2 on halves == accum=1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(3, 16, 6, dtype=torch.float64), torch.randint(0, 3, (3, 16))
+    full = [(x[i], y[i]) for i in range(3)]
+    halves = [(x[i, h], y[i, h]) for i in range(3) for h in (slice(0, 8), slice(8, 16))]
+    context = _one_rank_group() if ddp else contextlib.nullcontext()
+    with context:
+        one = _train_steps(_copy(model), full, accum=1, wrap=ddp)
+        two = _train_steps(_copy(model), halves, accum=2, wrap=ddp)
+    for a, b in zip(one.parameters(), two.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    moved = [
+        not torch.equal(a, b) for a, b in zip(one.parameters(), model.parameters(), strict=True)
+    ]
+    assert all(moved)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("attention", ["cbsa", "mssa", "tssa", "agent", "linear", "softmax"])
+def test_every_attention_runs_forward_and_backward_under_bf16_autocast(attention: str) -> None:
+    # CBSA's fused form has a hand-written backward: it must see one dtype.
+    cfg = _cfg(**{"model.attention": attention, "model.depth": 2})
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        reference = model(x)
+    with autocast("bf16", torch.device("cpu"))():
+        logits = model(x)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.05)
+    logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
