@@ -16,7 +16,7 @@ from cbtlab.tracking.mlflow_tracker import CHECKPOINT_TAG
 from cbtlab.train.loop import Diverged
 from cbtlab.tune.stats import cell_label
 
-TRIAL_METRIC_PREFIXES = ("train/", "val/", "throughput/", "time/", "rc/", "rc_norm/")
+TRIAL_METRIC_PREFIXES = ("train/", "val/", "data/", "throughput/", "time/", "rc/", "rc_norm/")
 # Metrics whose best value over the epochs is kept (lower is better for losses).
 BEST_TRACKED = ("val/top1", "val/top5", "val/loss")
 
