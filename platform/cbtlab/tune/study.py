@@ -584,8 +584,11 @@ def run_study(spec: StudySpec) -> StudyResult:
         storage_url = ""
         if spec.grid:
             # The explicit list, in order: each point replaces one of num_samples random
-            # samples of the (never sampled) choices below.
-            searcher = BasicVariantGenerator(points_to_evaluate=trials)
+            # samples of the (never sampled) choices below. Tune ignores max_concurrent_trials
+            # with this searcher: it takes its own limit.
+            searcher = BasicVariantGenerator(
+                points_to_evaluate=trials, max_concurrent=plan.max_concurrent
+            )
             num_samples = len(trials)
             param_space = {
                 **{key: tune.choice(values) for key, values in spec.space.items()},
@@ -639,7 +642,7 @@ def run_study(spec: StudySpec) -> StudyResult:
                 search_alg=searcher,
                 scheduler=scheduler,
                 num_samples=num_samples,
-                max_concurrent_trials=plan.max_concurrent,
+                max_concurrent_trials=None if spec.grid else plan.max_concurrent,
                 trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
             ),
