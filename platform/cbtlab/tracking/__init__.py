@@ -1,6 +1,17 @@
 """Experiment tracking: the MLflow schema, the driver-side writer and provenance."""
 
 from cbtlab.tracking.mlflow_tracker import StudyTracker
-from cbtlab.tracking.provenance import git_state, package_versions
+from cbtlab.tracking.provenance import (
+    git_state,
+    package_versions,
+    provenance_differences,
+    provenance_tags,
+)
 
-__all__ = ["StudyTracker", "git_state", "package_versions"]
+__all__ = [
+    "StudyTracker",
+    "git_state",
+    "package_versions",
+    "provenance_differences",
+    "provenance_tags",
+]

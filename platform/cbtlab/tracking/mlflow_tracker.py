@@ -95,6 +95,9 @@ class StudyTracker:
             self.client.log_batch(run_id, params=items[start : start + 100])
         return run_id
 
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         batch = [
@@ -117,3 +120,23 @@ class StudyTracker:
 
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def reopen(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again (a resumed study goes on writing to it)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def child_runs(self, parent_run_id: str) -> list[Any]:
+        """The runs nested under `parent_run_id` in this experiment (every page)."""
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                max_results=1000,
+                page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs

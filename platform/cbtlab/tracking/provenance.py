@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -35,3 +36,42 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
     return versions
+
+
+def provenance_tags() -> dict[str, str]:
+    """The code and package tags every run carries (`cbtlab.git_commit`, `cbtlab.git_dirty`,
+    `cbtlab.version.<package>`); the data hash is added by whoever knows the dataset."""
+    return {
+        **{f"cbtlab.{k}": v for k, v in git_state().items()},
+        **{f"cbtlab.version.{k}": v for k, v in package_versions().items()},
+    }
+
+
+def provenance_differences(logged: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
+    """What differs between the provenance tags a run logged and those of this process, one
+    sentence each: code (git commit, uncommitted changes), data (`cbtlab.data_hash`, when both
+    have it) and package versions. Empty when nothing that was logged differs."""
+    problems = []
+    commit, now = logged.get("cbtlab.git_commit", "unknown"), current.get("cbtlab.git_commit")
+    if commit == "unknown":
+        problems.append("code: the run logged no git commit (it did not run from a checkout)")
+    elif now != commit:
+        problems.append(f"code: the run was logged at git commit {commit}, this code is at {now}")
+    if logged.get("cbtlab.git_dirty") == "true":
+        problems.append(
+            "code: the run's checkout had uncommitted changes, so its exact code is not recorded"
+        )
+    if current.get("cbtlab.git_dirty") == "true":
+        problems.append("code: this checkout has uncommitted changes")
+    data, data_now = logged.get("cbtlab.data_hash"), current.get("cbtlab.data_hash")
+    if data and data_now and data != data_now:
+        problems.append(f"data: the dataset's content hash is {data_now}, the run logged {data}")
+    prefix = "cbtlab.version."
+    changed = [
+        f"{key[len(prefix) :]} {current.get(key, 'absent')} (logged {value})"
+        for key, value in sorted(logged.items())
+        if key.startswith(prefix) and current.get(key, "absent") != value
+    ]
+    if changed:
+        problems.append("packages: " + ", ".join(changed))
+    return problems

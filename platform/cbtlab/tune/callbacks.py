@@ -29,6 +29,9 @@ TRIAL_METRIC_PREFIXES = (
 )
 # Metrics whose best value over the epochs is kept (lower is better for losses).
 BEST_TRACKED = ("val/top1", "val/top5", "val/loss")
+TRIAL_TAG = "cbtlab.trial_id"
+# A trial's wall time, logged once as it ends.
+TIME_KEY = "time/trial_s"
 
 
 @dataclass
@@ -47,10 +50,15 @@ class TrialRecord:
     status: str = "RUNNING"
     stopped_early: bool = False
     error: str = ""
+    # A run re-attached from MLflow (a resumed study): the epochs it had logged (not logged
+    # again when a restarted trial reports them anew) and the trial time it had recorded.
+    logged_through: int = 0
+    prior_seconds: float = 0.0
+    reattached: bool = False
 
     @property
     def seconds(self) -> float:
-        return (self.ended or time.monotonic()) - self.started
+        return self.prior_seconds + (self.ended or time.monotonic()) - self.started
 
 
 def trial_config(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
@@ -76,10 +84,56 @@ class EpochReportCallback(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
+def record_from_run(tracker: StudyTracker, run: Any) -> TrialRecord | None:
+    """The TrialRecord of a trial's MLflow run as logged so far (None: not a trial run): its
+    config from the params, epochs and best values from the metric histories, status and
+    recorded time. A run still RUNNING is one whose driver died mid-trial."""
+    from cbtlab.analysis.interpretability import config_from_params
+
+    tags, metrics = run.data.tags, run.data.metrics
+    trial_id = tags.get(TRIAL_TAG)
+    if not trial_id:
+        return None
+    epochs, best = 0, {}
+    for key in BEST_TRACKED:
+        history = tracker.client.get_metric_history(run.info.run_id, key)
+        if not history:
+            continue
+        epochs = max(epochs, *(m.step for m in history))
+        pick = min if key.endswith("loss") else max
+        best[key] = pick(m.value for m in history)
+    status = run.info.status
+    per_epoch = {k: v for k, v in metrics.items() if k.startswith(TRIAL_METRIC_PREFIXES)}
+    per_epoch.pop(TIME_KEY, None)
+    record = TrialRecord(
+        trial_id,
+        run.info.run_name or f"trial_{trial_id}",
+        config_from_params(run.data.params),
+        run.info.run_id,
+        epochs=epochs,
+        last=per_epoch,
+        best=best,
+        status=status,
+        stopped_early=tags.get("cbtlab.stopped_early") == "true",
+        error=tags.get("cbtlab.error", ""),
+        logged_through=epochs,
+        prior_seconds=metrics.get(TIME_KEY, 0.0),
+        reattached=True,
+    )
+    if status != "RUNNING":
+        record.ended = record.started
+    return record
+
+
 class MLflowTrialLogger(Callback):
     """Creates a nested MLflow child run per trial and logs its per-epoch metrics.
 
-    Runs in the Tune driver process only, so one writer serves all trials.
+    Runs in the Tune driver process only, so one writer serves all trials. A resumed study
+    (`Tuner.restore`) brings back a copy of this callback as it was pickled when the study
+    started; `setup` then re-attaches it to the child runs already under the parent (found by
+    their `cbtlab.trial_id` tag), so a restored trial goes on writing to its own run: a finished
+    one is left as it is, an unfinished or failed one is reopened, and epochs it had logged are
+    not logged twice.
     """
 
     def __init__(
@@ -108,13 +162,32 @@ class MLflowTrialLogger(Callback):
         if self.verbose:
             print(text, file=sys.stdout, flush=True)
 
+    def reattach(self) -> None:
+        """Load the records of the trial runs already under the parent run (a resumed study)."""
+        for run in self.tracker.child_runs(self.parent_run_id):
+            record = record_from_run(self.tracker, run)
+            if record is not None and record.trial_id not in self.records:
+                self.records[record.trial_id] = record
+
+    def setup(self, **info: Any) -> None:
+        self.reattach()
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id in self.records:  # restarted after a failure: keep the same run
+        record = self.records.get(trial.trial_id)
+        if record is not None:  # restarted after a failure, or restored by a resumed study
+            if record.ended is not None and record.status == "FINISHED":
+                self._say(f"[{trial}] restored: already finished, its run is kept as logged")
+            elif record.ended is not None or record.reattached:
+                if record.ended is not None:
+                    self.tracker.reopen(record.run_id)
+                record.ended, record.status, record.started = None, "RUNNING", time.monotonic()
+                self._say(f"[{trial}] restored: continues its run after {record.epochs} epochs")
+            record.reattached = False
             return
         cfg = trial_config(self.base, trial.config)
         tags = {
             **self.tags,
-            "cbtlab.trial_id": trial.trial_id,
+            TRIAL_TAG: trial.trial_id,
             "cbtlab.config_hash": cfg.config_hash(),
             "cbtlab.seed": str(cfg.train.seed),
         }
@@ -132,6 +205,8 @@ class MLflowTrialLogger(Callback):
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         record = self.records[trial.trial_id]
+        if record.ended is not None:  # a finished trial that Tune restored as unfinished
+            return
         diverged = Diverged.from_metrics(result)
         if diverged is not None:
             self._say(f"[{trial}] diverged: {diverged}")
@@ -142,7 +217,8 @@ class MLflowTrialLogger(Callback):
             if k.startswith(TRIAL_METRIC_PREFIXES) and isinstance(v, (int, float))
         }
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        self.tracker.log_metrics(record.run_id, metrics, step=epoch)
+        if epoch > record.logged_through:  # a restored trial re-reports what it had logged
+            self.tracker.log_metrics(record.run_id, metrics, step=epoch)
         if result.get("checkpoint_path"):
             # Where the trial's latest checkpoint lives (the probes and re-runs load it).
             self.tracker.set_tags(record.run_id, {CHECKPOINT_TAG: str(result["checkpoint_path"])})
@@ -187,7 +263,7 @@ class MLflowTrialLogger(Callback):
         self.tracker.set_tags(record.run_id, tags)
         self.tracker.log_metrics(
             record.run_id,
-            {f"best/{k}": v for k, v in record.best.items()} | {"time/trial_s": record.seconds},
+            {f"best/{k}": v for k, v in record.best.items()} | {TIME_KEY: record.seconds},
             step=record.epochs,
         )
         self.tracker.end_run(record.run_id, status)

@@ -29,7 +29,18 @@ from cbtlab.config import (
     parse_override,
 )
 from cbtlab.tune.stats import TESTS
-from cbtlab.tune.study import StudySpec, mlflow_ui_command, run_study
+from cbtlab.tune.study import (
+    StudySpec,
+    latest_study_path,
+    mlflow_ui_command,
+    read_study_state,
+    resume_study,
+    run_study,
+    spec_from_dict,
+)
+
+# `--resume` without a folder: the study of this name started last under --storage-path.
+LATEST = "latest"
 
 # Representative grids on the 8 x 8 patch grid of the digits preset: counts 1..64, square and not.
 REP_GRIDS = ("1x1", "2x2", "4x2", "2x4", "4x4", "8x2", "2x8", "8x4", "4x8", "8x8")
@@ -155,6 +166,13 @@ def study_parser(
         parser.add_argument("--search-seed", type=int, default=0, help="seed of the Optuna sampler")
         parser.add_argument("--no-asha", action="store_true", help="run every trial to the end")
         parser.add_argument(
+            "--optuna-storage",
+            default="",
+            metavar="URL",
+            help="the Optuna study's database (sqlite:///..., postgresql://...); default: "
+            "optuna.db in the study's results folder",
+        )
+        parser.add_argument(
             "--grace-period",
             type=int,
             default=None,
@@ -205,6 +223,17 @@ def study_parser(
     )
     parser.add_argument("--storage-path", default=None, help="Ray results folder or URI")
     parser.add_argument("--worker-logs", action="store_true", help="show training workers' logs")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=LATEST,
+        default=None,
+        metavar="FOLDER",
+        help="go on with a study whose driver stopped: its results folder "
+        "(<storage path>/<name>-<run id>, printed as it starts), or none for the latest study "
+        "of this name under --storage-path; its settings come from that folder, other flags "
+        "but --address and --worker-logs are ignored",
+    )
     parser.add_argument("--name", default=None, help="study name (the MLflow experiment)")
     add_override_argument(parser)
     return parser
@@ -239,6 +268,7 @@ def study_spec(
             "search_seed": args.search_seed,
             "asha": not args.no_asha,
             "grace_period": args.grace_period,
+            "optuna_storage": args.optuna_storage,
         }
     return StudySpec(
         name=args.name or name,
@@ -273,8 +303,21 @@ def run_study_main(
         spec = make_spec(args).validate()
     except ConfigError as exc:
         parser.error(str(exc))
+    path = args.resume
+    if path is not None:
+        if path == LATEST and "://" in spec.storage_path:
+            parser.error("--resume: give the study's results folder on remote storage")
+        try:
+            path = latest_study_path(spec.storage_path, spec.name) if path == LATEST else path
+            spec = spec_from_dict(read_study_state(path).spec).validate()
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     try:
-        result = run_study(spec)
+        if path is not None:
+            result = resume_study(path, ray_address=args.address, worker_logs=args.worker_logs)
+        else:
+            result = run_study(spec)
     except ConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -14,10 +14,20 @@ Two kinds of study:
   every trial runs all its epochs, so every cell's seeds are treated alike and the statistics
   compare values at the same epoch. Afterwards the driver compares every cell with the baseline
   (`cbtlab.tune.stats`), writes `stats.parquet` and logs it on the study's parent run.
+
+Resuming (`resume_study`): a study keeps what its driver needs to go on in
+`<storage_path>/<study>-<parent run id[:8]>/cbtlab_study.json` (the spec, the trials' base
+config, the parent run, the MLflow store), beside Tune's own experiment state and, for a search,
+the Optuna study (`optuna.db` there unless `optuna_storage` names an RDB URL). A driver killed
+mid-study is resumed with `Tuner.restore(..., resume_errored=True)`: finished trials are kept,
+unfinished and errored ones run again, and each Train run restarts from its latest checkpoint
+(Ray Train V2 restores a run that has the same name and storage path). The MLflow callback
+re-attaches to the parent and to each trial's child run (see `MLflowTrialLogger`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -26,13 +36,13 @@ import os
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from cbtlab.config import ConfigError, ExperimentConfig
+from cbtlab.config import ConfigError, DataConfig, ExperimentConfig
 from cbtlab.paths import default_tracking_uri, ray_results_home
 from cbtlab.tracking.report import format_table
 from cbtlab.tune.stats import (
@@ -48,6 +58,13 @@ log = logging.getLogger(__name__)
 
 # MLflow's limit on a param value's length.
 MLFLOW_PARAM_CHARS = 6000
+# CPUs held by a trial's driver process by default (its TorchTrainer's workers hold their own).
+TRIAL_DRIVER_CPUS = 0.1
+# What a resumed driver needs, beside the Tune results of the study (see resume_study).
+STATE_FILE = "cbtlab_study.json"
+STATE_VERSION = 1
+# The Optuna study's default storage, a SQLite file in the study's results folder.
+OPTUNA_FILE = "optuna.db"
 
 
 @dataclass
@@ -90,7 +107,10 @@ class StudySpec:
     # timing), as many as the cluster's resources fit for a grid.
     max_concurrent: int | None = None
     # CPUs held by each trial's driver process (the TorchTrainer's workers hold their own).
-    trial_driver_cpus: float = 0.1
+    trial_driver_cpus: float = TRIAL_DRIVER_CPUS
+    # Where a search keeps its Optuna study: an RDB URL (sqlite:///..., postgresql://...);
+    # empty: a SQLite file in the study's results folder (under CBTLAB_HOME for remote storage).
+    optuna_storage: str = ""
     ray_address: str | None = None
     # Stream the training workers' own logs to this console (Tune's error files keep them anyway).
     worker_logs: bool = False
@@ -172,6 +192,8 @@ class StudySpec:
                 "study.reduction_factor", f"must be >= 2, got {self.reduction_factor}"
             )
         self.storage_path = self.storage_path or str(ray_results_home())
+        if "://" not in self.storage_path:  # Tune and the resume state want absolute paths
+            self.storage_path = str(Path(self.storage_path).expanduser().resolve())
         self.tracking_uri = self.tracking_uri or default_tracking_uri()
         self.experiment_name = self.experiment_name or self.name
         return self
@@ -237,9 +259,7 @@ def plan_resources(spec: StudySpec, cluster: Mapping[str, float]) -> ResourcePla
         train = base.train
     trial_cpus = spec.trial_driver_cpus + train.num_workers * train.cpus_per_worker
     trial_gpus = train.num_workers if train.use_gpu else 0
-    fits = math.floor(cluster.get("CPU", 0.0) / trial_cpus + 1e-9)
-    if trial_gpus:
-        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / trial_gpus + 1e-9))
+    fits = trials_that_fit(cluster, trial_cpus, trial_gpus)
     if spec.max_concurrent is not None:
         concurrent = spec.max_concurrent
     else:
@@ -253,6 +273,14 @@ def plan_resources(spec: StudySpec, cluster: Mapping[str, float]) -> ResourcePla
     if fits < 1:
         summary += " (a trial needs more than the cluster has now: it waits for resources)"
     return ResourcePlan(base, concurrent, trial_cpus, trial_gpus, fits, summary)
+
+
+def trials_that_fit(cluster: Mapping[str, float], trial_cpus: float, trial_gpus: int) -> int:
+    """How many trials of `trial_cpus` CPUs and `trial_gpus` GPUs `cluster` holds at once."""
+    fits = math.floor(cluster.get("CPU", 0.0) / trial_cpus + 1e-9)
+    if trial_gpus:
+        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / trial_gpus + 1e-9))
+    return fits
 
 
 @dataclass
@@ -332,6 +360,162 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_path: st
     fit(trainer)
 
 
+def trial_trainable(
+    base: ExperimentConfig, storage_path: str, driver_cpus: float = TRIAL_DRIVER_CPUS
+) -> Any:
+    """The Tune trainable of a study's trials: `_run_trial` bound to the trials' base config and
+    the storage of their Train runs, holding `driver_cpus` CPUs for each trial's driver."""
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(_run_trial, base=base.to_dict(), storage_path=storage_path),
+        {"cpu": driver_cpus},
+    )
+
+
+def dataset_hash(data: DataConfig) -> str:
+    """The content hash of a config's dataset (the tag `cbtlab.data_hash`). Builds a built-in
+    dataset on first use, so that workers on this machine then find it cached."""
+    from cbtlab.data import open_split, prepare_dataset
+
+    return open_split(prepare_dataset(data), "train").content_hash
+
+
+def run_tags(study: str, data_hash: str) -> dict[str, str]:
+    """The tags of every run a study writes: its name, the data hash, code and packages."""
+    from cbtlab.tracking import provenance_tags
+
+    tags = {
+        "mlflow.source.name": sys.argv[0] or "cbtlab",
+        "mlflow.source.type": "LOCAL",
+        "cbtlab.study": study,
+        "cbtlab.data_hash": data_hash,
+        **provenance_tags(),
+    }
+    if tags["cbtlab.git_commit"] != "unknown":
+        tags["mlflow.source.git.commit"] = tags["cbtlab.git_commit"]
+    return tags
+
+
+@dataclass
+class StudyState:
+    """What a resumed driver needs; `STATE_FILE` in the study's results folder."""
+
+    run_name: str  # Tune's experiment name: <study>-<parent run id[:8]>
+    parent_run_id: str
+    tracking_uri: str
+    experiment_name: str
+    storage_path: str
+    spec: dict[str, Any]  # spec_to_dict of the validated spec
+    trial_base: dict[str, Any]  # the trials' base config (plan_resources applied)
+    optuna_storage: str = ""  # the Optuna study's storage, password hidden ("" for a grid)
+    version: int = STATE_VERSION
+
+    @property
+    def path(self) -> str:
+        return study_path(self.storage_path, self.run_name)
+
+
+def study_path(storage_path: str, run_name: str) -> str:
+    """A study's results folder: Tune's experiment folder `<storage_path>/<run_name>`."""
+    return f"{storage_path.rstrip('/')}/{run_name}"
+
+
+def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
+    """A StudySpec as plain JSON values (the base config as `ExperimentConfig.to_dict`)."""
+    data = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    data["base"] = spec.base.to_dict()
+    data["optuna_storage"] = redact_url(spec.optuna_storage)
+    return json.loads(json.dumps(data, default=list))
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> StudySpec:
+    """The StudySpec of `spec_to_dict` (keys it does not know are skipped)."""
+    known = {f.name for f in dataclasses.fields(StudySpec)}
+    values = {key: value for key, value in data.items() if key in known}
+    values["base"] = ExperimentConfig.from_dict(values["base"])
+    return StudySpec(**values)
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password hidden (as it may be logged or written to disk)."""
+    if "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _filesystem(path: str) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def write_study_state(state: StudyState) -> str:
+    """Write `state` to its study's results folder (local or a URI); return the file's path."""
+    path = f"{state.path}/{STATE_FILE}"
+    fs, inner = _filesystem(path)
+    fs.create_dir(inner.rpartition("/")[0], recursive=True)
+    with fs.open_output_stream(inner) as out:
+        out.write(json.dumps(dataclasses.asdict(state), indent=2).encode())
+    return path
+
+
+def read_study_state(path: str) -> StudyState:
+    """The state of the study whose results folder (or state file) is `path`."""
+    text = path.rstrip("/")
+    if not text.endswith(STATE_FILE):
+        text = f"{text}/{STATE_FILE}"
+    fs, inner = _filesystem(text)
+    try:
+        with fs.open_input_stream(inner) as handle:
+            data = json.loads(handle.read().decode())
+    except (FileNotFoundError, OSError) as exc:
+        raise FileNotFoundError(
+            f"no study to resume at {path}: expected {STATE_FILE}, which a study writes in its "
+            f"results folder <storage path>/<study>-<run id>/ ({exc})"
+        ) from exc
+    if data.get("version") != STATE_VERSION:
+        raise ValueError(f"{text}: state version {data.get('version')}, expected {STATE_VERSION}")
+    known = {f.name for f in dataclasses.fields(StudyState)}
+    return StudyState(**{key: value for key, value in data.items() if key in known})
+
+
+def latest_study_path(storage_path: str, name: str) -> str:
+    """The results folder of the study `name` started last under a local `storage_path`."""
+    found = sorted(
+        Path(storage_path).expanduser().glob(f"{name}-*/{STATE_FILE}"),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"no study {name!r} to resume under {storage_path} (no {name}-*/{STATE_FILE})"
+        )
+    return str(found[-1].parent)
+
+
+def optuna_storage_url(spec: StudySpec, run_name: str) -> str:
+    """`spec.optuna_storage`, else a SQLite file in the study's results folder (under
+    CBTLAB_HOME when the Ray storage is remote: SQLite needs a local file)."""
+    if spec.optuna_storage:
+        return spec.optuna_storage
+    if "://" in spec.storage_path:
+        from cbtlab.paths import cbtlab_home
+
+        folder = cbtlab_home() / "optuna" / run_name
+    else:
+        folder = Path(spec.storage_path) / run_name
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / OPTUNA_FILE}"
+
+
 def run_study(spec: StudySpec) -> StudyResult:
     """Run the study to completion; log it to MLflow; return its summary rows."""
     import optuna
@@ -341,26 +525,12 @@ def run_study(spec: StudySpec) -> StudyResult:
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    from cbtlab.data import open_split, prepare_dataset
-    from cbtlab.tracking import StudyTracker, git_state, package_versions
+    from cbtlab.tracking import StudyTracker
     from cbtlab.tune.callbacks import MLflowTrialLogger
 
     spec.validate()
     tracker = StudyTracker(spec.tracking_uri, spec.experiment_name)
-    # Build the dataset once on the driver; workers on this machine then find it cached.
-    data_hash = open_split(prepare_dataset(spec.base.data), "train").content_hash
-
-    git = git_state()
-    tags = {
-        "mlflow.source.name": sys.argv[0] or "cbtlab",
-        "mlflow.source.type": "LOCAL",
-        "cbtlab.study": spec.name,
-        "cbtlab.data_hash": data_hash,
-        **{f"cbtlab.{k}": v for k, v in git.items()},
-        **{f"cbtlab.version.{k}": v for k, v in package_versions().items()},
-    }
-    if git["git_commit"] != "unknown":
-        tags["mlflow.source.git.commit"] = git["git_commit"]
+    tags = run_tags(spec.name, dataset_hash(spec.base.data))
     connect_ray(spec.ray_address, worker_logs=spec.worker_logs)
     plan = plan_resources(spec, ray.cluster_resources())
     base = plan.base
@@ -398,6 +568,7 @@ def run_study(spec: StudySpec) -> StudyResult:
         params=parent_params,
         tags={**tags, "cbtlab.role": "study", "cbtlab.config_hash": base.config_hash()},
     )
+    run_name = f"{spec.name}-{parent_run_id[:8]}"
     logger = MLflowTrialLogger(
         tracker,
         parent_run_id=parent_run_id,
@@ -408,27 +579,52 @@ def run_study(spec: StudySpec) -> StudyResult:
     )
     if spec.grid:
         tracker.log_text(parent_run_id, cells_json, "cells.json")
-    run_name = f"{spec.name}-{parent_run_id[:8]}"
-    status = "FAILED"
-    try:
+
+    def fit() -> None:
+        storage_url = ""
         if spec.grid:
             # The explicit list, in order: each point replaces one of num_samples random
-            # samples of the (never sampled) choices below.
-            searcher = BasicVariantGenerator(points_to_evaluate=trials)
+            # samples of the (never sampled) choices below. Tune ignores max_concurrent_trials
+            # with this searcher: it takes its own limit.
+            searcher = BasicVariantGenerator(
+                points_to_evaluate=trials, max_concurrent=plan.max_concurrent
+            )
             num_samples = len(trials)
             param_space = {
                 **{key: tune.choice(values) for key, values in spec.space.items()},
                 "train.seed": tune.choice(spec.seed_values),
             }
         else:
+            # A study of its own per run (named as Tune's experiment), kept in a database so
+            # that the search state outlives the driver.
+            storage_url = optuna_storage_url(spec, run_name)
             searcher = OptunaSearch(
                 metric=spec.metric,
                 mode=spec.mode,
                 points_to_evaluate=spec.initial_points or None,
                 sampler=optuna.samplers.TPESampler(seed=spec.search_seed),
+                study_name=run_name,
+                storage=optuna.storages.RDBStorage(storage_url),
+            )
+            tracker.log_params(
+                parent_run_id,
+                {"study.optuna_storage": redact_url(storage_url), "study.optuna_study": run_name},
             )
             num_samples = spec.num_samples
             param_space = {key: tune.choice(values) for key, values in spec.space.items()}
+        state = StudyState(
+            run_name,
+            parent_run_id,
+            spec.tracking_uri,
+            spec.experiment_name,
+            spec.storage_path,
+            spec_to_dict(spec),
+            base.to_dict(),
+            redact_url(storage_url),
+        )
+        write_study_state(state)
+        tracker.set_tags(parent_run_id, {"cbtlab.study_path": state.path})
+        _say(f"study {spec.name}: if its driver stops, go on with --resume {state.path}")
         scheduler = None
         if spec.asha and not spec.grid:
             scheduler = ASHAScheduler(
@@ -437,12 +633,8 @@ def run_study(spec: StudySpec) -> StudyResult:
                 grace_period=min(spec.grace_period, base.train.epochs),
                 reduction_factor=spec.reduction_factor,
             )
-        trainable = tune.with_resources(
-            tune.with_parameters(_run_trial, base=base.to_dict(), storage_path=spec.storage_path),
-            {"cpu": spec.trial_driver_cpus},
-        )
         tuner = tune.Tuner(
-            trainable,
+            trial_trainable(base, spec.storage_path, spec.trial_driver_cpus),
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=spec.metric,
@@ -450,7 +642,7 @@ def run_study(spec: StudySpec) -> StudyResult:
                 search_alg=searcher,
                 scheduler=scheduler,
                 num_samples=num_samples,
-                max_concurrent_trials=plan.max_concurrent,
+                max_concurrent_trials=None if spec.grid else plan.max_concurrent,
                 trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
             ),
@@ -462,11 +654,84 @@ def run_study(spec: StudySpec) -> StudyResult:
             ),
         )
         tuner.fit()
+
+    return _drive(fit, spec, tracker, logger, parent_run_id, run_name, reload=False)
+
+
+def resume_study(
+    path: str, *, ray_address: str | None = None, worker_logs: bool = False
+) -> StudyResult:
+    """Go on with the study whose results folder (or state file) is `path`, after its driver
+    stopped (killed, crashed, interrupted): `Tuner.restore(..., resume_errored=True)` keeps the
+    finished trials and runs the unfinished and errored ones again, each Train run from its
+    latest checkpoint; the trials go on writing to their MLflow child runs under the same
+    parent run (reopened). Warns when the code, data or packages differ from the study's start.
+    """
+    from ray import tune
+
+    from cbtlab.tracking import StudyTracker, provenance_differences
+    from cbtlab.tune.callbacks import MLflowTrialLogger
+
+    state = read_study_state(path)
+    folder = path.rstrip("/").removesuffix(STATE_FILE).rstrip("/")
+    if "://" not in folder:
+        folder = str(Path(folder).expanduser().resolve())
+    spec = spec_from_dict(state.spec)
+    spec.ray_address, spec.worker_logs = ray_address, worker_logs
+    # Tune resumes from where the folder is now; the trials' Train runs are its neighbours.
+    spec.storage_path = folder.rpartition("/")[0]
+    spec.validate()
+    base = ExperimentConfig.from_dict(state.trial_base)
+    tracker = StudyTracker(state.tracking_uri, state.experiment_name)
+    parent = tracker.client.get_run(state.parent_run_id)
+    tags = run_tags(spec.name, dataset_hash(base.data))
+    for problem in provenance_differences(parent.data.tags, tags):
+        _say(f"warning: this driver differs from the one that started the study: {problem}")
+    connect_ray(spec.ray_address, worker_logs=spec.worker_logs)
+    resumed = int(parent.data.tags.get("cbtlab.resumed", "0")) + 1
+    tracker.reopen(state.parent_run_id)
+    tracker.set_tags(state.parent_run_id, {"cbtlab.resumed": str(resumed)})
+    _say(f"study {spec.name}: resuming {folder} (parent run {state.parent_run_id})")
+    # Tune restores the callback pickled when the study started, which writes the runs; this
+    # one reads them back for the summary (reload=True).
+    logger = MLflowTrialLogger(
+        tracker,
+        parent_run_id=state.parent_run_id,
+        base=base,
+        tags={**tags, "cbtlab.role": "trial"},
+        metric=spec.metric,
+        cell_keys=list(spec.space),
+    )
+
+    def fit() -> None:
+        trainable = trial_trainable(base, spec.storage_path, spec.trial_driver_cpus)
+        tune.Tuner.restore(folder, trainable=trainable, resume_errored=True).fit()
+
+    return _drive(fit, spec, tracker, logger, state.parent_run_id, state.run_name, reload=True)
+
+
+def _drive(
+    fit: Callable[[], None],
+    spec: StudySpec,
+    tracker: Any,
+    logger: Any,
+    parent_run_id: str,
+    run_name: str,
+    *,
+    reload: bool,
+) -> StudyResult:
+    """Run `fit`, then close what it left open and log the study's summary (its table, a
+    grid's statistics, the best value) on the parent run, whatever happened."""
+    status = "FAILED"
+    try:
+        fit()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
+        if reload:
+            logger.reattach()
         logger.end_open_runs("KILLED" if status == "KILLED" else "FAILED")
         rows = summary_rows(logger, spec)
         failed = sum(1 for r in rows if r["status"] == "FAILED")

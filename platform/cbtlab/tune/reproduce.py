@@ -1,0 +1,457 @@
+"""Re-run a logged trial exactly (or with more seeds) and compare it with what it logged.
+
+    python studies/reproduce.py --run-id RUN_ID                 # the same config and seed
+    python studies/reproduce.py --run-id RUN_ID --seeds 5       # + train.seed = logged + 1..4
+    ray job submit --working-dir . -- python studies/reproduce.py --run-id RUN_ID \
+        --address auto --tracking-uri http://mlflow.internal:5000 --tolerance 1e-4
+
+1. The run (a study's trial run, from any tracking URI) gives the config: its params, the
+   flattened config, rebuilt with `config_from_params`.
+2. Warnings (stderr, and in the report) when the re-run cannot be the same: the code (git
+   commit, uncommitted changes then or now), the data (the dataset's content hash), package
+   versions, or the config (fields logged that this code lacks or the reverse, or a rebuilt
+   config that does not hash to the logged `cbtlab.config_hash`).
+3. The re-run goes through the study machinery, so it takes the trial's own path: a Tune run
+   whose trials each fit one TorchTrainer (`cbtlab.train.build_trainer` / `fit`), one trial
+   per seed, `train.seed = logged + i` for i < seeds (i = 0 is the exact re-run), and the
+   per-epoch metrics reach the single MLflow writer in the driver as the original's did. A run
+   that ASHA stopped early is stopped at the same epoch (the schedule depends on train.epochs,
+   so the config is not shortened).
+4. MLflow: every re-run is a trial-like run (same schema) nested under the run it reproduces,
+   as the probes are, so that the UI shows it there and the study's own table is unchanged:
+   tags `cbtlab.role=reproduction`, `cbtlab.reproduces=<run id>`, provenance of now; with
+   `--seeds N > 1` the N runs nest under one sweep run (`cbtlab.role=reproduction_sweep`)
+   under the original, which holds the spread (`reproduce/<metric>/mean|std|min|max`).
+   `reproduction.txt` (warnings, comparison, spread) is logged on the exact re-run and the
+   sweep run; the exact re-run is tagged `cbtlab.reproduced` = identical | differs | failed
+   and gets the metric `reproduce/max_abs_diff`.
+5. The comparison: every per-epoch metric the run logged but wall-clock ones (`time/`,
+   `throughput/`), at every logged epoch; identical when every |difference| <= `tolerance`
+   (default 0: exact, which a CPU run gives; GPU kernels are not bit-deterministic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cbtlab.config import ExperimentConfig
+from cbtlab.tracking.report import render_table
+
+REPRODUCES_TAG = "cbtlab.reproduces"
+RESULT_TAG = "cbtlab.reproduced"
+REPORT_FILE = "reproduction.txt"
+# Per-epoch metrics a re-run must give again; time/ and throughput/ are wall-clock.
+COMPARED_PREFIXES = ("train/", "val/", "data/", "rc/", "rc_norm/")
+
+
+@dataclass
+class MetricDiff:
+    """One metric of the logged run against its re-run, over the logged epochs."""
+
+    metric: str
+    epochs: int  # logged epochs of this metric
+    logged: float  # at the last logged epoch
+    reproduced: float | None  # at that epoch (None: the re-run did not reach it)
+    max_abs_diff: float  # over every logged epoch (inf where the re-run lacks one)
+    first_epoch: int | None  # the first epoch beyond the tolerance
+
+    @property
+    def final_diff(self) -> float:
+        return math.inf if self.reproduced is None else abs(self.reproduced - self.logged)
+
+
+@dataclass
+class SeedSpread:
+    """The final value of a metric over the seeds of a reproducibility sweep."""
+
+    metric: str
+    values: dict[int, float | None]  # seed -> final value (None: the trial failed)
+    mean: float
+    std: float  # ddof 1; NaN below two values
+    min: float
+    max: float
+
+
+@dataclass
+class Reproduction:
+    run_id: str  # the reproduced run
+    runs: dict[int, str]  # seed -> the re-run's MLflow run
+    warnings: list[str]
+    diffs: list[MetricDiff]
+    identical: bool
+    tolerance: float
+    report: str
+    sweep_run_id: str | None = None
+    spread: SeedSpread | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def rebuild_config(
+    params: Mapping[str, str], tags: Mapping[str, str]
+) -> tuple[ExperimentConfig, list[str]]:
+    """The config of a logged run from its params, and what may make it differ from the
+    config the run had: fields it logged that this code lacks (skipped), fields this code has
+    that it did not log (defaults now), and a hash other than its `cbtlab.config_hash`."""
+    from cbtlab.analysis.interpretability import config_from_params
+    from cbtlab.tune.callbacks import run_params
+
+    cfg = config_from_params(dict(params))
+    known = set(cfg.flat())
+    derived = set(run_params(cfg)) - known
+    sections = {key.partition(".")[0] for key in known}
+    dropped = sorted(
+        k for k in params if k.partition(".")[0] in sections and k not in known | derived
+    )
+    missing = sorted(known - set(params))
+    warnings = []
+    if dropped:
+        warnings.append(
+            "config: the run logged fields this code does not have (left out): "
+            + ", ".join(f"{k}={params[k]}" for k in dropped)
+        )
+    if missing:
+        flat = cfg.flat()
+        warnings.append(
+            "config: fields the run did not log, at this code's defaults: "
+            + ", ".join(f"{k}={flat[k]}" for k in missing)
+        )
+    logged_hash = tags.get("cbtlab.config_hash")
+    if logged_hash and logged_hash != cfg.config_hash():
+        warnings.append(
+            f"config: the rebuilt config hashes to {cfg.config_hash()}, the run logged "
+            f"{logged_hash}"
+        )
+    return cfg, warnings
+
+
+def metric_histories(client: Any, run_id: str, keys: Sequence[str]) -> dict[str, dict[int, float]]:
+    """metric -> {epoch: value} of a run (the last value logged at an epoch wins)."""
+    histories: dict[str, dict[int, float]] = {}
+    for key in keys:
+        points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+        histories[key] = {int(m.step): float(m.value) for m in points}
+    return histories
+
+
+def compared_metrics(metrics: Mapping[str, float]) -> list[str]:
+    return sorted(k for k in metrics if k.startswith(COMPARED_PREFIXES))
+
+
+def compare_histories(
+    logged: Mapping[str, Mapping[int, float]],
+    reproduced: Mapping[str, Mapping[int, float]],
+    tolerance: float = 0.0,
+) -> list[MetricDiff]:
+    """Every logged metric against the re-run's, epoch by epoch over the logged epochs."""
+    diffs = []
+    for metric in sorted(logged):
+        steps = sorted(logged[metric])
+        if not steps:
+            continue
+        again = reproduced.get(metric, {})
+        worst, first = 0.0, None
+        for step in steps:
+            diff = abs(again[step] - logged[metric][step]) if step in again else math.inf
+            worst = max(worst, diff)
+            if first is None and diff > tolerance:
+                first = step
+        last = steps[-1]
+        diffs.append(
+            MetricDiff(metric, len(steps), logged[metric][last], again.get(last), worst, first)
+        )
+    return diffs
+
+
+def format_diffs(diffs: Sequence[MetricDiff]) -> str:
+    headers = ["metric", "epochs", "logged", "reproduced", "|diff|", "max |diff| (all epochs)",
+               "first epoch off"]  # fmt: skip
+    body = [
+        [
+            d.metric,
+            str(d.epochs),
+            f"{d.logged:.8g}",
+            "-" if d.reproduced is None else f"{d.reproduced:.8g}",
+            f"{d.final_diff:.3g}",
+            f"{d.max_abs_diff:.3g}",
+            "-" if d.first_epoch is None else str(d.first_epoch),
+        ]
+        for d in diffs
+    ]
+    return render_table(headers, body)
+
+
+def seed_spread(metric: str, values: Mapping[int, float | None]) -> SeedSpread:
+    from cbtlab.tune.stats import mean_ci
+
+    present = [v for v in values.values() if v is not None]
+    mean, std, _, _ = mean_ci(present)
+    low = min(present) if present else math.nan
+    high = max(present) if present else math.nan
+    return SeedSpread(metric, dict(values), mean, std, low, high)
+
+
+def format_spread(spread: SeedSpread) -> str:
+    def num(value: float | None) -> str:
+        return "-" if value is None or math.isnan(value) else f"{value:.6g}"
+
+    rows = [[str(seed), num(value)] for seed, value in sorted(spread.values.items())]
+    rows += [[name, num(getattr(spread, name))] for name in ("mean", "std", "min", "max")]
+    return render_table(["seed", f"final {spread.metric}"], rows)
+
+
+def reproduce_run(
+    tracking_uri: str,
+    run_id: str,
+    *,
+    seeds: int = 1,
+    tolerance: float = 0.0,
+    metric: str = "val/top1",
+    storage_path: str | None = None,
+    ray_address: str | None = None,
+    worker_logs: bool = False,
+) -> Reproduction:
+    """Re-run MLflow run `run_id` with its logged config and seed (and `seeds - 1` more seeds),
+    log the re-runs under it, and compare the exact re-run with the logged history."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from cbtlab.paths import ray_results_home
+    from cbtlab.tracking import StudyTracker, provenance_differences
+    from cbtlab.tune.callbacks import MLflowTrialLogger
+    from cbtlab.tune.study import (
+        TRIAL_DRIVER_CPUS,
+        connect_ray,
+        dataset_hash,
+        run_tags,
+        trial_trainable,
+        trials_that_fit,
+    )
+
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if tolerance < 0:
+        raise ValueError(f"--tolerance must be >= 0, got {tolerance}")
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    name = run.info.run_name or run_id[:8]
+    experiment = client.get_experiment(run.info.experiment_id).name
+    cfg, warnings = rebuild_config(run.data.params, run.data.tags)
+    tags = run_tags(run.data.tags.get("cbtlab.study", experiment), dataset_hash(cfg.data))
+    warnings += provenance_differences(run.data.tags, tags)
+    logged = metric_histories(client, run_id, compared_metrics(run.data.metrics))
+    if not logged:
+        raise LookupError(f"run {run_id} logged no per-epoch metrics to compare")
+    epochs = int(
+        run.data.tags.get("cbtlab.epochs_completed") or max(max(h) for h in logged.values() if h)
+    )
+    stop_at = epochs if 0 < epochs < cfg.train.epochs else None
+
+    tracker = StudyTracker(tracking_uri, experiment)
+    connect_ray(ray_address, worker_logs=worker_logs)
+    seed_values = [cfg.train.seed + i for i in range(seeds)]
+    trial_cpus = TRIAL_DRIVER_CPUS + cfg.train.num_workers * cfg.train.cpus_per_worker
+    trial_gpus = cfg.train.num_workers if cfg.train.use_gpu else 0
+    fits = trials_that_fit(ray.cluster_resources(), trial_cpus, trial_gpus)
+    parent = run_id
+    sweep = None
+    if seeds > 1:
+        sweep = tracker.start_run(
+            f"{name}-reproduce-{seeds}-seeds",
+            params={
+                **cfg.flat(),
+                "reproduce.seeds": ",".join(map(str, seed_values)),
+                "reproduce.metric": metric,
+                "reproduce.tolerance": tolerance,
+            },
+            tags={**tags, "cbtlab.role": "reproduction_sweep", REPRODUCES_TAG: run_id},
+            parent_run_id=run_id,
+        )
+        parent = sweep
+    logger = MLflowTrialLogger(
+        tracker,
+        parent_run_id=parent,
+        base=cfg,
+        tags={**tags, "cbtlab.role": "reproduction", REPRODUCES_TAG: run_id},
+        metric=metric,
+    )
+    storage = storage_path or str(ray_results_home())
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+
+    def trial_name(trial: Any) -> str:  # unique: Train V2 would resume a run of the same name
+        return f"repro_s{trial.config['train.seed']}_{trial.trial_id}"
+
+    tuner = tune.Tuner(
+        trial_trainable(cfg, storage),
+        param_space={"train.seed": tune.choice(seed_values)},
+        tune_config=tune.TuneConfig(
+            search_alg=BasicVariantGenerator(
+                points_to_evaluate=[{"train.seed": seed} for seed in seed_values],
+                max_concurrent=max(1, min(seeds, fits)),
+            ),
+            num_samples=seeds,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=f"reproduce-{run_id[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage,
+            callbacks=[logger],
+            stop={"training_iteration": stop_at} if stop_at else None,
+            verbose=0,
+        ),
+    )
+    status = "FAILED"
+    try:
+        tuner.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        logger.end_open_runs(status if status == "KILLED" else "FAILED")
+        if sweep is not None and status != "FINISHED":
+            tracker.end_run(sweep, status)
+
+    by_seed = {record.config.train.seed: record for record in logger.records.values()}
+    exact = by_seed.get(cfg.train.seed)
+    notes = []
+    if exact is None or exact.status != "FINISHED":
+        diffs: list[MetricDiff] = []
+        notes.append(f"the re-run with the logged seed {cfg.train.seed} did not finish")
+        identical = False
+    else:
+        again = metric_histories(client, exact.run_id, list(logged))
+        diffs = compare_histories(logged, again, tolerance)
+        identical = all(d.max_abs_diff <= tolerance for d in diffs)
+    spread = None
+    if seeds > 1:
+        finals: dict[int, float | None] = {}
+        for seed in seed_values:
+            record = by_seed.get(seed)
+            done = record is not None and record.status == "FINISHED"
+            finals[seed] = record.last.get(metric) if done else None
+        spread = seed_spread(metric, finals)
+    reproduction = Reproduction(
+        run_id,
+        {seed: record.run_id for seed, record in by_seed.items()},
+        warnings,
+        diffs,
+        identical,
+        tolerance,
+        "",
+        sweep,
+        spread,
+        notes,
+    )
+    reproduction.report = format_report(reproduction, name, epochs if stop_at else None)
+    if exact is not None:
+        verdict = "identical" if identical else ("differs" if diffs else "failed")
+        tracker.set_tags(exact.run_id, {RESULT_TAG: verdict})
+        if diffs:
+            worst = max(d.max_abs_diff for d in diffs)
+            tracker.log_metrics(exact.run_id, {"reproduce/max_abs_diff": worst}, step=epochs)
+        tracker.log_text(exact.run_id, reproduction.report, REPORT_FILE)
+    if sweep is not None and spread is not None:
+        tracker.log_metrics(
+            sweep,
+            {f"reproduce/{metric}/{k}": getattr(spread, k) for k in ("mean", "std", "min", "max")},
+            step=0,
+        )
+        tracker.log_text(sweep, reproduction.report, REPORT_FILE)
+        tracker.end_run(sweep, "FINISHED")
+    return reproduction
+
+
+def format_report(r: Reproduction, name: str, stopped_at: int | None) -> str:
+    lines = [f"reproduction of run {r.run_id} ({name})"]
+    if stopped_at:
+        lines.append(f"the run was stopped early after {stopped_at} epochs; so was its re-run")
+    lines += [f"warning: {w}" for w in r.warnings]
+    lines += r.notes
+    if r.diffs:
+        lines += ["", format_diffs(r.diffs), ""]
+        bound = "exactly" if r.tolerance == 0 else f"within {r.tolerance:g}"
+        if r.identical:
+            lines.append(f"REPRODUCED: every metric at every epoch equals the logged one {bound}")
+        else:
+            off = [d.metric for d in r.diffs if d.max_abs_diff > r.tolerance]
+            lines.append(f"DIFFERS: not reproduced {bound}: {', '.join(off)}")
+    if r.spread is not None:
+        seeds = sorted(r.spread.values)
+        title = f"spread over seeds {seeds} (final {r.spread.metric}):"
+        lines += ["", title, format_spread(r.spread)]
+    return "\n".join(lines)
+
+
+def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """The command line of `studies/reproduce.py` (and `cbtlab reproduce`)."""
+    from mlflow.exceptions import MlflowException
+
+    from cbtlab.paths import default_tracking_uri
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Re-run a logged trial with its config and seed (and more seeds), log the "
+        "re-runs under it in MLflow and compare their per-epoch metrics with the logged ones. "
+        "Exit 0 when reproduced within --tolerance, 1 when not.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--run-id", required=True, help="the MLflow run (a study's trial)")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or ~/.cbtlab"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="re-runs with train.seed = logged + i for i < N (i = 0: the exact re-run); "
+        "reports the spread of the final --metric",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="largest |difference| accepted per metric and epoch (0: exact, as on CPU)",
+    )
+    parser.add_argument("--metric", default="val/top1", help="the metric of the seed spread")
+    parser.add_argument("--storage-path", default=None, help="Ray results folder or URI")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    parser.add_argument("--worker-logs", action="store_true", help="show training workers' logs")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.tolerance < 0:
+        parser.error(f"--tolerance must be >= 0, got {args.tolerance}")
+    uri = args.tracking_uri or default_tracking_uri()
+    try:
+        result = reproduce_run(
+            uri,
+            args.run_id,
+            seeds=args.seeds,
+            tolerance=args.tolerance,
+            metric=args.metric,
+            storage_path=args.storage_path,
+            ray_address=args.address,
+            worker_logs=args.worker_logs,
+        )
+    except (ConnectionError, LookupError, MlflowException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(result.report)
+    for seed, rerun in sorted(result.runs.items()):
+        print(f"re-run seed {seed}: MLflow run {rerun}")
+    if result.sweep_run_id:
+        print(f"sweep: MLflow run {result.sweep_run_id}")
+    return 0 if result.identical else 1
