@@ -16,6 +16,7 @@ from PIL import Image
 from cbtlab.dashboards.figures import level_order, pareto_front
 from cbtlab.dashboards.report import HTML_FILE, REPORT_DIR, TABLE_FILE, build_report, report_main
 from cbtlab.dashboards.runs import TABLE_COLUMNS
+from cbtlab.dashboards.serve import artifact_root, mlflow_command, serve_main
 from synthetic_study import Outcome, write_study
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -207,6 +208,19 @@ def test_pareto_front_and_level_order() -> None:
     assert level_order(["8x8", "1x1", "4x2", "2x2"]) == (["1x1", "2x2", "4x2", "8x8"], False)
     assert level_order(["0.5", "-1", "1"]) == (["-1", "0.5", "1"], True)
     assert level_order(["cbsa", "mssa", "cbsa"]) == (["cbsa", "mssa"], False)
+
+
+def test_serve_uses_the_stores_artifact_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    command = mlflow_command("sqlite:////data/x/mlflow.db", "127.0.0.1", 5001)
+    assert command[command.index("--default-artifact-root") + 1] == "file:///data/x/mlartifacts"
+    assert artifact_root("http://server:5000") is None
+    # No Optuna storage: said plainly, nothing started.
+    code = serve_main(
+        ["--tracking-uri", "http://127.0.0.1:9", "--optuna", "--optuna-storage",
+         "sqlite:////nonexistent/optuna.db"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 1 and "is a tracking server" in out and "no Optuna storage" in out
 
 
 @pytest.mark.ray
