@@ -169,6 +169,26 @@ def test_partial_data_is_reported_not_fatal(tmp_path: Path) -> None:
     assert "still running" in report.html_path.read_text()
 
 
+def test_a_study_with_no_trial_yet(tmp_path: Path) -> None:
+    from cbtlab.tracking import StudyTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = StudyTracker(uri, "empty")
+    parent = tracker.start_run(
+        "empty",
+        params={"study.space": '{"model.attention": ["cbsa"]}', "study.metric": "val/top1:max"},
+        tags={"cbtlab.role": "study", "cbtlab.study": "empty"},
+    )
+    report = build_report(uri, "empty", out_dir=tmp_path / "r")
+    assert report.runs.parent_run_id == parent and report.table.num_rows == 0
+    assert report.figures == {}
+    assert {"cell", "model.attention", "value"} <= set(
+        pq.read_table(report.table_path).column_names
+    )
+    assert any("no trial runs yet" in n for n in report.notes)
+    assert "still running" in report.html_path.read_text()
+
+
 def test_search_report_has_one_figure_per_factor_and_optuna_importances(tmp_path: Path) -> None:
     study = write_study(
         tmp_path,
@@ -197,6 +217,11 @@ def test_report_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert f"{REPORT_DIR}/{HTML_FILE}" in printed
     assert report_main(["--study", "nope", "--tracking-uri", study.uri]) == 1
     assert "no study run named 'nope'" in capsys.readouterr().err
+    # A study logged under another experiment name is found by its cbtlab.study tag.
+    MlflowClient(study.uri).rename_experiment(study.experiment_id, "elsewhere")
+    argv = ["--study", "synthetic", "--tracking-uri", study.uri, "--out", str(out), "--no-log"]
+    assert report_main(argv) == 0
+    assert "logged under" not in capsys.readouterr().out
 
 
 def test_pareto_front_and_level_order() -> None:

@@ -116,7 +116,13 @@ def find_parent(client: MlflowClient, study: str | None, parent_run_id: str | No
         found = client.search_runs([named.experiment_id], query, order_by=order, max_results=1)
         if found:
             return found[0]
-    ids = [e.experiment_id for e in client.search_experiments(max_results=MAX_RESULTS)]
+    ids, token = [], None
+    while True:  # every experiment, page by page (a tracking server caps a page)
+        page = client.search_experiments(max_results=1000, page_token=token)
+        ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            break
     found = client.search_runs(ids, query, order_by=order, max_results=1) if ids else []
     if not found:
         raise LookupError(f"no study run named {study!r} at {client.tracking_uri}")

@@ -6,7 +6,7 @@ categorical distribution over the values the runs took (as their param strings),
 trial COMPLETE with its `value` and its per-epoch metric as intermediate values, failed and
 killed trials FAIL; running trials are left out. Parameter importances come from Optuna's
 fANOVA evaluator (`FanovaImportanceEvaluator(seed=0)`: a random forest over the complete
-trials, deterministic with the seed).
+trials, deterministic with the seed); one varying parameter has importance 1 without a fit.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def history_points(study: Any) -> list[tuple[int, float | None, str]]:
 
 
 def param_importances(study: Any) -> tuple[dict[str, float], str]:
-    """(importance per parameter, "" ) or ({}, the reason there are none)."""
+    """(importance per varying parameter, "") or ({}, the reason there are none)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -88,6 +88,8 @@ def param_importances(study: Any) -> tuple[dict[str, float], str]:
         return {}, "no searched parameter takes two values among the complete trials"
     if len({t.value for t in complete}) < 2:
         return {}, "every complete trial has the same value: no importances"
+    if len(varying) == 1:  # importances sum to 1: no forest to fit for one parameter
+        return {varying[0]: 1.0}, ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
