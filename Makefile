@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cbtlab-installed
 
-.PHONY: install study test lint clean
+.PHONY: install study test lint browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The browser test (tests/test_dashboards_browser.py) drives Debian's chromium: install it when
+# missing (as root, or through passwordless sudo); without it that test is skipped (CI, which
+# sets CBTLAB_REQUIRE_BROWSER=1, fails it instead).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	    $$SUDO apt-get update -q && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
+	  echo "warning: could not install chromium: the browser test will be skipped"
+
+test: lint browser
 	$(BIN)/python -m pytest $(ARGS)
 
 clean:

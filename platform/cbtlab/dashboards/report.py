@@ -1,0 +1,591 @@
+"""A study's report: its trial table as Parquet, its figures as PNG and one self-contained HTML
+page, all logged under `report/` on the study's parent run so that the MLflow UI shows them.
+
+    build_report(tracking_uri, study="rep_count_ablation")       # the latest invocation
+    build_report(tracking_uri, parent_run_id="3f2a...")          # one invocation
+
+Files (those whose data is missing are skipped, and the notes say why):
+  trials.parquet                one row per trial run (`cbtlab.dashboards.runs.TABLE_COLUMNS`)
+  metric_vs_<factor>.png        the value against each searched factor, 95% CI bands over seeds
+  variants.png                  a bar per cell (variant) with its 95% CI and its seeds
+  pareto_flops.png              the value against forward FLOPs per image, Pareto front marked
+  pareto_throughput.png         the value against training images/s, Pareto front marked
+  rc_layers.png                 rc/layer_XX per cell (probe runs, else the trials' own)
+  learning_curves.png           the metric and train/loss per epoch, a line per trial
+  attention_maps.png            the probe runs' attention_layer_XX.png, a row per cell
+  optimisation_history.png      the values in trial order and the best so far (Optuna's view)
+  param_importances.png         Optuna's fANOVA importances of the searched parameters
+  study_report.html             all of the above embedded (base64), the notes, the tables
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from mlflow.tracking import MlflowClient
+
+from cbtlab.dashboards import figures as fig
+from cbtlab.dashboards.runs import (
+    CellSummary,
+    StudyRuns,
+    cell_summaries,
+    check_against_stats,
+    load_study,
+    study_notes,
+    trial_rows,
+    trial_table,
+)
+from cbtlab.dashboards.search import EVALUATOR, history_points, param_importances, rebuild_study
+
+REPORT_DIR = "report"
+TABLE_FILE = "trials.parquet"
+HTML_FILE = "study_report.html"
+MAX_ATTENTION_ROWS = 8
+FLOPS_SOURCES = {
+    frozenset({"config"}): "counted from each run's config by cbtlab.analysis.count_flops",
+    frozenset({"logged"}): "as the runs logged them",
+    frozenset({"config", "logged"}): "as logged, else counted from the run's config",
+}
+RC_SOURCES = {frozenset({"probe"}): "probe runs", frozenset({"training"}): "training runs"}
+
+
+@dataclass
+class StudyReport:
+    runs: StudyRuns
+    table: pa.Table
+    out_dir: Path
+    table_path: Path
+    html_path: Path
+    figures: dict[str, Path]  # file name -> local path, in drawing order
+    captions: dict[str, str]
+    notes: list[str]
+    cells: list[CellSummary]
+    stats_checked: bool = False  # the cells agree with the study's stats.parquet
+    logged: bool = False
+    artifacts: list[str] = field(default_factory=list)  # artifact paths on the parent run
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.table_path, *self.figures.values(), self.html_path]
+
+    def ui_path(self) -> str:
+        """The report's page in the MLflow UI, after its address."""
+        return (
+            f"#/experiments/{self.runs.experiment_id}/runs/{self.runs.parent_run_id}"
+            f"/artifacts/{REPORT_DIR}/{HTML_FILE}"
+        )
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+@contextlib.contextmanager
+def quiet_downloads() -> Iterator[None]:
+    """No tqdm bar per downloaded artifact (MLflow reads the variable at each download)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def default_out_dir(runs: StudyRuns) -> Path:
+    from cbtlab.paths import cbtlab_home
+
+    return cbtlab_home() / "reports" / f"{slug(runs.name)}-{runs.parent_run_id[:8]}"
+
+
+def build_report(
+    tracking_uri: str,
+    study: str | None = None,
+    parent_run_id: str | None = None,
+    *,
+    out_dir: Path | None = None,
+    log: bool = True,
+) -> StudyReport:
+    """Read the study from MLflow, write its table, figures and HTML page to `out_dir`
+    (default `<CBTLAB_HOME>/reports/<study>-<run id>`) and, with `log`, upload them under
+    `report/` on the study's parent run."""
+    runs = load_study(tracking_uri, study, parent_run_id)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=tracking_uri)
+
+    rows = trial_rows(runs)
+    table = trial_table(runs, rows)
+    table_path = out_dir / TABLE_FILE
+    pq.write_table(table, table_path)
+    notes = study_notes(runs, rows)
+    cells = cell_summaries(rows)
+    colours = fig.cell_colours([c.label for c in cells])
+    with quiet_downloads():
+        stats_checked, stats_text = _check_stats(client, runs, cells, notes)
+        report = StudyReport(
+            runs,
+            table,
+            out_dir,
+            table_path,
+            out_dir / HTML_FILE,
+            {},
+            {},
+            notes,
+            cells,
+            stats_checked,
+        )
+        _draw(report, rows, colours, client)
+    report.html_path.write_text(render_html(report, stats_text))
+    if log:
+        for path in report.files:
+            client.log_artifact(runs.parent_run_id, str(path), REPORT_DIR)
+            report.artifacts.append(f"{REPORT_DIR}/{path.name}")
+        report.logged = True
+    return report
+
+
+def _check_stats(
+    client: MlflowClient, runs: StudyRuns, cells: Sequence[CellSummary], notes: list[str]
+) -> tuple[bool, str]:
+    """Compare the cells with the parent's stats.parquet when there is one; (agree, stats.txt)."""
+    if "stats.parquet" not in runs.artifacts:
+        return False, ""
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = pq.read_table(client.download_artifacts(runs.parent_run_id, "stats.parquet", tmp))
+        text = ""
+        if "stats.txt" in runs.artifacts:
+            text = Path(client.download_artifacts(runs.parent_run_id, "stats.txt", tmp)).read_text()
+    meta = {k.decode(): v.decode() for k, v in (stats.schema.metadata or {}).items()}
+    if meta.get("metric", f"{runs.value_kind} {runs.metric}") != f"{runs.value_kind} {runs.metric}":
+        notes.append(f"stats.parquet is on {meta['metric']!r}, this report on {runs.value_kind}")
+        return False, text
+    problems = check_against_stats(cells, stats)
+    if problems:
+        notes.append(
+            "the runs differ from stats.parquet (a study still running, or runs changed "
+            "after it was written): " + "; ".join(problems[:5])
+        )
+    return not problems, text
+
+
+def _draw(
+    report: StudyReport, rows: list[dict[str, Any]], colours: dict[str, Any], client: MlflowClient
+) -> None:
+    runs, cells, out = report.runs, report.cells, report.out_dir
+    kind, metric = runs.value_kind, runs.metric
+    what = f"{kind} {metric}"
+    have_values = any(math.isfinite(c.mean) for c in cells)
+
+    def add(name: str, path: Path, caption: str) -> None:
+        report.figures[name] = path
+        report.captions[name] = caption
+
+    if have_values:
+        for factor in runs.factors:
+            name = f"metric_vs_{slug(factor)}.png"
+            add(
+                name,
+                fig.metric_vs_factor(
+                    rows, cells, factor, metric=metric, value_kind=kind, path=out / name
+                ),
+                f"{what} against {factor}: the line is the mean over seeds, the band its 95% "
+                "t-interval (cells with two or more seeds), the dots single trials"
+                + ("; hollow dots were stopped early by ASHA" if not runs.grid else ""),
+            )
+        add(
+            "variants.png",
+            fig.cell_bars(
+                cells,
+                metric=metric,
+                value_kind=kind,
+                baseline=runs.baseline,
+                colours=colours,
+                path=out / "variants.png",
+            ),
+            f"{what} per cell: mean, 95% t-interval over seeds and the seeds themselves"
+            + (f"; baseline {runs.baseline} hatched" if runs.baseline else ""),
+        )
+        if any(math.isfinite(c.flops) and math.isfinite(c.mean) for c in cells):
+            source = {r["flops_source"] for r in rows if r["flops_source"]}
+            add(
+                "pareto_flops.png",
+                fig.pareto(
+                    rows,
+                    cells,
+                    x_of_row="flops",
+                    x_of_cell="flops",
+                    x_label="forward FLOPs per image",
+                    maximize_x=False,
+                    metric=metric,
+                    value_kind=kind,
+                    mode=runs.mode,
+                    colours=colours,
+                    path=out / "pareto_flops.png",
+                    log_x=True,
+                ),
+                f"{what} against forward FLOPs per image ({FLOPS_SOURCES.get(frozenset(source))}); "
+                "the Pareto front of the cells' means is dashed and ringed",
+            )
+        if any(math.isfinite(c.throughput) and math.isfinite(c.mean) for c in cells):
+            add(
+                "pareto_throughput.png",
+                fig.pareto(
+                    rows,
+                    cells,
+                    x_of_row="throughput_img_s",
+                    x_of_cell="throughput",
+                    x_label="training images/s",
+                    maximize_x=True,
+                    metric=metric,
+                    value_kind=kind,
+                    mode=runs.mode,
+                    colours=colours,
+                    path=out / "pareto_throughput.png",
+                ),
+                f"{what} against training throughput (throughput/train_img_s, mean over "
+                "epochs; measured on the machine each trial ran on); Pareto front dashed and "
+                "ringed",
+            )
+    if any(c.rc for c in cells):
+        sources = {r["rc_source"] for r in rows if r["rc_source"]}
+        source = RC_SOURCES.get(frozenset(sources), "probe runs where present, else training runs")
+        add(
+            "rc_layers.png",
+            fig.rc_layers(cells, colours=colours, source=source, path=out / "rc_layers.png"),
+            f"the compression term Rc of each layer's output (rc/layer_XX, from the {source}), "
+            "mean over each cell's trials",
+        )
+    if any(runs.histories.get(r["run_id"], {}).get(metric) for r in rows):
+        add(
+            "learning_curves.png",
+            fig.learning_curves(
+                rows,
+                runs.histories,
+                metric=metric,
+                colours=colours,
+                path=out / "learning_curves.png",
+            ),
+            f"{metric} and train/loss per epoch, one line per trial, coloured by cell",
+        )
+    maps, sources = _attention_maps(client, rows, out / "_probes")
+    if maps:
+        add(
+            "attention_maps.png",
+            fig.image_grid(
+                maps,
+                title="CLS attention maps from the probe runs (one trial per cell)",
+                path=out / "attention_maps.png",
+                max_rows=MAX_ATTENTION_ROWS,
+            ),
+            "attention_layer_XX.png of the latest probe run of one trial per cell (rows), by "
+            "layer (columns); each panel: images, per-head overlays, mean over heads. "
+            "Sources: " + "; ".join(sources),
+        )
+    study = rebuild_study(rows, runs.factors, runs.histories, metric=metric, mode=runs.mode)
+    points = history_points(study)
+    if any(state == "COMPLETE" for _, _, state in points):
+        add(
+            "optimisation_history.png",
+            fig.optimisation_history(
+                points,
+                metric=metric,
+                value_kind=kind,
+                mode=runs.mode,
+                path=out / "optimisation_history.png",
+            ),
+            f"each trial's {what} in start order and the best so far (an Optuna study rebuilt "
+            "from the runs; failed trials as crosses)",
+        )
+        values, reason = param_importances(study)
+        if values:
+            add(
+                "param_importances.png",
+                fig.importances(values, evaluator=EVALUATOR, path=out / "param_importances.png"),
+                f"importance of each searched parameter for {what} ({EVALUATOR}, seed 0, on "
+                "the rebuilt study's complete trials)"
+                + (
+                    "; with one parameter its importance is 1 by definition"
+                    if len(values) == 1
+                    else ""
+                ),
+            )
+        else:
+            report.notes.append(f"no parameter importances: {reason}")
+    else:
+        report.notes.append("no complete trial with a value: no optimisation history")
+
+
+def _attention_maps(
+    client: MlflowClient, rows: Sequence[dict[str, Any]], into: Path
+) -> tuple[list[tuple[str, str, Path]], list[str]]:
+    """(cell, layer, local PNG) of the attention maps of one probed trial per cell, and the
+    trial and probe run each row came from."""
+    out: list[tuple[str, str, Path]] = []
+    sources: list[str] = []
+    done: set[str] = set()
+    for r in rows:
+        probe = r["probe_run_id"]
+        if not probe or r["cell"] in done or len(done) >= MAX_ATTENTION_ROWS:
+            continue
+        names = [
+            a.path
+            for a in client.list_artifacts(probe, "probes")
+            if re.search(r"attention_layer_\d+\.png$", a.path)
+        ]
+        if not names:
+            continue
+        done.add(r["cell"])
+        sources.append(f"{r['cell']}: trial {r['trial']}, probe run {probe}")
+        folder = into / probe
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in sorted(names):
+            local = Path(client.download_artifacts(probe, name, str(folder)))
+            layer = int(re.search(r"attention_layer_(\d+)", name).group(1))
+            out.append((r["cell"], f"layer {layer}", local))
+    return out, sources
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: left; white-space: nowrap; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.FAILED td, tr.KILLED td { color: #a00; } tr.RUNNING td { color: #555; font-style: italic; }
+.notes li { margin: 0.2em 0; } .ok { color: #070; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.85em; color: #444; max-width: 900px; }
+pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; font-size: 0.8em; }
+"""
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _si(value: float) -> str:
+    if not math.isfinite(value):
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g}"
+
+
+def _table(
+    headers: Sequence[str], body: Sequence[Sequence[str]], classes: Sequence[str] = ()
+) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    head = f"<tr>{head}</tr>" if headers else ""
+    lines = []
+    for i, row in enumerate(body):
+        cls = f' class="{classes[i]}"' if i < len(classes) and classes[i] else ""
+        cells = "".join(
+            f'<td class="num">{html.escape(c)}</td>'
+            if re.fullmatch(r"[-+0-9.e ]+[GMk]?", c)
+            else f"<td>{html.escape(c)}</td>"
+            for c in row
+        )
+        lines.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table>{head}{''.join(lines)}</table>"
+
+
+def render_html(report: StudyReport, stats_text: str = "") -> str:
+    """The report as one self-contained HTML page (images embedded as base64 PNG)."""
+    runs, e = report.runs, html.escape
+    parent = runs.parent
+    params = parent.data.params
+    statuses: dict[str, int] = {}
+    for s in report.table.column("status").to_pylist():
+        statuses[s] = statuses.get(s, 0) + 1
+    meta = [
+        ("study", runs.name),
+        ("experiment", f"{runs.experiment_name} (id {runs.experiment_id})"),
+        ("parent run", f"{parent.info.run_id} ({parent.info.status})"),
+        ("tracking URI", runs.tracking_uri),
+        ("metric", f"{runs.metric} ({runs.mode}); plotted value: {runs.value_kind}"),
+        (
+            "searcher / scheduler",
+            f"{params.get('study.searcher', '?')} / {params.get('study.scheduler', '?')}",
+        ),
+        ("factors", ", ".join(runs.factors) or "-"),
+        ("seeds per cell", params.get("study.seeds", "?")),
+        ("trials", ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "none"),
+        ("git commit", parent.data.tags.get("cbtlab.git_commit", "?")),
+        ("generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+    ]
+    if runs.baseline:
+        meta.insert(7, ("baseline", runs.baseline))
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{e(runs.name)}: study report</title><style>{CSS}</style></head><body>",
+        f"<h1>Study report: {e(runs.name)}</h1>",
+        _table([], [[k, v] for k, v in meta]),
+        "<h2>Notes</h2>",
+    ]
+    if report.notes:
+        parts.append(
+            "<ul class='notes'>" + "".join(f"<li>{e(n)}</li>" for n in report.notes) + "</ul>"
+        )
+    else:
+        parts.append("<p class='ok'>Nothing missing: every trial finished with every metric.</p>")
+    if report.stats_checked:
+        parts.append(
+            "<p class='ok'>The cells' n, means and intervals below equal the study's "
+            "stats.parquet.</p>"
+        )
+    if report.cells:
+        parts.append(f"<h2>Cells ({e(runs.value_kind)} {e(runs.metric)}, 95% t-interval)</h2>")
+        body = [
+            [
+                c.label,
+                str(c.n),
+                _num(c.mean),
+                "-" if not math.isfinite(c.ci_low) else f"[{c.ci_low:.4f}, {c.ci_high:.4f}]",
+                _si(c.flops),
+                _num(c.throughput, 1),
+            ]
+            for c in report.cells
+        ]
+        parts.append(_table(["cell", "n", "mean", "95% CI", "FLOPs", "train img/s"], body))
+    parts.append("<h2>Figures</h2>")
+    if not report.figures:
+        parts.append("<p>No figures: no trial has data to draw yet (see the notes).</p>")
+    for name, path in report.figures.items():
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts.append(
+            f"<figure id='{e(name)}'><img alt='{e(name)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption><b>{e(name)}</b>: {e(report.captions[name])}</figcaption></figure>"
+        )
+    parts.append(f"<h2>Trials ({e(TABLE_FILE)}: {report.table.num_rows} rows)</h2>")
+    parts.append(_trials_html(report.table))
+    if stats_text:
+        parts.append(f"<h2>Statistics (stats.txt)</h2><pre>{e(stats_text)}</pre>")
+    columns = ", ".join(report.table.column_names)
+    parts.append(f"<p style='font-size:0.8em'>{e(TABLE_FILE)} columns: {e(columns)}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _trials_html(table: pa.Table) -> str:
+    headers = [
+        "trial",
+        "status",
+        "cell",
+        "seed",
+        "epochs",
+        "final",
+        "best",
+        "value",
+        "FLOPs",
+        "img/s",
+        "time (s)",
+        "run id",
+    ]
+    body, classes = [], []
+    for r in table.to_pylist():
+        status = "STOPPED (ASHA)" if r["stopped_early"] else r["status"]
+        body.append(
+            [
+                r["trial"],
+                status,
+                r["cell"],
+                _num(r["seed"]),
+                _num(r["epochs"]),
+                _num(r["final"]),
+                _num(r["best"]),
+                _num(r["value"]),
+                _si(math.nan if r["flops"] is None else r["flops"]),
+                _num(r["throughput_img_s"], 1),
+                _num(r["seconds"], 1),
+                r["run_id"],
+            ]
+        )
+        classes.append(r["status"])
+    return _table(headers, body, classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def report_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """The command line of `dashboards/study_report.py`."""
+    import argparse
+
+    from mlflow.exceptions import MlflowException
+
+    from cbtlab.paths import default_tracking_uri
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Build a study's report (Parquet table, PNG figures, one HTML page) from "
+        "MLflow and log it under report/ on the study's parent run.",
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", help="the study's name (its latest invocation)")
+    which.add_argument("--parent", help="the study's parent run id")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default: MLFLOW_TRACKING_URI or the SQLite store under CBTLAB_HOME)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="local folder for the files (default: <CBTLAB_HOME>/reports/<study>-<run id>)",
+    )
+    parser.add_argument(
+        "--no-log", action="store_true", help="write the files only; log nothing to MLflow"
+    )
+    args = parser.parse_args(argv)
+    uri = args.tracking_uri or default_tracking_uri()
+    try:
+        report = build_report(uri, args.study, args.parent, out_dir=args.out, log=not args.no_log)
+    except (LookupError, ValueError, MlflowException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    runs = report.runs
+    print(
+        f"study {runs.name!r}: parent run {runs.parent_run_id} ({runs.parent.info.status}), "
+        f"{report.table.num_rows} trial runs, in {uri}"
+    )
+    print("notes:" if report.notes else "notes: none, every trial finished with every metric")
+    for note in report.notes:
+        print(f"  - {note}")
+    print(f"table:   {report.table_path} ({', '.join(report.table.column_names)})")
+    for path in report.figures.values():
+        print(f"figure:  {path}")
+    print(f"report:  {report.html_path}")
+    if report.logged:
+        print(
+            f"logged under {REPORT_DIR}/ on run {runs.parent_run_id}; in the MLflow UI "
+            f"(python dashboards/serve.py): {report.ui_path()}"
+        )
+    return 0

@@ -1,0 +1,317 @@
+"""Serve the project's MLflow store in the MLflow UI (and, if asked, optuna-dashboard).
+
+The MLflow UI runs as `mlflow server` on the store studies write to
+(`cbtlab.paths.default_tracking_uri()`: `MLFLOW_TRACKING_URI`, else `<CBTLAB_HOME>/mlflow.db`).
+For a local SQLite store its default artifact root is the `mlartifacts/` folder beside the
+database, where `StudyTracker` puts every experiment it creates (`mlartifacts/<experiment>`),
+so experiments made from the UI land in the same tree; existing runs' artifacts are read from
+the locations recorded with them. The servers run in their own process groups, bound to
+127.0.0.1 unless `--host` says otherwise; the address is printed once the UI answers; Ctrl-C
+(or SIGTERM) stops them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+DEFAULT_OPTUNA_PORT = 8080
+STOP_GRACE_S = 10.0
+
+
+def local_sqlite(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where new experiments keep artifacts: `mlartifacts/` beside a local SQLite store (as
+    `StudyTracker` does); None (MLflow's default) for any other store."""
+    db = local_sqlite(tracking_uri)
+    return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
+
+
+def default_optuna_storage() -> str:
+    """`OPTUNA_STORAGE` if set, else a SQLite file under `CBTLAB_HOME`."""
+    from cbtlab.paths import cbtlab_home
+
+    return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{cbtlab_home() / 'optuna.db'}"
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A TCP port free on `host` now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _program(name: str) -> str | None:
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+def mlflow_command(tracking_uri: str, host: str, port: int, *, workers: int = 1) -> list[str]:
+    """`mlflow server` on the store, one worker (the UI needs no more on a laptop)."""
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+    root = artifact_root(tracking_uri)
+    if root is not None:
+        command += ["--default-artifact-root", root]
+    return command
+
+
+def optuna_dashboard_command(storage: str, host: str, port: int) -> list[str] | None:
+    """optuna-dashboard on `storage`, or None when it is not installed."""
+    program = _program("optuna-dashboard")
+    if program is not None:
+        return [program, storage, "--host", host, "--port", str(port)]
+    if importlib.util.find_spec("optuna_dashboard") is not None:
+        return [
+            sys.executable,
+            "-m",
+            "optuna_dashboard",
+            storage,
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ]
+    return None
+
+
+def _browse_host(host: str) -> str:
+    """The host to put in a URL: a wildcard bind is reached on the loopback."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    ready_url: str
+    process: subprocess.Popen
+
+
+def start(
+    name: str, command: Sequence[str], url: str, ready_url: str, env: dict[str, str] | None = None
+) -> Service:
+    """Start `command` in its own process group (so that a stop reaches its workers too)."""
+    process = subprocess.Popen(list(command), start_new_session=True, env=env)
+    return Service(name, url, ready_url, process)
+
+
+def server_env() -> dict[str, str]:
+    """The servers' environment: MLflow's background job runner (GenAI evaluation jobs, a
+    pool of worker processes) stays off unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION says
+    otherwise: browsing runs does not need it."""
+    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+
+
+def wait_until_up(service: Service, timeout_s: float) -> None:
+    """Poll `service.ready_url` until it answers 200; fail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        code = service.process.poll()
+        if code is not None:
+            raise RuntimeError(f"{service.name} exited with status {code} while starting")
+        try:
+            with urllib.request.urlopen(service.ready_url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{service.name} did not answer at {service.ready_url} in {timeout_s:.0f} s"
+            )
+        time.sleep(0.5)
+
+
+def stop(services: Sequence[Service], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM each service's process group, then SIGKILL what is left after `grace_s`."""
+    for service in services:
+        if service.process.poll() is None:
+            _signal_group(service.process, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for service in services:
+        try:
+            service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(service.process, signal.SIGKILL)
+            service.process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)  # the group leader is the process we started
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve the project's MLflow store in the MLflow UI (and optuna-dashboard "
+        "with --optuna) until Ctrl-C.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="the MLflow store (default: MLFLOW_TRACKING_URI or <CBTLAB_HOME>/mlflow.db)",
+    )
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="interface to bind; 0.0.0.0 exposes the UI to the network",
+    )
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0: any free port")
+    parser.add_argument("--workers", type=int, default=1, help="MLflow server workers")
+    parser.add_argument(
+        "--optuna",
+        action="store_true",
+        help="also serve optuna-dashboard (if installed) on --optuna-storage",
+    )
+    parser.add_argument(
+        "--optuna-storage",
+        default=None,
+        help="an Optuna RDB storage URL (default: OPTUNA_STORAGE or <CBTLAB_HOME>/optuna.db)",
+    )
+    parser.add_argument(
+        "--optuna-port", type=int, default=DEFAULT_OPTUNA_PORT, help="0: any free port"
+    )
+    parser.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the servers to answer",
+    )
+    return parser
+
+
+def serve_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """The command line of `dashboards/serve.py`."""
+    from cbtlab.paths import default_tracking_uri
+
+    args = serve_parser(prog).parse_args(argv)
+    uri = args.tracking_uri or default_tracking_uri()
+    say = _say
+    plans: list[tuple[str, list[str], str, str]] = []
+    browse = _browse_host(args.host)
+    if uri.startswith(("http://", "https://")):
+        say(f"the store {uri} is a tracking server: open it in a browser (its own UI)")
+    else:
+        db = local_sqlite(uri)
+        if db is not None and not db.exists():
+            say(f"note: no store at {db} yet; the UI stays empty until a study logs to it")
+            db.parent.mkdir(parents=True, exist_ok=True)
+        port = args.port or free_port(args.host if args.host != "::" else DEFAULT_HOST)
+        url = f"http://{browse}:{port}"
+        plans.append(
+            (
+                "MLflow UI",
+                mlflow_command(uri, args.host, port, workers=args.workers),
+                url,
+                f"{url}/health",
+            )
+        )
+    if args.optuna:
+        storage = args.optuna_storage or default_optuna_storage()
+        command = None
+        db = local_sqlite(storage)
+        if db is not None and not db.exists():
+            say(
+                f"optuna-dashboard: no Optuna storage at {db} (cbtlab's studies keep Optuna's "
+                "state inside Ray Tune and write no storage yet); pass --optuna-storage URL"
+            )
+        else:
+            port = args.optuna_port or free_port(args.host if args.host != "::" else DEFAULT_HOST)
+            command = optuna_dashboard_command(storage, args.host, port)
+            if command is None:
+                say(
+                    "optuna-dashboard is not installed (it is not a cbtlab dependency): "
+                    "`pip install optuna-dashboard` to serve the Optuna storage too"
+                )
+            else:
+                url = f"http://{browse}:{port}"
+                plans.append(("optuna-dashboard", command, url, url))
+    if not plans:
+        return 0 if not args.optuna else 1
+
+    services: list[Service] = []
+    # Both signals stop the servers, even when SIGINT was ignored by whoever started us.
+    old = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for name, command, url, ready in plans:
+            services.append(start(name, command, url, ready, env=server_env()))
+        for service in services:
+            wait_until_up(service, args.startup_timeout)
+            say(f"{service.name}: {service.url}")
+        if services[0].name == "MLflow UI":
+            say(
+                f"  store {uri}"
+                + (
+                    f", artifacts of new experiments in {artifact_root(uri)}"
+                    if artifact_root(uri)
+                    else ""
+                )
+            )
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            say(f"  bound to {args.host}: reachable from other machines")
+        say("press Ctrl-C to stop")
+        while True:
+            for service in services:
+                code = service.process.poll()
+                if code is not None:
+                    say(f"{service.name} exited with status {code}; stopping")
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        say("stopping")
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        say(f"error: {exc}")
+        return 1
+    finally:
+        for sig in old:  # a second Ctrl-C must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
+        stop(services)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if services:
+            say("stopped")
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)

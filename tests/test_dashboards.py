@@ -1,0 +1,293 @@
+"""Study reports built from MLflow: the trial table against the runs, every figure a valid PNG
+logged on the parent run, partial data noted rather than fatal (no Ray: the study's own MLflow
+writers fed with stand-in trials, see synthetic_study.py), and one tiny real study on Ray."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from cbtlab.dashboards.figures import level_order, pareto_front
+from cbtlab.dashboards.report import HTML_FILE, REPORT_DIR, TABLE_FILE, build_report, report_main
+from cbtlab.dashboards.runs import TABLE_COLUMNS
+from cbtlab.dashboards.serve import artifact_root, mlflow_command, serve_main
+from synthetic_study import Outcome, write_study
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_valid_png(path: Path, min_bytes: int = 5_000) -> None:
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    assert path.stat().st_size >= min_bytes, (path, path.stat().st_size)
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.width >= 300 and image.height >= 150, (path, image.size)
+
+
+def assert_report_files(report, client: MlflowClient) -> None:
+    """Every figure a valid PNG; the table, figures and HTML page logged under report/."""
+    assert report.figures, "no figure drawn"
+    for path in report.figures.values():
+        assert_valid_png(path)
+    logged = {a.path for a in client.list_artifacts(report.runs.parent_run_id, REPORT_DIR)}
+    expected = {f"{REPORT_DIR}/{name}" for name in (TABLE_FILE, HTML_FILE, *report.figures)}
+    assert logged == expected
+    page = report.html_path.read_text()
+    assert page.count("data:image/png;base64,") == len(report.figures)
+    assert "<h2>Notes</h2>" in page and "http" not in page.split("<body>")[1].split("<h2>")[0]
+
+
+def check_table_against_runs(report, client: MlflowClient, metric: str = "val/top1") -> None:
+    """One row per trial run, each value as the run holds it."""
+    runs = report.runs
+    table = pq.read_table(report.table_path)
+    assert table.schema.metadata[b"parent_run_id"].decode() == runs.parent_run_id
+    children = client.search_runs(
+        [runs.experiment_id], f"tags.`mlflow.parentRunId` = '{runs.parent_run_id}'"
+    )
+    assert sorted(table.column("run_id").to_pylist()) == sorted(c.info.run_id for c in children)
+    names = table.column_names
+    assert (
+        names[: names.index("cell") + 1]
+        == list(TABLE_COLUMNS)[: list(TABLE_COLUMNS).index("cell") + 1]
+    )
+    assert set(TABLE_COLUMNS) | set(runs.factors) <= set(names)
+    rows = {r["run_id"]: r for r in table.to_pylist()}
+    for child in children:
+        row = rows[child.info.run_id]
+        params, metrics, tags = child.data.params, child.data.metrics, child.data.tags
+        assert row["status"] == child.info.status
+        assert row["trial"] == child.info.run_name
+        assert row["seed"] == int(params["train.seed"])
+        assert row["cell"] == tags["cbtlab.cell"]
+        for factor in runs.factors:
+            assert str(row[factor]) == params[factor]
+        assert row["attention"] == params["model.attention"]
+        if metric in metrics:
+            assert row["final"] == metrics[metric] and row["val/top1"] == metrics[metric]
+        else:
+            assert math.isnan(row["final"])
+        if f"best/{metric}" in metrics:
+            assert row["best"] == metrics[f"best/{metric}"]
+        speed = [
+            m.value for m in client.get_metric_history(child.info.run_id, "throughput/train_img_s")
+        ]
+        if speed:
+            assert row["throughput_img_s"] == pytest.approx(sum(speed) / len(speed))
+        assert row["flops"] > 0 and row["flops_source"] == "config" and row["n_params"] > 0
+    # Equal model configs (a cell's seeds) count equal FLOPs.
+    flops: dict[str, set[float]] = {}
+    for r in rows.values():
+        flops.setdefault(r["cell"], set()).add(r["flops"])
+    assert all(len(v) == 1 for v in flops.values())
+
+
+def test_grid_report_matches_the_runs_and_lands_on_the_parent_run(tmp_path: Path) -> None:
+    study = write_study(
+        tmp_path,
+        space={"model.attention": ["cbsa", "softmax", "mssa"]},
+        seeds=2,
+        outcomes={0: Outcome(rc=True), 3: Outcome(rc=True)},
+    )
+    client = MlflowClient(study.uri)
+    report = build_report(study.uri, "synthetic", out_dir=tmp_path / "report")
+
+    assert report.runs.parent_run_id == study.parent_run_id and report.table.num_rows == 6
+    check_table_against_runs(report, client)
+    assert report.stats_checked  # the cells' n, means and CIs equal stats.parquet's
+    assert set(report.figures) == {
+        "metric_vs_model_attention.png", "variants.png", "pareto_flops.png",
+        "pareto_throughput.png", "rc_layers.png", "learning_curves.png", "attention_maps.png",
+        "optimisation_history.png", "param_importances.png",
+    }  # fmt: skip
+    assert_report_files(report, client)
+    rows = {r["run_id"]: r for r in report.table.to_pylist()}
+    # rc/layer_XX: the probe run's where a trial has one, else the trial's own last values.
+    for trial_run, probe_run in study.probe_run_ids.items():
+        probe = client.get_run(probe_run).data.metrics
+        assert rows[trial_run]["rc/layer_01"] == probe["rc/layer_01"]
+        assert (
+            rows[trial_run]["rc_source"] == "probe" and rows[trial_run]["probe_run_id"] == probe_run
+        )
+    trained = study.trials[3]["run_id"]
+    assert trained not in study.probe_run_ids
+    assert rows[trained]["rc_source"] == "training"
+    assert rows[trained]["rc/layer_00"] == client.get_run(trained).data.metrics["rc/layer_00"]
+    # Softmax attention costs more FLOPs than CBSA at this size (N = 64 tokens, m = 16).
+    by_attention = {r["attention"]: r["flops"] for r in rows.values()}
+    assert by_attention["softmax"] > by_attention["cbsa"]
+    assert report.notes == []  # nothing missing: every trial finished, 2 seeds per cell
+
+
+def test_partial_data_is_reported_not_fatal(tmp_path: Path) -> None:
+    """A study still running, one seed, a failed trial, a trial without the metric, a running
+    trial: every case is named in the notes; the figures that can be drawn are."""
+    study = write_study(
+        tmp_path,
+        space={"model.attention": ["cbsa", "softmax", "mssa", "tssa"]},
+        seeds=1,
+        outcomes={1: Outcome(fail_after=1), 2: Outcome(drop_metric=True),
+                  3: Outcome(running_after=2)},
+        finish=False,
+        probes=False,
+    )  # fmt: skip
+    client = MlflowClient(study.uri)
+    assert client.get_run(study.parent_run_id).info.status == "RUNNING"
+    report = build_report(study.uri, parent_run_id=study.parent_run_id, out_dir=tmp_path / "r")
+    check_table_against_runs(report, client)
+    rows = {r["run_id"]: r for r in report.table.to_pylist()}
+    failed, no_metric, running = (study.trials[i]["run_id"] for i in (1, 2, 3))
+    assert rows[failed]["status"] == "FAILED" and "synthetic failure" in rows[failed]["error"]
+    assert math.isnan(rows[failed]["value"]) and math.isnan(rows[no_metric]["value"])
+    assert rows[running]["status"] == "RUNNING" and rows[running]["epochs"] == 2
+    assert math.isnan(rows[running]["value"]) and math.isnan(rows[running]["best/val/top1"])
+    notes = "\n".join(report.notes)
+    for expected in (
+        "still running (parent run RUNNING)",
+        "1 trial(s) FAILED",
+        "RuntimeError: synthetic failure",
+        "val/top1 is missing in 1 run(s)",
+        "1 trial(s) still running",
+        "no confidence bands",
+        "no rc/layer_XX metrics",
+        "no probe runs",
+    ):
+        assert expected in notes, expected
+    assert "rc_layers.png" not in report.figures and "attention_maps.png" not in report.figures
+    assert {"variants.png", "learning_curves.png", "optimisation_history.png"} <= set(
+        report.figures
+    )
+    assert_report_files(report, client)
+    assert "still running" in report.html_path.read_text()
+
+
+def test_a_study_with_no_trial_yet(tmp_path: Path) -> None:
+    from cbtlab.tracking import StudyTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = StudyTracker(uri, "empty")
+    parent = tracker.start_run(
+        "empty",
+        params={"study.space": '{"model.attention": ["cbsa"]}', "study.metric": "val/top1:max"},
+        tags={"cbtlab.role": "study", "cbtlab.study": "empty"},
+    )
+    report = build_report(uri, "empty", out_dir=tmp_path / "r")
+    assert report.runs.parent_run_id == parent and report.table.num_rows == 0
+    assert report.figures == {}
+    assert {"cell", "model.attention", "value"} <= set(
+        pq.read_table(report.table_path).column_names
+    )
+    assert any("no trial runs yet" in n for n in report.notes)
+    assert "still running" in report.html_path.read_text()
+
+
+def test_search_report_has_one_figure_per_factor_and_optuna_importances(tmp_path: Path) -> None:
+    study = write_study(
+        tmp_path,
+        name="search",
+        space={"model.rep_grid": ["1x1", "2x2", "4x4"], "model.depth": [1, 2]},
+        grid=False,
+        seeds=1,
+        probes=False,
+    )
+    report = build_report(study.uri, "search", out_dir=tmp_path / "r")
+    assert report.runs.value_kind == "best" and not report.runs.grid
+    assert {"metric_vs_model_rep_grid.png", "metric_vs_model_depth.png",
+            "param_importances.png"} <= set(report.figures)  # fmt: skip
+    assert report.table.schema.metadata[b"value"] == b"best"
+    assert_report_files(report, MlflowClient(study.uri))
+
+
+def test_report_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = write_study(tmp_path, seeds=1, probes=False)
+    out = tmp_path / "cli"
+    code = report_main(["--study", "synthetic", "--tracking-uri", study.uri, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f"parent run {study.parent_run_id}" in printed and "no confidence bands" in printed
+    assert (out / TABLE_FILE).is_file() and (out / HTML_FILE).is_file()
+    assert f"{REPORT_DIR}/{HTML_FILE}" in printed
+    assert report_main(["--study", "nope", "--tracking-uri", study.uri]) == 1
+    assert "no study run named 'nope'" in capsys.readouterr().err
+    # A study logged under another experiment name is found by its cbtlab.study tag.
+    MlflowClient(study.uri).rename_experiment(study.experiment_id, "elsewhere")
+    argv = ["--study", "synthetic", "--tracking-uri", study.uri, "--out", str(out), "--no-log"]
+    assert report_main(argv) == 0
+    assert "logged under" not in capsys.readouterr().out
+
+
+def test_pareto_front_and_level_order() -> None:
+    # (FLOPs, accuracy): fewer FLOPs and more accuracy are better.
+    points = [(1.0, 0.5), (2.0, 0.7), (3.0, 0.6), (4.0, 0.9), (4.0, 0.8)]
+    assert pareto_front(points, maximize_x=False, maximize_y=True) == [0, 1, 3]
+    # (images/s, accuracy): both higher is better.
+    assert pareto_front(points, maximize_x=True, maximize_y=True) == [3]
+    assert level_order(["8x8", "1x1", "4x2", "2x2"]) == (["1x1", "2x2", "4x2", "8x8"], False)
+    assert level_order(["0.5", "-1", "1"]) == (["-1", "0.5", "1"], True)
+    assert level_order(["cbsa", "mssa", "cbsa"]) == (["cbsa", "mssa"], False)
+
+
+def test_serve_uses_the_stores_artifact_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    command = mlflow_command("sqlite:////data/x/mlflow.db", "127.0.0.1", 5001)
+    assert command[command.index("--default-artifact-root") + 1] == "file:///data/x/mlartifacts"
+    assert artifact_root("http://server:5000") is None
+    # No Optuna storage: said plainly, nothing started.
+    code = serve_main(
+        ["--tracking-uri", "http://127.0.0.1:9", "--optuna", "--optuna-storage",
+         "sqlite:////nonexistent/optuna.db"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 1 and "is a tracking server" in out and "no Optuna storage" in out
+
+
+@pytest.mark.ray
+def test_report_of_a_tiny_real_study(ray_session: None, tmp_path: Path) -> None:
+    """A real grid study (2 attentions x 2 seeds, 1 epoch, Rc logged by training), one trial
+    probed, then its report: the table equals the runs, every figure is a valid PNG."""
+    from cbtlab.analysis.interpretability import ProbeSettings, probe_run
+    from cbtlab.tune.studies import variant_comparison_main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = variant_comparison_main(
+        [
+            "--variants", "cbsa", "softmax",
+            "--seeds", "2",
+            "--epochs", "1",
+            "--workers", "1",
+            "--name", "tiny_report",
+            "--tracking-uri", uri,
+            "--storage-path", str(tmp_path / "ray"),
+            "--set", "model.depth=1",
+            "--set", "model.embed_dim=24",
+            "--set", "train.probe_every=1",
+            "--set", "train.probe_samples=16",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    started = time.monotonic()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny_report")
+    parent = client.search_runs([experiment.experiment_id], "tags.`cbtlab.role` = 'study'")[0]
+    trial = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )[0]
+    settings = ProbeSettings(samples=16, robustness_images=32, overlay_images=2,
+                             noise_scales=(0.0, 0.1))  # fmt: skip
+    probe_run(uri, trial.info.run_id, settings=settings, out_dir=tmp_path / "probe")
+
+    report = build_report(uri, "tiny_report", out_dir=tmp_path / "report")
+    assert report.table.num_rows == 4 and report.stats_checked
+    check_table_against_runs(report, client)
+    assert {"rc/layer_00", "model.attention"} <= set(report.table.column_names)
+    assert {"variants.png", "pareto_flops.png", "pareto_throughput.png", "rc_layers.png",
+            "learning_curves.png", "attention_maps.png"} <= set(report.figures)  # fmt: skip
+    assert_report_files(report, client)
+    print(f"probe and report: {time.monotonic() - started:.0f} s")
