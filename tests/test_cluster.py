@@ -113,3 +113,20 @@ def test_ray_job_submit_runs_a_study_on_a_started_cluster(
         with contextlib.suppress(ProcessLookupError):  # the head's group: what this test started
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_local_ray_tells_its_workers_where_the_state_api_is(ray_session: None) -> None:
+    """Ray Train's placement-group cleaner (a worker) queries the State API; unless told where
+    it is, another Ray instance on the machine makes that fail, and a finished trial's workers
+    stay reserved (the next trial then waits forever)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def state_api() -> tuple[str, int]:
+        from ray.util.state import list_nodes
+
+        return os.environ.get("RAY_API_SERVER_ADDRESS", ""), len(list_nodes())
+
+    address, nodes = ray.get(state_api.remote())
+    assert address.startswith("http://127.0.0.1:") and nodes == 1

@@ -247,6 +247,8 @@ def reproduce_run(
     cfg, warnings = rebuild_config(run.data.params, run.data.tags)
     tags = run_tags(run.data.tags.get("cbtlab.study", experiment), dataset_hash(cfg.data))
     warnings += provenance_differences(run.data.tags, tags)
+    for warning in warnings:  # now, before the re-run's minutes
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     logged = metric_histories(client, run_id, compared_metrics(run.data.metrics))
     if not logged:
         raise LookupError(f"run {run_id} logged no per-epoch metrics to compare")
@@ -261,6 +263,13 @@ def reproduce_run(
     trial_cpus = TRIAL_DRIVER_CPUS + cfg.train.num_workers * cfg.train.cpus_per_worker
     trial_gpus = cfg.train.num_workers if cfg.train.use_gpu else 0
     fits = trials_that_fit(ray.cluster_resources(), trial_cpus, trial_gpus)
+    if fits < 1:
+        print(
+            f"note: a re-run needs {trial_cpus:g} CPUs and {trial_gpus} GPUs, more than the "
+            "cluster has now: it waits for resources",
+            file=sys.stderr,
+            flush=True,
+        )
     parent = run_id
     sweep = None
     if seeds > 1:
@@ -447,8 +456,6 @@ def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -
     except (ConnectionError, LookupError, MlflowException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
     print(result.report)
     for seed, rerun in sorted(result.runs.items()):
         print(f"re-run seed {seed}: MLflow run {rerun}")

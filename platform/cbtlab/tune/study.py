@@ -339,8 +339,27 @@ def connect_ray(address: str | None, *, worker_logs: bool = False) -> None:
         ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=worker_logs)
     else:
         # The dashboard stays on: Ray Train's placement-group cleaner needs the State API to
-        # release a finished trial's workers' resources.
-        ray.init(runtime_env=runtime_env or None, log_to_driver=worker_logs)
+        # release a finished trial's workers' resources. Its client (in a worker) finds the API
+        # server from RAY_API_SERVER_ADDRESS, else looks for *the* Ray instance on this machine
+        # and fails when there are several (another user's, another study's): the trial's
+        # workers then stay reserved and the next trial waits for them forever. So the
+        # dashboard gets a port chosen here, and every worker is told where it is.
+        port = free_port()
+        env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        ray.init(
+            runtime_env={**runtime_env, "env_vars": env_vars},
+            log_to_driver=worker_logs,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+        )
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a server started right after)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_path: str) -> None:
