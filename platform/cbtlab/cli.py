@@ -5,7 +5,8 @@ cbtlab data digits              build (or verify) the built-in digits shards; pr
 cbtlab data shards --set data.root=PATH_OR_URL   read a prebuilt dataset's card; print its splits
 cbtlab config [--set k=v ...]   print the default experiment config, flattened, after overrides
 cbtlab where                    print where cbtlab keeps data, MLflow and Ray results
-cbtlab study variants|step-init [flags]   the attention-variant / step-size studies (studies/*.py)
+cbtlab study variants|step-init|scaling [flags]   the attention-variant / step-size / model-
+                                 scaling studies (studies/*.py)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ STUDIES = {
     "rep-count": "cbtlab.tune.studies:rep_count_main",
     "variants": "cbtlab.tune.studies:variant_comparison_main",
     "step-init": "cbtlab.tune.studies:step_size_init_main",
+    "scaling": "cbtlab.tune.studies:model_scaling_main",
 }
 
 

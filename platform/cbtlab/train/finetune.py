@@ -33,7 +33,15 @@ _REFERENCE_KEY = re.compile(r"^(to_patch_embedding|transformer\.layers|mlp_head|
 
 
 def read_weights(path: str | Path) -> dict[str, Tensor]:
-    """The model weights of `path`, under our parameter names (see the module docstring)."""
+    """The model weights of `path`, under our parameter names (see the module docstring).
+    A URI (s3://, gs://, ...: a checkpoint a study wrote to cluster storage) is fetched first."""
+    if "://" in str(path):
+        from ray.train import Checkpoint
+
+        try:
+            path = Checkpoint(str(path)).to_directory()
+        except Exception as exc:
+            raise CheckpointError(f"train.init_from: cannot fetch {path}: {exc}") from exc
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / STATE_FILE

@@ -8,6 +8,8 @@ study also runs as `cbtlab study NAME ...`.
 | rep_count_ablation  | model.rep_grid                            | Optuna + ASHA, or a grid  |
 | variant_comparison  | model.attention (Table 4, equal size)     | grid x seeds              |
 | step_size_init      | model.step_init x model.step_scale        | grid x seeds              |
+| model_scaling       | model size (width, depth, heads), then    | grid x seeds, two stages  |
+|                     | fine-tunes per downstream dataset         | (`cbtlab.tune.scaling`)   |
 
 Presets (`--preset`): `smoke`, the digits on CPU in minutes (the config's defaults); `imagenet`,
 the paper's ImageNet-1k recipe on CBT-T's skeleton over prebuilt shards (`--data-root`).
@@ -30,6 +32,7 @@ from cbtlab.config import (
 )
 from cbtlab.tune.stats import TESTS
 from cbtlab.tune.study import (
+    StudyResult,
     StudySpec,
     latest_study_path,
     mlflow_ui_command,
@@ -321,6 +324,12 @@ def run_study_main(
     except ConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    print_study_result(result, spec)
+    return 0 if result.failed < len(result.rows) else 1
+
+
+def print_study_result(result: StudyResult, spec: StudySpec) -> None:
+    """The trial table, a grid's statistics, the best trial and where MLflow keeps it all."""
     print()
     print(result.table)
     print()
@@ -334,7 +343,6 @@ def run_study_main(
         print(f"best: {result.best['trial']} {spec.metric} {result.best['best']:.4f}")
     print(f"MLflow: experiment {result.experiment_name!r}, parent run {result.parent_run_id}")
     print(f"open the MLflow UI with:\n  {mlflow_ui_command(result.tracking_uri)}")
-    return 0 if result.failed < len(result.rows) else 1
 
 
 def rep_count_spec(args: argparse.Namespace) -> StudySpec:
@@ -442,3 +450,134 @@ def step_size_init_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def step_size_init_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     return run_study_main(step_size_init_parser(prog), step_init_spec, argv)
+
+
+def model_scaling_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from cbtlab.tune.scaling import SIZE_NAMES
+
+    parser = study_parser(
+        "Model scaling (the paper's Table 3): CBT sizes pre-trained with the same --seeds, "
+        "then each fine-tuned from its checkpoint on every --downstream dataset; prints and "
+        "logs the scaling table (parameters, FLOPs, top-1 per stage).",
+        prog=prog,
+        search=False,
+    )
+    parser.add_argument(
+        "--sizes", nargs="+", choices=SIZE_NAMES, default=list(SIZE_NAMES), help="CBT sizes"
+    )
+    parser.add_argument(
+        "--downstream",
+        nargs="*",
+        default=[],
+        metavar="NAME=ROOT",
+        help="fine-tuning datasets: prebuilt shards (folder or URL), e.g. cifar10=/data/c10",
+    )
+    parser.add_argument(
+        "--finetune-epochs", type=int, default=None, help="epochs of each fine-tuning trial"
+    )
+    parser.add_argument(
+        "--finetune-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override of the fine-tuning stage only (repeatable)",
+    )
+    return parser
+
+
+def model_scaling_spec(args: argparse.Namespace) -> StudySpec:
+    from cbtlab.tune.scaling import SIZE_KEYS, size_cells
+
+    cells = size_cells(args.preset, args.sizes)
+    space = {key: list(dict.fromkeys(cell[key] for cell in cells)) for key in SIZE_KEYS}
+    return study_spec(args, name="model_scaling", space=space, cells=cells, grid=True)
+
+
+def model_scaling_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Pre-train every size, fine-tune each on every downstream set, print the scaling table."""
+    import dataclasses
+
+    from cbtlab.tracking import StudyTracker
+    from cbtlab.tune.scaling import (
+        SIZE_KEYS,
+        finetune_base,
+        format_scaling,
+        parse_downstream,
+        pretrained_checkpoints,
+        scaling_json,
+        scaling_rows,
+    )
+
+    parser = model_scaling_parser(prog)
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        parser.error(
+            "--resume: model_scaling runs one study per stage; go on with a stopped stage "
+            "through `cbtlab study rep-count --resume FOLDER` (any study's folder), or re-run"
+        )
+    try:
+        pretrain = model_scaling_spec(args).validate()
+        downstream = parse_downstream(args.downstream)
+        overrides = dict(parse_override(text) for text in args.finetune_set)
+        if args.finetune_epochs is not None:
+            overrides["train.epochs"] = args.finetune_epochs
+        if downstream and not pretrain.base.train.checkpoint_every:
+            raise ConfigError("train.checkpoint_every", "fine-tuning needs the last checkpoint")
+        # Every downstream set is checked before anything trains.
+        bases = {
+            name: finetune_base(pretrain.base, root, args.preset, overrides)
+            for name, root in downstream.items()
+        }
+    except ConfigError as exc:
+        parser.error(str(exc))
+    names, cells = list(args.sizes), pretrain.cells
+    try:
+        result = run_study(pretrain)
+        print_study_result(result, pretrain)
+        stage_rows = {"pretrain": result.rows}
+        checkpoints = pretrained_checkpoints(
+            result.rows,
+            pretrain.tracking_uri,
+            names=names,
+            cells=cells,
+            seed=pretrain.seed_values[0],
+        )
+        missing = [n for n in names if n not in checkpoints]
+        if bases and missing:
+            print(
+                f"no pre-trained checkpoint (failed trial) for {', '.join(missing)}: not fine-tuned"
+            )
+        for stage, base in bases.items():
+            tuned = [(n, c) for n, c in zip(names, cells, strict=True) if n in checkpoints]
+            if not tuned:
+                break
+            spec = dataclasses.replace(
+                pretrain,
+                name=f"{pretrain.name}-{stage}",
+                base=base,
+                space={
+                    **{k: list(dict.fromkeys(c[k] for _, c in tuned)) for k in SIZE_KEYS},
+                    "train.init_from": [checkpoints[n] for n, _ in tuned],
+                },
+                cells=[{**c, "train.init_from": checkpoints[n]} for n, c in tuned],
+                baseline=None,
+            ).validate()
+            print(f"\nfine-tuning on {stage} ({base.data.root}) from the pre-trained checkpoints")
+            stage_result = run_study(spec)
+            print_study_result(stage_result, spec)
+            stage_rows[stage] = stage_result.rows
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    rows = scaling_rows(
+        stage_rows, names=names, cells=cells, pretrain=pretrain.base, stats_on=pretrain.stats_on
+    )
+    table = format_scaling(rows, list(stage_rows))
+    tracker = StudyTracker(pretrain.tracking_uri, pretrain.experiment_name)
+    tracker.log_text(result.parent_run_id, table, "scaling.txt")
+    tracker.log_text(result.parent_run_id, scaling_json(rows), "scaling.json")
+    print(f"\nmodel scaling ({pretrain.stats_on} {pretrain.metric}, mean ± 95% CI over seeds):")
+    print(table)
+    print(f"logged as scaling.txt and scaling.json on the parent run {result.parent_run_id}")
+    failed = sum(1 for stage in stage_rows.values() for r in stage if r["status"] != "FINISHED")
+    return 0 if not failed else 1
