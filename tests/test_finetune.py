@@ -154,3 +154,19 @@ def test_weights_that_do_not_fit_are_refused_naming_the_tensor(tmp_path: Path) -
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="cannot read"):
         init_from(model(), tmp_path / "junk.pt")
+
+
+def test_a_checkpoint_uri_is_fetched_first(tmp_path: Path) -> None:
+    """A study on cluster storage records its checkpoints as URIs (s3://...); file:// stands in."""
+    torch.manual_seed(3)
+    source = build_model(ExperimentConfig().with_overrides(TINY).model)
+    folder = tmp_path / "checkpoint_000001"
+    folder.mkdir()
+    torch.save(source.state_dict(), folder / "state.pt")
+    torch.manual_seed(4)
+    target = build_model(ExperimentConfig().with_overrides(TINY).model)
+    assert init_from(target, folder.as_uri()) == []
+    for a, b in zip(target.state_dict().values(), source.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(CheckpointError, match=r"no such checkpoint file|cannot fetch"):
+        init_from(target, (tmp_path / "absent").as_uri())
