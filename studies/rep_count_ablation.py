@@ -8,8 +8,7 @@ Every grid with 3 paired seeds, then statistics against 4x4 (no ASHA in a grid):
         --baseline model.rep_grid=4x4
 On a cluster:
     ray job submit --working-dir . -- python studies/rep_count_ablation.py --address auto
-The paper's recipe on prebuilt ImageNet shards (refused, naming what is missing, until cbtlab
-has prebuilt-shard datasets and the Lion optimiser):
+The paper's recipe (150 epochs of Lion) on prebuilt ImageNet-1k shards:
     ray job submit --working-dir . -- python studies/rep_count_ablation.py --address auto \
         --preset imagenet --data-root s3://bucket/imagenet-wds --grid --seeds 3
 Options: `python studies/rep_count_ablation.py --help`.
