@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,43 @@ def ray_session(isolated_home: Path):
     connect_ray(None)
     yield
     ray.shutdown()
+
+
+@dataclass(frozen=True)
+class FinishedStudy:
+    """A grid study run once per test session: where it logged and what it printed."""
+
+    uri: str
+    storage: Path
+    name: str
+    code: int
+    out: str
+
+
+@pytest.fixture(scope="session")
+def tiny_variant_study(ray_session: None, tmp_path_factory: pytest.TempPathFactory):
+    """A real grid study (cbsa and softmax x 2 seeds, 1 epoch, one worker per trial, Rc probed
+    every epoch), shared by the tests of grid statistics and of study reports: each such study
+    costs a minute or two of Ray."""
+    from cbtlab.tune.studies import variant_comparison_main
+
+    root = tmp_path_factory.mktemp("tiny_variant_study")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = variant_comparison_main(
+            [
+                "--variants", "cbsa", "softmax",
+                "--seeds", "2",
+                "--epochs", "1",
+                "--workers", "1",
+                "--name", "tiny_grid",
+                "--tracking-uri", uri,
+                "--storage-path", str(root / "ray"),
+                "--set", "model.depth=1",
+                "--set", "model.embed_dim=24",
+                "--set", "train.probe_every=1",
+                "--set", "train.probe_samples=16",
+            ]
+        )  # fmt: skip
+    return FinishedStudy(uri, root / "ray", "tiny_grid", code, out.getvalue())

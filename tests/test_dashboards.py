@@ -17,6 +17,7 @@ from cbtlab.dashboards.figures import level_order, pareto_front
 from cbtlab.dashboards.report import HTML_FILE, REPORT_DIR, TABLE_FILE, build_report, report_main
 from cbtlab.dashboards.runs import TABLE_COLUMNS
 from cbtlab.dashboards.serve import artifact_root, mlflow_command, serve_main
+from conftest import FinishedStudy
 from synthetic_study import Outcome, write_study
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -249,32 +250,16 @@ def test_serve_uses_the_stores_artifact_folder(capsys: pytest.CaptureFixture[str
 
 
 @pytest.mark.ray
-def test_report_of_a_tiny_real_study(ray_session: None, tmp_path: Path) -> None:
+def test_report_of_a_tiny_real_study(tiny_variant_study: FinishedStudy, tmp_path: Path) -> None:
     """A real grid study (2 attentions x 2 seeds, 1 epoch, Rc logged by training), one trial
     probed, then its report: the table equals the runs, every figure is a valid PNG."""
     from cbtlab.analysis.interpretability import ProbeSettings, probe_run
-    from cbtlab.tune.studies import variant_comparison_main
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = variant_comparison_main(
-        [
-            "--variants", "cbsa", "softmax",
-            "--seeds", "2",
-            "--epochs", "1",
-            "--workers", "1",
-            "--name", "tiny_report",
-            "--tracking-uri", uri,
-            "--storage-path", str(tmp_path / "ray"),
-            "--set", "model.depth=1",
-            "--set", "model.embed_dim=24",
-            "--set", "train.probe_every=1",
-            "--set", "train.probe_samples=16",
-        ]
-    )  # fmt: skip
-    assert code == 0
+    uri, name = tiny_variant_study.uri, tiny_variant_study.name
+    assert tiny_variant_study.code == 0
     started = time.monotonic()
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("tiny_report")
+    experiment = client.get_experiment_by_name(name)
     parent = client.search_runs([experiment.experiment_id], "tags.`cbtlab.role` = 'study'")[0]
     trial = client.search_runs(
         [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
@@ -283,7 +268,7 @@ def test_report_of_a_tiny_real_study(ray_session: None, tmp_path: Path) -> None:
                              noise_scales=(0.0, 0.1))  # fmt: skip
     probe_run(uri, trial.info.run_id, settings=settings, out_dir=tmp_path / "probe")
 
-    report = build_report(uri, "tiny_report", out_dir=tmp_path / "report")
+    report = build_report(uri, name, out_dir=tmp_path / "report")
     assert report.table.num_rows == 4 and report.stats_checked
     check_table_against_runs(report, client)
     assert {"rc/layer_00", "model.attention"} <= set(report.table.column_names)

@@ -20,11 +20,11 @@ from cbtlab.tune.studies import (
     rep_count_spec,
     step_init_spec,
     step_size_init_parser,
-    variant_comparison_main,
     variant_comparison_parser,
     variant_spec,
 )
 from cbtlab.tune.study import StudySpec, grid_trials, plan_resources, study_statistics
+from conftest import FinishedStudy
 
 
 def rep_count(*argv: str) -> StudySpec:
@@ -186,22 +186,9 @@ def test_statistics_of_the_trial_rows_follow_the_grid() -> None:
 
 @pytest.mark.ray
 def test_tiny_grid_study_with_two_seeds_logs_its_statistics(
-    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_variant_study: FinishedStudy, tmp_path: Path
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = variant_comparison_main(
-        [
-            "--variants", "cbsa", "softmax",
-            "--seeds", "2",
-            "--epochs", "1",
-            "--name", "tiny_grid",
-            "--tracking-uri", uri,
-            "--storage-path", str(tmp_path / "ray"),
-            "--set", "model.depth=1",
-            "--set", "model.embed_dim=24",
-        ]
-    )  # fmt: skip
-    out = capsys.readouterr().out
+    uri, out, code = tiny_variant_study.uri, tiny_variant_study.out, tiny_variant_study.code
     assert code == 0
     assert "statistics over seeds [0, 1]" in out and "(baseline)" in out
 
@@ -239,4 +226,4 @@ def test_tiny_grid_study_with_two_seeds_logs_its_statistics(
     diffs = [finals["softmax", s] - finals["cbsa", s] for s in (0, 1)]
     assert softmax["diff_mean"] == pytest.approx(sum(diffs) / 2)
     assert math.isnan(rows["cbsa"]["p_value"])
-    assert len(list((tmp_path / "ray").glob("tiny_grid-*/stats.parquet"))) == 1
+    assert len(list(tiny_variant_study.storage.glob("tiny_grid-*/stats.parquet"))) == 1
