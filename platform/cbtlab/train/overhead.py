@@ -8,7 +8,10 @@ number of worker processes, the same CPU threads each and gloo DDP; only the lau
 - ray: a `TorchTrainer` on the local Ray instance (started once, beforehand, and timed apart),
   whose workers report every epoch through `ray.train.report`, as `cbtlab train` does.
 Epoch checkpoints are off on both sides (`train.checkpoint_every=0`): this measures the launcher
-and the per-epoch reporting, not checkpoint storage.
+and the per-epoch reporting, not checkpoint storage. Ray starts its worker processes at a
+lower CPU priority (niceness 15, Ray's `worker_niceness`, so that its control plane stays
+responsive); the plain workers take the same niceness (`--plain-niceness`), or on a machine
+shared with other work the comparison would measure the scheduler's priorities, not Ray.
 
 Two times per run: the wall time from launch to return (process start-up, imports, process
 group, data opening, all epochs, shutdown) and the steady-state time per epoch, the median
@@ -48,6 +51,8 @@ class OverheadSpec:
     epochs: int = 8
     repeats: int = 2
     workers: int = 2
+    # The plain workers' niceness: Ray's worker niceness by default (see the module docstring).
+    plain_niceness: int = field(default_factory=lambda: ray_worker_niceness())
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def config(self) -> ExperimentConfig:
@@ -59,6 +64,11 @@ class OverheadSpec:
                 **self.overrides,
             }
         )
+
+
+def ray_worker_niceness() -> int:
+    """The niceness Ray gives its worker processes: `RAY_worker_niceness`, else Ray's 15."""
+    return int(os.environ.get("RAY_worker_niceness", "15"))  # noqa: SIM112 (Ray's spelling)
 
 
 @dataclass
@@ -108,7 +118,9 @@ class OverheadResult:
         out = [
             f"{self.spec.workers} workers x {cfg.train.cpus_per_worker} CPU, "
             f"{cfg.data.dataset}, batch {cfg.data.batch_size}, {self.spec.epochs} epochs, "
-            f"model {cfg.model.attention} d={cfg.model.embed_dim} depth={cfg.model.depth}",
+            f"model {cfg.model.attention} d={cfg.model.embed_dim} depth={cfg.model.depth}; "
+            f"plain workers at niceness {self.spec.plain_niceness}, Ray's at "
+            f"{ray_worker_niceness()}",
             f"ray.init (once, not in any run): {self.ray_init_s:.1f} s",
             f"{'run':<10}{'wall_s':>9}{'epoch_s':>10}{'fastest_s':>11}{'train_epoch_s':>15}",
         ]
@@ -148,9 +160,11 @@ def run_overhead(
     with tempfile.TemporaryDirectory(prefix="cbtlab_overhead_") as tmp:
         for i, kind in enumerate(order):
             log_path = Path(tmp) / f"{i}_{kind}.jsonl"
-            launch = run_plain if kind == "plain" else run_ray
             start = time.perf_counter()
-            launch(cfg, log_path, Path(tmp))
+            if kind == "plain":
+                run_plain(cfg, log_path, niceness=spec.plain_niceness)
+            else:
+                run_ray(cfg, log_path, Path(tmp))
             wall = time.perf_counter() - start
             runs.append(_times(kind, wall, log_path))
             say(f"{kind}: wall {wall:.1f} s, steady epoch {runs[-1].steady_epoch_s:.3f} s")
@@ -180,21 +194,28 @@ def _recorder(log_path: Path, rank: int) -> Report:
     return record
 
 
-def run_plain(cfg: ExperimentConfig, log_path: Path, tmp: Path) -> None:
-    """`run_training` in `train.num_workers` processes of a gloo DDP group."""
+def run_plain(cfg: ExperimentConfig, log_path: Path, *, niceness: int = 0) -> None:
+    """`run_training` in `train.num_workers` processes of a gloo DDP group, each at
+    `niceness` (added to this process's)."""
     import torch.multiprocessing as mp
 
     with socket.socket() as probe:  # a free port for the process group's rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     world = cfg.train.num_workers
-    mp.spawn(_plain_worker, args=(cfg.to_dict(), world, port, str(log_path)), nprocs=world)
+    mp.spawn(
+        _plain_worker, args=(cfg.to_dict(), world, port, str(log_path), niceness), nprocs=world
+    )
 
 
-def _plain_worker(rank: int, cfg_dict: dict[str, Any], world: int, port: int, log: str) -> None:
+def _plain_worker(
+    rank: int, cfg_dict: dict[str, Any], world: int, port: int, log: str, niceness: int
+) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    if niceness:
+        os.nice(niceness)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -268,12 +289,19 @@ def overhead_main(argv: list[str] | None = None, prog: str | None = None) -> int
     parser.add_argument(
         "--quick", action="store_true", help="3 epochs, one run each (a smoke test)"
     )
+    parser.add_argument(
+        "--plain-niceness",
+        type=int,
+        default=defaults.plain_niceness,
+        help="CPU niceness of the plain workers (default: Ray's worker niceness)",
+    )
     add_override_argument(parser)
     args = parser.parse_args(argv)
     spec = OverheadSpec(
         epochs=3 if args.quick else args.epochs,
         repeats=1 if args.quick else args.repeats,
         workers=args.workers,
+        plain_niceness=args.plain_niceness,
     )
     try:
         spec.overrides = dict(parse_override(text) for text in args.overrides)
