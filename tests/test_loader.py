@@ -19,7 +19,7 @@ from cbtlab.config import ExperimentConfig
 from cbtlab.data import ShardReadError, ShardSet, TrainEpoch, eval_batches, open_split, read_split
 from cbtlab.data.loader import plan_train_epoch
 from cbtlab.data.shards import Sample, write_card, write_split
-from cbtlab.data.transforms import build_transforms
+from cbtlab.data.transforms import SplitTransform, build_transforms
 
 CORRUPT = b"\x89PNG\r\n\x1a\n but not really"
 
@@ -257,6 +257,153 @@ def test_jpeg_draft_decoding_keeps_the_output_resolution(tmp_path: Path) -> None
     ]
     assert sizes == [(1200, 900), (600, 450)]  # half scale: both sides still >= 256
     assert (outputs[0][0] - outputs[1][0]).abs().mean() < 0.05
+
+
+def test_split_transform_is_its_per_image_then_per_batch_part() -> None:
+    from torchvision.transforms import v2
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    tf = build_transforms(img_size=64, mean=mean, std=std, augment="imagenet", crop_pct=0.875)
+    assert isinstance(tf.train, SplitTransform) and isinstance(tf.eval, SplitTransform)
+    bicubic = v2.InterpolationMode.BICUBIC
+    # torchvision's v2 transforms, as the recipes were written before the split.
+    v2_train = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(
+                64, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic, antialias=True
+            ),
+            v2.RandomHorizontalFlip(),
+        ]
+    )
+    v2_eval = v2.Compose([v2.ToImage(), v2.Resize(73, interpolation=bicubic), v2.CenterCrop(64)])
+    v2_normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    for seed in range(8):
+        photo = _photo(150, 110, seed=seed)
+        torch.manual_seed(seed)
+        whole = tf.train(photo)
+        torch.manual_seed(seed)
+        pixels = tf.train.per_image(photo)
+        torch.manual_seed(seed)
+        assert torch.equal(pixels, v2_train(photo))  # the same draws, the same pixels
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 64, 64)
+        assert whole.dtype == torch.float32
+        torch.testing.assert_close(whole, tf.train.per_batch(pixels), rtol=0, atol=1e-6)
+        torch.testing.assert_close(whole, v2_normalize(pixels), rtol=0, atol=1e-5)
+        assert torch.equal(tf.eval.per_image(photo), v2_eval(photo))
+        torch.testing.assert_close(tf.eval(photo), v2_normalize(v2_eval(photo)), rtol=0, atol=1e-5)
+    torch.manual_seed(0)
+    assert len({tf.train.per_image(photo)[0, 0, 0].item() for _ in range(8)}) > 1
+    # A batch normalises as its images do, one at a time.
+    batch = torch.stack([tf.eval.per_image(_photo(90, 120, seed=s)) for s in range(3)])
+    singles = torch.stack([tf.eval.per_batch(image) for image in batch])
+    torch.testing.assert_close(tf.eval.per_batch(batch), singles, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="uint8"):
+        tf.eval.per_batch(batch.float())
+    # Grayscale images get their channel dimension.
+    gray = build_transforms(img_size=16, mean=[0.5], std=[0.25], augment="imagenet", crop_pct=1)
+    scan = _photo(40, 30).convert("L")
+    torch.manual_seed(1)
+    pixels = gray.train.per_image(scan)
+    torch.manual_seed(1)
+    assert pixels.shape == (1, 16, 16)
+    assert torch.equal(gray.train(scan), gray.train.per_batch(pixels))
+
+
+def _photo_shards(out: Path, count: int, per_shard: int) -> ShardSet:
+    """Train and val splits of `count` small random-colour JPEGs each (labels: i % 3)."""
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+    def samples(offset: int):
+        for i in range(offset, offset + count):
+            buf = io.BytesIO()
+            _photo(48 + i % 5 * 4, 40, seed=i).save(buf, format="JPEG", quality=90)
+            yield Sample(key=f"p{i:05d}", image=buf.getvalue(), ext="jpg", label=i % 3)
+
+    out.mkdir(parents=True, exist_ok=True)
+    train, train_rows = write_split(samples(0), out, "train", per_shard)
+    val, val_rows = write_split(samples(1_000), out, "val", per_shard)
+    write_card(
+        out,
+        "photos",
+        {"train": train, "val": val},
+        train_rows + val_rows,
+        num_classes=3,
+        image_ext="jpg",
+        extra={"channels": 3, "mean": mean, "std": std},
+    )
+    return read_split(out, "train")
+
+
+def test_split_transform_batches_equal_the_whole_transform_per_image(tmp_path: Path) -> None:
+    shardset = _photo_shards(tmp_path, count=48, per_shard=12)  # 4 shards
+    val = read_split(tmp_path, "val")
+    tf = build_transforms(
+        img_size=32,
+        mean=shardset.extra["mean"],
+        std=shardset.extra["std"],
+        augment="imagenet",
+        crop_pct=0.875,
+    )
+
+    def whole_train(image: Image.Image) -> torch.Tensor:  # not a SplitTransform: run whole
+        return tf.train(image)
+
+    def whole_eval(image: Image.Image) -> torch.Tensor:
+        return tf.eval(image)
+
+    def assert_same(split: list, whole: list) -> None:
+        assert len(split) == len(whole) > 1
+        for (images, labels), (expected, expected_labels) in zip(split, whole, strict=True):
+            assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+            torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+            assert torch.equal(labels, expected_labels)
+
+    for workers in (0, 2):
+        for device in (None, "cpu"):
+            epoch = _train(
+                shardset, 0, 1, epoch=1, transform=tf.train, loader_workers=workers, device=device
+            )
+            # The workers run the per-image part; the batches are normalised after them.
+            assert epoch.dataset.transform is tf.train.per_image
+            split = list(epoch)
+            assert all(images.device.type == "cpu" for images, _ in split)
+            whole = list(
+                _train(shardset, 0, 1, epoch=1, transform=whole_train, loader_workers=workers)
+            )
+            assert_same(split, whole)
+            assert len(split) == len(epoch) == 6  # 48 samples / 8 per batch
+        evaluated = eval_batches(
+            val, rank=0, world_size=1, batch_size=8, transform=tf.eval, loader_workers=workers
+        )
+        assert_same(
+            list(evaluated),
+            list(
+                eval_batches(
+                    val,
+                    rank=0,
+                    world_size=1,
+                    batch_size=8,
+                    transform=whole_eval,
+                    loader_workers=workers,
+                )
+            ),
+        )
+    # Real pictures, not constant ones: a crop or normalisation gone wrong would show.
+    assert split[0][0].std() > 0.3
+
+
+def test_device_moves_batches_of_any_transform(tmp_path: Path) -> None:
+    shardset = _numbered(tmp_path, count=64, per_shard=16)
+    for workers in (0, 2):
+        moved = _train(shardset, 0, 1, loader_workers=workers, device=torch.device("cpu"))
+        assert _batches(moved) == _batches(_train(shardset, 0, 1, loader_workers=workers))
+        assert moved.corrupt_samples == 0
+    val = read_split(tmp_path, "val")
+    batches = list(
+        eval_batches(val, rank=0, world_size=1, batch_size=8, transform=_number, device="cpu")
+    )
+    assert sum(len(labels) for _, labels in batches) == 64
 
 
 def test_corrupt_counts_reach_the_training_metrics(tmp_path: Path) -> None:
