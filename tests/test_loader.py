@@ -1,4 +1,5 @@
-"""The training-side loader: ranks x DataLoader workers, corrupt samples, errors, transforms."""
+"""The training-side loader: ranks x DataLoader workers, corrupt samples, errors, transforms,
+the tar reader."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import io
 import math
 import os
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,8 +19,9 @@ from PIL import Image
 
 from cbtlab.config import ExperimentConfig
 from cbtlab.data import ShardReadError, ShardSet, TrainEpoch, eval_batches, open_split, read_split
-from cbtlab.data.loader import plan_train_epoch
-from cbtlab.data.shards import Sample, write_card, write_split
+from cbtlab.data.loader import _read_shard, plan_train_epoch
+from cbtlab.data.shards import Sample, ShardInfo, write_card, write_split
+from cbtlab.data.tarstream import TarStreamError, tar_members
 from cbtlab.data.transforms import SplitTransform, build_transforms
 
 CORRUPT = b"\x89PNG\r\n\x1a\n but not really"
@@ -404,6 +407,101 @@ def test_device_moves_batches_of_any_transform(tmp_path: Path) -> None:
         eval_batches(val, rank=0, world_size=1, batch_size=8, transform=_number, device="cpu")
     )
     assert sum(len(labels) for _, labels in batches) == 64
+
+
+def _tar(members: list[tuple[str, bytes]], fmt: int, compression: str = "") -> bytes:
+    """A tar written by Python's tarfile in format `fmt`, with a directory, a symlink and a
+    webdataset metadata member around `members`."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compression}", format=fmt) as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in [("__meta__", b"{}"), *members]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.SYMTYPE, "folder"
+        tar.addfile(link)
+    return buf.getvalue()
+
+
+def test_tar_reader_reads_what_tarfile_writes() -> None:
+    long_key = "deep/" + "k" * 140  # past the 100 bytes of a plain header's name
+    members = [
+        ("a.jpg", os.urandom(700)),
+        ("a.cls", b"3"),
+        ("empty.txt", b""),
+        (f"{long_key}.jpg", os.urandom(1024)),
+        (f"{long_key}.cls", b"1"),
+        ("ünï.cls", b"2"),
+    ]
+    # ustar keeps a long name in its prefix field, GNU in an 'L' header, pax in an 'x' header.
+    ustar = [(f"d/{'p' * 120}/k.jpg", b"x" * 513), ("a.jpg", b"y")]
+    assert list(tar_members(io.BytesIO(_tar(ustar, tarfile.USTAR_FORMAT)))) == ustar
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        for compression in ("", "gz", "xz"):
+            data = _tar(members, fmt, compression)
+            assert list(tar_members(io.BytesIO(data))) == members, (fmt, compression)
+    # A pax global header (tarfile writes one for `pax_headers`) is read past.
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x"}
+    ) as tar:
+        info = tarfile.TarInfo("g.cls")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"7"))
+    assert list(tar_members(io.BytesIO(buf.getvalue()))) == [("g.cls", b"7")]
+
+
+def test_tar_reader_rejects_truncated_and_damaged_tars() -> None:
+    members = [("a.jpg", os.urandom(700)), ("a.cls", b"3"), ("b" * 150 + ".jpg", os.urandom(900))]
+    data = _tar(members, tarfile.GNU_FORMAT)
+    ends = []  # where each member's padded data ends
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for info in tar.getmembers():
+            if info.isreg() and info.name != "__meta__":
+                ends.append(info.offset_data + -(-info.size // 512) * 512)
+    cuts = {
+        ends[0] - 100: "unexpected end of data",  # inside a member's data
+        ends[0] - 1: "unexpected end of data",  # inside its padding
+        ends[0] + 100: "truncated header",
+        ends[1] + 512 + 3: "unexpected end of data",  # inside the GNU long name
+        ends[2] - 1: "unexpected end of data",
+    }
+    for cut, error in cuts.items():
+        with pytest.raises(TarStreamError, match=error):
+            list(tar_members(io.BytesIO(data[:cut])))
+    # Cut at a member's end, or inside the end-of-archive zeros: whole members, no error (as
+    # tarfile); the loader's count check against the card catches the missing samples.
+    assert [n for n, _ in tar_members(io.BytesIO(data[: ends[0]]))] == ["a.jpg"]
+    assert list(tar_members(io.BytesIO(data[: ends[2] + 700]))) == members
+    damaged = bytearray(data)
+    damaged[ends[0] + 10] ^= 0xFF  # inside the next header: its checksum no longer adds up
+    with pytest.raises(TarStreamError, match="checksum"):
+        list(tar_members(io.BytesIO(bytes(damaged))))
+    for junk in (b"", b"not a tar at all"):
+        with pytest.raises(TarStreamError):
+            list(tar_members(io.BytesIO(junk)))
+
+
+def test_a_shard_with_long_member_names_reads_and_a_truncated_one_names_itself(
+    tmp_path: Path,
+) -> None:
+    key = "class_7/" + "n" * 120
+    members = [
+        (f"{key}-{i}.{ext}", data) for i in range(3) for ext, data in (("jpg", b"j"), ("cls", b"7"))
+    ]
+    shard = tmp_path / "long-00000.tar"
+    shard.write_bytes(_tar(members, tarfile.GNU_FORMAT))
+    info = ShardInfo(str(shard), num_samples=3, num_bytes=shard.stat().st_size)
+    samples = list(_read_shard(info))
+    assert [s["__key__"] for s in samples] == [f"{key}-{i}" for i in range(3)]
+    assert all(s["cls"] == b"7" and s["jpg"] == b"j" for s in samples)
+    shard.write_bytes(shard.read_bytes()[:1800])  # inside the first long-name header
+    with pytest.raises(ShardReadError, match=shard.name):
+        list(_read_shard(info))
 
 
 def test_corrupt_counts_reach_the_training_metrics(tmp_path: Path) -> None:

@@ -55,10 +55,11 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from cbtlab.data.remote import open_url
 from cbtlab.data.shards import ShardInfo, ShardSet
+from cbtlab.data.tarstream import tar_members
 from cbtlab.data.transforms import SplitTransform
 
 log = logging.getLogger(__name__)
@@ -435,7 +436,7 @@ def _read_shard(shard: ShardInfo) -> Iterator[dict[str, Any]]:
         raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
     count, finished = 0, False
     try:
-        for sample in _group(tar_file_iterator(stream), url):
+        for sample in _group(tar_members(stream), url):
             count += 1
             yield sample
         finished = True
@@ -449,18 +450,18 @@ def _read_shard(shard: ShardInfo) -> Iterator[dict[str, Any]]:
         )
 
 
-def _group(files: Iterable[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
+def _group(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any]]:
     """Consecutive tar members with the same key (the name up to its first dot) as one sample."""
     sample: dict[str, Any] = {}
-    for member in files:
-        key, ext = base_plus_ext(member["fname"])
+    for name, data in members:
+        key, ext = base_plus_ext(name)
         if key is None:
             continue
         if key != sample.get("__key__"):
             if sample:
                 yield sample
             sample = {"__key__": key, "__url__": url}
-        sample[ext.lower()] = member["data"]
+        sample[ext.lower()] = data
     if sample:
         yield sample
 
