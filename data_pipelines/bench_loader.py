@@ -4,7 +4,8 @@
     python data_pipelines/bench_loader.py --images 1000 --workers 4 --root /tmp/bench
 Makes an ImageNet-like JPEG ImageFolder tree and its WebDataset shards (in a temporary folder,
 or under --root), then prints shard-writing throughput, both loaders' images/s (medians of
-interleaved repeats) and, last, `webdataset/imagefolder images/s ratio: X.XX`.
+interleaved repeats) and CPU time per image, a per-image cost breakdown and, last,
+`webdataset/imagefolder images/s ratio: X.XX`.
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""The training-side loader: ranks x DataLoader workers, corrupt samples, errors, transforms."""
+"""The training-side loader: ranks x DataLoader workers, corrupt samples, errors, transforms,
+the tar reader."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import io
 import math
 import os
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,9 +19,10 @@ from PIL import Image
 
 from cbtlab.config import ExperimentConfig
 from cbtlab.data import ShardReadError, ShardSet, TrainEpoch, eval_batches, open_split, read_split
-from cbtlab.data.loader import plan_train_epoch
-from cbtlab.data.shards import Sample, write_card, write_split
-from cbtlab.data.transforms import build_transforms
+from cbtlab.data.loader import _read_shard, plan_train_epoch
+from cbtlab.data.shards import Sample, ShardInfo, write_card, write_split
+from cbtlab.data.tarstream import TarStreamError, tar_members
+from cbtlab.data.transforms import SplitTransform, build_transforms
 
 CORRUPT = b"\x89PNG\r\n\x1a\n but not really"
 
@@ -257,6 +260,248 @@ def test_jpeg_draft_decoding_keeps_the_output_resolution(tmp_path: Path) -> None
     ]
     assert sizes == [(1200, 900), (600, 450)]  # half scale: both sides still >= 256
     assert (outputs[0][0] - outputs[1][0]).abs().mean() < 0.05
+
+
+def test_split_transform_is_its_per_image_then_per_batch_part() -> None:
+    from torchvision.transforms import v2
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    tf = build_transforms(img_size=64, mean=mean, std=std, augment="imagenet", crop_pct=0.875)
+    assert isinstance(tf.train, SplitTransform) and isinstance(tf.eval, SplitTransform)
+    bicubic = v2.InterpolationMode.BICUBIC
+    # torchvision's v2 transforms, as the recipes were written before the split.
+    v2_train = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(
+                64, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic, antialias=True
+            ),
+            v2.RandomHorizontalFlip(),
+        ]
+    )
+    v2_eval = v2.Compose([v2.ToImage(), v2.Resize(73, interpolation=bicubic), v2.CenterCrop(64)])
+    v2_normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    for seed in range(8):
+        photo = _photo(150, 110, seed=seed)
+        torch.manual_seed(seed)
+        whole = tf.train(photo)
+        torch.manual_seed(seed)
+        pixels = tf.train.per_image(photo)
+        torch.manual_seed(seed)
+        assert torch.equal(pixels, v2_train(photo))  # the same draws, the same pixels
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 64, 64)
+        assert whole.dtype == torch.float32
+        torch.testing.assert_close(whole, tf.train.per_batch(pixels), rtol=0, atol=1e-6)
+        torch.testing.assert_close(whole, v2_normalize(pixels), rtol=0, atol=1e-5)
+        assert torch.equal(tf.eval.per_image(photo), v2_eval(photo))
+        torch.testing.assert_close(tf.eval(photo), v2_normalize(v2_eval(photo)), rtol=0, atol=1e-5)
+    torch.manual_seed(0)
+    assert len({tf.train.per_image(photo)[0, 0, 0].item() for _ in range(8)}) > 1
+    # A batch normalises as its images do, one at a time.
+    batch = torch.stack([tf.eval.per_image(_photo(90, 120, seed=s)) for s in range(3)])
+    singles = torch.stack([tf.eval.per_batch(image) for image in batch])
+    torch.testing.assert_close(tf.eval.per_batch(batch), singles, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="uint8"):
+        tf.eval.per_batch(batch.float())
+    # Grayscale images get their channel dimension.
+    gray = build_transforms(img_size=16, mean=[0.5], std=[0.25], augment="imagenet", crop_pct=1)
+    scan = _photo(40, 30).convert("L")
+    torch.manual_seed(1)
+    pixels = gray.train.per_image(scan)
+    torch.manual_seed(1)
+    assert pixels.shape == (1, 16, 16)
+    assert torch.equal(gray.train(scan), gray.train.per_batch(pixels))
+
+
+def _photo_shards(out: Path, count: int, per_shard: int) -> ShardSet:
+    """Train and val splits of `count` small random-colour JPEGs each (labels: i % 3)."""
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+    def samples(offset: int):
+        for i in range(offset, offset + count):
+            buf = io.BytesIO()
+            _photo(48 + i % 5 * 4, 40, seed=i).save(buf, format="JPEG", quality=90)
+            yield Sample(key=f"p{i:05d}", image=buf.getvalue(), ext="jpg", label=i % 3)
+
+    out.mkdir(parents=True, exist_ok=True)
+    train, train_rows = write_split(samples(0), out, "train", per_shard)
+    val, val_rows = write_split(samples(1_000), out, "val", per_shard)
+    write_card(
+        out,
+        "photos",
+        {"train": train, "val": val},
+        train_rows + val_rows,
+        num_classes=3,
+        image_ext="jpg",
+        extra={"channels": 3, "mean": mean, "std": std},
+    )
+    return read_split(out, "train")
+
+
+def test_split_transform_batches_equal_the_whole_transform_per_image(tmp_path: Path) -> None:
+    shardset = _photo_shards(tmp_path, count=48, per_shard=12)  # 4 shards
+    val = read_split(tmp_path, "val")
+    tf = build_transforms(
+        img_size=32,
+        mean=shardset.extra["mean"],
+        std=shardset.extra["std"],
+        augment="imagenet",
+        crop_pct=0.875,
+    )
+
+    def whole_train(image: Image.Image) -> torch.Tensor:  # not a SplitTransform: run whole
+        return tf.train(image)
+
+    def whole_eval(image: Image.Image) -> torch.Tensor:
+        return tf.eval(image)
+
+    def assert_same(split: list, whole: list) -> None:
+        assert len(split) == len(whole) > 1
+        for (images, labels), (expected, expected_labels) in zip(split, whole, strict=True):
+            assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+            torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+            assert torch.equal(labels, expected_labels)
+
+    for workers in (0, 2):
+        for device in (None, "cpu"):
+            epoch = _train(
+                shardset, 0, 1, epoch=1, transform=tf.train, loader_workers=workers, device=device
+            )
+            # The workers run the per-image part; the batches are normalised after them.
+            assert epoch.dataset.transform is tf.train.per_image
+            split = list(epoch)
+            assert all(images.device.type == "cpu" for images, _ in split)
+            whole = list(
+                _train(shardset, 0, 1, epoch=1, transform=whole_train, loader_workers=workers)
+            )
+            assert_same(split, whole)
+            assert len(split) == len(epoch) == 6  # 48 samples / 8 per batch
+        evaluated = eval_batches(
+            val, rank=0, world_size=1, batch_size=8, transform=tf.eval, loader_workers=workers
+        )
+        assert_same(
+            list(evaluated),
+            list(
+                eval_batches(
+                    val,
+                    rank=0,
+                    world_size=1,
+                    batch_size=8,
+                    transform=whole_eval,
+                    loader_workers=workers,
+                )
+            ),
+        )
+    # Real pictures, not constant ones: a crop or normalisation gone wrong would show.
+    assert split[0][0].std() > 0.3
+
+
+def test_device_moves_batches_of_any_transform(tmp_path: Path) -> None:
+    shardset = _numbered(tmp_path, count=64, per_shard=16)
+    for workers in (0, 2):
+        moved = _train(shardset, 0, 1, loader_workers=workers, device=torch.device("cpu"))
+        assert _batches(moved) == _batches(_train(shardset, 0, 1, loader_workers=workers))
+        assert moved.corrupt_samples == 0
+    val = read_split(tmp_path, "val")
+    batches = list(
+        eval_batches(val, rank=0, world_size=1, batch_size=8, transform=_number, device="cpu")
+    )
+    assert sum(len(labels) for _, labels in batches) == 64
+
+
+def _tar(members: list[tuple[str, bytes]], fmt: int, compression: str = "") -> bytes:
+    """A tar written by Python's tarfile in format `fmt`, with a directory, a symlink and a
+    webdataset metadata member around `members`."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compression}", format=fmt) as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in [("__meta__", b"{}"), *members]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.SYMTYPE, "folder"
+        tar.addfile(link)
+    return buf.getvalue()
+
+
+def test_tar_reader_reads_what_tarfile_writes() -> None:
+    long_key = "deep/" + "k" * 140  # past the 100 bytes of a plain header's name
+    members = [
+        ("a.jpg", os.urandom(700)),
+        ("a.cls", b"3"),
+        ("empty.txt", b""),
+        (f"{long_key}.jpg", os.urandom(1024)),
+        (f"{long_key}.cls", b"1"),
+        ("ünï.cls", b"2"),
+    ]
+    # ustar keeps a long name in its prefix field, GNU in an 'L' header, pax in an 'x' header.
+    ustar = [(f"d/{'p' * 120}/k.jpg", b"x" * 513), ("a.jpg", b"y")]
+    assert list(tar_members(io.BytesIO(_tar(ustar, tarfile.USTAR_FORMAT)))) == ustar
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        for compression in ("", "gz", "xz"):
+            data = _tar(members, fmt, compression)
+            assert list(tar_members(io.BytesIO(data))) == members, (fmt, compression)
+    # A pax global header (tarfile writes one for `pax_headers`) is read past.
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x"}
+    ) as tar:
+        info = tarfile.TarInfo("g.cls")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"7"))
+    assert list(tar_members(io.BytesIO(buf.getvalue()))) == [("g.cls", b"7")]
+
+
+def test_tar_reader_rejects_truncated_and_damaged_tars() -> None:
+    members = [("a.jpg", os.urandom(700)), ("a.cls", b"3"), ("b" * 150 + ".jpg", os.urandom(900))]
+    data = _tar(members, tarfile.GNU_FORMAT)
+    ends = []  # where each member's padded data ends
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for info in tar.getmembers():
+            if info.isreg() and info.name != "__meta__":
+                ends.append(info.offset_data + -(-info.size // 512) * 512)
+    cuts = {
+        ends[0] - 100: "unexpected end of data",  # inside a member's data
+        ends[0] - 1: "unexpected end of data",  # inside its padding
+        ends[0] + 100: "truncated header",
+        ends[1] + 512 + 3: "unexpected end of data",  # inside the GNU long name
+        ends[2] - 1: "unexpected end of data",
+    }
+    for cut, error in cuts.items():
+        with pytest.raises(TarStreamError, match=error):
+            list(tar_members(io.BytesIO(data[:cut])))
+    # Cut at a member's end, or inside the end-of-archive zeros: whole members, no error (as
+    # tarfile); the loader's count check against the card catches the missing samples.
+    assert [n for n, _ in tar_members(io.BytesIO(data[: ends[0]]))] == ["a.jpg"]
+    assert list(tar_members(io.BytesIO(data[: ends[2] + 700]))) == members
+    damaged = bytearray(data)
+    damaged[ends[0] + 10] ^= 0xFF  # inside the next header: its checksum no longer adds up
+    with pytest.raises(TarStreamError, match="checksum"):
+        list(tar_members(io.BytesIO(bytes(damaged))))
+    for junk in (b"", b"not a tar at all"):
+        with pytest.raises(TarStreamError):
+            list(tar_members(io.BytesIO(junk)))
+
+
+def test_a_shard_with_long_member_names_reads_and_a_truncated_one_names_itself(
+    tmp_path: Path,
+) -> None:
+    key = "class_7/" + "n" * 120
+    members = [
+        (f"{key}-{i}.{ext}", data) for i in range(3) for ext, data in (("jpg", b"j"), ("cls", b"7"))
+    ]
+    shard = tmp_path / "long-00000.tar"
+    shard.write_bytes(_tar(members, tarfile.GNU_FORMAT))
+    info = ShardInfo(str(shard), num_samples=3, num_bytes=shard.stat().st_size)
+    samples = list(_read_shard(info))
+    assert [s["__key__"] for s in samples] == [f"{key}-{i}" for i in range(3)]
+    assert all(s["cls"] == b"7" and s["jpg"] == b"j" for s in samples)
+    shard.write_bytes(shard.read_bytes()[:1800])  # inside the first long-name header
+    with pytest.raises(ShardReadError, match=shard.name):
+        list(_read_shard(info))
 
 
 def test_corrupt_counts_reach_the_training_metrics(tmp_path: Path) -> None:

@@ -4,31 +4,64 @@ One run makes an ImageNet-like JPEG ImageFolder tree (smooth random colour field
 photo-like noise, 500 x 375 by default), writes it as WebDataset shards with
 `shards.write_split` / `write_card` (timed: shard-writing images/s and MB/s), then times whole
 epochs of (a) `TrainEpoch` over the shards and (b) `ImageFolder` + `DataLoader` over the files:
-the same JPEGs, the same transform object (the paper's RRC + flip + normalise), the same number
-of worker processes and batch size. One warm-up epoch each, then repeats that alternate which
-loader goes first; the ratio is the median of the repeats' paired ratios.
-A per-image cost breakdown in the training process says where the time goes.
+the same JPEGs, the same transform object (the paper's RRC + flip + normalise, a
+`SplitTransform`), the same number of worker processes and batch size. ImageFolder calls the
+transform whole on each image, as a torchvision user would write it, so its workers ship
+float32 batches; `TrainEpoch` splits it, so its workers crop, resize and flip and ship uint8
+batches, which it normalises here in the main process, inside the timed loop (in training they
+are normalised on the accelerator instead). The main process runs with one torch thread
+(`main_threads`), as each worker does: the workers take the cores. One warm-up epoch each, then
+repeats that alternate which loader goes first; the ratio is the median of the repeats' paired
+ratios. On a shared machine images/s swing with its load, so the CPU time per image of all
+processes (the main one and its joined workers) is printed too: it moves far less.
+
+A per-image cost breakdown (one process, one torch thread, as in a DataLoader worker) says where
+the time goes. Both loaders decode the same JPEG, the largest cost (for training a 500 x 375 JPEG
+is never decoded at reduced size: the smallest crops need 915 px), and run the same crop, resize
+and flip. They differ in reading (a file, or a sample of a tar stream), in where normalisation
+runs, and in the batch a worker hands over: a worker writes each batch into fresh shared memory,
+whose page faults make a float32 batch (4 bytes a pixel) far costlier than a uint8 one. The
+breakdown sums each loader's steps; it leaves out what no one step shows: starting the workers
+each epoch (the same for both, ~0.4 ms an image in epochs this short), queues and pickling,
+and the main process mapping the shared memory of the batches it reads (only `TrainEpoch`'s
+here: the ImageFolder batches are counted, never read).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from cbtlab.data.shards import Sample, read_split, write_card, write_split
-from cbtlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from cbtlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SplitTransform, build_transforms
 
 EXTENSIONS = (".jpg", ".jpeg")
+# The steps of the cost breakdown each loader pays per image (see the module docstring).
+IMAGEFOLDER_STEPS = (
+    "open+read file",
+    "decode JPEG",
+    "crop+resize+flip",
+    "normalise alone",
+    "float32 batch into shared memory",
+)
+WEBDATASET_WORKER_STEPS = (
+    "tar sample",
+    "decode JPEG",
+    "crop+resize+flip",
+    "uint8 batch into shared memory",
+)
+WEBDATASET_MAIN_STEP = "normalise in a batch"
 
 
 @dataclass
@@ -44,6 +77,10 @@ class BenchConfig:
     img_size: int = 224
     repeats: int = 5
     seed: int = 0
+    # Torch threads of the main process while timing: one, as in each worker, since the workers
+    # take the cores (a second thread spun against them, doubling the main process's CPU time
+    # in the normalisation).
+    main_threads: int = 1
 
 
 @dataclass
@@ -54,6 +91,9 @@ class BenchResult:
     webdataset_img_s: list[float]
     imagefolder_img_s: list[float]
     costs_ms: dict[str, float]
+    # CPU milliseconds per image, the main process and its workers together, per repeat.
+    webdataset_cpu_ms: list[float] = field(default_factory=list)
+    imagefolder_cpu_ms: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -69,7 +109,9 @@ class BenchResult:
             f"{cfg.images} JPEGs of {cfg.width}x{cfg.height} in {cfg.classes} classes "
             f"({mb:.1f} MB, {self.image_bytes / cfg.images / 1e3:.0f} kB each); "
             f"{cfg.workers} loader workers, batch {cfg.batch_size}, RRC {cfg.img_size} + flip "
-            f"+ normalise; {cfg.repeats} interleaved repeats after a warm-up",
+            f"+ normalise (imagefolder: whole, per image, in the workers; webdataset: normalised "
+            f"per uint8 batch in the main process, {cfg.main_threads} torch thread(s)); "
+            f"{cfg.repeats} interleaved repeats after a warm-up",
             f"shard writing: {cfg.images / self.write_s:.0f} images/s, "
             f"{mb / self.write_s:.1f} MB/s ({cfg.samples_per_shard} samples per shard)",
         ]
@@ -79,9 +121,24 @@ class BenchResult:
         ):
             spread = ", ".join(f"{r:.0f}" for r in rates)
             out.append(f"{name:27s} {statistics.median(rates):7.1f} images/s  [{spread}]")
+        if self.webdataset_cpu_ms and self.imagefolder_cpu_ms:
+            cpu = zip(self.imagefolder_cpu_ms, self.webdataset_cpu_ms, strict=True)
+            out.append(
+                "CPU per image, all processes (ms): webdataset "
+                f"{statistics.median(self.webdataset_cpu_ms):.2f}, imagefolder "
+                f"{statistics.median(self.imagefolder_cpu_ms):.2f}; the median of the paired "
+                f"imagefolder/webdataset ratios {statistics.median(f / w for f, w in cpu):.2f} "
+                "(what a busy machine's images/s ratio drifts with less)"
+            )
+        costs = self.costs_ms
         out.append(
-            "per image, one process (ms): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in self.costs_ms.items())
+            "per image, one process (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items())
+        )
+        folder = sum(costs[k] for k in IMAGEFOLDER_STEPS)
+        ours = sum(costs[k] for k in WEBDATASET_WORKER_STEPS)
+        out.append(
+            f"per image, summed (ms): imagefolder {folder:.2f} in a worker; webdataset "
+            f"{ours:.2f} in a worker + {costs[WEBDATASET_MAIN_STEP]:.2f} in the main process"
         )
         medians = statistics.median(self.webdataset_img_s) / statistics.median(
             self.imagefolder_img_s
@@ -135,10 +192,18 @@ def shard_image_folder(tree: Path, out: Path, samples_per_shard: int) -> None:
     )
 
 
-def _epoch_rate(batches: Iterable[Any]) -> float:
-    start = time.perf_counter()
+def _epoch_rate(batches: Iterable[Any]) -> tuple[float, float]:
+    """Images/s of one epoch, and the CPU milliseconds per image of this process and of its
+    loader workers (children, counted once joined at the epoch's end)."""
+    cpu_start, start = _cpu_s(), time.perf_counter()
     count = sum(len(labels) for _, labels in batches)
-    return count / (time.perf_counter() - start)
+    elapsed, cpu = time.perf_counter() - start, _cpu_s() - cpu_start
+    return count / elapsed, cpu / count * 1e3
+
+
+def _cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def _per_image_ms(step: Callable[[Any], Any], items: list[Any]) -> float:
@@ -146,6 +211,10 @@ def _per_image_ms(step: Callable[[Any], Any], items: list[Any]) -> float:
     for item in items:
         step(item)
     return (time.perf_counter() - start) / len(items) * 1e3
+
+
+def _per_batched_image_ms(step: Callable[[Any], Any], batches: list[Any]) -> float:
+    return _per_image_ms(step, batches) * len(batches) / sum(len(b) for b in batches)
 
 
 def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
@@ -174,7 +243,7 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
         )
         folder = ImageFolder(str(tree), transform=tf.train)
 
-        def webdataset_epoch(epoch: int) -> float:
+        def webdataset_epoch(epoch: int) -> tuple[float, float]:
             return _epoch_rate(
                 TrainEpoch(
                     shardset,
@@ -190,7 +259,7 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
                 )
             )
 
-        def imagefolder_epoch(epoch: int) -> float:
+        def imagefolder_epoch(epoch: int) -> tuple[float, float]:
             generator = torch.Generator().manual_seed(cfg.seed * 1_000 + epoch)
             return _epoch_rate(
                 DataLoader(
@@ -203,21 +272,44 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
                 )
             )
 
-        webdataset_epoch(0), imagefolder_epoch(0)  # warm-up: page cache, imports, forks
-        rates: dict[str, list[float]] = {"wds": [], "folder": []}
-        for repeat in range(1, cfg.repeats + 1):
-            # Alternate which goes first, so drifts in machine load hit both alike.
-            order = [("wds", webdataset_epoch), ("folder", imagefolder_epoch)]
-            for name, run in order if repeat % 2 else order[::-1]:
-                rates[name].append(run(repeat))
-        costs = _cost_breakdown(paths[:64], shard_dir, tf.train)
-    return BenchResult(cfg, image_bytes, write_s, rates["wds"], rates["folder"], costs)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.main_threads)
+        try:
+            webdataset_epoch(0), imagefolder_epoch(0)  # warm-up: page cache, imports, forks
+            rates: dict[str, list[float]] = {"wds": [], "folder": []}
+            cpu_ms: dict[str, list[float]] = {"wds": [], "folder": []}
+            for repeat in range(1, cfg.repeats + 1):
+                # Alternate which goes first, so drifts in machine load hit both alike.
+                order = [("wds", webdataset_epoch), ("folder", imagefolder_epoch)]
+                for name, run in order if repeat % 2 else order[::-1]:
+                    rate, cpu = run(repeat)
+                    rates[name].append(rate)
+                    cpu_ms[name].append(cpu)
+        finally:
+            torch.set_num_threads(threads)
+        assert isinstance(tf.train, SplitTransform)
+        costs = _cost_breakdown(paths[:64], shard_dir, tf.train, cfg.batch_size)
+    return BenchResult(
+        cfg,
+        image_bytes,
+        write_s,
+        rates["wds"],
+        rates["folder"],
+        costs,
+        webdataset_cpu_ms=cpu_ms["wds"],
+        imagefolder_cpu_ms=cpu_ms["folder"],
+    )
 
 
-def _cost_breakdown(paths: list[Path], shard_dir: Path, transform: Callable) -> dict[str, float]:
+def _cost_breakdown(
+    paths: list[Path], shard_dir: Path, transform: SplitTransform, batch_size: int
+) -> dict[str, float]:
     """Milliseconds per image of each step, in one process with one torch thread (as in a
     DataLoader worker): what either loader pays per image."""
-    from cbtlab.data.loader import _read_shards
+    from webdataset.tariterators import tar_file_iterator
+
+    from cbtlab.data.loader import _group
+    from cbtlab.data.tarstream import tar_members
 
     shards = read_split(shard_dir, "train").shards
     encoded = [p.read_bytes() for p in paths]
@@ -226,23 +318,42 @@ def _cost_breakdown(paths: list[Path], shard_dir: Path, transform: Callable) -> 
     def decode(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data)).convert("RGB")
 
-    def decode_half(data: bytes) -> Image.Image:
-        image = Image.open(io.BytesIO(data))
-        image.draft("RGB", (image.width // 2, image.height // 2))
-        return image.convert("RGB")
+    def webdataset_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+        return ((m["fname"], m["data"]) for m in tar_file_iterator(stream))
+
+    def tar_ms(members: Callable[[IO[bytes]], Iterable[tuple[str, bytes]]]) -> float:
+        start, count = time.perf_counter(), 0
+        for shard in shards:
+            with open(shard.path, "rb") as stream:
+                count += sum(1 for _ in _group(members(stream), shard.path))
+        return (time.perf_counter() - start) / count * 1e3
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        start = time.perf_counter()
-        count = sum(1 for _ in _read_shards(shards))
-        tar_ms = (time.perf_counter() - start) / count * 1e3
+        pixels = [transform.per_image(image) for image in decoded]
+        uint8_batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
+        float_batches = [[transform.per_batch(p) for p in batch] for batch in uint8_batches]
+        stacked = [torch.stack(batch) for batch in uint8_batches]
         return {
             "open+read file": _per_image_ms(lambda p: p.read_bytes(), paths),
-            "tar sample": tar_ms,
+            "tar sample": tar_ms(tar_members),
+            "tar sample by webdataset's reader": tar_ms(webdataset_members),
             "decode JPEG": _per_image_ms(decode, encoded),
-            "decode at 1/2 (draft)": _per_image_ms(decode_half, encoded),
-            "RRC+flip+normalise": _per_image_ms(transform, decoded),
+            "crop+resize+flip": _per_image_ms(transform.per_image, decoded),
+            "normalise alone": _per_image_ms(transform.per_batch, pixels),
+            "normalise in a batch": _per_batched_image_ms(transform.per_batch, stacked),
+            "uint8 batch into shared memory": _per_batched_image_ms(_shared_stack, uint8_batches),
+            "float32 batch into shared memory": _per_batched_image_ms(_shared_stack, float_batches),
         }
     finally:
         torch.set_num_threads(threads)
+
+
+def _shared_stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """A batch stacked into new shared memory, as a DataLoader worker's batch ends up (torch's
+    default_collate stacks into it; a batch made otherwise is copied there when it is sent)."""
+    first = images[0]
+    storage = torch.UntypedStorage._new_shared(len(images) * first.nbytes)
+    out = torch.empty(0, dtype=first.dtype).set_(storage).view(len(images), *first.shape)
+    return torch.stack(images, out=out)

@@ -15,6 +15,13 @@ streams as evenly as their samples allow. Every rank runs the same number of ste
 waits at the end of an epoch for a collective the others never join. W is lowered (to at least
 one) when there are fewer than R x W shards, so that every stream holds a shard.
 
+Transforms. A `SplitTransform` (transforms.py) is split where it is cheapest: the workers apply
+its per-image part (crop, resize, flip) and collate uint8 batches, a quarter of float32's bytes
+through shared memory and pinned host-to-device copies; the batch is then moved to `device`
+when one is given and normalised there by its per-batch part, one vectorised pass (on the
+accelerator in training). Any other transform runs whole in the workers, and its batches are
+only moved. Either way a batch comes out of the epoch ready to use.
+
 Corrupt samples. A sample whose image or label fails to decode is skipped and counted (the count
 travels with the batches; `corrupt_samples` after an epoch). A training stream that skipped so
 many that it runs short of its quota reads its shards again (a top-up pass, the shuffle going
@@ -48,10 +55,12 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from cbtlab.data.remote import open_url
 from cbtlab.data.shards import ShardInfo, ShardSet
+from cbtlab.data.tarstream import tar_members
+from cbtlab.data.transforms import SplitTransform
 
 log = logging.getLogger(__name__)
 
@@ -161,21 +170,25 @@ class _Epoch:
         loader_workers: int,
         decode_size: int | None,
         pin_memory: bool,
+        device: torch.device | str | None = None,
         shuffle_buffer: int = 0,
         seed_key: str | None = None,
     ) -> None:
+        split = isinstance(transform, SplitTransform)
         self.dataset = _RankStreams(
             streams,
             batch_size=batch_size,
-            transform=transform,
+            transform=transform.per_image if split else transform,
             image_ext=shardset.image_ext,
             mode="L" if shardset.extra.get("channels", 3) == 1 else "RGB",
             decode_size=decode_size,
             shuffle_buffer=shuffle_buffer,
             seed_key=seed_key,
         )
+        self.per_batch = transform.per_batch if split else None
         self.loader_workers = loader_workers
         self.pin_memory = pin_memory
+        self.device = None if device is None else torch.device(device)
         self.corrupt_samples = 0
 
     def __iter__(self) -> Iterator[Batch]:
@@ -196,11 +209,23 @@ class _Epoch:
         for images, labels, skipped in source:
             self.corrupt_samples += skipped
             if len(labels):
-                yield images, labels
+                yield self._finish(images, labels)
+
+    def _finish(self, images: Tensor, labels: Tensor) -> Batch:
+        """A collated batch moved to `device` (if given), then normalised (split transforms):
+        the uint8 batch is what crosses to the device, and the device does the float work."""
+        if self.device is not None:
+            images = images.to(self.device, non_blocking=self.pin_memory)
+            labels = labels.to(self.device, non_blocking=self.pin_memory)
+        if self.per_batch is not None:
+            images = self.per_batch(images)
+        return images, labels
 
 
 class TrainEpoch(_Epoch):
-    """One epoch of training batches for one rank; `len()` is the same on every rank."""
+    """One epoch of training batches for one rank; `len()` is the same on every rank. With
+    `device`, batches arrive there (copied without blocking when `pin_memory`); a split
+    transform's batches are normalised there."""
 
     def __init__(
         self,
@@ -216,6 +241,7 @@ class TrainEpoch(_Epoch):
         loader_workers: int = 0,
         decode_size: int | None = None,
         pin_memory: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         _check_rank(rank, world_size)
         self.plan = plan_train_epoch(
@@ -236,6 +262,7 @@ class TrainEpoch(_Epoch):
             loader_workers=loader_workers,
             decode_size=decode_size,
             pin_memory=pin_memory,
+            device=device,
             shuffle_buffer=shuffle_buffer,
             seed_key=f"{seed}:{epoch}:{rank}",
         )
@@ -262,9 +289,11 @@ def eval_batches(
     loader_workers: int = 0,
     decode_size: int | None = None,
     pin_memory: bool = False,
+    device: torch.device | str | None = None,
 ) -> _Epoch:
     """This rank's share of an evaluation split, every sample once, each stream's last batch
-    partial; iterate it (once per evaluation), then read its `corrupt_samples`."""
+    partial; iterate it (once per evaluation), then read its `corrupt_samples`. `device` as in
+    `TrainEpoch`."""
     _check_rank(rank, world_size)
     plan = plan_eval(shardset, world_size=world_size, workers=loader_workers)
     return _Epoch(
@@ -275,6 +304,7 @@ def eval_batches(
         loader_workers=loader_workers,
         decode_size=decode_size,
         pin_memory=pin_memory,
+        device=device,
     )
 
 
@@ -406,7 +436,7 @@ def _read_shard(shard: ShardInfo) -> Iterator[dict[str, Any]]:
         raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
     count, finished = 0, False
     try:
-        for sample in _group(tar_file_iterator(stream), url):
+        for sample in _group(tar_members(stream), url):
             count += 1
             yield sample
         finished = True
@@ -420,18 +450,18 @@ def _read_shard(shard: ShardInfo) -> Iterator[dict[str, Any]]:
         )
 
 
-def _group(files: Iterable[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
+def _group(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any]]:
     """Consecutive tar members with the same key (the name up to its first dot) as one sample."""
     sample: dict[str, Any] = {}
-    for member in files:
-        key, ext = base_plus_ext(member["fname"])
+    for name, data in members:
+        key, ext = base_plus_ext(name)
         if key is None:
             continue
         if key != sample.get("__key__"):
             if sample:
                 yield sample
             sample = {"__key__": key, "__url__": url}
-        sample[ext.lower()] = member["data"]
+        sample[ext.lower()] = data
     if sample:
         yield sample
 

@@ -241,15 +241,21 @@ def run_training(
             loader_workers=workers,
             decode_size=tf.train_decode_size if draft else None,
             pin_memory=pin_memory,
+            device=device,  # uint8 batches cross to the device and are normalised there
         )
 
     probe_images = None
     if cfg.train.probe_every:
         # The same images on every rank, so every rank reports the same values.
         probe = eval_batches(
-            val_set, rank=0, world_size=1, batch_size=cfg.train.probe_samples, transform=tf.eval
+            val_set,
+            rank=0,
+            world_size=1,
+            batch_size=cfg.train.probe_samples,
+            transform=tf.eval,
+            device=device,
         )
-        probe_images = next(iter(probe))[0].to(device)
+        probe_images = next(iter(probe))[0]
 
     accum = cfg.train.grad_accum_steps
     steps_per_epoch = len(epoch_data(0)) // accum  # optimiser steps
@@ -313,6 +319,7 @@ def run_training(
                 raise InjectedFailure(
                     f"injected failure at epoch {epoch}, step {index}, rank {rank}"
                 )
+            # No-ops: the loader has moved the batch to `device` already.
             images = images.to(device, non_blocking=pin_memory)
             labels = labels.to(device, non_blocking=pin_memory)
             check = functools.partial(_check_finite, epoch=epoch, step=index)
@@ -349,6 +356,7 @@ def run_training(
             loader_workers=workers,
             decode_size=tf.eval_decode_size if draft else None,
             pin_memory=pin_memory,
+            device=device,
         )
         metrics.update(evaluate(model, val_data, eval_loss, device, amp))
         (metrics["val/corrupt_samples"],) = all_reduce([val_data.corrupt_samples])
