@@ -170,7 +170,7 @@ def format_scaling(rows: Sequence[ScalingRow], stages: Sequence[str]) -> str:
     headers = ["size", "params (M)", "GFLOPs", *(f"{s} top-1" for s in stages)]
     body = []
     for row in rows:
-        cells = [row.size, f"{row.params / 1e6:.2f}", f"{row.flops / 1e9:.3f}"]
+        cells = [row.size, f"{row.params / 1e6:.3f}", f"{row.flops / 1e9:.3f}"]
         for stage in stages:
             values = row.top1.get(stage, [])
             mean, _, low, high = mean_ci(values)
