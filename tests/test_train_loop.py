@@ -190,3 +190,16 @@ def test_a_mid_epoch_checkpoint_continues_exactly(
             report=lambda m, s: None,
             resume=load_state(tmp_path / "mid"),
         )
+
+
+def test_data_that_cannot_train_is_refused_before_any_worker_starts(digits_root: Path) -> None:
+    from cbtlab.train.loop import check_training_data
+
+    cfg = ExperimentConfig()
+    check_training_data(cfg, world_size=2)  # the defaults fit
+    with pytest.raises(ValueError, match="fewer than one batch of 2048"):
+        check_training_data(cfg.with_overrides({"data.batch_size": 4096}), world_size=2)
+    with pytest.raises(ValueError, match="global batch 64 does not split over 3 ranks"):
+        check_training_data(cfg, world_size=3)
+    with pytest.raises(ValueError, match=r"set model\.in_chans=1"):
+        check_training_data(cfg.with_overrides({"model.in_chans": 3}), world_size=2)

@@ -16,6 +16,7 @@ from cbtlab.config import (
     parse_override,
 )
 from cbtlab.train.checkpoint import CheckpointError, check_compatible, check_position, load_state
+from cbtlab.train.loop import check_training_data
 
 
 def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -54,7 +55,9 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
 
             for note in init_from(build_model(cfg.model), cfg.train.init_from):
                 print(f"train.init_from: {note}")
-    except (ConfigError, CheckpointError) as exc:
+        # Data that cannot train on these workers fails here, naming why.
+        check_training_data(cfg, cfg.train.num_workers)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
 
     from cbtlab.paths import ray_results_home

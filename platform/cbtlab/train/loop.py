@@ -35,7 +35,7 @@ from cbtlab.data import (
     prepare_dataset,
     transforms_for,
 )
-from cbtlab.data.loader import usable_workers
+from cbtlab.data.loader import plan_train_epoch, usable_workers
 from cbtlab.models import build_model
 from cbtlab.train.checkpoint import (
     check_compatible,
@@ -174,6 +174,33 @@ def compression_metrics(model: nn.Module, images: Tensor) -> dict[str, float]:
     return metrics
 
 
+def _rank_batch(cfg: ExperimentConfig, world_size: int) -> int:
+    if cfg.data.batch_size % world_size:
+        raise ValueError(
+            f"global batch {cfg.data.batch_size} does not split over {world_size} ranks"
+        )
+    return cfg.data.batch_size // world_size
+
+
+def check_training_data(cfg: ExperimentConfig, world_size: int) -> None:
+    """Raise ValueError, before any worker starts, where `cfg`'s data cannot train on
+    `world_size` ranks: a global batch that does not split over them, a dataset whose channels
+    or classes differ from the model's, or a first epoch in which some rank's stream holds no
+    full batch. Workers would meet the same error, and Ray Train would restart them for it
+    `train.max_failures` times."""
+    batch_size = _rank_batch(cfg, world_size)
+    train_set = open_split(prepare_dataset(cfg.data), "train")
+    check_dataset_fits(cfg.model, train_set)
+    plan_train_epoch(
+        train_set,
+        world_size=world_size,
+        workers=max(1, cfg.data.loader_workers),
+        epoch=0,
+        seed=cfg.train.seed,
+        batch_size=batch_size,
+    )
+
+
 def run_training(
     cfg: ExperimentConfig,
     *,
@@ -193,11 +220,7 @@ def run_training(
     torch.set_num_threads(threads)
     seed_everything(cfg.train.seed)
 
-    if cfg.data.batch_size % world_size:
-        raise ValueError(
-            f"global batch {cfg.data.batch_size} does not split over {world_size} ranks"
-        )
-    batch_size = cfg.data.batch_size // world_size
+    batch_size = _rank_batch(cfg, world_size)
     root = prepare_dataset(cfg.data)
     train_set, val_set = open_split(root, "train"), open_split(root, "val")
     check_dataset_fits(cfg.model, train_set)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cbtlab.config import ExperimentConfig
-from cbtlab.train.loop import train_loop_per_worker
+from cbtlab.train.loop import check_training_data, train_loop_per_worker
 
 
 def build_trainer(
@@ -21,10 +21,12 @@ def build_trainer(
 
     Workers report a checkpoint every `train.checkpoint_every` epochs; after a worker failure
     the run restarts from the latest one (up to `train.max_failures` times). `resume_from` is a
-    checkpoint directory (or URI) to start from."""
+    checkpoint directory (or URI) to start from. Data that cannot train on these workers (see
+    `check_training_data`) raises ValueError here, not in every worker at every restart."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_training_data(cfg, cfg.train.num_workers)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
