@@ -16,7 +16,9 @@ Sizes. `imagenet`: the registered `cbt_*_patch16_224` sizes (`cbtlab.models.pres
 
 Fine-tuning recipes. `imagenet`: the reference code's finetune.py (AdamW, lr 1e-4, weight
 decay 0.01, batch 50, cosine over 400 epochs without warm-up, random-resized crop + flip +
-RandAugment(2, 14) at 224 px, evaluation on the whole image resized). `smoke`: the digits recipe
+RandAugment(2, 14) at 224 px). Evaluation resizes the shorter side to 224 and takes the centre
+(crop_pct 1.0): the reference squashes the whole image to 224 x 224, the same on square images
+(CIFAR), a centre crop of the longer side here on Flowers and Pets. `smoke`: the digits recipe
 at a quarter of its learning rate without warm-up.
 """
 
