@@ -60,7 +60,7 @@ class FinishedStudy:
 
 @pytest.fixture(scope="session")
 def tiny_variant_study(ray_session: None, tmp_path_factory: pytest.TempPathFactory):
-    """A real grid study (cbsa and softmax x 2 seeds, 1 epoch, one worker per trial, Rc probed
+    """A real grid study (cbsa and softmax x 3 seeds, 1 epoch, one worker per trial, Rc probed
     every epoch), shared by the tests of grid statistics and of study reports: each such study
     costs a minute or two of Ray."""
     from cbtlab.tune.studies import variant_comparison_main
@@ -72,7 +72,7 @@ def tiny_variant_study(ray_session: None, tmp_path_factory: pytest.TempPathFacto
         code = variant_comparison_main(
             [
                 "--variants", "cbsa", "softmax",
-                "--seeds", "2",
+                "--seeds", "3",
                 "--epochs", "1",
                 "--workers", "1",
                 "--name", "tiny_grid",

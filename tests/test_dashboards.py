@@ -251,7 +251,7 @@ def test_serve_uses_the_stores_artifact_folder(capsys: pytest.CaptureFixture[str
 
 @pytest.mark.ray
 def test_report_of_a_tiny_real_study(tiny_variant_study: FinishedStudy, tmp_path: Path) -> None:
-    """A real grid study (2 attentions x 2 seeds, 1 epoch, Rc logged by training), one trial
+    """A real grid study (2 attentions x 3 seeds, 1 epoch, Rc logged by training), one trial
     probed, then its report: the table equals the runs, every figure is a valid PNG."""
     from cbtlab.analysis.interpretability import ProbeSettings, probe_run
 
@@ -269,7 +269,7 @@ def test_report_of_a_tiny_real_study(tiny_variant_study: FinishedStudy, tmp_path
     probe_run(uri, trial.info.run_id, settings=settings, out_dir=tmp_path / "probe")
 
     report = build_report(uri, name, out_dir=tmp_path / "report")
-    assert report.table.num_rows == 4 and report.stats_checked
+    assert report.table.num_rows == 6 and report.stats_checked
     check_table_against_runs(report, client)
     assert {"rc/layer_00", "model.attention"} <= set(report.table.column_names)
     assert {"variants.png", "pareto_flops.png", "pareto_throughput.png", "rc_layers.png",

@@ -190,7 +190,7 @@ def test_tiny_grid_study_with_two_seeds_logs_its_statistics(
 ) -> None:
     uri, out, code = tiny_variant_study.uri, tiny_variant_study.out, tiny_variant_study.code
     assert code == 0
-    assert "statistics over seeds [0, 1]" in out and "(baseline)" in out
+    assert "statistics over seeds [0, 1, 2]" in out and "(baseline)" in out
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("tiny_grid")
@@ -199,9 +199,9 @@ def test_tiny_grid_study_with_two_seeds_logs_its_statistics(
     # run under one trial).
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert parent.info.status == "FINISHED" and len(children) == 6
     assert parent.data.params["study.searcher"] == "grid"
-    assert parent.data.params["study.seeds"] == "2"
+    assert parent.data.params["study.seeds"] == "3"
     assert parent.data.params["study.scheduler"] == "fifo"
     assert parent.data.params["study.baseline"] == "model.attention=cbsa"
     finals: dict[tuple[str, int], float] = {}
@@ -211,7 +211,7 @@ def test_tiny_grid_study_with_two_seeds_logs_its_statistics(
         assert child.data.tags["cbtlab.cell"] == f"model.attention={attention}"
         assert child.data.tags["cbtlab.seed"] == str(seed)
         finals[attention, seed] = child.data.metrics["val/top1"]
-    assert set(finals) == {(a, s) for a in ("cbsa", "softmax") for s in (0, 1)}
+    assert set(finals) == {(a, s) for a in ("cbsa", "softmax") for s in (0, 1, 2)}
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"stats.parquet", "stats.txt", "summary.txt", "cells.json"} <= artifacts
@@ -221,11 +221,15 @@ def test_tiny_grid_study_with_two_seeds_logs_its_statistics(
     rows = {r["model.attention"]: r for r in table.to_pylist()}
     assert set(rows) == {"cbsa", "softmax"} and rows["cbsa"]["is_baseline"]
     for attention, r in rows.items():
-        assert r["n"] == 2 and r["seeds"] == [0, 1]
-        assert r["mean"] == pytest.approx((finals[attention, 0] + finals[attention, 1]) / 2)
+        values = [finals[attention, s] for s in (0, 1, 2)]
+        assert r["n"] == 3 and r["seeds"] == [0, 1, 2]
+        assert r["mean"] == pytest.approx(sum(values) / 3)
+        assert r["ci_low"] <= r["mean"] <= r["ci_high"]  # a 95% interval (zero-wide if equal)
     softmax = rows["softmax"]
-    assert softmax["n_pairs"] == 2 and softmax["test"] == "t"
-    diffs = [finals["softmax", s] - finals["cbsa", s] for s in (0, 1)]
-    assert softmax["diff_mean"] == pytest.approx(sum(diffs) / 2)
+    assert softmax["n_pairs"] == 3 and softmax["test"] == "t"
+    diffs = [finals["softmax", s] - finals["cbsa", s] for s in (0, 1, 2)]
+    assert softmax["diff_mean"] == pytest.approx(sum(diffs) / 3)
+    if len(set(diffs)) > 1:  # a constant difference has no t-test (NaN, with a note)
+        assert 0 <= softmax["p_value"] <= softmax["p_holm"] <= 1
     assert math.isnan(rows["cbsa"]["p_value"])
     assert len(list(tiny_variant_study.storage.glob("tiny_grid-*/stats.parquet"))) == 1
