@@ -1,6 +1,7 @@
-"""Measurements of models: FLOP counts, coding rates and compression, coding rates of tokens
-and representatives, extraction rank, attention maps, zero-shot segmentation, robustness to
-noise in the attention projections, and the synthetic compression experiment.
+"""Measurements of models: FLOP counts, pairwise-similarity counts (Table 4), coding rates and
+compression, coding rates of tokens and representatives, extraction rank, attention maps,
+zero-shot segmentation, robustness to noise in the attention projections, and the synthetic
+compression experiment.
 
 `cbtlab.analysis.interpretability` runs them all on a finished run and logs to MLflow."""
 
@@ -28,6 +29,7 @@ from cbtlab.analysis.segmentation import (
     segmentation_ious,
     zero_shot_segmentation,
 )
+from cbtlab.analysis.similarities import count_pairwise_similarities
 
 __all__ = [
     "HeadCodingRates",
@@ -39,6 +41,7 @@ __all__ = [
     "coding_rate",
     "compression_term",
     "count_flops",
+    "count_pairwise_similarities",
     "denormalize",
     "extraction_rank",
     "head_coding_rates",

@@ -5,7 +5,9 @@ Every mechanism is an `nn.Module` with the constructor `cls(dim, num_heads, *, n
 (CLS) first and the patch tokens after them in row-major order over `grid_size = (H, W)`.
 Mechanisms with a token-to-token map also have `module.attention_map(x, grid_size, rows)`
 (B, K, R, N), built only for the requested query rows; TSSA and the linear variant act per
-channel / per principal direction and have none.
+channel / per principal direction and have none. Every mechanism has
+`module.pairwise_similarities(num_tokens)`, its count of similarities for one image (Table 4;
+the convention is in `cbtlab.analysis.similarities`).
 Options a mechanism does not take are ignored by `create_attention`, so one model config
 (representative grid, step initialisation, ...) serves every variant.
 

@@ -209,6 +209,15 @@ class CBSA(SubspaceAttention):
     def num_representatives(self) -> int:
         return self.rep_grid[0] * self.rep_grid[1]
 
+    def pairwise_similarities(self, num_tokens: int) -> int:
+        """Similarities of one image over all heads (`cbtlab.analysis.similarities`): per head,
+        N m token-representative products for the extraction (A is formed once and reused by
+        the aggregation and the broadcast) plus the m (m + 1) / 2 distinct pairs of the
+        contraction's symmetric Gram Q Q^T (eq. 7 and 8; none without contraction)."""
+        m = self.num_representatives
+        contraction = 0 if self.contraction == "none" else m * (m + 1) // 2
+        return self.num_heads * (num_tokens * m + contraction)
+
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
         if not self.fused or x.shape[1] < FUSED_MIN_TOKENS_PER_REP * self.num_representatives:
             return self.forward_reference(x, grid_size)

@@ -29,6 +29,11 @@ class MSSA(SubspaceAttention):
         w = self.project(x)  # (B, K, N, p)
         return self.proj(merge_heads(F.scaled_dot_product_attention(w, w, w)))
 
+    def pairwise_similarities(self, num_tokens: int) -> int:
+        """Similarities of one image over all heads (`cbtlab.analysis.similarities`): every
+        token against every token, its own representatives, N^2 per head."""
+        return self.num_heads * num_tokens * num_tokens
+
     def attention_map(
         self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
     ) -> Tensor:
@@ -49,6 +54,7 @@ class SoftmaxAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"num_heads={num_heads} does not divide dim={dim}")
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.num_prefix_tokens = num_prefix_tokens
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -61,6 +67,11 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
         return self.proj(merge_heads(F.scaled_dot_product_attention(*self._qkv(x))))
+
+    def pairwise_similarities(self, num_tokens: int) -> int:
+        """Similarities of one image over all heads (`cbtlab.analysis.similarities`): every
+        query against every key, N^2 per head."""
+        return self.num_heads * num_tokens * num_tokens
 
     def attention_map(
         self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
@@ -105,6 +116,11 @@ class LinearVariant(SubspaceAttention):
         dw = self.step.view(1, -1, 1, 1) * shrunk.transpose(-1, -2)  # (B, K, N, p)
         return self.proj(merge_heads(dw))
 
+    def pairwise_similarities(self, num_tokens: int) -> int:
+        """Similarities of one image over all heads (`cbtlab.analysis.similarities`): every
+        token against the p principal directions of its head, N p per head."""
+        return self.num_heads * num_tokens * self.head_dim
+
 
 @register_attention("tssa")
 class TSSA(SubspaceAttention):
@@ -128,6 +144,11 @@ class TSSA(SubspaceAttention):
         moments = (weights.unsqueeze(-2) @ w.square()).squeeze(-2)  # (B, K, p)
         dw = -(w * pi.unsqueeze(-1)) / (1 + moments.unsqueeze(-2))
         return self.proj(merge_heads(dw))
+
+    def pairwise_similarities(self, num_tokens: int) -> int:
+        """Similarities of one image over all heads (`cbtlab.analysis.similarities`): every
+        token against the p channels of its head, N p per head."""
+        return self.num_heads * num_tokens * self.head_dim
 
 
 @register_attention("agent")
@@ -160,6 +181,16 @@ class AgentAttention(SubspaceAttention):
         gathered = F.scaled_dot_product_attention(agents, w, w)  # A W: (B, K, m, p)
         return self.proj(merge_heads(F.scaled_dot_product_attention(w, agents, gathered)))
 
+    @property
+    def num_representatives(self) -> int:
+        return self.rep_grid[0] * self.rep_grid[1]
+
+    def pairwise_similarities(self, num_tokens: int) -> int:
+        """Similarities of one image over all heads (`cbtlab.analysis.similarities`): the
+        tokens meet the m agents twice, once to gather (`s Q0 W^T`) and once to read back
+        (`s W Q0^T`, a separate softmax), 2 N m per head. Not the paper's Agent column."""
+        return self.num_heads * 2 * num_tokens * self.num_representatives
+
     def attention_map(
         self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
     ) -> Tensor:
@@ -185,6 +216,11 @@ class KernelLinearAttention(SoftmaxAttention):
         kv = k.transpose(-1, -2) @ v  # (B, K, p, p)
         norm = q @ k.sum(-2, keepdim=True).transpose(-1, -2)  # (B, K, N, 1)
         return self.proj(merge_heads((q @ kv) / (norm + 1e-6)))
+
+    def pairwise_similarities(self, num_tokens: int) -> int:
+        """Similarities of one image over all heads (`cbtlab.analysis.similarities`): every
+        query against the p columns of the key summary `phi(K)^T V`, N p per head."""
+        return self.num_heads * num_tokens * self.head_dim
 
     def attention_map(
         self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
