@@ -212,6 +212,8 @@ def test_fused_form_equals_the_reference_form(
     grid = (7, 7) if "rep_pool_kernel" in options else (6, 10)
     attn = CBSA(24, 3, **kwargs).double()
     n = kwargs["num_prefix_tokens"] + grid[0] * grid[1]
+    # 7 samples per chunk: batch 150 runs in 22 chunks, the last one short.
+    monkeypatch.setattr(cbsa_module, "CHUNK_ELEMENTS", 7 * 3 * attn.num_representatives * n)
     x = torch.randn(batch, n, 24, dtype=torch.float64, requires_grad=True)
     results = []
     for fused in (False, True):
@@ -230,29 +232,89 @@ def test_fused_form_equals_the_reference_form(
         torch.testing.assert_close(fused_grads[name], ref_grads[name], rtol=1e-9, atol=1e-9)
 
 
-def test_mixing_equals_the_reference_core() -> None:
-    """`cbsa_mixing` (the mechanism without projections) against the equations."""
+MIXING_CASES = [
+    ((4, 10), (2, 5), False),  # equal tiles: pooled inside the extraction
+    ((5, 7), (2, 3), False),  # unequal tiles: adaptive pooling, then the extraction
+    ((4, 10), (2, 5), True),  # a given Q0
+]
+
+
+def _sdpa_contraction(q: torch.Tensor) -> torch.Tensor:
+    """The softmax contraction as any callable: `cbsa_mixing` differentiates it by autograd."""
+    return F.scaled_dot_product_attention(q, q, q)
+
+
+@pytest.mark.parametrize(("grid", "rep_grid", "given_q0"), MIXING_CASES)
+@pytest.mark.parametrize("chunk_rows", [10, 3])
+@pytest.mark.parametrize("generic_contraction", [False, True])
+def test_mixing_equals_the_reference_core(
+    grid: tuple[int, int],
+    rep_grid: tuple[int, int],
+    given_q0: bool,
+    chunk_rows: int,
+    generic_contraction: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`cbsa_mixing` (the mechanism without projections) against the equations, output and
+    every gradient (through the pooling too), in one chunk and in chunks of 3 rows, the last
+    one short (5 x 2 = 10 rows); with the written-out softmax contraction and through autograd."""
+    n, m = grid[0] * grid[1], rep_grid[0] * rep_grid[1]
+    monkeypatch.setattr(cbsa_module, "CHUNK_ELEMENTS", chunk_rows * m * n)
     torch.manual_seed(0)
-    b, k, n, m, p = 5, 2, 40, 6, 8
+    b, k, p = 5, 2, 8
     w = torch.randn(b, k, n, p, dtype=torch.float64, requires_grad=True)
-    q0 = torch.randn(b, k, m, p, dtype=torch.float64, requires_grad=True)
+    given = torch.randn(b, k, rep_grid[0] * rep_grid[1], p, dtype=torch.float64)
+    given.requires_grad_()
     steps = torch.randn(2, k, dtype=torch.float64, requires_grad=True)
 
+    def initial_guess() -> torch.Tensor:
+        return given if given_q0 else pool_grid(w, grid, rep_grid, "avg")
+
     def reference() -> torch.Tensor:
+        q0 = initial_guess()
         a = torch.softmax(q0 @ w.transpose(-1, -2) * p**-0.5, dim=-1)
         q = q0 + steps[0].view(1, k, 1, 1) * (a @ w)
         c = F.scaled_dot_product_attention(q, q, q)
         return steps[1].view(1, k, 1, 1) * (a.transpose(-1, -2) @ c)
 
+    def mixing() -> torch.Tensor:
+        q0 = given if given_q0 else None
+        extra = {"contract": _sdpa_contraction} if generic_contraction else {}
+        return cbsa_mixing(w, steps[0], steps[1], grid_size=grid, rep_grid=rep_grid, q0=q0, **extra)
+
     weights = torch.randn(b, k, n, p, dtype=torch.float64)
+    inputs = (w, steps, given) if given_q0 else (w, steps)
     outs, grads = [], []
-    for fn in (reference, lambda: cbsa_mixing(w, q0, steps[0], steps[1])):
+    for fn in (reference, mixing):
         out = fn()
         outs.append(out.detach())
-        grads.append(torch.autograd.grad((out * weights).sum(), (w, q0, steps)))
+        grads.append(torch.autograd.grad((out * weights).sum(), inputs))
     torch.testing.assert_close(outs[1], outs[0])
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_tile_pool_equals_adaptive_pooling() -> None:
+    """The two-stage tile mean and its one-pass backward against PyTorch's pooling, on tokens
+    that do not lie contiguously (the patches after a CLS token)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 1 + 6 * 10, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 6, 5, dtype=torch.float64)
+    results = []
+    for pool in (
+        lambda t: pool_grid(t.unsqueeze(1), (6, 10), (2, 3), "avg")[:, 0],
+        lambda t: (
+            F.adaptive_avg_pool2d(t.transpose(1, 2).reshape(3, 5, 6, 10), (2, 3))
+            .flatten(2)
+            .transpose(1, 2)
+        ),
+    ):
+        out = pool(x[:, 1:])
+        (grad,) = torch.autograd.grad((out * weights).sum(), x)
+        results.append((out, grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    assert results[0][1][:, 0].abs().sum() == 0  # the CLS token gets no gradient
 
 
 def test_the_fused_form_runs_from_its_token_threshold(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,9 +19,13 @@ Two implementations compute the same function (tests hold them together):
       out = A^T G + b,  G_k = eta_x C_k P_k^T            (P_k: head k's slice of the output map)
   A is stored once (K m x N per sample) and reused by both products and by the backward pass,
   whose two GEMM pairs are written out (`_ExtractAggregate`, `_Broadcast`) so that every
-  gradient lands in the layout of the tensor it belongs to. Samples are processed in chunks of
-  about `CHUNK_TOKENS` tokens, so that one chunk's A and Z stay in the CPU's cache: this keeps
-  the time linear in N where the plain form slows down once its tensors outgrow the cache.
+  gradient lands in the layout of the tensor it belongs to. Inside those functions the samples
+  are processed in chunks whose share of A holds about `CHUNK_ELEMENTS` numbers (2 MiB in
+  float32), each written into preallocated
+  outputs, so that one chunk's A and Z stay in the CPU's cache: this keeps the time linear in N
+  where the plain form slows down once its tensors outgrow the cache. Average pooling by equal
+  tiles (`TilePool`) sums in two contiguous stages and writes its gradient in one pass; in the
+  mechanism (`cbsa_mixing`) it runs inside the extraction, chunk by chunk, backward included.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch import Tensor, nn
 from cbtlab.attention.common import (
     STEP_INITS,
     SubspaceAttention,
+    TilePool,
     init_steps,
     merge_heads,
     pool_grid,
@@ -46,96 +51,278 @@ from cbtlab.attention.registry import register_attention
 __all__ = ["CBSA", "STEP_INITS", "cbsa_mixing", "init_steps", "pool_grid", "window_grid"]
 
 CONTRACTIONS = ("softmax", "exact", "none")
-# Tokens per chunk of samples in the fused form (at least one sample per chunk).
-CHUNK_TOKENS = 4096
+# Entries of A per chunk of rows in the fused forms (at least one row per chunk). Measured on a
+# 2-core CPU (32 MiB L3), mechanism at m = 64, batch 8 x 3 heads: 2 or 5 heads per chunk at
+# 3,136 tokens run 1.1-1.25x faster than one; at 12,544 tokens one head (0.8 M entries) runs
+# 1.1-1.2x faster than two or three.
+CHUNK_ELEMENTS = 2**19
 # The fused form runs from this many tokens per representative up. Below, the representatives'
 # side (K m x d products) costs as much as the tokens' side and the reference form is faster
 # (measured on CPU: 0.6-0.8x at N = 3 m, even at N = 6 m, 1.2-1.5x from N = 12 m).
 FUSED_MIN_TOKENS_PER_REP = 6
 
 
+def _chunks(rows: int, row_size: int) -> list[slice]:
+    """Slices of the leading dimension (samples, or samples x heads) whose rows of A, of
+    `row_size` entries each, hold about `CHUNK_ELEMENTS` entries; at least one row each."""
+    step = max(1, CHUNK_ELEMENTS // row_size)
+    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
+
+
+def _softmax_(x: Tensor) -> Tensor:
+    """Softmax over the last dimension, in place."""
+    return torch.ops.aten._softmax.out(x, -1, False, out=x)
+
+
+def _accumulate_bmm(out: Tensor, batch1: Tensor, batch2: Tensor, alpha: float = 1.0) -> None:
+    """out += alpha batch1 @ batch2, in place. One `addmm_` per matrix: the batched `baddbmm_`
+    computes into a temporary and copies it over `out`, a pass of the tokens' size."""
+    for i in range(out.shape[0]):
+        out[i].addmm_(batch1[i], batch2[i], alpha=alpha)
+
+
+def _extract(qx: Tensor, z: Tensor, attn: Tensor, az: Tensor, scale: float) -> None:
+    """attn = softmax_r(scale Qx Z^T), az = attn Z, into the given buffers (one chunk)."""
+    torch.baddbmm(attn, qx, z.transpose(1, 2), beta=0, alpha=scale, out=attn)
+    _softmax_(attn)
+    torch.bmm(attn, z, out=az)
+
+
+def _extract_backward(
+    qx: Tensor,
+    z: Tensor,
+    attn: Tensor,
+    grad_attn: Tensor | None,
+    grad_az: Tensor | None,
+    scale: float,
+    grad_qx: Tensor,
+    grad_z: Tensor,
+) -> None:
+    """The gradients of Qx and Z through `_extract` (one chunk), into `grad_qx` and `grad_z`.
+    `grad_attn` (the broadcast's fresh buffer) is overwritten."""
+    if grad_attn is None:
+        grad_attn = torch.zeros_like(attn)
+    if grad_az is not None:
+        _accumulate_bmm(grad_attn, grad_az, z.transpose(1, 2))  # dL/dA in full
+    grad = torch.ops.aten._softmax_backward_data.out(
+        grad_attn, attn, -1, attn.dtype, grad_input=grad_attn
+    )
+    torch.baddbmm(grad_qx, grad, z, beta=0, alpha=scale, out=grad_qx)
+    if grad_az is None:
+        torch.baddbmm(grad_z, grad.transpose(1, 2), qx, beta=0, alpha=scale, out=grad_z)
+    else:
+        torch.bmm(attn.transpose(1, 2), grad_az, out=grad_z)
+        _accumulate_bmm(grad_z, grad.transpose(1, 2), qx, alpha=scale)
+
+
 class _ExtractAggregate(torch.autograd.Function):
-    """(Qx, Z) -> (A, A Z) with A = softmax_r(Qx Z^T); batched over samples.
+    """(Qx, Z) -> (A, A Z) with A = softmax_r(Qx Z^T), batched over the leading dimension.
 
     Qx: (B, R, d), Z: (B, N, d) -> A: (B, R, N), A Z: (B, R, d). The backward pass takes the
     gradient of A from its other consumer (`_Broadcast`) and of A Z, and returns those of Qx
-    and Z without forming anything bigger than A."""
+    and Z without forming anything bigger than A. Both passes run chunk by chunk (`_chunks`)
+    into preallocated outputs, so that one chunk's A and Z stay in the CPU's cache."""
 
     @staticmethod
     def forward(ctx, qx: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        attn = torch.softmax(torch.bmm(qx, z.transpose(1, 2)), dim=-1)
+        b, n, d = z.shape
+        attn, az = z.new_empty(b, qx.shape[1], n), z.new_empty(b, qx.shape[1], d)
+        for rows in _chunks(b, qx.shape[1] * n):
+            _extract(qx[rows], z[rows], attn[rows], az[rows], 1.0)
         ctx.save_for_backward(qx, z, attn)
-        return attn, torch.bmm(attn, z)
+        ctx.set_materialize_grads(False)
+        return attn, az
 
     @staticmethod
-    def backward(ctx, grad_attn: Tensor | None, grad_az: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx, grad_attn: Tensor | None, grad_az: Tensor | None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         qx, z, attn = ctx.saved_tensors
-        # dL/dA in full: the broadcast's share plus dAZ Z^T.
-        if grad_attn is None:
-            grad = torch.bmm(grad_az, z.transpose(1, 2))
-        else:
-            grad = torch.baddbmm(grad_attn, grad_az, z.transpose(1, 2))
-        grad = torch._softmax_backward_data(grad, attn, -1, attn.dtype)
-        grad_qx = torch.bmm(grad, z)
-        grad_z = torch.baddbmm(torch.bmm(attn.transpose(1, 2), grad_az), grad.transpose(1, 2), qx)
+        grad_qx, grad_z = torch.empty_like(qx), torch.empty_like(z)
+        for rows in _chunks(z.shape[0], attn.shape[1] * attn.shape[2]):
+            _extract_backward(
+                qx[rows], z[rows], attn[rows], None if grad_attn is None else grad_attn[rows],
+                None if grad_az is None else grad_az[rows], 1.0, grad_qx[rows], grad_z[rows],
+            )  # fmt: skip
         return grad_qx, grad_z
 
 
 class _Broadcast(torch.autograd.Function):
     """out = A^T G (+ bias): (B, R, N), (B, R, c), (c,) or None -> (B, N, c); dA comes back as
-    (B, R, N), the layout of A."""
+    (B, R, N), the layout of A. Chunked as `_ExtractAggregate`."""
 
     @staticmethod
     def forward(ctx, attn: Tensor, g: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        b, _, n = attn.shape
+        out = attn.new_empty(b, n, g.shape[2])
+        for rows in _chunks(b, attn.shape[1] * n):
+            a_t = attn[rows].transpose(1, 2)
+            if bias is None:
+                torch.bmm(a_t, g[rows], out=out[rows])
+            else:
+                torch.baddbmm(bias, a_t, g[rows], out=out[rows])
         ctx.save_for_backward(attn, g)
-        if bias is None:
-            return torch.bmm(attn.transpose(1, 2), g)
-        return torch.baddbmm(bias, attn.transpose(1, 2), g)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:  # type: ignore[override]
         attn, g = ctx.saved_tensors
-        grad_attn = torch.bmm(g, grad_out.transpose(1, 2))
-        grad_g = torch.bmm(attn, grad_out)
+        grad_attn, grad_g = torch.empty_like(attn), torch.empty_like(g)
+        for rows in _chunks(attn.shape[0], attn.shape[1] * attn.shape[2]):
+            torch.bmm(g[rows], grad_out[rows].transpose(1, 2), out=grad_attn[rows])
+            torch.bmm(attn[rows], grad_out[rows], out=grad_g[rows])
         grad_bias = grad_out.sum(dim=(0, 1)) if ctx.needs_input_grad[2] else None
         return grad_attn, grad_g, grad_bias
 
 
+def _softmax_contraction(q: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, q, q)
+
+
+class _Mixing(torch.autograd.Function):
+    """The whole token mixing of `cbsa_mixing` in one function, chunk by chunk of rows (a row is
+    one head of one sample; `_chunks`), so that each chunk's A is used while it is
+    in the CPU's cache and nothing of the tokens' size is written that the result does not
+    need. Forward, per chunk: pool Q0, form A (kept for the backward pass, one tensor per
+    chunk) and A Z, the small middle (Q = Q0 + eta_rep A Z, C = eta_x contract(Q)), the
+    broadcast A^T C. Backward, per chunk: dC = A dOut, the middle's gradient (recomputed;
+    written out for the softmax contraction, by autograd on the m-sized tensors for any other),
+    dL/dA = C dOut^T + dAZ Z^T in one reused buffer, the extraction's gradient, and the
+    pooling's folded into Z's."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        z: Tensor,
+        q0: Tensor | None,
+        step_rep: Tensor,
+        step_x: Tensor,
+        pool: TilePool | None,
+        contract: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        rows_total, n, p = z.shape
+        reps = step_rep.repeat(rows_total // step_rep.numel())  # row b K + k: head k's step
+        xs = step_x.repeat(rows_total // step_x.numel())
+        given = q0 is not None
+        if q0 is None:
+            q0 = z.new_empty(rows_total, pool.count, p)
+        attn, az, out = [], z.new_empty(rows_total, q0.shape[1], p), torch.empty_like(z)
+        for rows in _chunks(rows_total, q0.shape[1] * n):
+            if not given:
+                pool.mean(z[rows], out=q0[rows])
+            attn.append(z.new_empty(rows.stop - rows.start, q0.shape[1], n))
+            _extract(q0[rows], z[rows], attn[-1], az[rows], p**-0.5)
+            c = _mixing_middle(q0[rows], az[rows], reps[rows], xs[rows], contract)
+            torch.bmm(attn[-1].transpose(1, 2), c, out=out[rows])
+        ctx.pool, ctx.contract, ctx.given, ctx.heads = pool, contract, given, step_rep.numel()
+        ctx.save_for_backward(z, q0, az, reps, xs, *attn)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        z, q0, az, reps, xs, *attn = ctx.saved_tensors
+        rows_total, n, p = z.shape
+        grad_z, grad_q0 = torch.empty_like(z), torch.empty_like(q0)
+        grad_reps, grad_xs = torch.empty_like(reps), torch.empty_like(xs)
+        scratch = z.new_empty(attn[0].shape) if attn else None
+        for rows, a in zip(_chunks(rows_total, q0.shape[1] * n), attn, strict=True):
+            go = grad_out[rows].contiguous()  # once, not inside each product (e.g. sum()'s)
+            middle = (q0[rows], az[rows], reps[rows], xs[rows])
+            if ctx.contract is _softmax_contraction:
+                c, grads = _softmax_middle_backward(*middle, torch.bmm(a, go))
+            else:
+                with torch.enable_grad():
+                    leaves = [t.detach().requires_grad_() for t in middle]
+                    c = _mixing_middle(*leaves, ctx.contract)
+                    grads = torch.autograd.grad(c, leaves, torch.bmm(a, go))
+            grad_attn = scratch[: a.shape[0]]
+            torch.bmm(c.detach(), go.transpose(1, 2), out=grad_attn)
+            _extract_backward(
+                q0[rows], z[rows], a, grad_attn, grads[1], p**-0.5, grad_q0[rows], grad_z[rows]
+            )
+            grad_q0[rows] += grads[0]
+            grad_reps[rows], grad_xs[rows] = grads[2], grads[3]
+            if not ctx.given:
+                ctx.pool.add_back(grad_q0[rows], grad_z[rows])
+        return (
+            grad_z,
+            grad_q0 if ctx.given else None,
+            grad_reps.view(-1, ctx.heads).sum(0),
+            grad_xs.view(-1, ctx.heads).sum(0),
+            None,
+            None,
+        )
+
+
+def _softmax_middle_backward(
+    q0: Tensor, az: Tensor, step_rep: Tensor, step_x: Tensor, grad_c: Tensor
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """`_mixing_middle` with the softmax contraction, recomputed, and its gradients written
+    out (autograd costs more than this arithmetic on m x m matrices): C and the gradients of
+    (Q0, A Z, eta_rep, eta_x)."""
+    scale = q0.shape[-1] ** -0.5
+    q = torch.addcmul(q0, step_rep.view(-1, 1, 1), az)
+    probs = torch.softmax(
+        torch.baddbmm(q0.new_empty(()), q, q.transpose(1, 2), beta=0, alpha=scale), dim=-1
+    )
+    y = torch.bmm(probs, q)
+    grad_x = (grad_c * y).sum(dim=(1, 2))
+    grad_y = grad_c * step_x.view(-1, 1, 1)
+    grad_s = torch._softmax_backward_data(torch.bmm(grad_y, q.transpose(1, 2)), probs, -1, q.dtype)
+    grad_q = torch.bmm(probs.transpose(1, 2), grad_y)
+    grad_q.baddbmm_(grad_s + grad_s.transpose(1, 2), q, alpha=scale)
+    grad_rep = (grad_q * az).sum(dim=(1, 2))
+    return y * step_x.view(-1, 1, 1), (grad_q, grad_q * step_rep.view(-1, 1, 1), grad_rep, grad_x)
+
+
+def _mixing_middle(
+    q0: Tensor, az: Tensor, step_rep: Tensor, step_x: Tensor, contract: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """C = eta_x contract(Q0 + eta_rep A Z) on rows (R, m, p), with each row's steps (R,)."""
+    q = q0 + step_rep.view(-1, 1, 1) * az
+    return step_x.view(-1, 1, 1) * contract(q)
+
+
 def cbsa_mixing(
     w: Tensor,
-    q0: Tensor,
     step_rep: Tensor,
     step_x: Tensor,
-    contract: Callable[[Tensor], Tensor] = lambda q: F.scaled_dot_product_attention(q, q, q),
+    *,
+    grid_size: tuple[int, int],
+    rep_grid: tuple[int, int] = (8, 8),
+    q0: Tensor | None = None,
+    contract: Callable[[Tensor], Tensor] = _softmax_contraction,
 ) -> Tensor:
-    """CBSA's token mixing on projected tokens, without the projections: W (B, K, N, p) and
-    Q0 (B, K, m, p) -> eta_x A^T C (B, K, N, p), with the fused backward pass of the layer.
+    """CBSA's token mixing on projected tokens, without the projections: W (B, K, N, p) ->
+    eta_x A^T C (B, K, N, p), with a hand-written backward pass (`_Mixing`). Q0 is W's patch
+    grid `grid_size` (N = H W, no prefix tokens) average-pooled to `rep_grid`, or the given
+    `q0` (B, K, m, p).
 
     This is the operation to set against `scaled_dot_product_attention(q, k, v)` when
-    comparing mechanisms rather than layers (`cbtlab.perf`)."""
+    comparing mechanisms rather than layers (`cbtlab.perf`). It runs eagerly (the layer's
+    fused form is the one that torch.compile traces)."""
     b, k, n, p = w.shape
-    chunk = max(1, CHUNK_TOKENS // n)
-    if b > chunk:
-        parts = zip(w.split(chunk), q0.split(chunk), strict=True)
-        return torch.cat([cbsa_mixing(wp, qp, step_rep, step_x, contract) for wp, qp in parts])
-    m = q0.shape[2]
-    qx, z = (q0 * p**-0.5).reshape(b * k, m, p), w.reshape(b * k, n, p)
-    attn, aw = _apply_in_autocast_dtype(_ExtractAggregate, qx, z)
-    q = q0 + step_rep.view(1, k, 1, 1) * aw.view(b, k, m, p)
-    c = step_x.view(1, k, 1, 1) * contract(q)
-    return _apply_in_autocast_dtype(_Broadcast, attn, c.reshape(b * k, m, p), None).view(b, k, n, p)
+    pool = None
+    if q0 is None:
+        if grid_size[0] % rep_grid[0] == 0 and grid_size[1] % rep_grid[1] == 0:
+            pool = TilePool(grid_size, rep_grid)
+        else:
+            q0 = pool_grid(w, grid_size, rep_grid, "avg")
+    rows_q0 = None if q0 is None else q0.reshape(b * k, -1, p)
+    out = _apply_in_autocast_dtype(
+        _Mixing, w.reshape(b * k, n, p), rows_q0, step_rep, step_x, pool, contract
+    )
+    return out.view(b, k, n, p)
 
 
-def _apply_in_autocast_dtype(fn: type[torch.autograd.Function], *args: Tensor | None) -> Any:
+def _apply_in_autocast_dtype(fn: type[torch.autograd.Function], *args: Any) -> Any:
     """`fn.apply(*args)`; under autocast, with the tensors in autocast's dtype and autocast off
     inside, so that the hand-written backward meets a single dtype (autocast would leave the
     softmax in float32 and the products in bfloat16, and does not reach the backward)."""
-    device = next(a for a in args if a is not None).device.type
-    if not torch.is_autocast_enabled(device):
+    device = next(a for a in args if isinstance(a, Tensor)).device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return fn.apply(*args)
     dtype = torch.get_autocast_dtype(device)
     with torch.autocast(device, enabled=False):
-        return fn.apply(*(a if a is None else a.to(dtype) for a in args))
+        return fn.apply(*(a.to(dtype) if isinstance(a, Tensor) else a for a in args))
 
 
 @register_attention("cbsa")
@@ -221,10 +408,7 @@ class CBSA(SubspaceAttention):
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
         if not self.fused or x.shape[1] < FUSED_MIN_TOKENS_PER_REP * self.num_representatives:
             return self.forward_reference(x, grid_size)
-        chunk = max(1, CHUNK_TOKENS // x.shape[1])
-        if x.shape[0] <= chunk:
-            return self._forward_fused(x, grid_size)
-        return torch.cat([self._forward_fused(part, grid_size) for part in x.split(chunk)])
+        return self._forward_fused(x, grid_size)
 
     def forward_reference(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
         """The equations as written (see the module docstring); same result as `forward`."""

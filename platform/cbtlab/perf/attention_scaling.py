@@ -75,8 +75,8 @@ def _mechanisms(spec: ScalingSpec, side: int) -> dict[str, Callable[[], Any]]:
     grid = (side, side)
 
     def fused() -> None:
-        q0 = pool_grid(qkv[0], grid, spec.rep_grid, "avg")
-        cbsa_mixing(qkv[0], q0, steps[0], steps[1]).sum().backward()
+        out = cbsa_mixing(qkv[0], steps[0], steps[1], grid_size=grid, rep_grid=spec.rep_grid)
+        out.sum().backward()
 
     def straightforward() -> None:
         w = qkv[0]
