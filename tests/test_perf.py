@@ -10,6 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cbtlab.attention import CBSA
+from cbtlab.attention.cbsa import cbsa_mixing
 from cbtlab.perf import measure_side_by_side, peak_memory
 from cbtlab.perf.attention_scaling import (
     ScalingSpec,
@@ -57,6 +58,17 @@ def test_cbsa_never_holds_memory_of_order_n_squared() -> None:
         peak = peak_memory(lambda: attn(x, (128, 128)).sum().backward())
         assert peak < 40 * n * (16 + 2 * 16) * 4, (fused, peak)
         assert peak < n * n * 4 / 100
+    # The mechanism alone (`cbsa_mixing`, one function with its own backward): 2 heads x 8.
+    w = torch.randn(1, 2, 128 * 128, 8, requires_grad=True)
+    steps = torch.randn(2, 2, requires_grad=True)
+    upstream = torch.randn(1, 2, 128 * 128, 8)
+
+    def mixing() -> None:
+        out = cbsa_mixing(w, steps[0], steps[1], grid_size=(128, 128), rep_grid=(4, 4))
+        out.backward(upstream)
+
+    peak = peak_memory(mixing)
+    assert peak < 40 * n * (16 + 2 * 8) * 4, peak
     small = torch.randn(2048, 16)
     assert peak_memory(lambda: small @ small.T) >= 2048 * 2048 * 4  # the tracker sees N x N
 

@@ -8,9 +8,12 @@ Two levels are measured:
   reference, the same equations written straightforwardly.
 - "layer": every registered attention layer with its projections, on tokens (B, N, d); the
   softmax layer (`softmax`, timm ViT's qkv + SDPA) is the baseline.
-Each row's `x_sdpa` is the baseline's time over the row's time at the same level and token
-count (how many times faster than SDPA); `x_prev` is the row's time over its own time at the
-previous token count (4.0 is linear for a 2x larger grid side).
+Every case runs forward, then backward from the same dense upstream gradient (fixed random
+numbers, as a layer inside a network receives; `.sum()`'s gradient would be one number
+broadcast, which each backward pass first copies out). Each row's `x_sdpa` is the baseline's
+time over the row's time at the same level and token count (how many times faster than SDPA);
+`x_prev` is the row's time over its own time at the previous token count (4.0 is linear for a
+2x larger grid side).
 Quadratic mechanisms beyond `max_quadratic_tokens` are skipped: on a CPU one call at 12,544
 tokens takes minutes.
 """
@@ -72,11 +75,12 @@ def _mechanisms(spec: ScalingSpec, side: int) -> dict[str, Callable[[], Any]]:
         torch.randn(b, k, n, p, generator=gen).to(spec.device).requires_grad_() for _ in range(3)
     ]
     steps = torch.randn(2, k, generator=gen).to(spec.device).requires_grad_()
+    upstream = torch.randn(b, k, n, p, generator=gen).to(spec.device)
     grid = (side, side)
 
     def fused() -> None:
         out = cbsa_mixing(qkv[0], steps[0], steps[1], grid_size=grid, rep_grid=spec.rep_grid)
-        out.sum().backward()
+        out.backward(upstream)
 
     def straightforward() -> None:
         w = qkv[0]
@@ -84,10 +88,10 @@ def _mechanisms(spec: ScalingSpec, side: int) -> dict[str, Callable[[], Any]]:
         a = torch.softmax(q0 @ w.transpose(-1, -2) * p**-0.5, dim=-1)
         q = q0 + steps[0].view(1, k, 1, 1) * (a @ w)
         c = F.scaled_dot_product_attention(q, q, q)
-        (steps[1].view(1, k, 1, 1) * (a.transpose(-1, -2) @ c)).sum().backward()
+        (steps[1].view(1, k, 1, 1) * (a.transpose(-1, -2) @ c)).backward(upstream)
 
     def sdpa() -> None:
-        F.scaled_dot_product_attention(*qkv).sum().backward()
+        F.scaled_dot_product_attention(*qkv).backward(upstream)
 
     return {"cbsa": fused, "cbsa_straightforward": straightforward, "sdpa": sdpa}
 
@@ -96,6 +100,7 @@ def _layers(spec: ScalingSpec, side: int) -> dict[str, Callable[[], Any]]:
     d, n = spec.heads * spec.head_dim, side * side
     gen = torch.Generator().manual_seed(spec.seed)
     x = torch.randn(spec.batch, n, d, generator=gen).to(spec.device).requires_grad_()
+    upstream = torch.randn(spec.batch, n, d, generator=gen).to(spec.device)
     cases: dict[str, Callable[[], Any]] = {}
     for name in spec.layers:
         torch.manual_seed(spec.seed)
@@ -104,13 +109,13 @@ def _layers(spec: ScalingSpec, side: int) -> dict[str, Callable[[], Any]]:
         ).to(spec.device)
 
         def run(layer: torch.nn.Module = layer) -> None:
-            layer(x, (side, side)).sum().backward()
+            layer(x, (side, side)).backward(upstream)
 
         cases[name] = run
         if name == "cbsa":
 
             def reference(layer: torch.nn.Module = layer) -> None:
-                layer.forward_reference(x, (side, side)).sum().backward()
+                layer.forward_reference(x, (side, side)).backward(upstream)
 
             cases["cbsa_straightforward"] = reference
     return cases
