@@ -332,3 +332,27 @@ def test_fused_form_traces_without_graph_breaks() -> None:
     x = torch.randn(3, 1 + 36, 24, requires_grad=True)
     explanation = torch._dynamo.explain(attn)(x, (6, 6))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_fused_forms_run_in_bf16_under_autocast() -> None:
+    """The layer's fused form and the mechanism meet one dtype in their hand-written backward
+    passes under autocast, and stay close to float32."""
+    torch.manual_seed(0)
+    attn = CBSA(48, 3, rep_grid=(2, 2))
+    x = torch.randn(2, 1 + 8 * 8, 48, requires_grad=True)
+    w = torch.randn(2, 3, 8 * 8, 16, requires_grad=True)
+    steps = torch.randn(2, 3, requires_grad=True)
+    cases = {
+        "layer": (lambda: attn(x, (8, 8)), x),
+        "mechanism": (lambda: cbsa_mixing(w, steps[0], steps[1], grid_size=(8, 8)), w),
+    }
+    for name, (fn, leaf) in cases.items():
+        reference = fn()
+        (grad_ref,) = torch.autograd.grad(reference.square().sum(), leaf)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn()
+        assert out.dtype == torch.bfloat16, name
+        (grad,) = torch.autograd.grad(out.float().square().sum(), leaf)
+        assert grad.dtype == torch.float32, name
+        torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(grad, grad_ref, rtol=0.1, atol=0.1 * grad_ref.abs().max())
