@@ -296,15 +296,16 @@ def test_mixing_equals_the_reference_core(
 
 def test_tile_pool_equals_adaptive_pooling() -> None:
     """The two-stage tile mean and its one-pass backward against PyTorch's pooling, on tokens
-    that do not lie contiguously (the patches after a CLS token)."""
+    that do not lie contiguously (the patches after a CLS token). 2 x 5 tiles a 6 x 10 grid
+    evenly (3 x 2 tiles), so `pool_grid` takes the tile path."""
     torch.manual_seed(0)
     x = torch.randn(3, 1 + 6 * 10, 5, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(3, 6, 5, dtype=torch.float64)
+    weights = torch.randn(3, 10, 5, dtype=torch.float64)
     results = []
     for pool in (
-        lambda t: pool_grid(t.unsqueeze(1), (6, 10), (2, 3), "avg")[:, 0],
+        lambda t: pool_grid(t.unsqueeze(1), (6, 10), (2, 5), "avg")[:, 0],
         lambda t: (
-            F.adaptive_avg_pool2d(t.transpose(1, 2).reshape(3, 5, 6, 10), (2, 3))
+            F.adaptive_avg_pool2d(t.transpose(1, 2).reshape(3, 5, 6, 10), (2, 5))
             .flatten(2)
             .transpose(1, 2)
         ),
