@@ -21,11 +21,11 @@ Two implementations compute the same function (tests hold them together):
   whose two GEMM pairs are written out (`_ExtractAggregate`, `_Broadcast`) so that every
   gradient lands in the layout of the tensor it belongs to. Inside those functions the samples
   are processed in chunks whose share of A holds about `CHUNK_ELEMENTS` numbers (2 MiB in
-  float32), each written into preallocated
-  outputs, so that one chunk's A and Z stay in the CPU's cache: this keeps the time linear in N
-  where the plain form slows down once its tensors outgrow the cache. Average pooling by equal
-  tiles (`TilePool`) sums in two contiguous stages and writes its gradient in one pass; in the
-  mechanism (`cbsa_mixing`) it runs inside the extraction, chunk by chunk, backward included.
+  float32), each written into preallocated outputs, so that one chunk's A and Z stay in the
+  CPU's cache: this keeps the time linear in N where the plain form slows down once its tensors
+  outgrow the cache. Average pooling by equal tiles (`TilePool`) sums in two contiguous stages
+  and writes its gradient in one pass; in the mechanism (`cbsa_mixing`) it runs inside the
+  extraction, chunk by chunk, backward included.
 """
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ def _softmax_contraction(q: Tensor) -> Tensor:
 
 class _Mixing(torch.autograd.Function):
     """The whole token mixing of `cbsa_mixing` in one function, chunk by chunk of rows (a row is
-    one head of one sample; `_chunks`), so that each chunk's A is used while it is
-    in the CPU's cache and nothing of the tokens' size is written that the result does not
+    one head of one sample; `_chunks`), so that each chunk's A is used while it is in the CPU's
+    cache and nothing of the tokens' size is written that the result does not
     need. Forward, per chunk: pool Q0, form A (kept for the backward pass, one tensor per
     chunk) and A Z, the small middle (Q = Q0 + eta_rep A Z, C = eta_x contract(Q)), the
     broadcast A^T C. Backward, per chunk: dC = A dOut, the middle's gradient (recomputed;
@@ -260,9 +260,7 @@ def _softmax_middle_backward(
     (Q0, A Z, eta_rep, eta_x)."""
     scale = q0.shape[-1] ** -0.5
     q = torch.addcmul(q0, step_rep.view(-1, 1, 1), az)
-    probs = torch.softmax(
-        torch.baddbmm(q0.new_empty(()), q, q.transpose(1, 2), beta=0, alpha=scale), dim=-1
-    )
+    probs = torch.softmax(torch.bmm(q, q.transpose(1, 2)).mul_(scale), dim=-1)
     y = torch.bmm(probs, q)
     grad_x = (grad_c * y).sum(dim=(1, 2))
     grad_y = grad_c * step_x.view(-1, 1, 1)
@@ -302,7 +300,7 @@ def cbsa_mixing(
     b, k, n, p = w.shape
     pool = None
     if q0 is None:
-        if grid_size[0] % rep_grid[0] == 0 and grid_size[1] % rep_grid[1] == 0:
+        if TilePool.fits(grid_size, rep_grid):
             pool = TilePool(grid_size, rep_grid)
         else:
             q0 = pool_grid(w, grid_size, rep_grid, "avg")

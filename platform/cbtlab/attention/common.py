@@ -91,8 +91,7 @@ def pool_grid(
         raise ValueError(f"representative grid {out[0]}x{out[1]} exceeds the {h}x{w} patch grid")
     if (
         op == "avg"
-        and h % out[0] == 0
-        and w % out[1] == 0
+        and TilePool.fits(grid_size, out)
         and (not kernel or (kernel == h // out[0] == w // out[1] and stride in (0, kernel)))
     ):
         # Equal tiles: on the tokens as they lie (no transposed copies, forward or backward).
@@ -123,12 +122,17 @@ class TilePool:
 
     def __init__(self, grid_size: tuple[int, int], out: tuple[int, int]) -> None:
         (h, w), (gh, gw) = grid_size, out
-        if h % gh or w % gw:
+        if not self.fits(grid_size, out):
             raise ValueError(f"a {gh}x{gw} grid does not tile the {h}x{w} patch grid evenly")
         self.grid, self.out = (h, w), (gh, gw)
         self.tile = (h // gh, w // gw)
         self.count = gh * gw  # the representatives m
         self.inv_area = 1.0 / (self.tile[0] * self.tile[1])
+
+    @staticmethod
+    def fits(grid_size: tuple[int, int], out: tuple[int, int]) -> bool:
+        """Whether `out` tiles the patch grid evenly (each side divides)."""
+        return grid_size[0] % out[0] == 0 and grid_size[1] % out[1] == 0
 
     def mean(self, tokens: Tensor, out: Tensor | None = None) -> Tensor:
         """(..., H*W, c) -> (..., m, c)."""
