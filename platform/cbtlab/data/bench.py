@@ -90,7 +90,7 @@ class BenchConfig:
     workers: int = 2
     batch_size: int = 32
     img_size: int = 224
-    repeats: int = 7
+    repeats: int = 5
     seed: int = 0
     # "cold": both loaders' files are dropped from the page cache before every timed epoch, so
     # each epoch reads them from the disk, as a dataset larger than memory (ImageNet's 140 GB)

@@ -133,21 +133,9 @@ class WorkerPool:
             raise RuntimeError("a WorkerPool is used only by the process that made it")
         self.busy = True
         try:
-            for attempt in (1, 2):
-                self._start(workers)
-                self._generation += 1
-                started = False
-                try:
-                    for batch in self._run(self._workers[:workers], self._generation, job, finish):
-                        started = True
-                        yield batch
-                    return
-                except LoaderWorkerError as exc:
-                    # A worker lost before the job's first batch (it died idle, as the job was
-                    # sent): the job runs again, from its start, on new workers.
-                    if started or attempt == 2:
-                        raise
-                    log.warning("%s; running the job again on new loader workers", exc)
+            self._start(workers)
+            self._generation += 1
+            yield from self._run(self._workers[:workers], self._generation, job, finish)
         finally:
             self.busy = False
 
@@ -163,10 +151,6 @@ class WorkerPool:
         self.close()
 
     def _start(self, count: int) -> None:
-        dead = [w.name for w in self._workers if not w.process.is_alive()]
-        if dead:  # between epochs (killed, out of memory): a new set, nothing lost
-            log.warning("%s exited while idle; starting new loader workers", ", ".join(dead))
-            self.close()
         context = multiprocessing.get_context(START_METHOD)
         while len(self._workers) < count:
             index = len(self._workers)
