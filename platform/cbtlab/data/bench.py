@@ -5,38 +5,26 @@ photo-like noise, 500 x 375 by default), writes it as WebDataset shards with
 `shards.write_split` / `write_card` (timed: shard-writing images/s and MB/s), then times whole
 epochs of (a) `TrainEpoch` over the shards and (b) `ImageFolder` + `DataLoader` over the files:
 the same JPEGs, the same transform object (the paper's RRC + flip + normalise, a
-`SplitTransform`), the same number of worker processes and batch size. Each loader is used as
-it is meant to be: ImageFolder calls the transform whole on each image, as a torchvision user
-would write it, so its workers ship float32 batches, and a new iterator of its DataLoader
-starts new workers every epoch (the default, `persistent_workers=False`); `TrainEpoch` splits
-the transform, so its workers crop, resize and flip and ship uint8 batches, which it normalises
-here in the main process, inside the timed loop (in training, on the accelerator instead), and
-it runs every epoch in the same `WorkerPool`, as a training run does. Every batch is read once
-(copied into a staging buffer, as a host-to-device copy reads it). The main process runs with
-one torch thread (`main_threads`), as each worker does: the workers take the cores.
+`SplitTransform`), the same number of worker processes and batch size. ImageFolder calls the
+transform whole on each image, as a torchvision user would write it, so its workers ship
+float32 batches; `TrainEpoch` splits it, so its workers crop, resize and flip and ship uint8
+batches, which it normalises here in the main process, inside the timed loop (in training they
+are normalised on the accelerator instead). The main process runs with one torch thread
+(`main_threads`), as each worker does: the workers take the cores. One warm-up epoch each, then
+repeats that alternate which loader goes first; the ratio is the median of the repeats' paired
+ratios. On a shared machine images/s swing with its load, so the CPU time per image of all
+processes (the main one and its joined workers) is printed too: it moves far less.
 
-The page cache. By default (`cache="cold"`) both loaders' files are dropped from the page cache
-before every timed epoch, so every epoch reads them from the disk, as an ImageNet-sized dataset
-(140 GB) is read on a node that cannot keep it in memory: ImageFolder's workers then wait for
-one small random read per image, `TrainEpoch`'s for a few large sequential ones. With
-`cache="warm"` the files stay cached after the warm-up epoch, and the loaders differ only in
-CPU work.
-
-One warm-up epoch each, then repeats that alternate which loader goes first; the ratio is the
-median of the repeats' paired ratios. On a shared machine images/s swing with its load, so the
-CPU time per image of all processes (the main one, the pool's workers, read from /proc, and the
-DataLoader's, counted once joined) is printed too: it moves less.
-
-A per-image cost breakdown (one process, one torch thread, as in a loader worker) says where the
-time goes. Both loaders decode the same JPEG, the largest cost (for training a 500 x 375 JPEG is
-never decoded at reduced size: the smallest crops need 915 px), and run the same crop, resize
-and flip. They differ in reading (a file, or a sample of a tar stream), in ImageFolder's loader
-converting every decoded image to RGB (a copy, even of an RGB image), in where normalisation
-runs, and in how a batch crosses to the main process: a DataLoader worker writes each batch
-into new shared memory, faulting in every page (4 bytes a pixel in float32), while a pool
-worker copies its uint8 batch into one of its two slots, mapped once. The breakdown sums each
-loader's steps; it leaves out what no one step shows: ImageFolder's workers starting every
-epoch (~0.4 ms an image in epochs this short), queues, pickling, and reading from the disk.
+A per-image cost breakdown (one process, one torch thread, as in a DataLoader worker) says where
+the time goes. Both loaders decode the same JPEG, the largest cost (for training a 500 x 375 JPEG
+is never decoded at reduced size: the smallest crops need 915 px), and run the same crop, resize
+and flip. They differ in reading (a file, or a sample of a tar stream), in where normalisation
+runs, and in the batch a worker hands over: a worker writes each batch into fresh shared memory,
+whose page faults make a float32 batch (4 bytes a pixel) far costlier than a uint8 one. The
+breakdown sums each loader's steps; it leaves out what no one step shows: starting the workers
+each epoch (the same for both, ~0.4 ms an image in epochs this short), queues and pickling,
+and the main process mapping the shared memory of the batches it reads (only `TrainEpoch`'s
+here: the ImageFolder batches are counted, never read).
 """
 
 from __future__ import annotations
@@ -65,18 +53,18 @@ CACHE_MODES = ("cold", "warm")
 # The steps of the cost breakdown each loader pays per image (see the module docstring).
 IMAGEFOLDER_STEPS = (
     "open+read file",
-    "decode+convert JPEG",
+    "decode JPEG",
     "crop+resize+flip",
     "normalise alone",
-    "float32 batch into new shared memory",
+    "float32 batch into shared memory",
 )
 WEBDATASET_WORKER_STEPS = (
     "tar sample",
     "decode JPEG",
     "crop+resize+flip",
-    "uint8 batch into its reused slot",
+    "uint8 batch into shared memory",
 )
-WEBDATASET_MAIN_STEP = "normalise a collated batch"
+WEBDATASET_MAIN_STEP = "normalise in a batch"
 
 
 @dataclass
@@ -364,21 +352,15 @@ def _cost_breakdown(
     DataLoader worker): what either loader pays per image."""
     from webdataset.tariterators import tar_file_iterator
 
-    from cbtlab.data.loader import _collate, _group
+    from cbtlab.data.loader import _group
     from cbtlab.data.tarstream import tar_members
 
     shards = read_split(shard_dir, "train").shards
     encoded = [p.read_bytes() for p in paths]
+    decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in encoded]
 
-    def decode(data: bytes) -> Image.Image:  # as TrainEpoch: RGB JPEGs need no conversion
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
-
-    def decode_convert(data: bytes) -> Image.Image:  # as ImageFolder's default loader
+    def decode(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data)).convert("RGB")
-
-    decoded = [decode(b) for b in encoded]
 
     def webdataset_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
         return ((m["fname"], m["data"]) for m in tar_file_iterator(stream))
@@ -396,27 +378,17 @@ def _cost_breakdown(
         pixels = [transform.per_image(image) for image in decoded]
         uint8_batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
         float_batches = [[transform.per_batch(p) for p in batch] for batch in uint8_batches]
-        collated = [_collate([(p, 0) for p in batch])[0] for batch in uint8_batches]
-        slot = torch.empty(collated[0].numel(), dtype=torch.uint8).share_memory_()
-
-        def into_slot(batch: list[torch.Tensor]) -> torch.Tensor:
-            images = _collate([(p, 0) for p in batch])[0]
-            view = slot[: images.numel()].as_strided(images.shape, images.stride())
-            return view.copy_(images)
-
+        stacked = [torch.stack(batch) for batch in uint8_batches]
         return {
             "open+read file": _per_image_ms(lambda p: p.read_bytes(), paths),
             "tar sample": tar_ms(tar_members),
             "tar sample by webdataset's reader": tar_ms(webdataset_members),
             "decode JPEG": _per_image_ms(decode, encoded),
-            "decode+convert JPEG": _per_image_ms(decode_convert, encoded),
             "crop+resize+flip": _per_image_ms(transform.per_image, decoded),
             "normalise alone": _per_image_ms(transform.per_batch, pixels),
-            "normalise a collated batch": _per_batched_image_ms(transform.per_batch, collated),
-            "uint8 batch into its reused slot": _per_batched_image_ms(into_slot, uint8_batches),
-            "float32 batch into new shared memory": _per_batched_image_ms(
-                _shared_stack, float_batches
-            ),
+            "normalise in a batch": _per_batched_image_ms(transform.per_batch, stacked),
+            "uint8 batch into shared memory": _per_batched_image_ms(_shared_stack, uint8_batches),
+            "float32 batch into shared memory": _per_batched_image_ms(_shared_stack, float_batches),
         }
     finally:
         torch.set_num_threads(threads)

@@ -432,13 +432,9 @@ def _seed_global_generators(key: str) -> None:
 
 
 def _read_shards(shards: Sequence[ShardInfo]) -> Iterator[dict[str, Any]]:
-    """The samples of `shards` in order, each local shard read from the disk in the background
-    while its predecessor is decoded (the first: while the stream starts)."""
-    if shards:
-        prefetch(shards[0].path)
     for i, shard in enumerate(shards):
         if i + 1 < len(shards):
-            prefetch(shards[i + 1].path)
+            prefetch(shards[i + 1].path)  # read ahead while this one is decoded
         yield from _read_shard(shard)
 
 

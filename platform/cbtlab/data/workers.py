@@ -101,7 +101,7 @@ class WorkerPool:
         self._owner = os.getpid()
         # Stops the workers when the pool is collected or the interpreter exits; holds the list,
         # not the pool, so that it does not keep the pool alive.
-        self._finalizer = weakref.finalize(self, _stop_all, self._workers, self._owner)
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
 
     @property
     def pids(self) -> list[int]:
@@ -141,7 +141,7 @@ class WorkerPool:
 
     def close(self) -> None:
         """Stop the workers (a later `run` starts new ones)."""
-        _stop_all(self._workers, self._owner)
+        _stop_all(self._workers)
         self._workers.clear()
 
     def __enter__(self) -> WorkerPool:
@@ -212,10 +212,9 @@ class WorkerPool:
                     message = worker.receive(deadline)
                     if message[0] in ("end", "error"):
                         break
-                    if message[2] is not None:  # a batch nobody will read: its slot is free
-                        worker.send(("free", message[2]))
-        except Exception as exc:  # died, hung, or a message cut off by an interrupt
-            log.warning("loader workers did not stop cleanly (%r); starting new ones", exc)
+                    worker.send(("free", message[2]))
+        except (LoaderWorkerError, OSError) as exc:
+            log.warning("loader workers did not stop cleanly (%s); starting new ones", exc)
             self.close()
 
 
@@ -298,9 +297,7 @@ def _channels_last(tensor: Tensor) -> bool:
     return tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
 
 
-def _stop_all(workers: list[_Worker], owner: int) -> None:
-    if os.getpid() != owner:  # a forked copy of the pool, in a worker: not its to stop
-        return
+def _stop_all(workers: list[_Worker]) -> None:
     for worker in workers:
         with contextlib.suppress(OSError):
             worker.conn.send(("stop",))
