@@ -29,8 +29,7 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=None, help="keep the data here")
     for field in dataclasses.fields(BenchConfig):
         flag = "--" + field.name.replace("_", "-")
-        kind = type(field.default)
-        parser.add_argument(flag, type=kind, default=field.default, help=field.name)
+        parser.add_argument(flag, type=int, default=field.default, help=field.name)
     args = parser.parse_args()
     cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
     for line in run_bench(cfg, args.root).lines():

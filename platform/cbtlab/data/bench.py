@@ -30,7 +30,6 @@ here: the ImageFolder batches are counted, never read).
 from __future__ import annotations
 
 import io
-import math
 import os
 import statistics
 import tempfile
@@ -46,10 +45,8 @@ from PIL import Image
 
 from cbtlab.data.shards import Sample, read_split, write_card, write_split
 from cbtlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SplitTransform, build_transforms
-from cbtlab.data.workers import WorkerPool
 
 EXTENSIONS = (".jpg", ".jpeg")
-CACHE_MODES = ("cold", "warm")
 # The steps of the cost breakdown each loader pays per image (see the module docstring).
 IMAGEFOLDER_STEPS = (
     "open+read file",
@@ -80,10 +77,6 @@ class BenchConfig:
     img_size: int = 224
     repeats: int = 5
     seed: int = 0
-    # "cold": both loaders' files are dropped from the page cache before every timed epoch, so
-    # each epoch reads them from the disk, as a dataset larger than memory (ImageNet's 140 GB)
-    # is read; "warm": they stay cached after the warm-up epoch.
-    cache: str = "cold"
     # Torch threads of the main process while timing: one, as in each worker, since the workers
     # take the cores (a second thread spun against them, doubling the main process's CPU time
     # in the normalisation).
@@ -118,12 +111,7 @@ class BenchResult:
             f"{cfg.workers} loader workers, batch {cfg.batch_size}, RRC {cfg.img_size} + flip "
             f"+ normalise (imagefolder: whole, per image, in the workers; webdataset: normalised "
             f"per uint8 batch in the main process, {cfg.main_threads} torch thread(s)); "
-            f"{cfg.repeats} interleaved repeats after a warm-up; page cache {cfg.cache} "
-            + (
-                "(every file dropped from it before each epoch)"
-                if cfg.cache == "cold"
-                else "(the files stay cached)"
-            ),
+            f"{cfg.repeats} interleaved repeats after a warm-up",
             f"shard writing: {cfg.images / self.write_s:.0f} images/s, "
             f"{mb / self.write_s:.1f} MB/s ({cfg.samples_per_shard} samples per shard)",
         ]
@@ -204,38 +192,18 @@ def shard_image_folder(tree: Path, out: Path, samples_per_shard: int) -> None:
     )
 
 
-def _epoch_rate(batches: Iterable[Any], pool: WorkerPool) -> tuple[float, float]:
+def _epoch_rate(batches: Iterable[Any]) -> tuple[float, float]:
     """Images/s of one epoch, and the CPU milliseconds per image of this process and of its
-    loader workers: children counted once joined at the epoch's end (DataLoader's), and the
-    workers of `pool`, which live on."""
-    cpu_start, start = _cpu_s(pool), time.perf_counter()
-    count, staging = 0, None
-    for images, labels in batches:
-        # Use every batch as a training step's host-to-device copy does: read it once.
-        if staging is None:
-            staging = torch.empty_like(images)
-        staging[: len(images)].copy_(images)
-        count += len(labels)
-    elapsed, cpu = time.perf_counter() - start, _cpu_s(pool) - cpu_start
+    loader workers (children, counted once joined at the epoch's end)."""
+    cpu_start, start = _cpu_s(), time.perf_counter()
+    count = sum(len(labels) for _, labels in batches)
+    elapsed, cpu = time.perf_counter() - start, _cpu_s() - cpu_start
     return count / elapsed, cpu / count * 1e3
 
 
-def drop_from_page_cache(paths: Iterable[Path]) -> None:
-    """Evict the files' pages from the page cache (written out first), so that the next read
-    comes from the disk; Linux's posix_fadvise, no privileges needed."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def _cpu_s(pool: WorkerPool) -> float:
+def _cpu_s() -> float:
     times = os.times()
-    own = times.user + times.system + times.children_user + times.children_system
-    return own + (pool.cpu_seconds() or math.nan)
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def _per_image_ms(step: Callable[[Any], Any], items: list[Any]) -> float:
@@ -256,10 +224,6 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
 
     from cbtlab.data.loader import TrainEpoch
 
-    if cfg.cache not in CACHE_MODES:
-        raise ValueError(f"cache={cfg.cache!r}; expected one of {CACHE_MODES}")
-    if cfg.cache == "cold" and not hasattr(os, "posix_fadvise"):
-        raise ValueError("cache='cold' needs posix_fadvise (Linux); use cache='warm'")
     with tempfile.TemporaryDirectory(prefix="cbtlab-bench-") as tmp:
         base = Path(root) if root is not None else Path(tmp)
         tree, shard_dir = base / "imagefolder", base / "shards"
@@ -279,8 +243,6 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
         )
         folder = ImageFolder(str(tree), transform=tf.train)
 
-        pool = WorkerPool()  # TrainEpoch's workers, kept from epoch to epoch
-
         def webdataset_epoch(epoch: int) -> tuple[float, float]:
             return _epoch_rate(
                 TrainEpoch(
@@ -294,9 +256,7 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
                     transform=tf.train,
                     loader_workers=cfg.workers,
                     decode_size=tf.train_decode_size,
-                    pool=pool,
-                ),
-                pool,
+                )
             )
 
         def imagefolder_epoch(epoch: int) -> tuple[float, float]:
@@ -309,8 +269,7 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
                     drop_last=True,
                     num_workers=cfg.workers,
                     generator=generator,
-                ),
-                pool,
+                )
             )
 
         threads = torch.get_num_threads()
@@ -323,14 +282,11 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
                 # Alternate which goes first, so drifts in machine load hit both alike.
                 order = [("wds", webdataset_epoch), ("folder", imagefolder_epoch)]
                 for name, run in order if repeat % 2 else order[::-1]:
-                    if cfg.cache == "cold":
-                        drop_from_page_cache([*paths, *(Path(s.path) for s in shardset.shards)])
                     rate, cpu = run(repeat)
                     rates[name].append(rate)
                     cpu_ms[name].append(cpu)
         finally:
             torch.set_num_threads(threads)
-            pool.close()
         assert isinstance(tf.train, SplitTransform)
         costs = _cost_breakdown(paths[:64], shard_dir, tf.train, cfg.batch_size)
     return BenchResult(
