@@ -180,13 +180,12 @@ def _softmax_contraction(q: Tensor) -> Tensor:
 class _Mixing(torch.autograd.Function):
     """The whole token mixing of `cbsa_mixing` in one function, chunk by chunk of rows (a row is
     one head of one sample; `_chunks`), so that each chunk's A is used while it is in the CPU's
-    cache and nothing of the tokens' size is written that the result does not
-    need. Forward, per chunk: pool Q0, form A (kept for the backward pass, one tensor per
-    chunk) and A Z, the small middle (Q = Q0 + eta_rep A Z, C = eta_x contract(Q)), the
-    broadcast A^T C. Backward, per chunk: dC = A dOut, the middle's gradient (recomputed;
-    written out for the softmax contraction, by autograd on the m-sized tensors for any other),
-    dL/dA = C dOut^T + dAZ Z^T in one reused buffer, the extraction's gradient, and the
-    pooling's folded into Z's."""
+    cache and nothing of the tokens' size is written that the result does not need. Forward,
+    per chunk: pool Q0, form A (kept for the backward pass, one tensor per chunk) and A Z, the
+    small middle (Q = Q0 + eta_rep A Z, C = eta_x contract(Q)), the broadcast A^T C. Backward,
+    per chunk: dC = A dOut, the middle's gradient (recomputed; written out for the softmax
+    contraction, by autograd on the m-sized tensors for any other), dL/dA = C dOut^T + dAZ Z^T
+    in one reused buffer, the extraction's gradient, and the pooling's folded into Z's."""
 
     @staticmethod
     def forward(  # type: ignore[override]
