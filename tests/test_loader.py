@@ -7,6 +7,10 @@ import dataclasses
 import io
 import math
 import os
+import pickle
+import signal
+import subprocess
+import sys
 import tarfile
 import time
 from collections import Counter
@@ -18,11 +22,21 @@ import torch
 from PIL import Image
 
 from cbtlab.config import ExperimentConfig
-from cbtlab.data import ShardReadError, ShardSet, TrainEpoch, eval_batches, open_split, read_split
+from cbtlab.data import (
+    LoaderWorkerError,
+    ShardReadError,
+    ShardSet,
+    TrainEpoch,
+    WorkerPool,
+    eval_batches,
+    open_split,
+    read_split,
+)
 from cbtlab.data.loader import _read_shard, plan_train_epoch
 from cbtlab.data.shards import Sample, ShardInfo, write_card, write_split
 from cbtlab.data.tarstream import TarStreamError, tar_members
 from cbtlab.data.transforms import SplitTransform, build_transforms
+from cbtlab.data.workers import RemoteTraceback
 
 CORRUPT = b"\x89PNG\r\n\x1a\n but not really"
 
@@ -303,6 +317,13 @@ def test_split_transform_is_its_per_image_then_per_batch_part() -> None:
     torch.testing.assert_close(tf.eval.per_batch(batch), singles, rtol=0, atol=0)
     with pytest.raises(TypeError, match="uint8"):
         tf.eval.per_batch(batch.float())
+    # A batch in (N, H, W, C) memory order, as the loader collates crops, normalises the same,
+    # into contiguous memory.
+    channels_last = batch.contiguous(memory_format=torch.channels_last)
+    normalised = tf.eval.per_batch(channels_last)
+    assert normalised.is_contiguous() and torch.equal(normalised, tf.eval.per_batch(batch))
+    # Pickled for loader workers without its per-device statistics (no CUDA in a fork).
+    assert tf.eval._stats and pickle.loads(pickle.dumps(tf.eval))._stats == {}
     # Grayscale images get their channel dimension.
     gray = build_transforms(img_size=16, mean=[0.5], std=[0.25], augment="imagenet", crop_pct=1)
     scan = _photo(40, 30).convert("L")
@@ -359,6 +380,7 @@ def test_split_transform_batches_equal_the_whole_transform_per_image(tmp_path: P
         assert len(split) == len(whole) > 1
         for (images, labels), (expected, expected_labels) in zip(split, whole, strict=True):
             assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+            assert images.is_contiguous()  # though the workers' uint8 batches are (N, H, W, C)
             torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
             assert torch.equal(labels, expected_labels)
 
@@ -368,7 +390,7 @@ def test_split_transform_batches_equal_the_whole_transform_per_image(tmp_path: P
                 shardset, 0, 1, epoch=1, transform=tf.train, loader_workers=workers, device=device
             )
             # The workers run the per-image part; the batches are normalised after them.
-            assert epoch.dataset.transform is tf.train.per_image
+            assert epoch.streams.transform is tf.train.per_image
             split = list(epoch)
             assert all(images.device.type == "cpu" for images, _ in split)
             whole = list(
@@ -407,6 +429,141 @@ def test_device_moves_batches_of_any_transform(tmp_path: Path) -> None:
         eval_batches(val, rank=0, world_size=1, batch_size=8, transform=_number, device="cpu")
     )
     assert sum(len(labels) for _, labels in batches) == 64
+
+
+# Loader worker processes (cbtlab.data.workers).
+
+
+def _boom(img: Image.Image) -> torch.Tensor:
+    raise ValueError(f"boom at {_number(img)}")
+
+
+def _exit_at_third(img: Image.Image) -> torch.Tensor:
+    if int(_number(img)) % 24 == 2:  # the third sample of a 24-sample shard
+        os._exit(3)
+    return _number(img)
+
+
+def test_a_pool_keeps_its_workers_and_gives_the_same_batches(tmp_path: Path) -> None:
+    shardset = _numbered(tmp_path, count=192, per_shard=24)
+    with WorkerPool() as pool:
+        first = _batches(_train(shardset, 1, 2, loader_workers=2, pool=pool))
+        pids = pool.pids
+        assert len(pids) == 2 and not pool.busy
+        # Another epoch, then evaluation, then the first epoch again: the same two processes.
+        assert _batches(_train(shardset, 1, 2, epoch=1, loader_workers=2, pool=pool)) != first
+        val = read_split(tmp_path, "val")
+        evaluated = eval_batches(
+            val, rank=0, world_size=1, batch_size=8, transform=_number, loader_workers=2, pool=pool
+        )
+        assert sorted(n for batch in _batches(evaluated) for n in batch) == list(
+            range(10_000, 10_192)
+        )
+        assert _batches(_train(shardset, 1, 2, loader_workers=2, pool=pool)) == first
+        assert pool.pids == pids
+        # Without a pool, workers made for the epoch alone: the same batches.
+        assert _batches(_train(shardset, 1, 2, loader_workers=2)) == first
+        # Batches held past later ones stay intact, though each crossed in a reused buffer.
+        held = [numbers for numbers, _ in _train(shardset, 1, 2, loader_workers=2, pool=pool)]
+        assert [[int(n) for n in numbers] for numbers in held] == first
+    assert all(not _alive(pid) for pid in pids)
+
+
+def test_breaking_off_an_epoch_leaves_the_pool_ready(tmp_path: Path) -> None:
+    shardset = _numbered(tmp_path, count=192, per_shard=24)
+    expected = _batches(_train(shardset, 0, 1, epoch=1, loader_workers=2))
+    with WorkerPool() as pool:
+        for taken in (1, 5):
+            batches = iter(_train(shardset, 0, 1, loader_workers=2, pool=pool))
+            for _ in range(taken):
+                next(batches)
+            batches.close()  # the workers are mid-epoch, with batches waiting
+            assert not pool.busy
+            assert _batches(_train(shardset, 0, 1, epoch=1, loader_workers=2, pool=pool)) == (
+                expected
+            )
+        # A pool is run one epoch at a time: a second epoch meanwhile gets workers of its own.
+        outer = iter(_train(shardset, 0, 1, loader_workers=2, pool=pool))
+        next(outer)
+        assert _batches(_train(shardset, 0, 1, epoch=1, loader_workers=2, pool=pool)) == expected
+        with pytest.raises(RuntimeError, match="already running"):
+            next(iter(pool.run(lambda worker: iter(()), 1, lambda images: images)))
+        outer.close()
+
+
+def test_a_worker_error_is_raised_as_itself_with_the_workers_traceback(tmp_path: Path) -> None:
+    shardset = _numbered(tmp_path, count=64, per_shard=16)
+    with WorkerPool() as pool:
+        with pytest.raises(ValueError, match=r"boom at \d+") as caught:
+            _batches(_train(shardset, 0, 1, loader_workers=2, transform=_boom, pool=pool))
+        assert isinstance(caught.value.__cause__, RemoteTraceback)
+        assert "_boom" in caught.value.__cause__.text  # where in the worker it was raised
+        pids = pool.pids
+        assert _batches(_train(shardset, 0, 1, loader_workers=2, pool=pool))  # still usable
+        assert pool.pids == pids
+
+
+def test_a_dead_worker_is_a_clear_error_and_the_next_epoch_recovers(tmp_path: Path) -> None:
+    shardset = _numbered(tmp_path, count=192, per_shard=24)
+    expected = _batches(_train(shardset, 0, 1, loader_workers=2))
+    with WorkerPool() as pool:
+        with pytest.raises(
+            LoaderWorkerError, match=r"loader worker \d \(pid \d+\) exited with code 3"
+        ):
+            _batches(_train(shardset, 0, 1, loader_workers=2, transform=_exit_at_third, pool=pool))
+        assert pool.pids == []  # given up
+        assert _batches(_train(shardset, 0, 1, loader_workers=2, pool=pool)) == expected
+        # Killed from outside while it works.
+        batches = iter(_train(shardset, 0, 1, loader_workers=2, pool=pool))
+        next(batches)
+        os.kill(pool.pids[1], signal.SIGKILL)
+        with pytest.raises(LoaderWorkerError, match="killed by signal SIGKILL"):
+            list(batches)
+        assert _batches(_train(shardset, 0, 1, loader_workers=2, pool=pool)) == expected
+        # Killed between epochs: the next epoch starts new workers and loses nothing.
+        idle = pool.pids[0]
+        os.kill(idle, signal.SIGKILL)
+        while _alive(idle):
+            time.sleep(0.01)
+        assert _batches(_train(shardset, 0, 1, loader_workers=2, pool=pool)) == expected
+        assert idle not in pool.pids
+
+
+def test_workers_exit_when_their_process_dies_without_cleaning_up(tmp_path: Path) -> None:
+    _numbered(tmp_path, count=64, per_shard=16)
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+from test_loader import _train, _batches, read_split
+from cbtlab.data import WorkerPool
+pool = WorkerPool()
+shards = read_split(Path({str(tmp_path)!r}), "train")
+_batches(_train(shards, 0, 1, loader_workers=2, pool=pool))
+print(*pool.pids, flush=True)
+os._exit(0)  # no atexit handlers, no finalizers: as if killed
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    """Whether any thread of `pid` runs (a zombie, exited but not yet reaped, does not)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:
+            continue
+    return any(state not in ("Z", "X") for state in states)
 
 
 def _tar(members: list[tuple[str, bytes]], fmt: int, compression: str = "") -> bytes:

@@ -211,7 +211,8 @@ class DataConfig:
     # Global batch size, split evenly over the training workers.
     batch_size: int = 64
     shuffle_buffer: int = 512
-    # DataLoader worker processes per training worker (0: decode in the training process).
+    # Loader worker processes per training worker, kept for the whole run (0: decode in the
+    # training process).
     # Give the Ray workers the CPUs for them (train.cpus_per_worker).
     loader_workers: int = 0
     # Training augmentation: "none"; "digits" (a mild random affine warp); "imagenet" (the

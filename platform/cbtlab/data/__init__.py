@@ -10,13 +10,16 @@ from cbtlab.data.loader import ShardReadError, TrainEpoch, eval_batches
 from cbtlab.data.remote import open_split
 from cbtlab.data.shards import ShardSet, read_split
 from cbtlab.data.transforms import Transforms, build_transforms, image_stats
+from cbtlab.data.workers import LoaderWorkerError, WorkerPool
 from cbtlab.paths import data_home
 
 __all__ = [
+    "LoaderWorkerError",
     "ShardReadError",
     "ShardSet",
     "TrainEpoch",
     "Transforms",
+    "WorkerPool",
     "check_dataset_fits",
     "eval_batches",
     "open_split",

@@ -5,31 +5,44 @@ photo-like noise, 500 x 375 by default), writes it as WebDataset shards with
 `shards.write_split` / `write_card` (timed: shard-writing images/s and MB/s), then times whole
 epochs of (a) `TrainEpoch` over the shards and (b) `ImageFolder` + `DataLoader` over the files:
 the same JPEGs, the same transform object (the paper's RRC + flip + normalise, a
-`SplitTransform`), the same number of worker processes and batch size. ImageFolder calls the
-transform whole on each image, as a torchvision user would write it, so its workers ship
-float32 batches; `TrainEpoch` splits it, so its workers crop, resize and flip and ship uint8
-batches, which it normalises here in the main process, inside the timed loop (in training they
-are normalised on the accelerator instead). The main process runs with one torch thread
-(`main_threads`), as each worker does: the workers take the cores. One warm-up epoch each, then
-repeats that alternate which loader goes first; the ratio is the median of the repeats' paired
-ratios. On a shared machine images/s swing with its load, so the CPU time per image of all
-processes (the main one and its joined workers) is printed too: it moves far less.
+`SplitTransform`), the same number of worker processes and batch size. Each loader is used as
+it is meant to be: ImageFolder calls the transform whole on each image, as a torchvision user
+would write it, so its workers ship float32 batches, and a new iterator of its DataLoader
+starts new workers every epoch (the default, `persistent_workers=False`); `TrainEpoch` splits
+the transform, so its workers crop, resize and flip and ship uint8 batches, which it normalises
+here in the main process, inside the timed loop (in training, on the accelerator instead), and
+it runs every epoch in the same `WorkerPool`, as a training run does. Every batch is read once
+(copied into a staging buffer, as a host-to-device copy reads it). The main process runs with
+one torch thread (`main_threads`), as each worker does: the workers take the cores.
 
-A per-image cost breakdown (one process, one torch thread, as in a DataLoader worker) says where
-the time goes. Both loaders decode the same JPEG, the largest cost (for training a 500 x 375 JPEG
-is never decoded at reduced size: the smallest crops need 915 px), and run the same crop, resize
-and flip. They differ in reading (a file, or a sample of a tar stream), in where normalisation
-runs, and in the batch a worker hands over: a worker writes each batch into fresh shared memory,
-whose page faults make a float32 batch (4 bytes a pixel) far costlier than a uint8 one. The
-breakdown sums each loader's steps; it leaves out what no one step shows: starting the workers
-each epoch (the same for both, ~0.4 ms an image in epochs this short), queues and pickling,
-and the main process mapping the shared memory of the batches it reads (only `TrainEpoch`'s
-here: the ImageFolder batches are counted, never read).
+The page cache. By default (`cache="cold"`) both loaders' files are dropped from the page cache
+before every timed epoch, so every epoch reads them from the disk, as an ImageNet-sized dataset
+(140 GB) is read on a node that cannot keep it in memory: ImageFolder's workers then wait for
+one small random read per image, `TrainEpoch`'s for a few large sequential ones. With
+`cache="warm"` the files stay cached after the warm-up epoch, and the loaders differ only in
+CPU work.
+
+One warm-up epoch each, then repeats that alternate which loader goes first; the ratio is the
+median of the repeats' paired ratios. On a shared machine images/s swing with its load, so the
+CPU time per image of all processes (the main one, the pool's workers, read from /proc, and the
+DataLoader's, counted once joined) is printed too: it moves less.
+
+A per-image cost breakdown (one process, one torch thread, as in a loader worker) says where the
+time goes. Both loaders decode the same JPEG, the largest cost (for training a 500 x 375 JPEG is
+never decoded at reduced size: the smallest crops need 915 px), and run the same crop, resize
+and flip. They differ in reading (a file, or a sample of a tar stream), in ImageFolder's loader
+converting every decoded image to RGB (a copy, even of an RGB image), in where normalisation
+runs, and in how a batch crosses to the main process: a DataLoader worker writes each batch
+into new shared memory, faulting in every page (4 bytes a pixel in float32), while a pool
+worker copies its uint8 batch into one of its two slots, mapped once. The breakdown sums each
+loader's steps; it leaves out what no one step shows: ImageFolder's workers starting every
+epoch (~0.4 ms an image in epochs this short), queues, pickling, and reading from the disk.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import statistics
 import tempfile
@@ -45,23 +58,25 @@ from PIL import Image
 
 from cbtlab.data.shards import Sample, read_split, write_card, write_split
 from cbtlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SplitTransform, build_transforms
+from cbtlab.data.workers import WorkerPool
 
 EXTENSIONS = (".jpg", ".jpeg")
+CACHE_MODES = ("cold", "warm")
 # The steps of the cost breakdown each loader pays per image (see the module docstring).
 IMAGEFOLDER_STEPS = (
     "open+read file",
-    "decode JPEG",
+    "decode+convert JPEG",
     "crop+resize+flip",
     "normalise alone",
-    "float32 batch into shared memory",
+    "float32 batch into new shared memory",
 )
 WEBDATASET_WORKER_STEPS = (
     "tar sample",
     "decode JPEG",
     "crop+resize+flip",
-    "uint8 batch into shared memory",
+    "uint8 batch into its reused slot",
 )
-WEBDATASET_MAIN_STEP = "normalise in a batch"
+WEBDATASET_MAIN_STEP = "normalise a collated batch"
 
 
 @dataclass
@@ -75,8 +90,12 @@ class BenchConfig:
     workers: int = 2
     batch_size: int = 32
     img_size: int = 224
-    repeats: int = 5
+    repeats: int = 7
     seed: int = 0
+    # "cold": both loaders' files are dropped from the page cache before every timed epoch, so
+    # each epoch reads them from the disk, as a dataset larger than memory (ImageNet's 140 GB)
+    # is read; "warm": they stay cached after the warm-up epoch.
+    cache: str = "cold"
     # Torch threads of the main process while timing: one, as in each worker, since the workers
     # take the cores (a second thread spun against them, doubling the main process's CPU time
     # in the normalisation).
@@ -111,7 +130,12 @@ class BenchResult:
             f"{cfg.workers} loader workers, batch {cfg.batch_size}, RRC {cfg.img_size} + flip "
             f"+ normalise (imagefolder: whole, per image, in the workers; webdataset: normalised "
             f"per uint8 batch in the main process, {cfg.main_threads} torch thread(s)); "
-            f"{cfg.repeats} interleaved repeats after a warm-up",
+            f"{cfg.repeats} interleaved repeats after a warm-up; page cache {cfg.cache} "
+            + (
+                "(every file dropped from it before each epoch)"
+                if cfg.cache == "cold"
+                else "(the files stay cached)"
+            ),
             f"shard writing: {cfg.images / self.write_s:.0f} images/s, "
             f"{mb / self.write_s:.1f} MB/s ({cfg.samples_per_shard} samples per shard)",
         ]
@@ -192,18 +216,38 @@ def shard_image_folder(tree: Path, out: Path, samples_per_shard: int) -> None:
     )
 
 
-def _epoch_rate(batches: Iterable[Any]) -> tuple[float, float]:
+def _epoch_rate(batches: Iterable[Any], pool: WorkerPool) -> tuple[float, float]:
     """Images/s of one epoch, and the CPU milliseconds per image of this process and of its
-    loader workers (children, counted once joined at the epoch's end)."""
-    cpu_start, start = _cpu_s(), time.perf_counter()
-    count = sum(len(labels) for _, labels in batches)
-    elapsed, cpu = time.perf_counter() - start, _cpu_s() - cpu_start
+    loader workers: children counted once joined at the epoch's end (DataLoader's), and the
+    workers of `pool`, which live on."""
+    cpu_start, start = _cpu_s(pool), time.perf_counter()
+    count, staging = 0, None
+    for images, labels in batches:
+        # Use every batch as a training step's host-to-device copy does: read it once.
+        if staging is None:
+            staging = torch.empty_like(images)
+        staging[: len(images)].copy_(images)
+        count += len(labels)
+    elapsed, cpu = time.perf_counter() - start, _cpu_s(pool) - cpu_start
     return count / elapsed, cpu / count * 1e3
 
 
-def _cpu_s() -> float:
+def drop_from_page_cache(paths: Iterable[Path]) -> None:
+    """Evict the files' pages from the page cache (written out first), so that the next read
+    comes from the disk; Linux's posix_fadvise, no privileges needed."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _cpu_s(pool: WorkerPool) -> float:
     times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+    own = times.user + times.system + times.children_user + times.children_system
+    return own + (pool.cpu_seconds() or math.nan)
 
 
 def _per_image_ms(step: Callable[[Any], Any], items: list[Any]) -> float:
@@ -224,6 +268,10 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
 
     from cbtlab.data.loader import TrainEpoch
 
+    if cfg.cache not in CACHE_MODES:
+        raise ValueError(f"cache={cfg.cache!r}; expected one of {CACHE_MODES}")
+    if cfg.cache == "cold" and not hasattr(os, "posix_fadvise"):
+        raise ValueError("cache='cold' needs posix_fadvise (Linux); use cache='warm'")
     with tempfile.TemporaryDirectory(prefix="cbtlab-bench-") as tmp:
         base = Path(root) if root is not None else Path(tmp)
         tree, shard_dir = base / "imagefolder", base / "shards"
@@ -243,6 +291,8 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
         )
         folder = ImageFolder(str(tree), transform=tf.train)
 
+        pool = WorkerPool()  # TrainEpoch's workers, kept from epoch to epoch
+
         def webdataset_epoch(epoch: int) -> tuple[float, float]:
             return _epoch_rate(
                 TrainEpoch(
@@ -256,7 +306,9 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
                     transform=tf.train,
                     loader_workers=cfg.workers,
                     decode_size=tf.train_decode_size,
-                )
+                    pool=pool,
+                ),
+                pool,
             )
 
         def imagefolder_epoch(epoch: int) -> tuple[float, float]:
@@ -269,7 +321,8 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
                     drop_last=True,
                     num_workers=cfg.workers,
                     generator=generator,
-                )
+                ),
+                pool,
             )
 
         threads = torch.get_num_threads()
@@ -282,11 +335,14 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
                 # Alternate which goes first, so drifts in machine load hit both alike.
                 order = [("wds", webdataset_epoch), ("folder", imagefolder_epoch)]
                 for name, run in order if repeat % 2 else order[::-1]:
+                    if cfg.cache == "cold":
+                        drop_from_page_cache([*paths, *(Path(s.path) for s in shardset.shards)])
                     rate, cpu = run(repeat)
                     rates[name].append(rate)
                     cpu_ms[name].append(cpu)
         finally:
             torch.set_num_threads(threads)
+            pool.close()
         assert isinstance(tf.train, SplitTransform)
         costs = _cost_breakdown(paths[:64], shard_dir, tf.train, cfg.batch_size)
     return BenchResult(
@@ -308,15 +364,21 @@ def _cost_breakdown(
     DataLoader worker): what either loader pays per image."""
     from webdataset.tariterators import tar_file_iterator
 
-    from cbtlab.data.loader import _group
+    from cbtlab.data.loader import _collate, _group
     from cbtlab.data.tarstream import tar_members
 
     shards = read_split(shard_dir, "train").shards
     encoded = [p.read_bytes() for p in paths]
-    decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in encoded]
 
-    def decode(data: bytes) -> Image.Image:
+    def decode(data: bytes) -> Image.Image:  # as TrainEpoch: RGB JPEGs need no conversion
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+
+    def decode_convert(data: bytes) -> Image.Image:  # as ImageFolder's default loader
         return Image.open(io.BytesIO(data)).convert("RGB")
+
+    decoded = [decode(b) for b in encoded]
 
     def webdataset_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
         return ((m["fname"], m["data"]) for m in tar_file_iterator(stream))
@@ -334,17 +396,27 @@ def _cost_breakdown(
         pixels = [transform.per_image(image) for image in decoded]
         uint8_batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
         float_batches = [[transform.per_batch(p) for p in batch] for batch in uint8_batches]
-        stacked = [torch.stack(batch) for batch in uint8_batches]
+        collated = [_collate([(p, 0) for p in batch])[0] for batch in uint8_batches]
+        slot = torch.empty(collated[0].numel(), dtype=torch.uint8).share_memory_()
+
+        def into_slot(batch: list[torch.Tensor]) -> torch.Tensor:
+            images = _collate([(p, 0) for p in batch])[0]
+            view = slot[: images.numel()].as_strided(images.shape, images.stride())
+            return view.copy_(images)
+
         return {
             "open+read file": _per_image_ms(lambda p: p.read_bytes(), paths),
             "tar sample": tar_ms(tar_members),
             "tar sample by webdataset's reader": tar_ms(webdataset_members),
             "decode JPEG": _per_image_ms(decode, encoded),
+            "decode+convert JPEG": _per_image_ms(decode_convert, encoded),
             "crop+resize+flip": _per_image_ms(transform.per_image, decoded),
             "normalise alone": _per_image_ms(transform.per_batch, pixels),
-            "normalise in a batch": _per_batched_image_ms(transform.per_batch, stacked),
-            "uint8 batch into shared memory": _per_batched_image_ms(_shared_stack, uint8_batches),
-            "float32 batch into shared memory": _per_batched_image_ms(_shared_stack, float_batches),
+            "normalise a collated batch": _per_batched_image_ms(transform.per_batch, collated),
+            "uint8 batch into its reused slot": _per_batched_image_ms(into_slot, uint8_batches),
+            "float32 batch into new shared memory": _per_batched_image_ms(
+                _shared_stack, float_batches
+            ),
         }
     finally:
         torch.set_num_threads(threads)

@@ -1,13 +1,18 @@
-"""Streaming WebDataset shards to the ranks of a data-parallel run and their DataLoader workers.
+"""Streaming WebDataset shards to the ranks of a data-parallel run and their loader workers.
 
 Streams. An epoch's shard order is shuffled with (seed, epoch); rank r of R takes shards
-r, r + R, ...; DataLoader worker w of its W takes every W-th of those. Each (rank, worker)
-stream reads its tars in order, shuffles samples in a buffer seeded by (seed, epoch, rank,
-worker), decodes them, applies the transform (the global random/NumPy/torch generators seeded
-from the same four) and forms its own batches; the DataLoader hands its workers' batches out
-round-robin, in order. An epoch's batches on a rank are thus a function of (seed, epoch, rank)
-and W, never of timing, so a mid-epoch resume could rebuild the epoch and skip k batches.
-`loader_workers=0` runs the one stream in the training process: the batches of one worker.
+r, r + R, ...; loader worker w of its W takes every W-th of those. Each (rank, worker) stream
+reads its tars in order (asking the kernel to read the next local shard ahead), shuffles samples
+in a buffer seeded by (seed, epoch, rank, worker), decodes them, applies the transform (the
+global random/NumPy/torch generators seeded from the same four) and forms its own batches; the
+rank takes its workers' batches round-robin, in order. An epoch's batches on a rank are thus a
+function of (seed, epoch, rank) and W, never of timing, so a mid-epoch resume could rebuild the
+epoch and skip k batches. `loader_workers=0` runs the one stream in the training process: the
+batches of one worker.
+
+Workers. The streams run in the processes of a `WorkerPool` (workers.py), which a run keeps
+from epoch to epoch and hands batches over in reused shared memory; an epoch given no pool (or
+a busy one) starts workers for itself alone.
 
 Equal batches. Each stream's batch quota comes from the card's per-shard counts: a rank yields
 `steps` = the smallest, over ranks, of the full batches its streams hold, spread over its
@@ -17,9 +22,10 @@ one) when there are fewer than R x W shards, so that every stream holds a shard.
 
 Transforms. A `SplitTransform` (transforms.py) is split where it is cheapest: the workers apply
 its per-image part (crop, resize, flip) and collate uint8 batches, a quarter of float32's bytes
-through shared memory and pinned host-to-device copies; the batch is then moved to `device`
-when one is given and normalised there by its per-batch part, one vectorised pass (on the
-accelerator in training). Any other transform runs whole in the workers, and its batches are
+through shared memory and pinned host-to-device copies, kept in the (N, H, W, C) memory order
+the crops come in; the batch is then moved to `device` when one is given and normalised there
+by its per-batch part, one vectorised pass that also makes it contiguous (on the accelerator in
+training). Any other transform runs whole in the workers, and its batches are
 only moved. Either way a batch comes out of the epoch ready to use.
 
 Corrupt samples. A sample whose image or label fails to decode is skipped and counted (the count
@@ -44,8 +50,7 @@ import hashlib
 import io
 import logging
 import random
-import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -54,23 +59,17 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from cbtlab.data.remote import open_url
+from cbtlab.data.remote import open_url, prefetch
 from cbtlab.data.shards import ShardInfo, ShardSet
 from cbtlab.data.tarstream import tar_members
 from cbtlab.data.transforms import SplitTransform
+from cbtlab.data.workers import CountedBatch, WorkerPool
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[Tensor, Tensor]
-# What a stream yields: a batch and the corrupt samples skipped since the previous one.
-CountedBatch = tuple[Tensor, Tensor, int]
-# New loader workers every epoch are forked (cheap) on Linux even where the default start method
-# is "spawn" or "forkserver" (processes started by torch.multiprocessing.spawn, Python >= 3.14),
-# which would re-import torch in every worker every epoch; they never touch CUDA.
-_WORKER_START = "fork" if sys.platform.startswith("linux") else None
 # Corrupt samples logged (with key and shard) per stream before going quiet.
 LOGGED_CORRUPT = 3
 
@@ -173,9 +172,10 @@ class _Epoch:
         device: torch.device | str | None = None,
         shuffle_buffer: int = 0,
         seed_key: str | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         split = isinstance(transform, SplitTransform)
-        self.dataset = _RankStreams(
+        self.streams = _RankStreams(
             streams,
             batch_size=batch_size,
             transform=transform.per_image if split else transform,
@@ -187,45 +187,58 @@ class _Epoch:
         )
         self.per_batch = transform.per_batch if split else None
         self.loader_workers = loader_workers
-        self.pin_memory = pin_memory
         self.device = None if device is None else torch.device(device)
+        # Pinned host memory only serves copies to an accelerator.
+        self.pin_memory = pin_memory and self.device is not None and self.device.type != "cpu"
+        self.pool = pool
         self.corrupt_samples = 0
 
     def __iter__(self) -> Iterator[Batch]:
         self.corrupt_samples = 0
-        if not self.dataset.streams:
+        count = len(self.streams.streams)
+        if count == 0:
             return
-        source: Iterable[CountedBatch]
         if self.loader_workers == 0:
-            source = self.dataset
-        else:
-            source = DataLoader(
-                self.dataset,
-                batch_size=None,  # the streams batch themselves
-                num_workers=len(self.dataset.streams),
-                pin_memory=self.pin_memory,
-                multiprocessing_context=_WORKER_START,
-            )
+            yield from self._batches(self._in_process())
+            return
+        pool, own = self.pool, False
+        if pool is None or pool.busy:  # one made for this epoch (forked now, stopped after)
+            pool, own = WorkerPool(), True
+        try:
+            yield from self._batches(pool.run(self.streams.stream, count, self._images))
+        finally:
+            if own:
+                pool.close()
+
+    def _in_process(self) -> Iterator[CountedBatch]:
+        for images, labels, skipped in self.streams.stream(0):
+            yield (self._images(images) if len(labels) else images), labels, skipped
+
+    def _batches(self, source: Iterable[CountedBatch]) -> Iterator[Batch]:
         for images, labels, skipped in source:
             self.corrupt_samples += skipped
             if len(labels):
-                yield self._finish(images, labels)
+                yield images, self._to_device(labels)
 
-    def _finish(self, images: Tensor, labels: Tensor) -> Batch:
+    def _images(self, images: Tensor) -> Tensor:
         """A collated batch moved to `device` (if given), then normalised (split transforms):
         the uint8 batch is what crosses to the device, and the device does the float work."""
-        if self.device is not None:
-            images = images.to(self.device, non_blocking=self.pin_memory)
-            labels = labels.to(self.device, non_blocking=self.pin_memory)
-        if self.per_batch is not None:
-            images = self.per_batch(images)
-        return images, labels
+        images = self._to_device(images)
+        return images if self.per_batch is None else self.per_batch(images)
+
+    def _to_device(self, tensor: Tensor) -> Tensor:
+        if self.device is None:
+            return tensor
+        if self.pin_memory:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=self.pin_memory)
 
 
 class TrainEpoch(_Epoch):
     """One epoch of training batches for one rank; `len()` is the same on every rank. With
     `device`, batches arrive there (copied without blocking when `pin_memory`); a split
-    transform's batches are normalised there."""
+    transform's batches are normalised there. With `loader_workers`, the epoch runs in `pool`'s
+    worker processes (kept for the next epoch), or in workers started for it alone."""
 
     def __init__(
         self,
@@ -242,6 +255,7 @@ class TrainEpoch(_Epoch):
         decode_size: int | None = None,
         pin_memory: bool = False,
         device: torch.device | str | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         _check_rank(rank, world_size)
         self.plan = plan_train_epoch(
@@ -265,6 +279,7 @@ class TrainEpoch(_Epoch):
             device=device,
             shuffle_buffer=shuffle_buffer,
             seed_key=f"{seed}:{epoch}:{rank}",
+            pool=pool,
         )
 
     def __len__(self) -> int:
@@ -290,10 +305,11 @@ def eval_batches(
     decode_size: int | None = None,
     pin_memory: bool = False,
     device: torch.device | str | None = None,
+    pool: WorkerPool | None = None,
 ) -> _Epoch:
     """This rank's share of an evaluation split, every sample once, each stream's last batch
-    partial; iterate it (once per evaluation), then read its `corrupt_samples`. `device` as in
-    `TrainEpoch`."""
+    partial; iterate it (once per evaluation), then read its `corrupt_samples`. `device` and
+    `pool` as in `TrainEpoch`."""
     _check_rank(rank, world_size)
     plan = plan_eval(shardset, world_size=world_size, workers=loader_workers)
     return _Epoch(
@@ -305,6 +321,7 @@ def eval_batches(
         decode_size=decode_size,
         pin_memory=pin_memory,
         device=device,
+        pool=pool,
     )
 
 
@@ -313,9 +330,9 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank {rank} is outside a world of size {world_size}")
 
 
-class _RankStreams(IterableDataset):
-    """A rank's streams as a torch dataset: DataLoader worker w (or the training process,
-    without workers) runs stream w and yields its `CountedBatch`es."""
+class _RankStreams:
+    """A rank's streams: loader worker w (or the training process, without workers) runs
+    `stream(w)` and yields its `CountedBatch`es."""
 
     def __init__(
         self,
@@ -338,14 +355,7 @@ class _RankStreams(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed_key = seed_key
 
-    def __iter__(self) -> Iterator[CountedBatch]:
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        if workers != len(self.streams):
-            raise RuntimeError(f"{workers} loader workers for {len(self.streams)} streams")
-        return self._run(worker)
-
-    def _run(self, worker: int) -> Iterator[CountedBatch]:
+    def stream(self, worker: int) -> Iterator[CountedBatch]:
         stream = self.streams[worker]
         if stream.batches == 0:
             return
@@ -421,8 +431,14 @@ def _seed_global_generators(key: str) -> None:
     torch.manual_seed(value)
 
 
-def _read_shards(shards: Iterable[ShardInfo]) -> Iterator[dict[str, Any]]:
-    for shard in shards:
+def _read_shards(shards: Sequence[ShardInfo]) -> Iterator[dict[str, Any]]:
+    """The samples of `shards` in order, each local shard read from the disk in the background
+    while its predecessor is decoded (the first: while the stream starts)."""
+    if shards:
+        prefetch(shards[0].path)
+    for i, shard in enumerate(shards):
+        if i + 1 < len(shards):
+            prefetch(shards[i + 1].path)
         yield from _read_shard(shard)
 
 
@@ -482,7 +498,15 @@ def _close(stream: IO[bytes], url: str, *, early: bool) -> None:
 
 
 def _collate(samples: list[tuple[Tensor, int]]) -> Batch:
+    """The images stacked, and their labels. Images kept (H, W, C) in memory, as the
+    transforms leave them (transforms.py), stay so: stacking them into (N, C, H, W) order would
+    be a transposing copy, slower than the rest of collating; the batch's normalisation, on the
+    accelerator in training, makes it contiguous instead."""
     if not samples:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     images, labels = zip(*samples, strict=True)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+    if images[0].dim() == 3 and images[0].permute(1, 2, 0).is_contiguous():
+        stacked = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    else:
+        stacked = torch.stack(images)
+    return stacked, torch.tensor(labels, dtype=torch.long)

@@ -88,16 +88,23 @@ class SplitTransform:
         self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def per_batch(self, images: Tensor) -> Tensor:
-        """uint8 images (C, H, W) or (N, C, H, W), on any device, as float32
-        (x - 255 * mean) / (255 * std): ToDtype(scale=True) + Normalize, worked in place on
-        the one float32 copy."""
+        """uint8 images (C, H, W) or (N, C, H, W), on any device and in any memory layout, as
+        contiguous float32 (x - 255 * mean) / (255 * std): ToDtype(scale=True) + Normalize,
+        worked in place on the one float32 copy (which also makes an (H, W, C) layout
+        contiguous, at little more than the cost of a plain conversion)."""
         if images.dtype != torch.uint8:
             raise TypeError(f"per_batch normalises uint8 images, not {images.dtype}")
         shift, scale = self._stats_on(images.device)
-        return images.to(torch.float32).sub_(shift).div_(scale)
+        floats = images.to(torch.float32, memory_format=torch.contiguous_format)
+        return floats.sub_(shift).div_(scale)
 
     def __call__(self, image: Any) -> Tensor:
         return self.per_batch(self.per_image(image))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Without the statistics cached per device: a loader worker unpickling a CUDA tensor
+        # would initialise CUDA in a forked process.
+        return {**self.__dict__, "_stats": {}}
 
     def _stats_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
         stats = self._stats.get(device)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from cbtlab.config import ExperimentConfig
 from cbtlab.data import (
     TrainEpoch,
+    WorkerPool,
     check_dataset_fits,
     eval_batches,
     open_split,
@@ -237,6 +238,9 @@ def run_training(
             usable,
         )
     pin_memory = device.type == "cuda"
+    # Loader worker processes kept for the whole run (started at the first epoch's first batch,
+    # stopped when the run returns or fails): no forking per epoch or per evaluation.
+    pool = WorkerPool() if workers else None
     amp = autocast(resolve_precision(cfg.train.precision, device), device)
 
     model = build_model(cfg.model)
@@ -265,6 +269,7 @@ def run_training(
             decode_size=tf.train_decode_size if draft else None,
             pin_memory=pin_memory,
             device=device,  # uint8 batches cross to the device and are normalised there
+            pool=pool,
         )
 
     probe_images = None
@@ -325,8 +330,9 @@ def run_training(
         train_data = epoch_data(epoch)
         # Whole optimiser steps only: a remainder of fewer than `accum` batches is not read.
         used = len(train_data) // accum * accum
-        batches = iter(
-            train_data if used == len(train_data) else itertools.islice(train_data, used)
+        epoch_batches = iter(train_data)
+        batches = (
+            epoch_batches if used == len(train_data) else itertools.islice(epoch_batches, used)
         )
         skip = 0
         if position is not None:  # a mid-epoch checkpoint: see cbtlab.train.checkpoint
@@ -368,6 +374,9 @@ def run_training(
                     sums=meter.state(),
                     training=(model, optimizer, scheduler),
                 )
+        # Stop the loader's streams (a remainder left unread), freeing its workers for the
+        # evaluation.
+        epoch_batches.close()
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train/lr": scheduler.get_last_lr()[0]}
         metrics.update(meter.metrics(world_size=world_size, corrupt=train_data.corrupt_samples))
         val_data = eval_batches(
@@ -380,6 +389,7 @@ def run_training(
             decode_size=tf.eval_decode_size if draft else None,
             pin_memory=pin_memory,
             device=device,
+            pool=pool,
         )
         metrics.update(evaluate(model, val_data, eval_loss, device, amp))
         (metrics["val/corrupt_samples"],) = all_reduce([val_data.corrupt_samples])
