@@ -15,6 +15,7 @@ import tarfile
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ from cbtlab.data.loader import _read_shard, plan_train_epoch
 from cbtlab.data.shards import Sample, ShardInfo, write_card, write_split
 from cbtlab.data.tarstream import TarStreamError, tar_members
 from cbtlab.data.transforms import SplitTransform, build_transforms
-from cbtlab.data.workers import RemoteTraceback
+from cbtlab.data.workers import RemoteTraceback, default_start_method
 
 CORRUPT = b"\x89PNG\r\n\x1a\n but not really"
 
@@ -444,9 +445,48 @@ def _exit_at_third(img: Image.Image) -> torch.Tensor:
     return _number(img)
 
 
-def test_a_pool_keeps_its_workers_and_gives_the_same_batches(tmp_path: Path) -> None:
+# Both ways a pool starts its workers (see `default_start_method`).
+START_METHODS = pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+
+
+def _ran_in_a_process_without_ray(request: pytest.FixtureRequest, start_method: str) -> bool:
+    """Runs this test again in a fresh pytest if it forks workers and this process is connected
+    to Ray (the session's shared instance): forking here is what the pool avoids. True if it
+    did (and that run passed)."""
+    ray = sys.modules.get("ray")
+    if start_method != "fork" or ray is None or not ray.is_initialized():
+        return False
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+        cwd=request.config.rootpath,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout, done.stdout[-4000:]
+    return True
+
+
+def test_workers_are_not_forked_from_a_process_connected_to_ray(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
+    assert default_start_method() == "fork"
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: True))
+    assert default_start_method() == "forkserver"
+    monkeypatch.delitem(sys.modules, "ray")
+    assert default_start_method() == "fork"
+
+
+@START_METHODS
+def test_a_pool_keeps_its_workers_and_gives_the_same_batches(
+    tmp_path: Path, start_method: str, request: pytest.FixtureRequest
+) -> None:
+    if _ran_in_a_process_without_ray(request, start_method):
+        return
     shardset = _numbered(tmp_path, count=192, per_shard=24)
-    with WorkerPool() as pool:
+    with WorkerPool(start_method) as pool:
         first = _batches(_train(shardset, 1, 2, loader_workers=2, pool=pool))
         pids = pool.pids
         assert len(pids) == 2 and not pool.busy
@@ -503,10 +543,15 @@ def test_a_worker_error_is_raised_as_itself_with_the_workers_traceback(tmp_path:
         assert pool.pids == pids
 
 
-def test_a_dead_worker_is_a_clear_error_and_the_next_epoch_recovers(tmp_path: Path) -> None:
+@START_METHODS
+def test_a_dead_worker_is_a_clear_error_and_the_next_epoch_recovers(
+    tmp_path: Path, start_method: str, request: pytest.FixtureRequest
+) -> None:
+    if _ran_in_a_process_without_ray(request, start_method):
+        return
     shardset = _numbered(tmp_path, count=192, per_shard=24)
     expected = _batches(_train(shardset, 0, 1, loader_workers=2))
-    with WorkerPool() as pool:
+    with WorkerPool(start_method) as pool:
         with pytest.raises(
             LoaderWorkerError, match=r"loader worker \d \(pid \d+\) exited with code 3"
         ):
@@ -529,15 +574,20 @@ def test_a_dead_worker_is_a_clear_error_and_the_next_epoch_recovers(tmp_path: Pa
         assert idle not in pool.pids
 
 
-def test_workers_exit_when_their_process_dies_without_cleaning_up(tmp_path: Path) -> None:
+@START_METHODS
+def test_workers_exit_when_their_process_dies_without_cleaning_up(
+    tmp_path: Path, start_method: str
+) -> None:
+    # The pool is made in a subprocess without Ray: forking there is what a pool does.
     _numbered(tmp_path, count=64, per_shard=16)
     script = f"""
 import os, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from pathlib import Path
+from types import SimpleNamespace
 from test_loader import _train, _batches, read_split
 from cbtlab.data import WorkerPool
-pool = WorkerPool()
+pool = WorkerPool({start_method!r})
 shards = read_split(Path({str(tmp_path)!r}), "train")
 _batches(_train(shards, 0, 1, loader_workers=2, pool=pool))
 print(*pool.pids, flush=True)

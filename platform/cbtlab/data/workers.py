@@ -62,15 +62,33 @@ Job = Callable[[int], Iterable[CountedBatch]]
 
 # Shared-memory batch buffers per worker: one the main process is reading, one being filled.
 SLOTS = 2
-# Workers are forked (cheap, and once per pool) on Linux even where the default start method is
-# "spawn" or "forkserver" (processes started by torch.multiprocessing.spawn, Python >= 3.14); they
-# never touch CUDA. Elsewhere, the platform's default.
-START_METHOD = "fork" if sys.platform.startswith("linux") else None
+# Modules a forkserver loads once, before it forks any worker ("__main__": the program's script,
+# which every worker would otherwise import again).
+FORKSERVER_PRELOAD = ["__main__", "cbtlab.data.workers"]
 # How often a waiting side checks that the other is still alive (seconds).
 LIVENESS_S = 2.0
 # How long stopping a job may take before the pool is given up (seconds): a worker finishes the
 # batch it is making first, which may be reading a slow remote shard.
 CANCEL_TIMEOUT_S = 120.0
+
+
+def default_start_method() -> str | None:
+    """How a new pool starts its workers in this process.
+
+    Forked (cheap: no interpreter to start, nothing to import) on Linux, even where the default
+    start method is "spawn" or "forkserver" (processes started by torch.multiprocessing.spawn,
+    Python >= 3.14); the workers never touch CUDA. But not from a process connected to Ray (a
+    driver, a Ray Train worker): a forked copy keeps Ray's sockets and gRPC state, which Ray does
+    not support (docs.ray.io, "Anti-pattern: Forking new processes in application code"): with
+    pools forked from the test suite's driver, a later `ray.cluster_resources()` there waited for
+    ever. There, a forkserver forks them: a fresh interpreter, started once per process (a few
+    seconds: it imports torch), that holds no Ray state. Elsewhere, the platform's default."""
+    if not sys.platform.startswith("linux"):
+        return None
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return "forkserver"
+    return "fork"
 
 
 class LoaderWorkerError(RuntimeError):
@@ -94,7 +112,10 @@ class WorkerPool:
     One job runs at a time (`busy`). `close()` stops the workers; so does dropping the pool, and
     so does the interpreter's exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, start_method: str | None = None) -> None:
+        """`start_method`: multiprocessing's ("fork", "forkserver", "spawn"); by default
+        `default_start_method()` when the workers start."""
+        self.start_method = start_method
         self._workers: list[_Worker] = []
         self._generation = 0
         self.busy = False
@@ -167,13 +188,16 @@ class WorkerPool:
         if dead:  # between epochs (killed, out of memory): a new set, nothing lost
             log.warning("%s exited while idle; starting new loader workers", ", ".join(dead))
             self.close()
-        context = multiprocessing.get_context(START_METHOD)
+        method = self.start_method or default_start_method()
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload(FORKSERVER_PRELOAD)  # used when the server starts
         while len(self._workers) < count:
             index = len(self._workers)
             mine, theirs = context.Pipe()
             process = context.Process(
                 target=_worker_main,
-                args=(index, theirs, os.getpid()),
+                args=(index, theirs),
                 name=f"cbtlab-loader-{index}",
                 daemon=True,
             )
@@ -335,10 +359,11 @@ class _Stop(Exception):
     """The main process asked this worker to exit."""
 
 
-def _worker_main(index: int, conn: Connection, parent: int) -> None:
+def _worker_main(index: int, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which stops us
     torch.set_num_threads(1)  # the workers take the cores between them
-    state = _WorkerState(index, conn, parent)
+    # Our parent: the main process, or the forkserver, which exits when the main process does.
+    state = _WorkerState(index, conn, os.getppid())
     try:
         while True:
             message = state.receive()
