@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import multiprocessing
 import os
 import pickle
 import signal
@@ -730,6 +731,7 @@ def test_corrupt_counts_reach_the_training_metrics(tmp_path: Path) -> None:
         }
     )
     from cbtlab.train import run_training
+    from cbtlab.train.loop import InjectedFailure
 
     reports: list[dict[str, float]] = []
     run_training(cfg, report=lambda metrics, state: reports.append(metrics))
@@ -737,3 +739,12 @@ def test_corrupt_counts_reach_the_training_metrics(tmp_path: Path) -> None:
     assert reports[0]["val/corrupt_samples"] == 1 and reports[0]["val/samples"] == 255
     with pytest.raises(ValueError, match=r"model\.num_classes=10"):
         run_training(cfg.with_overrides({"model.num_classes": 5}), report=lambda m, s: None)
+    # A run that fails mid-epoch stops its loader workers, though its traceback (held here)
+    # keeps the run's frame, and so its pool, alive.
+    with pytest.raises(InjectedFailure) as failed:
+        run_training(
+            cfg.with_overrides({"train.inject_failure": "0:2:0"}), report=lambda m, s: None
+        )
+    loaders = [p for p in multiprocessing.active_children() if p.name.startswith("cbtlab-loader")]
+    assert loaders == []
+    assert "epoch 0, step 2" in str(failed.value)

@@ -239,7 +239,7 @@ def run_training(
         )
     pin_memory = device.type == "cuda"
     # Loader worker processes kept for the whole run (started at the first epoch's first batch,
-    # stopped when the run returns or fails): no forking per epoch or per evaluation.
+    # stopped when the epochs end or fail): no forking per epoch or per evaluation.
     pool = WorkerPool() if workers else None
     amp = autocast(resolve_precision(cfg.train.precision, device), device)
 
@@ -322,96 +322,100 @@ def run_training(
     )
     every_steps = cfg.train.checkpoint_every_steps
 
-    for epoch in range(first_epoch, cfg.train.epochs):
-        # Augmentation randomness: seeded per (seed, epoch, rank), independent of data order.
-        torch.manual_seed((cfg.train.seed * 1_000_003 + epoch) * 1_009 + rank)
-        wrapped.train()
-        meter = EpochMeter(device)
-        train_data = epoch_data(epoch)
-        # Whole optimiser steps only: a remainder of fewer than `accum` batches is not read.
-        used = len(train_data) // accum * accum
-        epoch_batches = iter(train_data)
-        batches = (
-            epoch_batches if used == len(train_data) else itertools.islice(epoch_batches, used)
-        )
-        skip = 0
-        if position is not None:  # a mid-epoch checkpoint: see cbtlab.train.checkpoint
-            skip = position["batches_done"]
-            _consume(batches, skip)
-            mine = position["ranks"][rank]
-            set_rng_state(mine["rng"], device)
-            meter.load(mine["sums"])
-            meter.restart_clock()
-            position = None
-        for index, (images, labels) in enumerate(meter.timed(batches), start=skip):
-            if failure == (epoch, index, rank):
-                raise InjectedFailure(
-                    f"injected failure at epoch {epoch}, step {index}, rank {rank}"
-                )
-            # No-ops: the loader has moved the batch to `device` already.
-            images = images.to(device, non_blocking=pin_memory)
-            labels = labels.to(device, non_blocking=pin_memory)
-            check = functools.partial(_check_finite, epoch=epoch, step=index)
-            loss, logits, stepped = train_step(images, labels, check)
-            meter.add(loss, logits, labels)
-            # A mid-epoch checkpoint every `every_steps` optimiser steps; the epoch's end has
-            # one of its own.
-            if (
-                stepped
-                and every_steps
-                and scheduler.last_epoch % every_steps == 0
-                and index + 1 < used
-            ):
-                _mid_epoch_checkpoint(
-                    cfg,
-                    report,
-                    rank=rank,
-                    world_size=world_size,
-                    device=device,
-                    epoch=epoch,
-                    batches_done=index + 1,
-                    batches_in_epoch=used,
-                    sums=meter.state(),
-                    training=(model, optimizer, scheduler),
-                )
-        # Stop the loader's streams (a remainder left unread), freeing its workers for the
-        # evaluation.
-        epoch_batches.close()
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "train/lr": scheduler.get_last_lr()[0]}
-        metrics.update(meter.metrics(world_size=world_size, corrupt=train_data.corrupt_samples))
-        val_data = eval_batches(
-            val_set,
-            rank=rank,
-            world_size=world_size,
-            batch_size=batch_size,
-            transform=tf.eval,
-            loader_workers=workers,
-            decode_size=tf.eval_decode_size if draft else None,
-            pin_memory=pin_memory,
-            device=device,
-            pool=pool,
-        )
-        metrics.update(evaluate(model, val_data, eval_loss, device, amp))
-        (metrics["val/corrupt_samples"],) = all_reduce([val_data.corrupt_samples])
-        metrics["time/epoch_s"] = time.perf_counter() - meter.start
-        if cfg.train.probe_every and (epoch + 1) % cfg.train.probe_every == 0:
-            metrics.update(compression_metrics(model, probe_images))
-        state = None
-        last = epoch + 1 == cfg.train.epochs
-        if (
-            rank == 0
-            and cfg.train.checkpoint_every
-            and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last)
-        ):
-            state = make_state(
-                cfg,
-                epoch=epoch + 1,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                metrics=metrics,
+    try:
+        for epoch in range(first_epoch, cfg.train.epochs):
+            # Augmentation randomness: seeded per (seed, epoch, rank), independent of data order.
+            torch.manual_seed((cfg.train.seed * 1_000_003 + epoch) * 1_009 + rank)
+            wrapped.train()
+            meter = EpochMeter(device)
+            train_data = epoch_data(epoch)
+            # Whole optimiser steps only: a remainder of fewer than `accum` batches is not read.
+            used = len(train_data) // accum * accum
+            epoch_batches = iter(train_data)
+            batches = (
+                epoch_batches if used == len(train_data) else itertools.islice(epoch_batches, used)
             )
-        report(metrics, state)
+            skip = 0
+            if position is not None:  # a mid-epoch checkpoint: see cbtlab.train.checkpoint
+                skip = position["batches_done"]
+                _consume(batches, skip)
+                mine = position["ranks"][rank]
+                set_rng_state(mine["rng"], device)
+                meter.load(mine["sums"])
+                meter.restart_clock()
+                position = None
+            for index, (images, labels) in enumerate(meter.timed(batches), start=skip):
+                if failure == (epoch, index, rank):
+                    raise InjectedFailure(
+                        f"injected failure at epoch {epoch}, step {index}, rank {rank}"
+                    )
+                # No-ops: the loader has moved the batch to `device` already.
+                images = images.to(device, non_blocking=pin_memory)
+                labels = labels.to(device, non_blocking=pin_memory)
+                check = functools.partial(_check_finite, epoch=epoch, step=index)
+                loss, logits, stepped = train_step(images, labels, check)
+                meter.add(loss, logits, labels)
+                # A mid-epoch checkpoint every `every_steps` optimiser steps; the epoch's end has
+                # one of its own.
+                if (
+                    stepped
+                    and every_steps
+                    and scheduler.last_epoch % every_steps == 0
+                    and index + 1 < used
+                ):
+                    _mid_epoch_checkpoint(
+                        cfg,
+                        report,
+                        rank=rank,
+                        world_size=world_size,
+                        device=device,
+                        epoch=epoch,
+                        batches_done=index + 1,
+                        batches_in_epoch=used,
+                        sums=meter.state(),
+                        training=(model, optimizer, scheduler),
+                    )
+            # Stop the loader's streams (a remainder left unread), freeing its workers for the
+            # evaluation.
+            epoch_batches.close()
+            metrics: dict[str, Any] = {"epoch": epoch + 1, "train/lr": scheduler.get_last_lr()[0]}
+            metrics.update(meter.metrics(world_size=world_size, corrupt=train_data.corrupt_samples))
+            val_data = eval_batches(
+                val_set,
+                rank=rank,
+                world_size=world_size,
+                batch_size=batch_size,
+                transform=tf.eval,
+                loader_workers=workers,
+                decode_size=tf.eval_decode_size if draft else None,
+                pin_memory=pin_memory,
+                device=device,
+                pool=pool,
+            )
+            metrics.update(evaluate(model, val_data, eval_loss, device, amp))
+            (metrics["val/corrupt_samples"],) = all_reduce([val_data.corrupt_samples])
+            metrics["time/epoch_s"] = time.perf_counter() - meter.start
+            if cfg.train.probe_every and (epoch + 1) % cfg.train.probe_every == 0:
+                metrics.update(compression_metrics(model, probe_images))
+            state = None
+            last = epoch + 1 == cfg.train.epochs
+            if (
+                rank == 0
+                and cfg.train.checkpoint_every
+                and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last)
+            ):
+                state = make_state(
+                    cfg,
+                    epoch=epoch + 1,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    metrics=metrics,
+                )
+            report(metrics, state)
+    finally:  # however the run ends: the loader's workers stop with it
+        if pool is not None:
+            pool.close()
     return model
 
 
