@@ -36,13 +36,21 @@ def join_url(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
+def _local_path(url: str) -> str | None:
+    """The file a local path or a file:// URL names; None for pipes and remote URLs."""
+    if not is_url(url):
+        return url
+    if not url.startswith("pipe:") and urlparse(url).scheme == "file":
+        return url2pathname(urlparse(url).path)
+    return None
+
+
 def open_url(url: str) -> IO[bytes]:
     """Open a local path, a file:// URL, a pipe or a remote URL for binary reading."""
-    if not is_url(url):
-        return open(url, "rb")
+    path = _local_path(url)
+    if path is not None:
+        return open(path, "rb")
     scheme = urlparse(url).scheme if not url.startswith("pipe:") else "pipe"
-    if scheme == "file":
-        return open(url2pathname(urlparse(url).path), "rb")
     if scheme in gopen_schemes:
         return gopen(url, "rb")
     try:
@@ -59,10 +67,8 @@ def prefetch(url: str) -> None:
     """Have the kernel start reading a local shard into the page cache, in the background, so
     that a stream moving on to it does not wait for the disk; nothing for URLs, or where the
     platform has no `posix_fadvise`."""
-    if is_url(url) and urlparse(url).scheme != "file":
-        return
-    path = url2pathname(urlparse(url).path) if is_url(url) else url
-    if not hasattr(os, "posix_fadvise"):
+    path = _local_path(url)
+    if path is None or not hasattr(os, "posix_fadvise"):
         return
     try:
         fd = os.open(path, os.O_RDONLY)
