@@ -491,6 +491,9 @@ def test_a_pool_keeps_its_workers_and_gives_the_same_batches(
         first = _batches(_train(shardset, 1, 2, loader_workers=2, pool=pool))
         pids = pool.pids
         assert len(pids) == 2 and not pool.busy
+        # Forked by this process, or by a forkserver.
+        forked_here = [_parent(pid) == os.getpid() for pid in pids]
+        assert forked_here == [start_method == "fork"] * 2
         # Another epoch, then evaluation, then the first epoch again: the same two processes.
         assert _batches(_train(shardset, 1, 2, epoch=1, loader_workers=2, pool=pool)) != first
         val = read_split(tmp_path, "val")
@@ -604,6 +607,10 @@ os._exit(0)  # no atexit handlers, no finalizers: as if killed
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in pids)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def _alive(pid: int) -> bool:
