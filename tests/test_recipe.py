@@ -4,12 +4,14 @@ compilation errors and the accumulated training step."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import socket
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from cbtlab.config import ExperimentConfig
 from cbtlab.models import build_model
@@ -19,7 +21,7 @@ from cbtlab.train.recipe import (
     autocast,
     build_optimizer,
     compile_model,
-    explain_compile_errors,
+    is_compile_failure,
     param_groups,
     resolve_precision,
     warmup_cosine,
@@ -83,21 +85,120 @@ def test_precision_auto_is_bf16_on_cuda_only() -> None:
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
 
 
-def test_compile_failures_name_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
-    class BackendFailed(RuntimeError):
-        pass
+class _BackendFailed(RuntimeError):
+    """Stands for Dynamo's BackendCompilerFailed: an exception type of the compiler's."""
 
-    BackendFailed.__module__ = "torch._dynamo.exc"
-    explained = pytest.raises(CompileError, match=r"train\.compile=true: torch\.compile failed")
-    with explained, explain_compile_errors(True):
-        raise BackendFailed("no backend\ndetails")
-    with pytest.raises(ValueError), explain_compile_errors(True):  # not a compiler error
-        raise ValueError("a shape")
-    with pytest.raises(BackendFailed), explain_compile_errors(False):  # the flag off
-        raise BackendFailed("x")
+
+_BackendFailed.__module__ = "torch._dynamo.exc"
+
+
+def test_compile_failures_are_told_from_the_models_own_errors() -> None:
+    assert is_compile_failure(_BackendFailed("no backend"))
+    assert not is_compile_failure(ValueError("a shape"))
+    # A bare assertion inside the compiler's code (as Inductor raised on CBT-T at 448 px) is
+    # the compiler's; the same assertion from elsewhere is the model's.
+    for filename, expected in (("/site/torch/_inductor/fake.py", True), ("/mine.py", False)):
+        try:
+            exec(compile("raise AssertionError('index')", filename, "exec"))
+        except AssertionError as exc:
+            assert is_compile_failure(exc) is expected, filename
+
+
+def test_compile_without_a_cpp_compiler_warns_and_stays_eager(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr("shutil.which", lambda name: None)
-    with pytest.raises(CompileError, match="C\\+\\+ compiler"):
-        compile_model(nn.Linear(2, 2), torch.device("cpu"))
+    module = nn.Linear(2, 2)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ compiler.*eager"):
+        assert compile_model(module, torch.device("cpu")) is module
+
+
+def _failing_backend(gm: torch.fx.GraphModule, example_inputs: list) -> None:
+    raise AssertionError("the compiler could not")
+
+
+def _one_step(model: nn.Module, *, compiled: nn.Module | None = None) -> nn.Module:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = warmup_cosine(optimizer, warmup_steps=0, total_steps=2, min_ratio=1.0)
+    step = TrainStep(
+        compiled or model,
+        optimizer,
+        scheduler,
+        nn.CrossEntropyLoss(),
+        compiled=compiled is not None,
+    )
+    torch.manual_seed(1)
+    step(torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    assert step.compiled is False  # fell back (or never compiled)
+    return model
+
+
+def test_a_model_that_fails_to_compile_trains_eagerly_with_a_warning() -> None:
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+    twin = copy.deepcopy(eager)
+    _one_step(eager)
+    compiled = torch.compile(twin, backend=_failing_backend)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*could not.*eager"):
+        _one_step(twin, compiled=compiled)
+    for (name, a), b in zip(eager.state_dict().items(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+class _FailsBackwardOnce(torch.autograd.Function):
+    """The identity, whose first backward fails as a lazily compiled backward would, after
+    leaving a gradient behind."""
+
+    failures = 0
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        if _FailsBackwardOnce.failures == 0:
+            _FailsBackwardOnce.failures += 1
+            weight.grad = torch.full_like(weight, 1e6)  # a half-accumulated gradient
+            raise _BackendFailed("backward did not compile")
+        return grad, None
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(_FailsBackwardOnce.apply(x, self.linear.weight))
+
+
+@pytest.mark.parametrize("pending", [0, 1])
+def test_a_backward_that_fails_to_compile(pending: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At an optimiser step's first micro-batch, the half-accumulated gradient is dropped and
+    the step trains as eager; later in an accumulation, gradients cannot be told apart and the
+    step stops, naming the flag."""
+    monkeypatch.setattr(_FailsBackwardOnce, "failures", 0)
+    torch.manual_seed(0)
+    model = _Model()
+    reference = copy.deepcopy(model)
+    monkeypatch.setattr(_FailsBackwardOnce, "failures", 1)  # the reference never fails
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    (nn.CrossEntropyLoss()(reference(x), y) / 4).backward()  # 4 micro-batches a step
+    monkeypatch.setattr(_FailsBackwardOnce, "failures", 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = warmup_cosine(optimizer, warmup_steps=0, total_steps=2, min_ratio=1.0)
+    step = TrainStep(model, optimizer, scheduler, nn.CrossEntropyLoss(), compiled=True)
+    step.accum_steps, step.pending = 4, pending
+    if pending:
+        with pytest.raises(CompileError, match=r"backward pass .*train\.compile=false"):
+            step(x, y)
+        return
+    with pytest.warns(RuntimeWarning, match="backward did not compile"):
+        step(x, y)
+    assert torch.equal(model.linear.weight.grad, reference.linear.weight.grad)
 
 
 def _train_steps(model: nn.Module, batches: list, accum: int, wrap: bool = False) -> nn.Module:

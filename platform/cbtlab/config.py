@@ -283,8 +283,12 @@ class TrainConfig:
     # Autocast dtype: "bf16", "fp32", or "auto" (bf16 on CUDA, fp32 on CPU). bf16 needs no
     # loss scaling.
     precision: str = "auto"
-    # torch.compile the model (on CPU, inductor needs a C++ compiler).
+    # torch.compile the model (on CPU, inductor needs a C++ compiler). A model that fails to
+    # compile trains eagerly, with a warning that names the reason.
     compile: bool = False
+    # Keep images and convolution weights in channels-last (NHWC) order: faster convolution
+    # stems on GPUs with tensor cores; no effect on the numbers.
+    channels_last: bool = False
     # Micro-batches of data.batch_size per optimizer step: the effective global batch is
     # data.batch_size x grad_accum_steps, and the schedule counts optimizer steps.
     grad_accum_steps: int = 1

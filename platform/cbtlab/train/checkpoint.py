@@ -48,8 +48,7 @@ def make_state(
 ) -> dict[str, Any]:
     """The checkpoint after `epoch` finished epochs; `position` (from `data_position`) marks a
     mid-epoch one."""
-    # A snapshot: state_dict() returns the live tensors, which training keeps updating.
-    return copy.deepcopy(
+    return snapshot(
         {
             "format": FORMAT,
             "epochs_done": epoch,
@@ -64,6 +63,22 @@ def make_state(
             "position": position,
         }
     )
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of `obj` whose tensors are on the CPU: state_dict() returns the live tensors,
+    which training keeps updating, and copying them where they live would double the model's
+    and the optimiser's memory on a GPU. Other values are deep-copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):  # a shallow copy first keeps a state_dict's `_metadata`
+        copied = copy.copy(obj)
+        for key, value in obj.items():
+            copied[key] = snapshot(value)
+        return copied
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(value) for value in obj)
+    return copy.deepcopy(obj)
 
 
 def data_position(

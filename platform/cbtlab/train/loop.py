@@ -10,7 +10,6 @@ compilation, the accumulated step) are in `cbtlab.train.recipe`, the epoch's boo
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import math
@@ -23,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from cbtlab.config import ExperimentConfig
@@ -49,8 +47,9 @@ from cbtlab.train.checkpoint import (
     save_state,
     set_rng_state,
 )
+from cbtlab.train.collectives import all_reduce, gather_objects, reduction_device
 from cbtlab.train.finetune import init_from
-from cbtlab.train.metrics import EpochMeter, all_reduce, topk_correct
+from cbtlab.train.metrics import DivergenceGuard, EpochMeter, correct_counts
 from cbtlab.train.recipe import (
     TrainStep,
     autocast,
@@ -81,15 +80,15 @@ DIVERGED_WORST = {"val/top1": 0.0, "val/top5": 0.0, "val/loss": math.inf, "train
 
 
 class Diverged(FloatingPointError):
-    """The training loss became NaN or infinite on some rank (raised on every rank).
+    """The training loss became NaN or infinite on some rank (raised on every rank alike, at
+    most `DivergenceGuard.every - 1` micro-batches later: see `cbtlab.train.metrics`).
 
     It travels from the workers to the driver as a result: `as_metrics()` in the workers'
     last report, `from_metrics()` where that report arrives (the trial, the MLflow callback).
     """
 
-    def __init__(self, epoch: int, step: int, loss: float | None = None) -> None:
-        where = f"non-finite training loss at epoch {epoch}, step {step}"
-        super().__init__(where if loss is None else f"{where} (here: {loss})")
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"non-finite training loss at epoch {epoch}, step {step}")
         self.epoch, self.step = epoch, step
 
     def as_metrics(self) -> dict[str, float]:
@@ -109,52 +108,28 @@ class Diverged(FloatingPointError):
         return cls(int(metrics["diverged/epoch"]), int(metrics["diverged/step"]))
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is true on any rank (itself without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    tensor = torch.tensor([float(flag)])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
-def _check_finite(loss: Tensor, *, epoch: int, step: int) -> None:
-    # Every rank learns of a non-finite loss on any rank at the same step, so all stop
-    # together (a rank that stopped alone would leave the others hanging in DDP).
-    if _any_rank(not torch.isfinite(loss).item()):
-        raise Diverged(epoch, step, loss.item())
-
-
-def _gather(obj: Any, world_size: int) -> list[Any]:
-    """Every rank's `obj`, in rank order (a collective under a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def evaluate(
     model: nn.Module,
     batches: Any,
     loss_fn: nn.Module,
     device: torch.device,
     amp: Callable[[], Any] = contextlib.nullcontext,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 over this rank's batches, summed over ranks; `amp` gives the
-    forward pass's autocast context."""
+    forward pass's autocast context. Sums stay on `device` until the one reduction."""
     model.eval()
-    loss_sum = top1 = top5 = count = 0.0
+    # (loss x samples, top-1 hits, top-5 hits, samples)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     with torch.no_grad():
         for images, labels in batches:
             images, labels = images.to(device), labels.to(device)
             with amp():
-                logits = model(images)
-            loss_sum += loss_fn(logits.float(), labels).item() * labels.numel()
-            top1 += topk_correct(logits, labels, 1)
-            top5 += topk_correct(logits, labels, 5)
-            count += labels.numel()
-    loss_sum, top1, top5, count = all_reduce([loss_sum, top1, top5, count])
+                logits = model(images.contiguous(memory_format=memory_format))
+            n = labels.numel()
+            loss = loss_fn(logits.float(), labels).double().reshape(1) * n
+            sums += torch.cat([loss, correct_counts(logits, labels), loss.new_tensor([n])])
+    loss_sum, top1, top5, count = all_reduce(sums, device)
     return {
         "val/loss": loss_sum / count,
         "val/top1": top1 / count,
@@ -217,6 +192,7 @@ def run_training(
     state to continue from (an epoch's end or, with a data position, mid-epoch). Returns the
     trained (unwrapped) model."""
     device = device or torch.device("cpu")
+    reduction_device(device)  # a process group that cannot reduce this rank's tensors fails now
     threads = cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker))
     torch.set_num_threads(threads)
     seed_everything(cfg.train.seed)
@@ -248,7 +224,10 @@ def run_training(
         for note in init_from(model, cfg.train.init_from):
             if rank == 0:
                 log.info("train.init_from=%s: %s", cfg.train.init_from, note)
-    model = model.to(device)
+    # channels_last: NHWC images and convolution weights (the stems' convolutions run faster
+    # so on tensor cores); the model's numbers do not change.
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
     wrapped = prepare_model(model)
     if cfg.train.compile:
         wrapped = compile_model(wrapped, device)
@@ -328,6 +307,7 @@ def run_training(
             torch.manual_seed((cfg.train.seed * 1_000_003 + epoch) * 1_009 + rank)
             wrapped.train()
             meter = EpochMeter(device)
+            guard = DivergenceGuard(device)
             train_data = epoch_data(epoch)
             # Whole optimiser steps only: a remainder of fewer than `accum` batches is not read.
             used = len(train_data) // accum * accum
@@ -352,9 +332,13 @@ def run_training(
                 # No-ops: the loader has moved the batch to `device` already.
                 images = images.to(device, non_blocking=pin_memory)
                 labels = labels.to(device, non_blocking=pin_memory)
-                check = functools.partial(_check_finite, epoch=epoch, step=index)
-                loss, logits, stepped = train_step(images, labels, check)
+                loss, logits, stepped = train_step(
+                    images.contiguous(memory_format=memory_format), labels
+                )
                 meter.add(loss, logits, labels)
+                guard.observe(loss, index)
+                if guard.due(index):
+                    _stop_if_diverged(guard, epoch)
                 # A mid-epoch checkpoint every `every_steps` optimiser steps; the epoch's end has
                 # one of its own.
                 if (
@@ -363,6 +347,7 @@ def run_training(
                     and scheduler.last_epoch % every_steps == 0
                     and index + 1 < used
                 ):
+                    _stop_if_diverged(guard, epoch)  # no checkpoint of a diverged model
                     _mid_epoch_checkpoint(
                         cfg,
                         report,
@@ -378,6 +363,7 @@ def run_training(
             # Stop the loader's streams (a remainder left unread), freeing its workers for the
             # evaluation.
             epoch_batches.close()
+            _stop_if_diverged(guard, epoch)
             metrics: dict[str, Any] = {"epoch": epoch + 1, "train/lr": scheduler.get_last_lr()[0]}
             metrics.update(meter.metrics(world_size=world_size, corrupt=train_data.corrupt_samples))
             val_data = eval_batches(
@@ -392,8 +378,8 @@ def run_training(
                 device=device,
                 pool=pool,
             )
-            metrics.update(evaluate(model, val_data, eval_loss, device, amp))
-            (metrics["val/corrupt_samples"],) = all_reduce([val_data.corrupt_samples])
+            metrics.update(evaluate(model, val_data, eval_loss, device, amp, memory_format))
+            (metrics["val/corrupt_samples"],) = all_reduce([val_data.corrupt_samples], device)
             metrics["time/epoch_s"] = time.perf_counter() - meter.start
             if cfg.train.probe_every and (epoch + 1) % cfg.train.probe_every == 0:
                 metrics.update(compression_metrics(model, probe_images))
@@ -419,6 +405,13 @@ def run_training(
     return model
 
 
+def _stop_if_diverged(guard: DivergenceGuard, epoch: int) -> None:
+    """Raise `Diverged` on every rank if some rank's loss was non-finite (a collective)."""
+    step = guard.first_bad_step()
+    if step is not None:
+        raise Diverged(epoch, step)
+
+
 def _consume(batches: Iterator[Any], count: int) -> None:
     """Read and drop `count` batches (decoded and transformed: see cbtlab.train.checkpoint)."""
     next(itertools.islice(batches, count, count), None)
@@ -440,7 +433,7 @@ def _mid_epoch_checkpoint(
     """Report a checkpoint with every rank's random state and partial sums (a collective)."""
     model, optimizer, scheduler = training
     rng = rng_state(device)
-    ranks = _gather({"rng": rng, "sums": sums}, world_size)
+    ranks = gather_objects({"rng": rng, "sums": sums}, world_size)
     metrics = {
         "epoch": epoch + batches_done / batches_in_epoch,
         "train/step": scheduler.last_epoch,

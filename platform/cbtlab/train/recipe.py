@@ -9,15 +9,20 @@ and mixed precision: `cbtlab.tune.studies.IMAGENET_RECIPE` sets those fields.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import shutil
-from collections.abc import Callable, Iterator
+import traceback
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cbtlab.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
 
 # The classifier's parameters (CBTransformer.head); fine-tuning may treat them apart.
 HEAD_PREFIX = "head."
@@ -117,37 +122,59 @@ def autocast(
 
 
 class CompileError(RuntimeError):
-    """`train.compile` is on and torch.compile cannot work here."""
+    """`train.compile` is on and torch.compile failed where training cannot fall back."""
 
 
 def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
-    """`torch.compile(module)`, after checking what it needs (a C++ compiler on CPU)."""
+    """`torch.compile(module)`, or `module` itself, with a warning, where compiling cannot work
+    (no C++ compiler for Inductor on CPU). A model that fails to compile later, at its first
+    forward, falls back in `TrainStep`."""
     if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
-        raise CompileError(
-            "train.compile=true: torch.compile on CPU needs a C++ compiler (g++ or clang++), "
-            "and none is on PATH; install one or set train.compile=false"
+        _warn_eager(
+            "torch.compile on CPU needs a C++ compiler (g++ or clang++), and none is on PATH"
         )
+        return module
     return torch.compile(module)
 
 
-@contextlib.contextmanager
-def explain_compile_errors(enabled: bool) -> Iterator[None]:
-    """Turn torch.compile's failures (raised at the first forward) into a CompileError that
-    names the flag; other errors pass unchanged."""
-    if not enabled:
-        yield
-        return
-    try:
-        yield
-    except Exception as exc:
-        module = type(exc).__module__
-        if not module.startswith(("torch._dynamo", "torch._inductor")):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompileError(
-            f"train.compile=true: torch.compile failed ({type(exc).__name__}: {first}); "
-            "set train.compile=false to train without it"
-        ) from exc
+# Where torch.compile's own errors come from: Dynamo's and Inductor's exception types
+# (BackendCompilerFailed, Unsupported, InductorError, ...), and assertions raised inside the
+# compiler's code (torch 2.11's Inductor raised a bare AssertionError on CBT-T at 448 px).
+_COMPILER_MODULES = ("torch._dynamo", "torch._inductor", "torch._functorch")
+_COMPILER_PATHS = tuple(f"/{m.replace('.', '/')}/" for m in _COMPILER_MODULES)
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether `exc` is torch.compile failing to compile (not the model failing to run)."""
+    if type(exc).__module__.startswith(_COMPILER_MODULES):
+        return True
+    if isinstance(exc, (AssertionError, NotImplementedError)):
+        frames = traceback.extract_tb(exc.__traceback__)
+        return any(path in frame.filename for frame in frames for path in _COMPILER_PATHS)
+    return False
+
+
+def compile_failure_reason(exc: BaseException) -> str:
+    """The exception's type and first line, and its root cause's (Dynamo wraps the backend's
+    own error in a BackendCompilerFailed, as its `inner_exception`)."""
+
+    def first_line(error: BaseException) -> str:
+        text = str(error).strip()
+        return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+    root, seen = exc, {id(exc)}
+    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+        if id(inner) in seen:
+            break
+        root = inner
+        seen.add(id(inner))
+    return first_line(exc) + ("" if root is exc else f", from {first_line(root)}")
+
+
+def _warn_eager(reason: str) -> None:
+    message = f"train.compile=true: {reason}; training on without compiling (eager)"
+    log.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 class TrainStep:
@@ -187,24 +214,48 @@ class TrainStep:
         self.compiled = compiled
         self.pending = 0  # micro-batches accumulated since the last optimiser step
 
-    def __call__(
-        self, images: Tensor, labels: Tensor, check: Callable[[Tensor], None] = lambda loss: None
-    ) -> tuple[Tensor, Tensor, bool]:
-        """(loss, logits, stepped): `check(loss)` runs between forward and backward (the loop's
-        divergence test); `stepped` is true when this micro-batch completed an optimiser step."""
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """(loss, logits, stepped): `stepped` is true when this micro-batch completed an
+        optimiser step. Nothing here waits for the device (`grad_clip` included)."""
         last = self.pending + 1 == self.accum_steps
-        no_sync = getattr(self.wrapped, "no_sync", None)
-        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
-        with sync:
-            with explain_compile_errors(self.compiled), self.autocast():
-                logits = self.wrapped(images)
-                loss = self.loss_fn(logits, labels)
-            check(loss)
-            (loss / self.accum_steps).backward()
+        while True:
+            no_sync = getattr(self.wrapped, "no_sync", None)
+            sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+            forward_done = False
+            try:
+                with sync:
+                    with self.autocast():
+                        logits = self.wrapped(images)
+                        loss = self.loss_fn(logits, labels)
+                    forward_done = True
+                    (loss / self.accum_steps).backward()
+                break
+            except Exception as exc:
+                if not (self.compiled and is_compile_failure(exc)):
+                    raise
+                self._fall_back(exc, after_forward=forward_done)
         self.pending += 1
         if last:
             self.step()
         return loss, logits, last
+
+    def _fall_back(self, exc: Exception, *, after_forward: bool) -> None:
+        """Train on uncompiled after a compile failure. Compilers fail at the first forward
+        (Inductor may compile the backward lazily, at the first backward): a failure in the
+        backward falls back only where no gradient can be half-accumulated, i.e. at the first
+        micro-batch of an optimiser step without DDP (whose reducer the failure would leave
+        mid-reduction)."""
+        reason = compile_failure_reason(exc)
+        if after_forward and (self.pending or hasattr(self.wrapped, "no_sync")):
+            raise CompileError(
+                f"train.compile=true: torch.compile failed in the backward pass ({reason}); "
+                "set train.compile=false to train without it"
+            ) from exc
+        if after_forward:  # a backward cut short: drop what it accumulated (pending is 0)
+            self.optimizer.zero_grad(set_to_none=True)
+        self.wrapped = getattr(self.wrapped, "_orig_mod", self.wrapped)
+        self.compiled = False
+        _warn_eager(f"torch.compile failed ({reason})")
 
     def step(self) -> None:
         if self.grad_clip > 0:
