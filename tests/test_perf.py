@@ -132,3 +132,29 @@ def test_throughput_rows_and_ratios() -> None:
     assert "cbt_tiny_patch16_224" in throughput_table(rows)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         ThroughputSpec(resolutions=(100,)).validate()
+
+
+def test_loop_overhead_times_both_loops_and_the_platform_one_trains(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cbtlab.perf import loop_overhead
+
+    batches: list[int] = []
+    real = loop_overhead.train_batch
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        batches.append(args[-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_overhead, "train_batch", counted)
+    argv = ["--device", "cpu", "--model", "cbt_tiny_patch16_224", "--batch", "2"]
+    argv += ["--img-size", "128", "--steps", "2", "--rounds", "1"]
+    assert loop_overhead.loop_overhead_main(argv) == 0
+    # warm-up and one round of 2 steps each, through the worker loop's own micro-batch
+    assert batches == [0, 1, 2, 3]
+    out = capsys.readouterr().out
+    assert "bare" in out and "platform / bare:" in out
+    slow = loop_overhead.OverheadResult("m", 2, 128, "fp32", bare_ms=10.0, platform_ms=10.6)
+    monkeypatch.setattr(loop_overhead, "measure_loop_overhead", lambda **kwargs: slow)
+    assert loop_overhead.loop_overhead_main([*argv, "--max-ratio", "1.05"]) == 1
+    assert "FAIL: above 1.05x" in capsys.readouterr().out

@@ -332,13 +332,8 @@ def run_training(
                 # No-ops: the loader has moved the batch to `device` already.
                 images = images.to(device, non_blocking=pin_memory)
                 labels = labels.to(device, non_blocking=pin_memory)
-                loss, logits, stepped = train_step(
-                    images.contiguous(memory_format=memory_format), labels
-                )
-                meter.add(loss, logits, labels)
-                guard.observe(loss, index)
-                if guard.due(index):
-                    _stop_if_diverged(guard, epoch)
+                images = images.contiguous(memory_format=memory_format)
+                stepped = train_batch(train_step, meter, guard, images, labels, epoch, index)
                 # A mid-epoch checkpoint every `every_steps` optimiser steps; the epoch's end has
                 # one of its own.
                 if (
@@ -403,6 +398,27 @@ def run_training(
         if pool is not None:
             pool.close()
     return model
+
+
+def train_batch(
+    train_step: TrainStep,
+    meter: EpochMeter,
+    guard: DivergenceGuard,
+    images: Tensor,
+    labels: Tensor,
+    epoch: int,
+    index: int,
+) -> bool:
+    """One micro-batch of the loop: forward, backward (and the optimiser step every
+    `accum_steps`), its sums counted on the device, and every `guard.every` micro-batches the
+    divergence check. Returns whether the optimiser stepped. `cbtlab.perf.loop_overhead` times
+    this against a bare training loop."""
+    loss, logits, stepped = train_step(images, labels)
+    meter.add(loss, logits, labels)
+    guard.observe(loss, index)
+    if guard.due(index):
+        _stop_if_diverged(guard, epoch)
+    return stepped
 
 
 def _stop_if_diverged(guard: DivergenceGuard, epoch: int) -> None:
