@@ -135,9 +135,10 @@ def test_resources_follow_the_cluster_unless_flags_say_otherwise() -> None:
     assert (plan.max_concurrent, plan.trial_cpus, plan.trial_gpus) == (1, 1.1, 0)
     assert plan_resources(grid, {"CPU": 8.0}).max_concurrent == 7
     gpu = plan_resources(grid, {"CPU": 16.0, "GPU": 4.0})
-    assert gpu.base.train.use_gpu and gpu.trial_gpus == 2 and gpu.max_concurrent == 2
+    assert gpu.base.train.use_gpu is True and gpu.trial_gpus == 2 and gpu.max_concurrent == 2
+    assert plan.base.train.use_gpu is False  # "auto" on a cluster without GPUs
     cpu = rep_count("--seeds", "2", "--grids", "2x2", "--gpus-per-worker", "0")
-    assert not plan_resources(cpu, {"CPU": 16.0, "GPU": 4.0}).base.train.use_gpu
+    assert plan_resources(cpu, {"CPU": 16.0, "GPU": 4.0}).base.train.use_gpu is False
     wide = rep_count("--seeds", "2", "--grids", "2x2", "--workers", "4", "--max-concurrent", "3")
     plan = plan_resources(wide, {"CPU": 16.0, "GPU": 8.0})
     assert plan.base.train.num_workers == 4 and plan.max_concurrent == 3 and plan.fits == 2

@@ -28,6 +28,13 @@ class ConfigError(ValueError):
 
 Grid = tuple[int, int]
 
+# A switch that a driver may decide from the cluster: true, false or "auto" (resolved before
+# the workers see it; see cbtlab.cluster).
+AUTO = "auto"
+AutoBool = bool | typing.Literal["auto"]
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
 
 def parse_grid(value: Any, field_name: str = "grid") -> Grid:
     """Parse a grid given as `(h, w)`, `[h, w]`, `"HxW"` or a single int `n` (meaning `n x n`)."""
@@ -57,6 +64,22 @@ def parse_grid(value: Any, field_name: str = "grid") -> Grid:
 
 def format_grid(grid: Grid) -> str:
     return f"{grid[0]}x{grid[1]}"
+
+
+def parse_auto_bool(value: Any, field_name: str) -> bool | str:
+    """True, False or "auto" from a bool, 0/1 or a string (any case: true/false/yes/no/1/0/auto,
+    as flags, TOML/JSON files and logged MLflow params spell them)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == AUTO:
+            return AUTO
+        if text in _TRUE + _FALSE:
+            return text in _TRUE
+    raise ConfigError(field_name, f"expected true, false or 'auto', got {value!r}")
 
 
 # The prefixes of timm's augmentation strings (timm.data.auto_augment).
@@ -302,7 +325,9 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0
     num_workers: int = 2
     cpus_per_worker: float = 0.5
-    use_gpu: bool = False
+    # One GPU per worker: true, false, or "auto" (true where the Ray cluster has a GPU). Only a
+    # driver resolves "auto" (cbtlab.cluster.resolve_use_gpu); workers see true or false.
+    use_gpu: AutoBool = AUTO
     # Intra-op threads per worker; 0 means "the CPUs this worker was given, at least 1".
     torch_threads: int = 0
     # Every this many epochs (0: never), log the compression term of every layer
@@ -348,6 +373,7 @@ class TrainConfig:
         _positive("train.backbone_lr_scale", self.backbone_lr_scale, allow_zero=True)
         _positive("train.num_workers", self.num_workers)
         _positive("train.cpus_per_worker", self.cpus_per_worker)
+        self.use_gpu = parse_auto_bool(self.use_gpu, "train.use_gpu")
         _positive("train.torch_threads", self.torch_threads, allow_zero=True)
         _positive("train.probe_every", self.probe_every, allow_zero=True)
         _positive("train.probe_samples", self.probe_samples)
@@ -496,6 +522,8 @@ def _coerce(field_name: str, hint: Any, value: Any) -> Any:
     """Convert a value read from JSON, a flag or a Tune sample to the field's declared type."""
     if hint is Grid or typing.get_origin(hint) is tuple:
         return parse_grid(value, field_name)
+    if hint == AutoBool:
+        return parse_auto_bool(value, field_name)
     if hint is bool:
         if isinstance(value, bool):
             return value

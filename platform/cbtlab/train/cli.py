@@ -19,6 +19,22 @@ from cbtlab.train.checkpoint import CheckpointError, check_compatible, check_pos
 from cbtlab.train.loop import check_training_data
 
 
+def gpu_note(cfg: ExperimentConfig, cluster: dict[str, float]) -> str:
+    """What the run's workers take, said before it starts (and what it waits for)."""
+    train = cfg.train
+    gpus = train.num_workers if train.use_gpu else 0
+    note = f"{train.num_workers} workers x ({train.cpus_per_worker:g} CPU" + (
+        ", 1 GPU)" if train.use_gpu else ")"
+    )
+    note += f" on a cluster of {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU"
+    if gpus > cluster.get("GPU", 0):
+        note += (
+            f"; it needs {gpus} GPUs, more than the cluster has now: it waits for them "
+            "(--workers N for fewer, --gpus-per-worker 0 for the CPUs)"
+        )
+    return note
+
+
 def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -28,7 +44,14 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     parser.add_argument("--config", default=None, help="a .json or .toml experiment config")
     add_override_argument(parser)
     parser.add_argument("--workers", type=int, default=None, help="train.num_workers")
-    parser.add_argument("--gpus-per-worker", type=int, default=0, help="0: CPU (gloo)")
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="1: a GPU per worker (NCCL); 0: CPU only (gloo), even where the cluster has GPUs; "
+        "default: train.use_gpu, whose 'auto' takes a GPU per worker where the cluster has one",
+    )
     parser.add_argument("--resume", default=None, help="a checkpoint directory to start from")
     parser.add_argument("--name", default="train", help="the run's name under --storage-path")
     parser.add_argument("--storage-path", default=None, help="Ray results folder or URI")
@@ -39,10 +62,8 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
         overrides = dict(parse_override(text) for text in args.overrides)
         if args.workers is not None:
             overrides["train.num_workers"] = args.workers
-        if args.gpus_per_worker:
-            if args.gpus_per_worker != 1:
-                raise ConfigError("--gpus-per-worker", "one GPU per worker (DDP) is supported")
-            overrides["train.use_gpu"] = True
+        if args.gpus_per_worker is not None:
+            overrides["train.use_gpu"] = bool(args.gpus_per_worker)
         cfg = cfg.with_overrides(overrides)
         if args.resume and "://" not in args.resume:  # a local checkpoint: check it here
             state = load_state(Path(args.resume))
@@ -60,6 +81,9 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
 
+    import ray
+
+    from cbtlab.cluster import resolve_use_gpu
     from cbtlab.paths import ray_results_home
     from cbtlab.train import Diverged, build_trainer, fit
     from cbtlab.tune.study import connect_ray
@@ -69,6 +93,9 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     except ConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    cluster = ray.cluster_resources()
+    cfg = resolve_use_gpu(cfg, cluster)
+    print(f"train: {gpu_note(cfg, cluster)}", flush=True)
     trainer = build_trainer(
         cfg,
         name=args.name,

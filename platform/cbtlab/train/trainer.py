@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from cbtlab.config import ExperimentConfig
+from cbtlab.config import AUTO, ExperimentConfig
 from cbtlab.train.loop import check_training_data, train_loop_per_worker
 
 
@@ -22,10 +22,23 @@ def build_trainer(
     Workers report a checkpoint every `train.checkpoint_every` epochs; after a worker failure
     the run restarts from the latest one (up to `train.max_failures` times). `resume_from` is a
     checkpoint directory (or URI) to start from. Data that cannot train on these workers (see
-    `check_training_data`) raises ValueError here, not in every worker at every restart."""
+    `check_training_data`) raises ValueError here, not in every worker at every restart.
+
+    `train.use_gpu="auto"` is resolved here, on the driver, if the caller has not
+    (`cbtlab.cluster.resolve_use_gpu`: a GPU per worker where the connected cluster has one,
+    or, before Ray is started, where this machine has one), so the workers get true or false."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cbtlab.cluster import resolve_use_gpu
+
+    if cfg.train.use_gpu == AUTO:
+        import ray
+        import torch
+
+        # Not connected yet: fit() starts Ray on this machine, which finds its GPUs.
+        local = {"GPU": float(torch.cuda.device_count())}
+        cfg = resolve_use_gpu(cfg, ray.cluster_resources() if ray.is_initialized() else local)
     check_training_data(cfg, cfg.train.num_workers)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:

@@ -224,6 +224,7 @@ def reproduce_run(
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
+    from cbtlab.cluster import resolve_use_gpu
     from cbtlab.paths import ray_results_home
     from cbtlab.tracking import StudyTracker, provenance_differences
     from cbtlab.tune.callbacks import MLflowTrialLogger
@@ -259,6 +260,9 @@ def reproduce_run(
 
     tracker = StudyTracker(tracking_uri, experiment)
     connect_ray(ray_address, worker_logs=worker_logs)
+    # A logged run holds true or false (its driver resolved "auto"), kept for the exact re-run;
+    # a config that still says "auto" takes this cluster's GPUs.
+    cfg = resolve_use_gpu(cfg, ray.cluster_resources())
     seed_values = [cfg.train.seed + i for i in range(seeds)]
     trial_cpus = TRIAL_DRIVER_CPUS + cfg.train.num_workers * cfg.train.cpus_per_worker
     trial_gpus = cfg.train.num_workers if cfg.train.use_gpu else 0

@@ -59,6 +59,8 @@ PRESETS = ("smoke", "imagenet")
 # global batch 256, label smoothing 0.1; random-resized crop + flip come with prebuilt shards.
 # From the reference code's main.py: 20 warm-up epochs, then a cosine to 0, no gradient clipping
 # (commented out there), mixed precision (fp16 there; train.precision="auto" is bf16 on a GPU).
+# The trials take a GPU per worker where the cluster has GPUs (train.use_gpu="auto"), and then
+# CPUs and loader processes per GPU sized from the GPU node (`IMAGENET_NODE_SIZED`).
 IMAGENET_RECIPE: dict[str, Any] = {
     "model.in_chans": 3,
     "model.num_classes": 1000,
@@ -73,8 +75,10 @@ IMAGENET_RECIPE: dict[str, Any] = {
     "train.warmup_epochs": 20,
     "train.min_lr_ratio": 0.0,
     "train.grad_clip": 0.0,
-    "train.use_gpu": True,
 }
+# Sized by the study's driver from the GPU node (cbtlab.cluster.size_from_node) unless --set;
+# on CPUs they keep the config's 2-core values.
+IMAGENET_NODE_SIZED = ("train.cpus_per_worker", "data.loader_workers")
 
 
 def _grid_list(text: str) -> list[str]:
@@ -211,7 +215,8 @@ def study_parser(
         type=int,
         choices=(0, 1),
         default=None,
-        help="default: 1 when the cluster has GPUs (or train.use_gpu), else 0",
+        help="1: a GPU per worker; 0: CPU only, even where the cluster has GPUs; default: "
+        "train.use_gpu, whose 'auto' takes a GPU per worker where the cluster has one",
     )
     parser.add_argument(
         "--max-concurrent",
@@ -273,6 +278,8 @@ def study_spec(
             "grace_period": args.grace_period,
             "optuna_storage": args.optuna_storage,
         }
+    given = {parse_override(text)[0] for text in args.overrides}
+    node_sized = IMAGENET_NODE_SIZED if args.preset == "imagenet" else ()
     return StudySpec(
         name=args.name or name,
         base=base_config(args),
@@ -285,6 +292,7 @@ def study_spec(
         stats_on=args.stats_on,
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
+        node_sized=[key for key in node_sized if key not in given],
         max_concurrent=args.max_concurrent,
         ray_address=args.address,
         worker_logs=args.worker_logs,
@@ -561,6 +569,8 @@ def model_scaling_main(argv: Sequence[str] | None = None, prog: str | None = Non
                 },
                 cells=[{**c, "train.init_from": checkpoints[n]} for n, c in tuned],
                 baseline=None,
+                # --finetune-set values stay as given
+                node_sized=[k for k in pretrain.node_sized if k not in overrides],
             ).validate()
             print(f"\nfine-tuning on {stage} ({base.data.root}) from the pre-trained checkpoints")
             stage_result = run_study(spec)

@@ -36,12 +36,18 @@ import os
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from cbtlab.cluster import (
+    NODE_SIZED_KEYS,
+    node_resources,
+    resolve_use_gpu,
+    size_from_node,
+)
 from cbtlab.config import ConfigError, DataConfig, ExperimentConfig
 from cbtlab.paths import default_tracking_uri, ray_results_home
 from cbtlab.tracking.report import format_table
@@ -99,10 +105,14 @@ class StudySpec:
     # value they use: the metric at the last epoch ("final") or its best over the epochs ("best").
     stats_test: str = "auto"
     stats_on: str = "final"
-    # Training workers per trial and GPUs per worker (0 or 1); None: train.num_workers, and a
-    # GPU per worker when train.use_gpu is set or the cluster has GPUs (see plan_resources).
+    # Training workers per trial and GPUs per worker (0 or 1, setting train.use_gpu); None:
+    # train.num_workers and train.use_gpu, whose "auto" is a GPU per worker where the cluster has
+    # one (see plan_resources).
     workers: int | None = None
     gpus_per_worker: int | None = None
+    # Config keys sized from the GPU node when the trials get GPUs (cbtlab.cluster.size_from_node:
+    # train.cpus_per_worker, data.loader_workers); the imagenet preset's, unless --set.
+    node_sized: list[str] = field(default_factory=list)
     # Trials at once; None: 1 for a search (ASHA's and TPE's decisions then do not depend on
     # timing), as many as the cluster's resources fit for a grid.
     max_concurrent: int | None = None
@@ -151,6 +161,11 @@ class StudySpec:
                     f"one GPU per worker (DDP) or none, got {self.gpus_per_worker}",
                 )
             scaling["train.use_gpu"] = bool(self.gpus_per_worker)
+        unknown = [key for key in self.node_sized if key not in NODE_SIZED_KEYS]
+        if unknown:
+            raise ConfigError(
+                "study.node_sized", f"{unknown[0]!r} is not one of {', '.join(NODE_SIZED_KEYS)}"
+            )
         if scaling:
             self.base = self.base.with_overrides(scaling)
         if self.seeds < 1:
@@ -247,16 +262,27 @@ class ResourcePlan:
     summary: str
 
 
-def plan_resources(spec: StudySpec, cluster: Mapping[str, float]) -> ResourcePlan:
-    """Size the trials for `cluster` (as `ray.cluster_resources()` reports it).
+def plan_resources(
+    spec: StudySpec,
+    cluster: Mapping[str, float],
+    nodes: Sequence[Mapping[str, float]] | None = None,
+) -> ResourcePlan:
+    """Size the trials for `cluster` (as `ray.cluster_resources()` reports it) and its `nodes`
+    (each node's resources, as `ray.nodes()` lists them; None: the cluster is one node).
 
-    A GPU per worker when `spec.gpus_per_worker` says so, else when train.use_gpu is set or the
-    cluster has GPUs; `max_concurrent` (unless given): 1 for a search, for a grid as many trials
-    as the cluster's CPUs and GPUs hold (at least 1; more wait for resources)."""
-    base, train = spec.base, spec.base.train
-    if spec.gpus_per_worker is None and not train.use_gpu and cluster.get("GPU", 0) >= 1:
-        base = base.with_overrides({"train.use_gpu": True})
-        train = base.train
+    A GPU per worker as train.use_gpu says (set by `spec.gpus_per_worker`), its "auto" resolved
+    by `cbtlab.cluster.resolve_use_gpu`: where the cluster has a GPU. On GPUs, the keys of
+    `spec.node_sized` are sized for the GPU node (`cbtlab.cluster.size_from_node`).
+    `max_concurrent` (unless given): 1 for a search, for a grid as many trials as the cluster's
+    CPUs and GPUs hold (at least 1; more wait for resources)."""
+    base = resolve_use_gpu(spec.base, cluster)
+    base, sized = size_from_node(
+        base,
+        [cluster] if nodes is None else nodes,
+        spec.node_sized,
+        driver_cpus=spec.trial_driver_cpus,
+    )
+    train = base.train
     trial_cpus = spec.trial_driver_cpus + train.num_workers * train.cpus_per_worker
     trial_gpus = train.num_workers if train.use_gpu else 0
     fits = trials_that_fit(cluster, trial_cpus, trial_gpus)
@@ -270,6 +296,8 @@ def plan_resources(spec: StudySpec, cluster: Mapping[str, float]) -> ResourcePla
         f"for its driver; the cluster ({cluster.get('CPU', 0):g} CPU, "
         f"{cluster.get('GPU', 0):g} GPU) holds {fits} at once; running {concurrent} at once"
     )
+    if sized:
+        summary += f"; {sized}"
     if fits < 1:
         summary += " (a trial needs more than the cluster has now: it waits for resources)"
     return ResourcePlan(base, concurrent, trial_cpus, trial_gpus, fits, summary)
@@ -551,7 +579,7 @@ def run_study(spec: StudySpec) -> StudyResult:
     tracker = StudyTracker(spec.tracking_uri, spec.experiment_name)
     tags = run_tags(spec.name, dataset_hash(spec.base.data))
     connect_ray(spec.ray_address, worker_logs=spec.worker_logs)
-    plan = plan_resources(spec, ray.cluster_resources())
+    plan = plan_resources(spec, ray.cluster_resources(), node_resources())
     base = plan.base
     _say(f"study {spec.name}: {plan.summary}")
     trials = grid_trials(spec) if spec.grid else []
