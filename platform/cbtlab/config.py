@@ -328,7 +328,8 @@ class TrainConfig:
     # One GPU per worker: true, false, or "auto" (true where the Ray cluster has a GPU). Only a
     # driver resolves "auto" (cbtlab.cluster.resolve_use_gpu); workers see true or false.
     use_gpu: AutoBool = AUTO
-    # Intra-op threads per worker; 0 means "the CPUs this worker was given, at least 1".
+    # Intra-op threads per worker; 0 means "the CPUs this worker was given less its
+    # data.loader_workers, at least 1".
     torch_threads: int = 0
     # Every this many epochs (0: never), log the compression term of every layer
     # (rc/layer_XX, rc_norm/layer_XX) on the first probe_samples validation images.

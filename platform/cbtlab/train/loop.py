@@ -193,7 +193,10 @@ def run_training(
     trained (unwrapped) model."""
     device = device or torch.device("cpu")
     reduction_device(device)  # a process group that cannot reduce this rank's tensors fails now
-    threads = cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker))
+    # The worker's CPUs, less those its loader processes take (a GPU worker sized from its node
+    # has one CPU for itself and the rest for loader processes: cbtlab.cluster).
+    own_cpus = int(cfg.train.cpus_per_worker) - cfg.data.loader_workers
+    threads = cfg.train.torch_threads or max(1, own_cpus)
     torch.set_num_threads(threads)
     seed_everything(cfg.train.seed)
 
