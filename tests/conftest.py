@@ -9,6 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA, Triton kernels (the CBSA kernels, tests/test_cbsa_kernels.py) run under Triton's
+# interpreter. It must be set before Triton is first imported: Triton's own helpers (tl.zeros,
+# ...) are defined as interpreted or compiled functions at that moment.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

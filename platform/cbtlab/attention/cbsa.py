@@ -8,12 +8,16 @@ Per head k, with W = Z U_k the tokens projected on the head's subspace (N x p):
   dW = eta_x * A^T C                                 broadcast back to all N tokens
 The cost is O(N m p) per head: no N x N matrix is ever formed.
 
-Two implementations compute the same function (tests hold them together):
+Three implementations compute the same function (tests hold them together):
+- on CUDA, Triton kernels (`cbtlab.attention.cbsa_triton`) that never store A: the extraction is
+  attention of the m representatives over the N tokens with an online softmax, the broadcast is
+  attention of each token over the m representatives with their log-sum-exps as bias. The layer
+  and `cbsa_mixing` take them for CUDA tensors (`CBSA.use_kernels`, `cbsa_mixing(impl=...)`).
 - `forward_reference`: the equations above as written, head by head in batched form. Used to
   count FLOPs (so that counts match the paper's) and as the ground truth.
-- the fused form (the default once N >= 6 m, where it is faster), which folds the projections
-  into the representatives' side so that the N-sized work is three GEMMs per sample on the
-  tokens as they lie, (N, d), with no head split, transposed copies or merge:
+- the fused form (the default on CPUs once N >= 6 m, where it is faster), which folds the
+  projections into the representatives' side so that the N-sized work is three GEMMs per
+  sample on the tokens as they lie, (N, d), with no head split, transposed copies or merge:
       Qx = s Q0 U_k^T stacked over heads (K m x d)     L = Qx Z^T (K m x N),  A = softmax_r(L)
       A W_k = (A Z) U_k                                  (the m x p aggregation, from A Z: K m x d)
       out = A^T G + b,  G_k = eta_x C_k P_k^T            (P_k: head k's slice of the output map)
@@ -30,6 +34,7 @@ Two implementations compute the same function (tests hold them together):
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +65,19 @@ CHUNK_ELEMENTS = 2**19
 # side (K m x d products) costs as much as the tokens' side and the reference form is faster
 # (measured on CPU: 0.6-0.8x at N = 3 m, even at N = 6 m, 1.2-1.5x from N = 12 m).
 FUSED_MIN_TOKENS_PER_REP = 6
+# On CUDA the layer and `cbsa_mixing` run the Triton kernels (`cbsa_triton`), imported on first
+# use: Triton is optional (it comes with PyTorch's Linux CUDA builds).
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+IMPLS = ("auto", "triton", "fused")
+
+
+def _kernels() -> Any:
+    """The kernel module, imported on first use."""
+    if not TRITON_INSTALLED:
+        raise RuntimeError("the CBSA kernels need Triton (pip install triton)")
+    from cbtlab.attention import cbsa_triton  # Triton is heavy and optional: import on use
+
+    return cbsa_triton
 
 
 def _chunks(rows: int, row_size: int) -> list[slice]:
@@ -287,15 +305,26 @@ def cbsa_mixing(
     rep_grid: tuple[int, int] = (8, 8),
     q0: Tensor | None = None,
     contract: Callable[[Tensor], Tensor] = _softmax_contraction,
+    impl: str = "auto",
 ) -> Tensor:
     """CBSA's token mixing on projected tokens, without the projections: W (B, K, N, p) ->
-    eta_x A^T C (B, K, N, p), with a hand-written backward pass (`_Mixing`). Q0 is W's patch
-    grid `grid_size` (N = H W, no prefix tokens) average-pooled to `rep_grid`, or the given
-    `q0` (B, K, m, p).
+    eta_x A^T C (B, K, N, p). Q0 is W's patch grid `grid_size` (N = H W, no prefix tokens)
+    average-pooled to `rep_grid`, or the given `q0` (B, K, m, p).
 
+    `impl`: "triton" runs the kernels (`cbsa_triton`, softmax contraction only), "fused" the
+    CPU-tuned form with its hand-written backward pass (`_Mixing`, any `contract`), "auto" the
+    kernels on CUDA tensors with the softmax contraction and the fused form otherwise.
     This is the operation to set against `scaled_dot_product_attention(q, k, v)` when
-    comparing mechanisms rather than layers (`cbtlab.perf`). It runs eagerly (the layer's
-    fused form is the one that torch.compile traces)."""
+    comparing mechanisms rather than layers (`cbtlab.perf`)."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; known: {', '.join(IMPLS)}")
+    softmax = contract is _softmax_contraction
+    if impl == "triton" and not softmax:
+        raise ValueError("the CBSA kernels contract by softmax; pass impl='fused' for another")
+    if impl == "triton" or (impl == "auto" and softmax and w.is_cuda and TRITON_INSTALLED):
+        if q0 is None:
+            q0 = pool_grid(w, grid_size, rep_grid, "avg")
+        return _kernels().cbsa_mixing_kernels(w, q0, step_rep, step_x)
     b, k, n, p = w.shape
     pool = None
     if q0 is None:
@@ -388,6 +417,9 @@ class CBSA(SubspaceAttention):
         init_steps(self.step_x, step_init, step_scale)
         # The fused form (default) or the equations as written; same function, see the top.
         self.fused = True
+        # The Triton kernels: None runs them on CUDA tensors (when Triton is installed), True
+        # always (off CUDA only under TRITON_INTERPRET=1), False never.
+        self.use_kernels: bool | None = None
 
     @property
     def num_representatives(self) -> int:
@@ -403,7 +435,11 @@ class CBSA(SubspaceAttention):
         return self.num_heads * (num_tokens * m + contraction)
 
     def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
-        if not self.fused or x.shape[1] < FUSED_MIN_TOKENS_PER_REP * self.num_representatives:
+        if not self.fused:  # the equations as written were asked for (e.g. to count FLOPs)
+            return self.forward_reference(x, grid_size)
+        if self.use_kernels or (self.use_kernels is None and x.is_cuda and TRITON_INSTALLED):
+            return self._forward_kernels(x, grid_size)
+        if x.shape[1] < FUSED_MIN_TOKENS_PER_REP * self.num_representatives:
             return self.forward_reference(x, grid_size)
         return self._forward_fused(x, grid_size)
 
@@ -418,6 +454,19 @@ class CBSA(SubspaceAttention):
         q = q0 + self.step_rep.view(1, k, 1, 1) * (attn @ w)  # (B, K, m, p)
         c = self.contract(q)  # (B, K, m, p)
         dw = self.step_x.view(1, k, 1, 1) * (attn.transpose(-1, -2) @ c)  # (B, K, N, p)
+        return self.proj(merge_heads(dw))
+
+    def _forward_kernels(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        """The equations on the projected tokens with the kernels. The mixing's output keeps
+        the projection's (B, N, K, p) memory layout, so merging the heads is a view."""
+        w = self.project(x)  # (B, K, N, p), a view of (B, N, K p)
+        q0 = self.initial_guess(w, grid_size)
+        if self.stop_grad_init:
+            q0 = q0.detach()
+        dw = _kernels().cbsa_mixing_kernels(
+            w, q0, self.step_rep, self.step_x, scale=self.scale, contraction=self.contraction,
+            beta=self.contraction_beta,
+        )  # fmt: skip
         return self.proj(merge_heads(dw))
 
     def _forward_fused(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
