@@ -37,6 +37,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -302,10 +303,10 @@ def _tokens_grad_kernel(
     )
 
 
-_extract = triton.autotune(_configs(), key=["M", "P", "CHUNK"])(_extract_kernel)
-_broadcast = triton.autotune(_configs(), key=["M", "P", "N"])(_broadcast_kernel)
-_reps_grad = triton.autotune(_configs(), key=["M", "P", "CHUNK", "MODE"])(_reps_grad_kernel)
-_tokens_grad = triton.autotune(_configs(), key=["M", "P", "N"])(_tokens_grad_kernel)
+_extract_tuned = triton.autotune(_configs(), key=["M", "P", "CHUNK"])(_extract_kernel)
+_broadcast_tuned = triton.autotune(_configs(), key=["M", "P", "N"])(_broadcast_kernel)
+_reps_grad_tuned = triton.autotune(_configs(), key=["M", "P", "CHUNK", "MODE"])(_reps_grad_kernel)
+_tokens_grad_tuned = triton.autotune(_configs(), key=["M", "P", "N"])(_tokens_grad_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,11 +378,12 @@ def _merge_splits(acc: Tensor, run_max: Tensor, run_sum: Tensor) -> tuple[Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops: one per kernel launch (plus the small merges), opaque to torch.compile.
+# Custom ops: one per kernel launch (plus the small merges), opaque to torch.compile. Eager code
+# calls the implementations directly (`_ops`): a custom op's dispatch costs tens of microseconds
+# of Python per call, as much as a kernel's GPU time at image sizes.
 
 
-@torch.library.custom_op("cbtlab::cbsa_extract", mutates_args=())
-def cbsa_extract(w: Tensor, q0: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _cbsa_extract(w: Tensor, q0: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(W (B, K, N, P), Q0 (B, K, M, P)) -> (AW (B, K, M, P), L (B, K, M)), float32; L is the
     base-2 log-sum-exp of s Q0 W^T / ln 2 per representative."""
     launch = _Launch.of(w, q0)
@@ -391,7 +393,7 @@ def cbsa_extract(w: Tensor, q0: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     run_max = w.new_empty(rows, splits, m, dtype=torch.float32)
     run_sum = torch.empty_like(run_max)
     grid = (triton.cdiv(m, launch.block_m), rows, splits)
-    _extract[grid](
+    _extract_tuned[grid](
         w, q0.contiguous(), acc, run_max, run_sum, *w.stride(), *_sizes(launch), chunk, splits,
         scale * LOG2E, **launch.constants(),
     )  # fmt: skip
@@ -399,43 +401,51 @@ def cbsa_extract(w: Tensor, q0: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return aw.view(q0.shape), lse.view(q0.shape[:3])
 
 
+cbsa_extract = torch.library.custom_op("cbtlab::cbsa_extract", _cbsa_extract, mutates_args=())
+
+
 @cbsa_extract.register_fake
-def _(w: Tensor, q0: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _cbsa_extract_fake(w: Tensor, q0: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return q0.new_empty(q0.shape, dtype=torch.float32), q0.new_empty(
         q0.shape[:3], dtype=torch.float32
     )
 
 
-@torch.library.custom_op("cbtlab::cbsa_broadcast", mutates_args=())
-def cbsa_broadcast(w: Tensor, q0: Tensor, lse: Tensor, c: Tensor, scale: float) -> Tensor:
+def _cbsa_broadcast(w: Tensor, q0: Tensor, lse: Tensor, c: Tensor, scale: float) -> Tensor:
     """out = A^T C (B, K, N, P) in W's dtype and memory layout, A recomputed from Q0, W, L."""
     launch = _Launch.of(w, q0)
     out = torch.empty_like(w)
-    _broadcast[_token_blocks(launch)](
+    _broadcast_tuned[_token_blocks(launch)](
         w, q0.contiguous(), lse.contiguous(), c.to(w.dtype).contiguous(), out, *w.stride(),
         *out.stride(), *_sizes(launch), scale * LOG2E, **launch.constants(),
     )  # fmt: skip
     return out
 
 
+cbsa_broadcast = torch.library.custom_op("cbtlab::cbsa_broadcast", _cbsa_broadcast, mutates_args=())
+
+
 @cbsa_broadcast.register_fake
-def _(w: Tensor, q0: Tensor, lse: Tensor, c: Tensor, scale: float) -> Tensor:
+def _cbsa_broadcast_fake(w: Tensor, q0: Tensor, lse: Tensor, c: Tensor, scale: float) -> Tensor:
     return torch.empty_like(w)
 
 
-@torch.library.custom_op("cbtlab::cbsa_reps_grad", mutates_args=())
-def cbsa_reps_grad(w: Tensor, q0: Tensor, lse: Tensor, grad_out: Tensor, scale: float) -> Tensor:
+def _cbsa_reps_grad(w: Tensor, q0: Tensor, lse: Tensor, grad_out: Tensor, scale: float) -> Tensor:
     """dC = A dOut (B, K, M, P), float32."""
     return _reduce_over_tokens(0, w, q0, lse, grad_out, None, None, None, scale)
 
 
+cbsa_reps_grad = torch.library.custom_op("cbtlab::cbsa_reps_grad", _cbsa_reps_grad, mutates_args=())
+
+
 @cbsa_reps_grad.register_fake
-def _(w: Tensor, q0: Tensor, lse: Tensor, grad_out: Tensor, scale: float) -> Tensor:
+def _cbsa_reps_grad_fake(
+    w: Tensor, q0: Tensor, lse: Tensor, grad_out: Tensor, scale: float
+) -> Tensor:
     return q0.new_empty(q0.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("cbtlab::cbsa_inputs_grad", mutates_args=())
-def cbsa_inputs_grad(
+def _cbsa_inputs_grad(
     w: Tensor,
     q0: Tensor,
     lse: Tensor,
@@ -452,7 +462,7 @@ def cbsa_inputs_grad(
     delta = delta.contiguous()
     grad_q0 = _reduce_over_tokens(1, w, q0, lse, grad_out, c, grad_aw, delta, scale) * scale
     grad_w = torch.empty_like(w)
-    _tokens_grad[_token_blocks(launch)](
+    _tokens_grad_tuned[_token_blocks(launch)](
         w, q0.contiguous(), lse.contiguous(), grad_out, c, grad_aw, delta, grad_w, *w.stride(),
         *grad_out.stride(), *grad_w.stride(), *_sizes(launch), scale, scale * LOG2E,
         **launch.constants(),
@@ -460,8 +470,13 @@ def cbsa_inputs_grad(
     return grad_w, grad_q0
 
 
+cbsa_inputs_grad = torch.library.custom_op(
+    "cbtlab::cbsa_inputs_grad", _cbsa_inputs_grad, mutates_args=()
+)
+
+
 @cbsa_inputs_grad.register_fake
-def _(
+def _cbsa_inputs_grad_fake(
     w: Tensor,
     q0: Tensor,
     lse: Tensor,
@@ -492,7 +507,7 @@ def _reduce_over_tokens(
     part = w.new_empty(rows, splits, m, p, dtype=torch.float32)
     unused = lse  # a placeholder pointer for the inputs mode 0 does not read
     grid = (triton.cdiv(m, launch.block_m), rows, splits)
-    _reps_grad[grid](
+    _reps_grad_tuned[grid](
         w, q0.contiguous(), lse.contiguous(), grad_out, unused if c is None else c,
         unused if grad_aw is None else grad_aw, unused if delta is None else delta, part,
         *w.stride(), *grad_out.stride(), *_sizes(launch), chunk, splits, scale * LOG2E,
@@ -541,6 +556,22 @@ def _heads(step: Tensor) -> Tensor:
     return step.float().view(1, -1, 1, 1)
 
 
+class _Ops(NamedTuple):
+    extract: Callable[..., tuple[Tensor, Tensor]]
+    broadcast: Callable[..., Tensor]
+    reps_grad: Callable[..., Tensor]
+    inputs_grad: Callable[..., tuple[Tensor, Tensor]]
+
+
+_EAGER_OPS = _Ops(_cbsa_extract, _cbsa_broadcast, _cbsa_reps_grad, _cbsa_inputs_grad)
+_TRACED_OPS = _Ops(cbsa_extract, cbsa_broadcast, cbsa_reps_grad, cbsa_inputs_grad)
+
+
+def _ops() -> _Ops:
+    """The registered custom ops while torch.compile traces, their implementations otherwise."""
+    return _TRACED_OPS if torch.compiler.is_compiling() else _EAGER_OPS
+
+
 class _KernelMixing(torch.autograd.Function):
     """(W, Q0, eta_rep, eta_x) -> eta_x A^T contract(Q0 + eta_rep A W), with the kernels."""
 
@@ -555,10 +586,10 @@ class _KernelMixing(torch.autograd.Function):
         contraction: str,
         beta: float,
     ) -> Tensor:
-        aw, lse = torch.ops.cbtlab.cbsa_extract(w, q0, scale)
+        aw, lse = _ops().extract(w, q0, scale)
         q = q0.float() + _heads(step_rep) * aw
         c = _heads(step_x) * _contract(q, contraction, beta)
-        out = torch.ops.cbtlab.cbsa_broadcast(w, q0, lse, c, scale)
+        out = _ops().broadcast(w, q0, lse, c, scale)
         ctx.save_for_backward(w, q0, step_rep, step_x, aw, lse)
         ctx.scale, ctx.contraction, ctx.beta = scale, contraction, beta
         return out
@@ -566,16 +597,14 @@ class _KernelMixing(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         w, q0, step_rep, step_x, aw, lse = ctx.saved_tensors
-        grad_c = torch.ops.cbtlab.cbsa_reps_grad(w, q0, lse, grad_out, ctx.scale)
+        grad_c = _ops().reps_grad(w, q0, lse, grad_out, ctx.scale)
         q = q0.float() + _heads(step_rep) * aw
         contracted = _contract(q, ctx.contraction, ctx.beta)
         c = _heads(step_x) * contracted
         grad_q = _contract_backward(q, _heads(step_x) * grad_c, ctx.contraction, ctx.beta)
         grad_aw = _heads(step_rep) * grad_q
         delta = (c * grad_c).sum(-1) + (grad_aw * aw).sum(-1)
-        grad_w, grad_q0 = torch.ops.cbtlab.cbsa_inputs_grad(
-            w, q0, lse, grad_out, c, grad_aw, delta, ctx.scale
-        )
+        grad_w, grad_q0 = _ops().inputs_grad(w, q0, lse, grad_out, c, grad_aw, delta, ctx.scale)
         per_head = (0, 2, 3)
         return (
             grad_w,
