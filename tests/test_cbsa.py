@@ -318,6 +318,49 @@ def test_tile_pool_equals_adaptive_pooling() -> None:
     assert results[0][1][:, 0].abs().sum() == 0  # the CLS token gets no gradient
 
 
+@pytest.mark.parametrize(
+    ("grid", "out", "kernel", "stride"),
+    [
+        ((14, 14), (8, 8), 0, 0),
+        ((7, 9), (3, 4), 0, 0),
+        ((9, 9), (4, 4), 3, 2),
+        ((8, 8), (3, 3), 4, 2),
+    ],
+)
+def test_window_pooling_equals_torch_pooling(
+    grid: tuple[int, int], out: tuple[int, int], kernel: int, stride: int
+) -> None:
+    """Uneven (adaptive) and overlapping windows pool by two matrix products: the result and
+    the gradient equal PyTorch's pooling, on tokens after a CLS token, also when the first
+    call ran under inference mode (the window weights are kept for later calls)."""
+    torch.manual_seed(0)
+    h, w = grid
+    x = torch.randn(2, 3, 1 + h * w, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, out[0] * out[1], 5, dtype=torch.float64)
+
+    def torch_pool(t: torch.Tensor) -> torch.Tensor:
+        planes = t.transpose(-1, -2).reshape(6, 5, h, w)
+        pooled = (
+            F.avg_pool2d(planes, kernel, stride) if kernel else F.adaptive_avg_pool2d(planes, out)
+        )
+        return pooled.reshape(2, 3, 5, -1).transpose(-1, -2)
+
+    with torch.inference_mode():
+        first = pool_grid(x[:, :, 1:], grid, out, "avg", kernel=kernel, stride=stride)
+    results = []
+    for pool in (
+        lambda t: pool_grid(t, grid, out, "avg", kernel=kernel, stride=stride),
+        torch_pool,
+    ):
+        pooled = pool(x[:, :, 1:])
+        (grad,) = torch.autograd.grad((pooled * weights).sum(), x)
+        results.append((pooled, grad))
+    torch.testing.assert_close(first, results[1][0].detach())
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    assert results[0][1][:, :, 0].abs().sum() == 0  # the CLS token gets no gradient
+
+
 def test_the_fused_form_runs_from_its_token_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     attn = CBSA(24, 3, rep_grid=(2, 2))  # m = 4: fused from 24 tokens
     calls: list[int] = []

@@ -458,9 +458,11 @@ class CBSA(SubspaceAttention):
 
     def _forward_kernels(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
         """The equations on the projected tokens with the kernels. The mixing's output keeps
-        the projection's (B, N, K, p) memory layout, so merging the heads is a view."""
+        the projection's (B, N, K, p) memory layout, so merging the heads is a view. Q0 is
+        pooled from the tokens as they lie and then projected (as in the fused form)."""
         w = self.project(x)  # (B, K, N, p), a view of (B, N, K p)
-        q0 = self.initial_guess(w, grid_size)
+        u = self.qkv.weight.view(self.num_heads, self.head_dim, -1)
+        q0 = self._initial_guess_fused(x, grid_size, u)
         if self.stop_grad_init:
             q0 = q0.detach()
         dw = _kernels().cbsa_mixing_kernels(

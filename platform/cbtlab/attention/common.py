@@ -3,6 +3,8 @@ initial guess, step-size initialisation."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -96,7 +98,6 @@ def pool_grid(
     ):
         # Equal tiles: on the tokens as they lie (no transposed copies, forward or backward).
         return _TileMean.apply(tokens, TilePool(grid_size, out))
-    grid = tokens.transpose(-1, -2).reshape(b * k, p, h, w)  # (B*K, p, H, W)
     if kernel:
         stride = stride or kernel
         if window_grid(grid_size, kernel, stride) != tuple(out):
@@ -105,13 +106,59 @@ def pool_grid(
                 f"{kernel}x{kernel} windows with stride {stride} on the {h}x{w} patch grid give a "
                 f"{got[0]}x{got[1]} grid, not the representative grid {out[0]}x{out[1]}"
             )
-        pool = F.avg_pool2d if op == "avg" else F.max_pool2d
-        pooled = pool(grid, kernel, stride)
-    elif op == "avg":
-        pooled = F.adaptive_avg_pool2d(grid, out)
-    else:
-        pooled = F.adaptive_max_pool2d(grid, out)
+    if op == "avg":
+        return _separable_mean(tokens, grid_size, out, kernel, stride)
+    grid = tokens.transpose(-1, -2).reshape(b * k, p, h, w)  # (B*K, p, H, W)
+    pooled = F.max_pool2d(grid, kernel, stride) if kernel else F.adaptive_max_pool2d(grid, out)
     return pooled.reshape(b, k, p, out[0] * out[1]).transpose(-1, -2)  # (B, K, m, p)
+
+
+def _separable_mean(
+    tokens: Tensor, grid_size: tuple[int, int], out: tuple[int, int], kernel: int, stride: int
+) -> Tensor:
+    """Average pooling by windows (adaptive, or k x k every `stride`) as two small matrix
+    products on the tokens as they lie, over the grid's rows, then its columns: no transposed
+    copies, and a backward pass of two matrix products (adaptive pooling's own backward adds
+    into overlapping windows with atomics on GPUs). In the tokens' dtype, outside autocast."""
+    (h, w), (gh, gw) = grid_size, out
+    *lead, _, c = tokens.shape
+    rows = _window_means(h, gh, kernel, stride, tokens.dtype, tokens.device)  # (g_h, H)
+    cols = _window_means(w, gw, kernel, stride, tokens.dtype, tokens.device)  # (g_w, W)
+    with torch.autocast(tokens.device.type, enabled=False):
+        by_rows = rows @ tokens.reshape(*lead, h, w * c)  # (..., g_h, W c)
+        pooled = cols @ by_rows.view(*lead, gh, w, c)  # (..., g_h, g_w, c)
+    return pooled.view(*lead, gh * gw, c)
+
+
+def _window_means(
+    size: int, out: int, kernel: int, stride: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """(out, size): row i averages window i of a line of `size` tokens; adaptive windows
+    [floor(i size / out), ceil((i + 1) size / out)) as PyTorch's adaptive pooling, or
+    [i stride, i stride + kernel). Built once per device and dtype in eager mode (no host to
+    device copy per call); traced, it is a constant of the graph."""
+    if torch.compiler.is_compiling():
+        return _window_weights(size, out, kernel, stride).to(device=device, dtype=dtype)
+    return _cached_window_means(size, out, kernel, stride, dtype, device)
+
+
+@functools.cache
+def _cached_window_means(
+    size: int, out: int, kernel: int, stride: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    with torch.inference_mode(False):  # kept: it must serve autograd later too
+        return _window_weights(size, out, kernel, stride).to(device=device, dtype=dtype)
+
+
+def _window_weights(size: int, out: int, kernel: int, stride: int) -> Tensor:
+    index = torch.arange(out)
+    if kernel:
+        starts, ends = index * stride, index * stride + kernel
+    else:
+        starts, ends = index * size // out, ((index + 1) * size + out - 1) // out
+    positions = torch.arange(size)
+    inside = (positions >= starts[:, None]) & (positions < ends[:, None])
+    return inside.double() / inside.sum(dim=1, keepdim=True)
 
 
 class TilePool:
