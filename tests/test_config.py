@@ -62,6 +62,7 @@ def test_parse_grid(text: object, grid: tuple[int, int]) -> None:
         ),
         ({"train.backbone_lr_scale": -0.1}, "train.backbone_lr_scale", ">= 0"),
         ({"train.compile": "maybe"}, "train.compile", "true or false"),
+        ({"train.compile_mode": "cudagraphs"}, "train.compile_mode", "'reduce-overhead'"),
     ],
 )
 def test_bad_values_name_the_field(override: dict, field: str, hint: str) -> None:

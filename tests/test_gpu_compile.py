@@ -50,3 +50,35 @@ def test_every_model_trains_compiled_or_falls_back_with_the_reason(
     if not step.compiled:  # fell back: the warning says why
         assert fell_back and "torch.compile failed (" in str(fell_back[0].message)
         print(f"{name} at {img_size} px fell back: {fell_back[0].message}")
+
+
+CBSA_MODELS = [name for name in ZOO if name.startswith(("cbt_", "crate_cbt_hybrid_"))]
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("img_size", [224, 448])
+@pytest.mark.parametrize("name", CBSA_MODELS)
+def test_cbsa_models_compile_with_the_kernels_inside(name: str, img_size: int, mode: str) -> None:
+    """The models with CBSA compile (no fallback) with the Triton kernels as custom ops inside,
+    plain and with CUDA graphs, and the compiled loss matches the eager one."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=img_size, num_classes=10).to(device)
+    images = torch.randn(4, 3, img_size, img_size, device=device)
+    labels = torch.randint(0, 10, (4,), device=device)
+    with autocast("bf16", device)():
+        eager = nn.functional.cross_entropy(model(images), labels).item()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay as they are
+    step = TrainStep(
+        compile_model(model, device, mode),
+        optimizer,
+        warmup_cosine(optimizer, warmup_steps=0, total_steps=4, min_ratio=1.0),
+        nn.CrossEntropyLoss(),
+        autocast=autocast("bf16", device),
+        compiled=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback warns: fail on it
+        losses = [step(images, labels)[0].item() for _ in range(3)]
+    assert step.compiled
+    assert losses == pytest.approx([eager] * 3, rel=2e-2)

@@ -113,6 +113,20 @@ def test_compile_without_a_cpp_compiler_warns_and_stays_eager(
         assert compile_model(module, torch.device("cpu")) is module
 
 
+@pytest.mark.parametrize(
+    ("mode", "passed"), [("default", None), ("reduce-overhead", "reduce-overhead")]
+)
+def test_compile_model_passes_the_mode(
+    monkeypatch: pytest.MonkeyPatch, mode: str, passed: str | None
+) -> None:
+    """train.compile_mode reaches torch.compile ("default" as torch's own default)."""
+    seen = []
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: seen.append(mode) or module)
+    compile_model(nn.Linear(2, 2), torch.device("cpu"), mode)
+    assert seen == [passed]
+
+
 def _failing_backend(gm: torch.fx.GraphModule, example_inputs: list) -> None:
     raise AssertionError("the compiler could not")
 

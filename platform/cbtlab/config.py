@@ -84,6 +84,8 @@ def parse_auto_bool(value: Any, field_name: str) -> bool | str:
 
 # The prefixes of timm's augmentation strings (timm.data.auto_augment).
 AUTO_AUGMENT_KINDS = ("rand", "augmix", "original", "v0", "3a")
+# torch.compile's modes (train.compile_mode).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _choice(field_name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
@@ -309,6 +311,10 @@ class TrainConfig:
     # torch.compile the model (on CPU, inductor needs a C++ compiler). A model that fails to
     # compile trains eagerly, with a warning that names the reason.
     compile: bool = False
+    # torch.compile's mode when train.compile is on: "default", "reduce-overhead" (CUDA graphs:
+    # each step replays recorded kernels, for static shapes; a new batch shape records anew),
+    # "max-autotune" (autotuned kernels and CUDA graphs) or "max-autotune-no-cudagraphs".
+    compile_mode: str = "default"
     # Keep images and convolution weights in channels-last (NHWC) order: faster convolution
     # stems on GPUs with tensor cores; no effect on the numbers.
     channels_last: bool = False
@@ -360,6 +366,7 @@ class TrainConfig:
             )
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         _positive("train.grad_accum_steps", self.grad_accum_steps)
         _positive("train.head_only_epochs", self.head_only_epochs, allow_zero=True)
         if self.head_only_epochs and not self.init_from:

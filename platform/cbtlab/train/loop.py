@@ -233,7 +233,7 @@ def run_training(
     model = model.to(device, memory_format=memory_format)
     wrapped = prepare_model(model)
     if cfg.train.compile:
-        wrapped = compile_model(wrapped, device)
+        wrapped = compile_model(wrapped, device, cfg.train.compile_mode)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
 

@@ -125,16 +125,17 @@ class CompileError(RuntimeError):
     """`train.compile` is on and torch.compile failed where training cannot fall back."""
 
 
-def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
-    """`torch.compile(module)`, or `module` itself, with a warning, where compiling cannot work
-    (no C++ compiler for Inductor on CPU). A model that fails to compile later, at its first
-    forward, falls back in `TrainStep`."""
+def compile_model(module: nn.Module, device: torch.device, mode: str = "default") -> nn.Module:
+    """`torch.compile(module, mode=mode)`, or `module` itself, with a warning, where compiling
+    cannot work (no C++ compiler for Inductor on CPU). A model that fails to compile later, at
+    its first forward, falls back in `TrainStep`. The CUDA-graph modes ("reduce-overhead",
+    "max-autotune") record graphs on CUDA only; on a CPU they compile as "default" does."""
     if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
         _warn_eager(
             "torch.compile on CPU needs a C++ compiler (g++ or clang++), and none is on PATH"
         )
         return module
-    return torch.compile(module)
+    return torch.compile(module, mode=None if mode == "default" else mode)
 
 
 # Where torch.compile's own errors come from: Dynamo's and Inductor's exception types
@@ -222,6 +223,10 @@ class TrainStep:
             no_sync = getattr(self.wrapped, "no_sync", None)
             sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
             forward_done = False
+            if self.compiled:
+                # Under CUDA graphs, a new step may overwrite the last step's outputs (the
+                # meter and the guard have read them by now); a no-op otherwise.
+                torch.compiler.cudagraph_mark_step_begin()
             try:
                 with sync:
                     with self.autocast():
