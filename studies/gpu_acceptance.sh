@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every GPU number the GPU issues ask for, in one run on one GPU (about 10 minutes on an H200),
+# on a bare machine: torch, torchvision, timm, triton, numpy, pillow, pyarrow, and the package
+# from this checkout. Each step prints its own numbers and ratios; a failed step does not stop
+# the others, and the script exits 1 if any failed.
+#
+#   bash studies/gpu_acceptance.sh            # all steps
+#   bash studies/gpu_acceptance.sh kernels    # one step: check, kernels, scaling, throughput,
+#                                             # loop, compile
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/platform${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python}"
+failed=()
+
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  if [ -n "${ONLY:-}" ] && [ "$ONLY" != "$name" ]; then return; fi
+  echo "=== $name: $*"
+  local start=$SECONDS
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  [ "$rc" = 0 ] || failed+=("$name")
+}
+
+ONLY="${1:-}"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+
+# Issue 17: the digits CBT under NCCL through run_training (Ray where installed).
+step check 240 "$PY" studies/gpu_check.py --epochs 3
+# Issue 18: the kernels against the equations on the GPU, then their scaling against SDPA.
+step kernels 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cbsa_kernels.py
+step scaling 300 "$PY" studies/attention_scaling.py --device cuda --levels mechanism \
+  --sides 14,28,56,112,224 --rounds 10 --no-mlflow
+# Issue 19: CBT against ViT/CRATE/ToST, eager and compiled.
+step throughput 420 "$PY" studies/throughput.py --device cuda --resolutions 224,448 --compile \
+  --no-mlflow
+# Issue 17: the worker loop's per-step cost over a bare loop (CBT-S, bf16, batch 256).
+step loop 240 "$PY" studies/bench_loop_overhead.py --device cuda --max-ratio 1.05
+# Issues 17 and 19: every model compiles at 224 and 448 px, CBSA models with the kernels inside.
+step compile 600 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_compile.py tests/test_gpu.py
+
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "all steps passed"
