@@ -3,6 +3,7 @@ initial guess, step-size initialisation."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -124,7 +125,14 @@ def _separable_mean(
     *lead, _, c = tokens.shape
     rows = _window_means(h, gh, kernel, stride, tokens.dtype, tokens.device)  # (g_h, H)
     cols = _window_means(w, gw, kernel, stride, tokens.dtype, tokens.device)  # (g_w, W)
-    with torch.autocast(tokens.device.type, enabled=False):
+    device = tokens.device.type
+    # "meta" (FLOP counting) has no autocast to leave.
+    no_autocast = (
+        torch.autocast(device, enabled=False)
+        if torch.amp.is_autocast_available(device)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:
         by_rows = rows @ tokens.reshape(*lead, h, w * c)  # (..., g_h, W c)
         pooled = cols @ by_rows.view(*lead, gh, w, c)  # (..., g_h, g_w, c)
     return pooled.view(*lead, gh * gw, c)
