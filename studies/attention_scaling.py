@@ -1,10 +1,15 @@
 """Forward+backward time and peak memory of every attention mechanism against the token count
-(196 to 16,384 tokens, m = 64 representatives), side by side in one run; logged to MLflow.
+(m = 64 representatives), side by side in one run; logged to MLflow where it is installed.
 
-    python studies/attention_scaling.py                      # CPU: ~4 min on 2 cores
-    python studies/attention_scaling.py --device cuda --max-quadratic-tokens 16384
+    python studies/attention_scaling.py                      # CPU: 196 to 16,384 tokens, ~4 min
+    PYTHONPATH=platform python studies/attention_scaling.py --device cuda --levels mechanism \\
+        --no-mlflow                                          # a bare GPU machine: torch, triton
 
-The last lines give CBSA's growth from 3,136 to 12,544 tokens and its speed-up over SDPA.
+On CUDA the defaults are bf16 (`--dtype`), CUDA-event timing, 196 to 50,176 tokens, B = 16,
+K = 6 heads; the mechanism level sets flash SDPA against `cbsa_mixing` (its default dispatch,
+and the CPU-tuned fused form as `cbsa_fused`) and the plain-torch equations. The last lines
+give CBSA's growth with the token count, its speed-up over SDPA at 3,136 and 12,544 tokens
+and over the plain-torch equations, against the goals of issue 18.
 """
 
 from cbtlab.perf.cli import scaling_main

@@ -152,3 +152,38 @@ def test_the_gpu_check_runs_on_cpu_without_them(tmp_path: Path, digits_root: Pat
     lines = proc.stdout.splitlines()
     assert "SKIP  ray  ray is not installed" in lines
     assert lines[-1] == "GPU check passed: 8 checks passed, 2 skipped"
+
+
+def test_the_benchmarks_run_without_them(tmp_path: Path) -> None:
+    """Both benchmark scripts, in one process (to import torch once): their help, then a tiny
+    CPU run of each. Without MLflow and without --no-mlflow, the scaling study says once
+    that it prints only."""
+    scaling = ["--device", "cpu", "--levels", "mechanism", "--sides", "4", "--batch", "1",
+               "--heads", "1", "--head-dim", "8", "--rep-grid", "2,2", "--rounds", "1"]  # fmt: skip
+    throughput = ["--device", "cpu", "--models", "cbt_tiny_patch16_224,vit_tiny_patch16_224",
+                  "--resolutions", "128", "--batch", "1", "--modes", "infer", "--rounds", "1",
+                  "--no-mlflow"]  # fmt: skip
+    runs = [(script, ["--help"]) for script in ("attention_scaling.py", "throughput.py")]
+    runs += [("attention_scaling.py", scaling), ("throughput.py", throughput)]
+    proc = _bare_python(
+        tmp_path,
+        f"""
+        import runpy, sys
+        for script, argv in {runs!r}:
+            sys.argv = [script, *argv]
+            try:
+                runpy.run_path({str(REPO / "studies")!r} + "/" + script, run_name="__main__")
+            except SystemExit as exc:
+                assert exc.code in (0, None), (script, argv, exc.code)
+        loaded = sorted(m for m in sys.modules if m.partition(".")[0] in {BLOCKED!r})
+        assert not loaded, loaded
+        """,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-6000:]
+    out = proc.stdout
+    assert out.count("usage: attention_scaling.py") == out.count("usage: throughput.py") == 1
+    assert "--dtype {fp32,bf16,fp16}" in out and "--compile" in out
+    lines = out.splitlines()
+    assert lines.count("MLflow is not installed here: results are printed only (not logged)") == 1
+    assert any(line.startswith("mechanism  cbsa ") for line in lines), out
+    assert any(line.startswith("cbt_tiny_patch16_224 infer at 128 px: ") for line in lines), out

@@ -3,23 +3,37 @@ studies on tiny settings (their real figures come from the study scripts, not fr
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from torch import nn
 
 from cbtlab.attention import CBSA
 from cbtlab.attention.cbsa import cbsa_mixing
-from cbtlab.perf import measure_side_by_side, peak_memory
+from cbtlab.perf import attention_scaling, measure_side_by_side, peak_memory
 from cbtlab.perf.attention_scaling import (
     ScalingSpec,
     run_scaling,
+    scaling_defaults,
     scaling_headline,
+    scaling_metrics,
     scaling_table,
 )
 from cbtlab.perf.cli import scaling_main
-from cbtlab.perf.throughput import ThroughputSpec, run_throughput, throughput_table
+from cbtlab.perf.throughput import (
+    ThroughputSpec,
+    run_throughput,
+    throughput_headline,
+    throughput_metrics,
+    throughput_table,
+)
+from cbtlab.perf.timing import first_call
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device is visible")
 
 
 def test_cases_run_interleaved_after_warmup() -> None:
@@ -31,6 +45,76 @@ def test_cases_run_interleaved_after_warmup() -> None:
     assert timings["a"].rounds == 3 and timings["a"].min_s <= timings["a"].median_s
     with pytest.raises(ValueError, match="rounds"):
         measure_side_by_side({"a": lambda: None}, rounds=0)
+
+
+def test_on_cuda_each_call_is_timed_by_cuda_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA branch, with the CUDA calls replaced by a fake device whose clock only the
+    cases advance: the times must be the events' (in seconds), read after a synchronise, and
+    owe nothing to the host's clock."""
+    gpu_ms = [0.0]
+    synced = [False]
+    stream = object()
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.at: float | None = None
+
+        def record(self, on: object = None) -> None:
+            assert on is stream
+            self.at = gpu_ms[0]
+            synced[0] = False
+
+        def elapsed_time(self, end: Event) -> float:
+            assert synced[0], "elapsed_time read before the device synchronised"
+            assert self.at is not None and end.at is not None
+            return end.at - self.at
+
+    def synchronize(device: Any = None) -> None:
+        synced[0] = True
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    work = {"a": iter([2.0, 9.0, 3.0]), "b": iter([5.0, 5.0, 7.0])}
+
+    def case(name: str) -> Any:
+        def run() -> None:
+            gpu_ms[0] += next(work[name])
+
+        return run
+
+    timings = measure_side_by_side(
+        {"a": case("a"), "b": case("b")}, warmup=0, rounds=3, device="cuda"
+    )
+    assert timings["a"].median_s == pytest.approx(3e-3)
+    assert (timings["a"].min_s, timings["a"].max_s) == pytest.approx((2e-3, 9e-3))
+    assert timings["b"].median_s == pytest.approx(5e-3)
+
+
+def test_first_call_reports_what_it_catches_and_raises_the_rest() -> None:
+    calls: list[int] = []
+    assert first_call(lambda: calls.append(1)) == "" and calls == [1]
+
+    def out_of_memory() -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB\nmore")
+
+    assert (
+        first_call(out_of_memory) == "OutOfMemoryError: CUDA out of memory. Tried to allocate 9 GiB"
+    )
+
+    def broken() -> None:
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        first_call(broken)
+    assert first_call(broken, catch=(Exception,)) == "ValueError: a bug"
+
+    def fails_to_compile() -> None:
+        raise RuntimeError("backend='inductor' raised:\nAssertionError: lowering\n\nmore")
+
+    reason = first_call(fails_to_compile, catch=(Exception,))
+    assert reason == "RuntimeError: backend='inductor' raised: AssertionError: lowering"
 
 
 def test_peak_memory_follows_allocations_and_releases() -> None:
@@ -91,11 +175,116 @@ def test_scaling_rows_ratios_and_table() -> None:
     base = row[("layer", "softmax", 16)]
     assert cbsa16["x_sdpa"] == pytest.approx(base["time_ms"] / cbsa16["time_ms"])
     assert math.isnan(cbsa64["x_sdpa"]) and math.isnan(cbsa16["x_prev"])
+    reference16 = row[("layer", "cbsa_straightforward", 16)]
+    assert cbsa16["x_straightforward"] == pytest.approx(reference16["time_ms"] / cbsa16["time_ms"])
+    assert math.isnan(reference16["x_straightforward"]) and math.isnan(base["x_straightforward"])
+    assert row[("mechanism", "sdpa", 16)]["note"] == "default"  # CPU: PyTorch's own choice
+    assert ("mechanism", "cbsa_fused", 16) not in seen  # only on CUDA
     assert all(r["peak_mb"] > 0 for r in rows)
     assert "cbsa_straightforward" in scaling_table(rows)
     assert any(line.startswith("cbsa (layer)") for line in scaling_headline(rows))
     with pytest.raises(ValueError, match="unknown attention"):
         ScalingSpec(layers=("nope",)).validate()
+    with pytest.raises(ValueError, match="unknown dtype"):
+        ScalingSpec(dtype="fp8").validate()
+
+
+def test_scaling_runs_in_the_chosen_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16: the mechanism's tensors are bf16, and the layers run under bf16 autocast."""
+    seen: dict[str, Any] = {}
+    real_mixing, real_create = attention_scaling.cbsa_mixing, attention_scaling.create_attention
+
+    def mixing(w: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen["mixing"] = (w.dtype, args[0].dtype)
+        return real_mixing(w, *args, **kwargs)
+
+    def create(*args: Any, **kwargs: Any) -> nn.Module:
+        layer = real_create(*args, **kwargs)
+        layer.register_forward_pre_hook(
+            lambda *_: seen.__setitem__(
+                "layer", (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+            )
+        )
+        return layer
+
+    monkeypatch.setattr(attention_scaling, "cbsa_mixing", mixing)
+    monkeypatch.setattr(attention_scaling, "create_attention", create)
+    spec = ScalingSpec(
+        sides=(4,), batch=1, heads=2, head_dim=8, rep_grid=(2, 2), rounds=1, warmup=0,
+        layers=("cbsa",), dtype="bf16",
+    )  # fmt: skip
+    rows = run_scaling(spec, echo=lambda _: None)
+    assert seen == {"mixing": (torch.bfloat16,) * 2, "layer": (True, torch.bfloat16)}
+    assert all(r["time_ms"] > 0 for r in rows)
+    run_scaling(dataclasses.replace(spec, dtype="fp32"), echo=lambda _: None)
+    assert seen["mixing"] == (torch.float32,) * 2 and seen["layer"][0] is False
+
+
+def test_a_case_out_of_memory_is_a_row_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = attention_scaling._mechanisms
+
+    def short_of_memory(spec: ScalingSpec, side: int) -> Any:
+        cases, notes = real(spec, side)
+
+        def sdpa() -> None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+
+        return {**cases, "sdpa": sdpa}, notes
+
+    monkeypatch.setattr(attention_scaling, "_mechanisms", short_of_memory)
+    spec = ScalingSpec(
+        sides=(4,), batch=1, heads=2, head_dim=8, rep_grid=(2, 2), rounds=1,
+        levels=("mechanism",),
+    )  # fmt: skip
+    rows = {r["attention"]: r for r in run_scaling(spec, echo=lambda _: None)}
+    sdpa, cbsa = rows["sdpa"], rows["cbsa"]
+    assert sdpa["note"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert math.isnan(sdpa["time_ms"]) and math.isnan(sdpa["peak_mb"])
+    assert math.isnan(cbsa["x_sdpa"]) and cbsa["time_ms"] > 0
+    assert not any(
+        key.startswith("mechanism/sdpa/") for key in scaling_metrics(list(rows.values()))
+    )
+    assert "OutOfMemoryError" in scaling_table(list(rows.values()))
+
+
+def test_scaling_headline_states_the_goals() -> None:
+    """Issue 18's goals at 3,136 and 12,544 tokens (x SDPA) and at every token count (x the
+    plain-torch equations), from rows of given times."""
+    times = {  # tokens: (sdpa, cbsa, cbsa_straightforward) in ms
+        784: (1.0, 2.0, 1.0),
+        3136: (24.0, 2.0, 3.0),
+        12544: (90.0, 3.0, 6.0),
+    }
+    rows = [
+        {"level": "mechanism", "attention": name, "tokens": n, "time_ms": t}
+        for n, ts in times.items()
+        for name, t in zip(("sdpa", "cbsa", "cbsa_straightforward"), ts, strict=True)
+    ]
+    attention_scaling._add_ratios(rows)
+    lines = scaling_headline(rows)
+    assert lines[1:] == [
+        "cbsa (mechanism) at 3,136 tokens: 12.0x faster than SDPA (goal >= 10x: met); "
+        "1.50x cbsa_straightforward",
+        "cbsa (mechanism) at 12,544 tokens: 30.0x faster than SDPA (goal >= 50x: NOT met); "
+        "2.00x cbsa_straightforward",
+        "cbsa (mechanism) against cbsa_straightforward at every token count (goal: never "
+        "slower): NOT met, slowest 0.50x at 784 tokens",
+    ]
+    assert "12.0x faster than SDPA at 3136" in lines[0]
+
+
+def test_device_defaults() -> None:
+    """CPU keeps its defaults; CUDA goes to 50,176 tokens in bf16 at issue 18's shape."""
+    assert scaling_defaults("cpu") == {"sides": [14, 28, 56, 112, 128],
+        "max_quadratic_tokens": 3136, "dtype": "fp32", "batch": 8, "heads": 3}  # fmt: skip
+    cuda = scaling_defaults("cuda:0")
+    assert [s * s for s in cuda["sides"]] == [196, 784, 3136, 12544, 50176]
+    assert (cuda["max_quadratic_tokens"], cuda["dtype"], cuda["batch"], cuda["heads"]) == (
+        50176,
+        "bf16",
+        16,
+        6,
+    )
 
 
 def test_scaling_cli_logs_to_mlflow(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -104,10 +293,12 @@ def test_scaling_cli_logs_to_mlflow(tmp_path, capsys) -> None:  # type: ignore[n
             "2,2", "--rounds", "1", "--levels", "mechanism", "--tracking-uri", uri]  # fmt: skip
     assert scaling_main(argv) == 0
     out = capsys.readouterr().out
-    assert "cbsa (mechanism)" in out
+    assert "cbsa (mechanism)" in out and "fp32, batch 1" in out
+    assert "results are printed only" not in out
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("attention_scaling").experiment_id])
     assert run.data.metrics["mechanism/cbsa/16/time_ms"] > 0
+    assert run.data.metrics["mechanism/cbsa/16/x_straightforward"] > 0
     assert run.data.params["batch"] == "1"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"attention_scaling.parquet", "attention_scaling.txt"} <= artifacts
@@ -116,22 +307,98 @@ def test_scaling_cli_logs_to_mlflow(tmp_path, capsys) -> None:  # type: ignore[n
     assert exit_info.value.code == 2
 
 
-def test_throughput_rows_and_ratios() -> None:
+def test_throughput_rows_and_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager and compiled rows side by side. Compiling is replaced here (it takes minutes on
+    a CPU): CBT's compilation fails as Inductor's did on the H200 (a row with the reason, no
+    crash), ViT's "compiled" form is the model itself."""
+
+    class FailsToCompile(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("Inductor could not lower this graph")
+
+    compiled: list[str] = []
+
+    def fake_compile(model: nn.Module) -> nn.Module:
+        compiled.append(type(model).__name__)
+        return model if "VisionTransformer" in type(model).__name__ else FailsToCompile()
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     spec = ThroughputSpec(
         models=("cbt_tiny_patch16_224", "vit_tiny_patch16_224"), resolutions=(128,),
-        batch_at_224=1, rounds=1, warmup=0,
+        batch_at_224=1, rounds=1, warmup=0, compile=True, peak_memory=True,
     )  # fmt: skip
     rows = run_throughput(spec, echo=lambda _: None)
-    assert {(r["mode"], r["model"]) for r in rows} == {
-        (mode, model) for mode in ("train", "infer") for model in spec.models
+    assert len(compiled) == 2
+    row = {(r["mode"], r["form"], r["model"]): r for r in rows}
+    assert set(row) == {
+        (mode, form, model)
+        for mode in ("train", "infer")
+        for form in ("eager", "compiled")
+        for model in spec.models
     }
-    for r in rows:
-        assert r["images_per_s"] > 0 and r["gflops_per_image"] > 0 and r["mfu"] > 0
-        if r["model"].startswith("vit"):
+    for (_, form, model), r in row.items():
+        assert r["gflops_per_image"] > 0
+        if (form, model) == ("compiled", "cbt_tiny_patch16_224"):
+            assert r["note"] == "AssertionError: Inductor could not lower this graph"
+            assert math.isnan(r["images_per_s"]) and math.isnan(r["x_vit"])
+            continue
+        assert r["images_per_s"] > 0 and r["mfu"] > 0 and r["note"] == ""
+        if model.startswith("vit"):
             assert r["x_vit"] == pytest.approx(1.0)
-    assert "cbt_tiny_patch16_224" in throughput_table(rows)
+        # Peak memory: eager rows; on CPU not for compiled ones.
+        assert r["peak_mb"] > 0 if form == "eager" else math.isnan(r["peak_mb"])
+    cbt_train = row[("train", "eager", "cbt_tiny_patch16_224")]
+    vit_train = row[("train", "eager", "vit_tiny_patch16_224")]
+    assert cbt_train["memory_vit"] == pytest.approx(cbt_train["peak_mb"] / vit_train["peak_mb"])
+    assert "Inductor could not lower" in throughput_table(rows)
+    metrics = throughput_metrics(rows)
+    assert "train_compiled/vit_tiny_patch16_224/128/images_per_s" in metrics
+    assert "train/cbt_tiny_patch16_224/128/images_per_s" in metrics
+    assert not any(k.startswith("train_compiled/cbt") for k in metrics)
+    headline = throughput_headline(rows)
+    assert [line.split(":")[0] for line in headline] == [
+        "cbt_tiny_patch16_224 train at 128 px",
+        "cbt_tiny_patch16_224 infer at 128 px",
+    ]
     with pytest.raises(ValueError, match="multiple of the patch size"):
         ThroughputSpec(resolutions=(100,)).validate()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_scaling_on_cuda(dtype: str) -> None:
+    """On a GPU: flash SDPA in bf16 (PyTorch's choice in fp32), the fused form beside the
+    default dispatch, every case timed by CUDA events, peak memory from the allocator."""
+    spec = ScalingSpec(
+        sides=(8, 16), batch=2, heads=2, head_dim=64, rep_grid=(4, 4), rounds=2,
+        max_quadratic_tokens=256, device="cuda", dtype=dtype,
+    )  # fmt: skip
+    rows = run_scaling(spec, echo=lambda _: None)
+    mech = {(r["attention"], r["tokens"]): r for r in rows if r["level"] == "mechanism"}
+    assert {name for name, _ in mech} == {"cbsa", "cbsa_fused", "cbsa_straightforward", "sdpa"}
+    assert mech[("sdpa", 64)]["note"] == ("flash" if dtype == "bf16" else "default")
+    assert mech[("cbsa_fused", 64)]["note"] == "impl fused"
+    for r in rows:
+        assert r["time_ms"] > 0 and r["peak_mb"] > 0, r
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_throughput_on_cuda() -> None:
+    """On a GPU, eager and compiled, bf16 autocast: every row is measured or says why not."""
+    spec = ThroughputSpec(
+        models=("cbt_tiny_patch16_224", "vit_tiny_patch16_224"), resolutions=(224,),
+        batch_at_224=16, modes=("train",), rounds=2, device="cuda", amp=True, compile=True,
+        peak_memory=True,
+    )  # fmt: skip
+    rows = run_throughput(spec, echo=lambda _: None)
+    assert len(rows) == 4
+    for r in rows:
+        if r["form"] == "eager" or not r["note"]:
+            assert r["images_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mb"] > 0, r
+        else:
+            assert math.isnan(r["images_per_s"]), r
 
 
 def test_loop_overhead_times_both_loops_and_the_platform_one_trains(

@@ -1,5 +1,9 @@
 """Command lines of the performance studies (`studies/attention_scaling.py`,
-`studies/throughput.py`): flags in, a printed table and an MLflow run out."""
+`studies/throughput.py`): flags in, a printed table and an MLflow run out.
+
+They run on a bare GPU machine (torch, timm and triton; no Ray, MLflow or Optuna) from a
+checkout with `PYTHONPATH=platform`: MLflow is imported only to log, and where it is not
+installed the results are printed only."""
 
 from __future__ import annotations
 
@@ -12,14 +16,16 @@ from typing import Any
 import torch
 
 from cbtlab.perf.attention_scaling import (
+    DTYPES,
     LAYERS,
     ScalingSpec,
     run_scaling,
+    scaling_defaults,
     scaling_headline,
     scaling_metrics,
     scaling_table,
 )
-from cbtlab.perf.record import log_benchmark
+from cbtlab.perf.record import log_benchmark, mlflow_installed
 from cbtlab.perf.throughput import (
     MODELS,
     ThroughputSpec,
@@ -49,7 +55,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per case")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tracking-uri", default="", help="MLflow URI (default: the project's)")
-    parser.add_argument("--no-mlflow", action="store_true", help="print only")
+    parser.add_argument("--no-mlflow", action="store_true",
+                        help="print only (also where MLflow is not installed)")  # fmt: skip
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
+    return f"{device} ({torch.get_num_threads()} threads, torch {torch.__version__})"
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -65,19 +78,28 @@ def scaling_main(argv: Sequence[str] | None = None) -> int:
         description="Forward+backward time and peak memory of every attention mechanism "
         "against the token count, side by side.",
     )
-    parser.add_argument("--sides", type=_ints, default=[14, 28, 56, 112, 128],
-                        help="patch-grid sides; tokens = side^2")  # fmt: skip
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=3)
+    parser.add_argument("--sides", type=_ints, default=None,
+                        help="patch-grid sides; tokens = side^2 (default: 14,28,56,112,128, "
+                        "196 to 16,384 tokens, on CPU; 14,...,224, to 50,176, on CUDA)",
+                        )  # fmt: skip
+    parser.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 16 on CUDA")
+    parser.add_argument("--heads", type=int, default=None, help="default: 3 on CPU, 6 on CUDA")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--rep-grid", type=_ints, default=[8, 8], help="g_h,g_w (m = g_h g_w)")
     parser.add_argument("--layers", type=_names, default=list(LAYERS))
     parser.add_argument("--levels", type=_names, default=["mechanism", "layer"])
-    parser.add_argument("--max-quadratic-tokens", type=int, default=3136,
-                        help="skip softmax/MSSA/SDPA above this many tokens")  # fmt: skip
+    parser.add_argument("--max-quadratic-tokens", type=int, default=None,
+                        help="skip softmax/MSSA/SDPA above this many tokens "
+                        "(default: 3136 on CPU, 50176 on CUDA)")  # fmt: skip
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="the mechanism tensors' dtype and the layers' autocast dtype "
+                        "(default: bf16 on CUDA, fp32 on CPU)")  # fmt: skip
     _common(parser)
     args = parser.parse_args(argv)
     _setup(args)
+    for key, value in scaling_defaults(args.device).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if len(args.rep_grid) != 2:
         parser.error("--rep-grid takes two integers, e.g. 8,8")
     spec = ScalingSpec(
@@ -92,14 +114,15 @@ def scaling_main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         rounds=args.rounds,
         device=args.device,
+        dtype=args.dtype,
     )
     try:
         spec.validate()
     except ValueError as exc:
         parser.error(str(exc))
-    print(f"attention scaling on {args.device} ({torch.get_num_threads()} threads), batch "
-          f"{spec.batch}, {spec.heads} heads x {spec.head_dim}, m = "
-          f"{spec.rep_grid[0] * spec.rep_grid[1]}", flush=True)  # fmt: skip
+    print(f"attention scaling on {_device_name(args.device)}, {spec.dtype}, batch {spec.batch}, "
+          f"{spec.heads} heads x {spec.head_dim}, m = {spec.rep_grid[0] * spec.rep_grid[1]}",
+          flush=True)  # fmt: skip
     rows = run_scaling(spec, echo=lambda line: print(line, flush=True))
     return _report(
         args, "attention_scaling", rows, scaling_table(rows), scaling_metrics(rows),
@@ -133,6 +156,9 @@ def _log(
 ) -> None:
     if args.no_mlflow:
         return
+    if not mlflow_installed():
+        print("MLflow is not installed here: results are printed only (not logged)")
+        return
     params = {k: v for k, v in vars(args).items() if k != "no_mlflow"}
     params.update(threads=torch.get_num_threads(), cpu_count=os.cpu_count())
     uri, run_id = log_benchmark(
@@ -153,14 +179,23 @@ def throughput_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--models", type=_names, default=list(MODELS))
     parser.add_argument("--resolutions", type=_ints, default=[224, 448])
-    parser.add_argument("--batch", type=int, default=8,
-                        help="images per step at 224 px, scaled by pixel count above")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images per step at 224 px, scaled by pixel count at other "
+                        "resolutions (default: 8 on CPU, 256 on CUDA)")  # fmt: skip
     parser.add_argument("--modes", type=_names, default=["train", "infer"])
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for CUDA, off on CPU)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="add torch.compile'd rows beside the eager ones")  # fmt: skip
+    parser.add_argument("--peak-memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure each case's peak memory (default: on for CUDA; on CPU "
+                        "it costs one more step per case)")  # fmt: skip
     _common(parser)
     args = parser.parse_args(argv)
     _setup(args)
+    on_cuda = torch.device(args.device).type == "cuda"
+    if args.batch is None:
+        args.batch = 256 if on_cuda else 8
     spec = ThroughputSpec(
         models=args.models,
         resolutions=args.resolutions,
@@ -169,14 +204,17 @@ def throughput_main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         rounds=args.rounds,
         device=args.device,
-        amp=args.device.startswith("cuda") if args.amp is None else args.amp,
+        amp=on_cuda if args.amp is None else args.amp,
+        compile=args.compile,
+        peak_memory=on_cuda if args.peak_memory is None else args.peak_memory,
     )
     try:
         spec.validate()
     except ValueError as exc:
         parser.error(str(exc))
-    print(f"throughput on {args.device} ({torch.get_num_threads()} threads), "
-          f"{'bf16 autocast' if spec.amp else 'fp32'}", flush=True)  # fmt: skip
+    forms = ", eager and compiled" if spec.compile else ""
+    print(f"throughput on {_device_name(args.device)}, "
+          f"{'bf16 autocast' if spec.amp else 'fp32'}{forms}", flush=True)  # fmt: skip
     rows = run_throughput(spec, echo=lambda line: print(line, flush=True))
     return _report(
         args, "throughput", rows, throughput_table(rows), throughput_metrics(rows),

@@ -1,19 +1,21 @@
 """Logging a benchmark to MLflow: one run per invocation, its settings as params, one metric
-per measured row, provenance tags, and the table as text and Parquet artifacts."""
+per measured row, provenance tags, and the table as text and Parquet artifacts.
+
+MLflow is imported only when a run is logged: the benchmarks also run on bare GPU machines
+whose Python has no MLflow (`mlflow_installed()` tells the command line to print only)."""
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from cbtlab.paths import default_tracking_uri
-from cbtlab.tracking.mlflow_tracker import TAG_PREFIX, StudyTracker
-from cbtlab.tracking.provenance import git_state, package_versions
+def mlflow_installed() -> bool:
+    """Whether MLflow can be imported here (without importing it)."""
+    return importlib.util.find_spec("mlflow") is not None
 
 
 def log_benchmark(
@@ -26,6 +28,13 @@ def log_benchmark(
     tracking_uri: str = "",
 ) -> tuple[str, str]:
     """Log one benchmark run; returns (tracking URI, run id)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cbtlab.paths import default_tracking_uri
+    from cbtlab.tracking.mlflow_tracker import TAG_PREFIX, StudyTracker
+    from cbtlab.tracking.provenance import git_state, package_versions
+
     uri = tracking_uri or default_tracking_uri()
     tracker = StudyTracker(uri, experiment)
     tags = {f"{TAG_PREFIX}{k}": v for k, v in git_state().items()}

@@ -12,6 +12,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from cbtlab.tables import render_table
 from cbtlab.tracking.mlflow_tracker import PARENT_TAG
 
 
@@ -39,17 +40,6 @@ def format_table(
         for r in ordered
     ]
     return render_table(headers, body)
-
-
-def render_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    """Left-aligned plain-text columns under a dashed header rule."""
-    widths = [max([len(h)] + [len(row[i]) for row in body]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in body
-    ]
-    return "\n".join(lines)
 
 
 def study_from_mlflow(

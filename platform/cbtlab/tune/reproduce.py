@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from cbtlab.config import ExperimentConfig
-from cbtlab.tracking.report import render_table
+from cbtlab.tables import render_table
 
 REPRODUCES_TAG = "cbtlab.reproduces"
 RESULT_TAG = "cbtlab.reproduced"

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cbtlab.config import ConfigError, ExperimentConfig
+from cbtlab.tables import render_table
 from cbtlab.tune.stats import mean_ci
 
 SIZE_KEYS = ("model.embed_dim", "model.depth", "model.num_heads")
@@ -167,8 +168,6 @@ def _cell_value(value: float | None) -> str:
 
 def format_scaling(rows: Sequence[ScalingRow], stages: Sequence[str]) -> str:
     """The scaling table: size, parameters, FLOPs, top-1 mean ± CI half-width per stage."""
-    from cbtlab.tracking.report import render_table
-
     headers = ["size", "params (M)", "GFLOPs", *(f"{s} top-1" for s in stages)]
     body = []
     for row in rows:

@@ -44,6 +44,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cbtlab.tables import render_table
+
 TESTS = ("auto", "t", "wilcoxon")
 WILCOXON_MIN_PAIRS = 6
 DIFF_DECIMALS = 12
@@ -304,8 +306,6 @@ def _p(value: float) -> str:
 def format_stats(table: pa.Table) -> str:
     """A plain-text table: per cell mean ± CI half-width, the difference to the baseline with
     its CI, the test and its raw and Holm-corrected p-values, d_z and the notes."""
-    from cbtlab.tracking.report import render_table  # (imports MLflow)
-
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     confidence = float(meta.get("confidence", "0.95"))
     level = f"{confidence * 100:g}%"
