@@ -461,8 +461,7 @@ class CBSA(SubspaceAttention):
         the projection's (B, N, K, p) memory layout, so merging the heads is a view. Q0 is
         pooled from the tokens as they lie and then projected (as in the fused form)."""
         w = self.project(x)  # (B, K, N, p), a view of (B, N, K p)
-        u = self.qkv.weight.view(self.num_heads, self.head_dim, -1)
-        q0 = self._initial_guess_fused(x, grid_size, u)
+        q0 = self._initial_guess_fused(x, grid_size)
         if self.stop_grad_init:
             q0 = q0.detach()
         dw = _kernels().cbsa_mixing_kernels(
@@ -475,7 +474,7 @@ class CBSA(SubspaceAttention):
         b, _, d = x.shape
         k, p = self.num_heads, self.head_dim
         u = self.qkv.weight.view(k, p, d)  # U_k^T, one (p x d) block per head
-        q0 = self._initial_guess_fused(x, grid_size, u)  # (B, K, m, p)
+        q0 = self._initial_guess_fused(x, grid_size)  # (B, K, m, p)
         if self.stop_grad_init:
             q0 = q0.detach()
         m = q0.shape[2]
@@ -488,16 +487,17 @@ class CBSA(SubspaceAttention):
         g = c @ self.proj.weight.view(d, k, p).permute(1, 2, 0)  # (B, K, m, d)
         return _apply_in_autocast_dtype(_Broadcast, attn, g.reshape(b, k * m, d), self.proj.bias)
 
-    def _initial_guess_fused(self, x: Tensor, grid_size: tuple[int, int], u: Tensor) -> Tensor:
+    def _initial_guess_fused(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
         """Q0 without projecting all N tokens: average pooling commutes with the projection,
-        so the (few) pooled tokens are projected instead. Max pooling does not commute; it
+        so the (few) pooled tokens are projected instead (by the projection layer itself, so
+        that autocast casts its weight once per step). Max pooling does not commute; it
         projects the tokens first, as the reference form does."""
         if self.rep_queries is not None:
             return self.initial_guess(x, grid_size)  # only the batch size is read
         if self.rep_pool == "max":
             return self.initial_guess(self.project(x), grid_size)
         pooled = self._pool(x.unsqueeze(1), grid_size)  # (B, 1, m, d)
-        return pooled @ u.transpose(1, 2)  # (B, K, m, p)
+        return self.project(pooled[:, 0])  # (B, K, m, p)
 
     def _extract(self, q0: Tensor, w: Tensor) -> Tensor:
         return torch.softmax((q0 * self.scale) @ w.transpose(-1, -2), dim=-1)

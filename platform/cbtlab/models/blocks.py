@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cbtlab.attention import create_attention
@@ -34,7 +35,9 @@ class ISTA(nn.Module):
         if not self.fused:
             return self.forward_reference(x)
         flat = x.reshape(-1, x.shape[-1])
-        residual = flat - flat @ self.weight.t()  # Z - Z D^T
+        # F.linear takes the weight itself, whose autocast copy is cached; `weight.t()` is a
+        # view, cast anew at every call.
+        residual = flat - F.linear(flat, self.weight)  # Z - Z D^T
         shifted = flat - self.step * self.lambd
         out = torch.addmm(shifted, residual, self.weight, alpha=self.step)
         return torch.relu(out).view_as(x)
