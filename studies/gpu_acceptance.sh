@@ -36,7 +36,8 @@ step scaling 300 "$PY" studies/attention_scaling.py --device cuda --levels mecha
   --sides 14,28,56,112,224 --rounds 10 --no-mlflow
 # Issue 19: CBT against ViT/CRATE/ToST, eager and compiled.
 step throughput 420 "$PY" studies/throughput.py --device cuda --resolutions 224,448 --compile \
-  --no-mlflow
+  --modes train --no-mlflow \
+  --models cbt_tiny_patch16_224,vit_tiny_patch16_224,cbt_small_patch16_224,vit_small_patch16_224
 # Issue 17: the worker loop's per-step cost over a bare loop (CBT-S, bf16, batch 256).
 step loop 240 "$PY" studies/bench_loop_overhead.py --device cuda --max-ratio 1.05
 # Issues 17 and 19: every model compiles at 224 and 448 px, CBSA models with the kernels inside.
