@@ -141,15 +141,16 @@ def test_accumulated_half_batches_train_like_full_batches(digits_root: Path) -> 
 def test_compile_reaches_the_loop(digits_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     compiled = []
 
-    def fake_compile(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        compiled.append(module)
+    def fake_compile(module: torch.nn.Module, device: torch.device, mode: str) -> torch.nn.Module:
+        compiled.append(mode)
         return module
 
     monkeypatch.setattr("cbtlab.train.loop.compile_model", fake_compile)
     _run({"train.epochs": 1})
     assert compiled == []
     _run({"train.epochs": 1, "train.compile": True})
-    assert len(compiled) == 1
+    _run({"train.epochs": 1, "train.compile": True, "train.compile_mode": "reduce-overhead"})
+    assert compiled == ["default", "reduce-overhead"]
 
 
 @pytest.mark.parametrize("loader_workers", [0, 2])
