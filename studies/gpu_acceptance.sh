@@ -4,12 +4,19 @@
 # from this checkout. Each step prints its own numbers and ratios; a failed step does not stop
 # the others, and the script exits 1 if any failed.
 #
+# The GPU check (and tests/test_gpu.py) also need webdataset, braceexpand and cloudpickle,
+# unpacked into carry/site, and prebuilt digits shards in digits_cache/: docs/gpu.md, "On a bare
+# GPU machine", says how; both are picked up when present.
+#
 #   bash studies/gpu_acceptance.sh            # all steps
 #   bash studies/gpu_acceptance.sh kernels    # one step: check, kernels, scaling, throughput,
 #                                             # loop, compile
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/platform${PYTHONPATH:+:$PYTHONPATH}"
+[ -d carry/site ] && PYTHONPATH="$PYTHONPATH:$PWD/carry/site"
+data=()
+[ -d digits_cache ] && data=(--data-root digits_cache)
 PY="${PYTHON:-python}"
 failed=()
 
@@ -29,7 +36,7 @@ ONLY="${1:-}"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
 # Issue 17: the digits CBT under NCCL through run_training (Ray where installed).
-step check 240 "$PY" studies/gpu_check.py --epochs 3
+step check 240 "$PY" studies/gpu_check.py --epochs 3 "${data[@]}"
 # Issue 18: the kernels against the equations on the GPU, then their scaling against SDPA.
 step kernels 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cbsa_kernels.py
 step scaling 300 "$PY" studies/attention_scaling.py --device cuda --levels mechanism \
