@@ -112,6 +112,12 @@ def _dot(a, b, acc, PREC: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PREC)
 
 
+@triton.jit
+def _tokens(BASE, b, k, s_b, s_k, s_n, s_p, offs_n, offs_p):
+    """Pointers to a (tokens, channels) tile of row (b, k) of a strided (B, K, N, P) tensor."""
+    return BASE + b * s_b + k * s_k + offs_n[:, None] * s_n + offs_p[None, :] * s_p
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels. Programs index rows (b, k) of the (B, K, ...) tensors; Q0, L, C, dAW and D are
 # contiguous (B K, M, P) / (B K, M); the token tensors (W, dOut, out, dW) are strided.
@@ -137,7 +143,6 @@ def _extract_kernel(
         mask=mask_m[:, None] & mask_p[None, :],
         other=0.0,
     )
-    w_row = W + b * sw_b + k * sw_k
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
@@ -146,11 +151,8 @@ def _extract_kernel(
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < stop
-        w = tl.load(
-            w_row + offs_n[:, None] * sw_n + offs_p[None, :] * sw_p,
-            mask=mask_n[:, None] & mask_p[None, :],
-            other=0.0,
-        )
+        mask_tok = mask_n[:, None] & mask_p[None, :]
+        w = tl.load(_tokens(W, b, k, sw_b, sw_k, sw_n, sw_p, offs_n, offs_p), mask_tok, other=0.0)
         s = _dot(q, tl.trans(w), None, PREC) * scale2
         s = tl.where(mask_n[None, :], s, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, 1))
@@ -179,11 +181,8 @@ def _broadcast_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_P)
     mask_n, mask_p = offs_n < N, offs_p < P
-    w = tl.load(
-        W + b * sw_b + k * sw_k + offs_n[:, None] * sw_n + offs_p[None, :] * sw_p,
-        mask=mask_n[:, None] & mask_p[None, :],
-        other=0.0,
-    )
+    mask_tok = mask_n[:, None] & mask_p[None, :]
+    w = tl.load(_tokens(W, b, k, sw_b, sw_k, sw_n, sw_p, offs_n, offs_p), mask_tok, other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -196,11 +195,8 @@ def _broadcast_kernel(
         s = _dot(w, tl.trans(q), None, PREC) * scale2
         a = tl.exp2(s - lse[None, :])
         acc = _dot(a.to(c.dtype), c, acc, PREC)
-    tl.store(
-        OUT + b * so_b + k * so_k + offs_n[:, None] * so_n + offs_p[None, :] * so_p,
-        acc.to(OUT.dtype.element_ty),
-        mask=mask_n[:, None] & mask_p[None, :],
-    )
+    out = _tokens(OUT, b, k, so_b, so_k, so_n, so_p, offs_n, offs_p)
+    tl.store(out, acc.to(OUT.dtype.element_ty), mask=mask_tok)
 
 
 @triton.jit
@@ -227,19 +223,15 @@ def _reps_grad_kernel(
         c = tl.load(C + small, mask=mask_small, other=0.0)
         daw = tl.load(DAW + small, mask=mask_small, other=0.0)
         delta = tl.load(DELTA + row * M + offs_m, mask=mask_m, other=0.0)
-    w_row = W + b * sw_b + k * sw_k
-    d_row = DOUT + b * sd_b + k * sd_k
     acc = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
     start = split * CHUNK
     stop = tl.minimum(start + CHUNK, N)
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_tok = (offs_n < stop)[:, None] & mask_p[None, :]
-        w = tl.load(
-            w_row + offs_n[:, None] * sw_n + offs_p[None, :] * sw_p, mask=mask_tok, other=0.0
-        )
+        w = tl.load(_tokens(W, b, k, sw_b, sw_k, sw_n, sw_p, offs_n, offs_p), mask_tok, other=0.0)
         do = tl.load(
-            d_row + offs_n[:, None] * sd_n + offs_p[None, :] * sd_p, mask=mask_tok, other=0.0
+            _tokens(DOUT, b, k, sd_b, sd_k, sd_n, sd_p, offs_n, offs_p), mask_tok, other=0.0
         )
         s = _dot(q, tl.trans(w), None, PREC) * scale2
         a = tl.where((offs_n < stop)[None, :], tl.exp2(s - lse[:, None]), 0.0)
@@ -268,16 +260,8 @@ def _tokens_grad_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_P)
     mask_tok = (offs_n < N)[:, None] & (offs_p < P)[None, :]
-    w = tl.load(
-        W + b * sw_b + k * sw_k + offs_n[:, None] * sw_n + offs_p[None, :] * sw_p,
-        mask=mask_tok,
-        other=0.0,
-    )
-    do = tl.load(
-        DOUT + b * sd_b + k * sd_k + offs_n[:, None] * sd_n + offs_p[None, :] * sd_p,
-        mask=mask_tok,
-        other=0.0,
-    )
+    w = tl.load(_tokens(W, b, k, sw_b, sw_k, sw_n, sw_p, offs_n, offs_p), mask_tok, other=0.0)
+    do = tl.load(_tokens(DOUT, b, k, sd_b, sd_k, sd_n, sd_p, offs_n, offs_p), mask_tok, other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -296,11 +280,8 @@ def _tokens_grad_kernel(
         ds = a * (da - delta[None, :]) * scale
         acc = _dot(ds.to(q.dtype), q, acc, PREC)
         acc = _dot(a.to(daw.dtype), daw, acc, PREC)
-    tl.store(
-        DW + b * sg_b + k * sg_k + offs_n[:, None] * sg_n + offs_p[None, :] * sg_p,
-        acc.to(DW.dtype.element_ty),
-        mask=mask_tok,
-    )
+    grad_w = _tokens(DW, b, k, sg_b, sg_k, sg_n, sg_p, offs_n, offs_p)
+    tl.store(grad_w, acc.to(DW.dtype.element_ty), mask=mask_tok)
 
 
 _extract_tuned = triton.autotune(_configs(), key=["M", "P", "CHUNK"])(_extract_kernel)
