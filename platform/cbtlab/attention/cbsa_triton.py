@@ -413,7 +413,8 @@ def _cbsa_broadcast_fake(w: Tensor, q0: Tensor, lse: Tensor, c: Tensor, scale: f
 
 def _cbsa_reps_grad(w: Tensor, q0: Tensor, lse: Tensor, grad_out: Tensor, scale: float) -> Tensor:
     """dC = A dOut (B, K, M, P), float32."""
-    return _reduce_over_tokens(0, w, q0, lse, grad_out, None, None, None, scale)
+    launch = _Launch.of(w, q0)
+    return _reduce_over_tokens(launch, 0, w, q0, lse, grad_out, None, None, None, scale)
 
 
 cbsa_reps_grad = torch.library.custom_op("cbtlab::cbsa_reps_grad", _cbsa_reps_grad, mutates_args=())
@@ -441,7 +442,8 @@ def _cbsa_inputs_grad(
     launch = _Launch.of(w, q0)
     c, grad_aw = c.to(w.dtype).contiguous(), grad_aw.to(w.dtype).contiguous()
     delta = delta.contiguous()
-    grad_q0 = _reduce_over_tokens(1, w, q0, lse, grad_out, c, grad_aw, delta, scale) * scale
+    grad_q0 = _reduce_over_tokens(launch, 1, w, q0, lse, grad_out, c, grad_aw, delta, scale)
+    grad_q0 = grad_q0 * scale
     grad_w = torch.empty_like(w)
     _tokens_grad_tuned[_token_blocks(launch)](
         w, q0.contiguous(), lse.contiguous(), grad_out, c, grad_aw, delta, grad_w, *w.stride(),
@@ -462,6 +464,7 @@ def _cbsa_inputs_grad_fake(w: Tensor, q0: Tensor, *_: object) -> tuple[Tensor, T
 
 
 def _reduce_over_tokens(
+    launch: _Launch,
     mode: int,
     w: Tensor,
     q0: Tensor,
@@ -473,7 +476,6 @@ def _reduce_over_tokens(
     scale: float,
 ) -> Tensor:
     """`_reps_grad_kernel` over the splits of N, summed: (B, K, M, P) float32."""
-    launch = _Launch.of(w, q0)
     splits, chunk = launch.splits()
     rows, m, p = launch.rows, launch.reps, launch.width
     part = w.new_empty(rows, splits, m, p, dtype=torch.float32)
@@ -503,16 +505,19 @@ def _contract(q: Tensor, contraction: str, beta: float) -> Tensor:
     return q
 
 
-def _contract_backward(q: Tensor, grad: Tensor, contraction: str, beta: float) -> Tensor:
-    """The gradient of `_contract` at q, written out (autograd is not available inside the
-    backward pass of a compiled graph)."""
+def _contract_with_grad(
+    q: Tensor, grad: Tensor, contraction: str, beta: float
+) -> tuple[Tensor, Tensor]:
+    """`_contract` at q and its gradient for the upstream `grad`, sharing the softmax or the
+    Cholesky factor; written out (autograd is not available inside the backward pass of a
+    compiled graph)."""
     if contraction == "softmax":
         scale = q.shape[-1] ** -0.5
         probs = torch.softmax(q @ q.transpose(-1, -2) * scale, dim=-1)
         grad_probs = grad @ q.transpose(-1, -2)
         grad_logits = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
         sym = grad_logits + grad_logits.transpose(-1, -2)
-        return probs.transpose(-1, -2) @ grad + scale * (sym @ q)
+        return probs @ q, probs.transpose(-1, -2) @ grad + scale * (sym @ q)
     if contraction == "exact":
         # X = G^-1 Q with G = I + beta Q Q^T (symmetric): Y = G^-1 dX,
         # dQ = Y - beta (Y X^T + X Y^T) Q.
@@ -520,8 +525,8 @@ def _contract_backward(q: Tensor, grad: Tensor, contraction: str, beta: float) -
         chol = torch.linalg.cholesky(eye + beta * (q @ q.transpose(-1, -2)))
         x = torch.cholesky_solve(q, chol)
         y = torch.cholesky_solve(grad, chol)
-        return y - beta * ((y @ x.transpose(-1, -2) + x @ y.transpose(-1, -2)) @ q)
-    return grad
+        return x, y - beta * ((y @ x.transpose(-1, -2) + x @ y.transpose(-1, -2)) @ q)
+    return q, grad
 
 
 def _heads(step: Tensor) -> Tensor:
@@ -571,9 +576,9 @@ class _KernelMixing(torch.autograd.Function):
         w, q0, step_rep, step_x, aw, lse = ctx.saved_tensors
         grad_c = _ops().reps_grad(w, q0, lse, grad_out, ctx.scale)
         q = q0.float() + _heads(step_rep) * aw
-        contracted = _contract(q, ctx.contraction, ctx.beta)
+        upstream = _heads(step_x) * grad_c
+        contracted, grad_q = _contract_with_grad(q, upstream, ctx.contraction, ctx.beta)
         c = _heads(step_x) * contracted
-        grad_q = _contract_backward(q, _heads(step_x) * grad_c, ctx.contraction, ctx.beta)
         grad_aw = _heads(step_rep) * grad_q
         delta = (c * grad_c).sum(-1) + (grad_aw * aw).sum(-1)
         grad_w, grad_q0 = _ops().inputs_grad(w, q0, lse, grad_out, c, grad_aw, delta, ctx.scale)
