@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import cbtlab.attention.cbsa as cbsa_module
 from cbtlab.attention import CBSA, create_attention
 from cbtlab.attention.cbsa import cbsa_mixing, pool_grid
+from tensor_recorder import TensorRecorder
 
 
 def reference_cbsa(attn: CBSA, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -102,21 +102,6 @@ def test_stop_grad_init_changes_the_gradient() -> None:
     assert not torch.allclose(grads[0], grads[1])
 
 
-class ShapeRecorder(TorchDispatchMode):
-    """Records the shape of every tensor produced by every op (forward and backward)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_no_n_by_n_tensor_is_formed(fused: bool) -> None:
     n_side = 128  # 16,384 patch tokens + CLS
@@ -124,9 +109,9 @@ def test_no_n_by_n_tensor_is_formed(fused: bool) -> None:
     attn = CBSA(16, 2, rep_grid=(4, 4))
     attn.fused = fused
     x = torch.randn(1, n, 16, requires_grad=True)
-    with ShapeRecorder() as rec:
+    with TensorRecorder() as rec:
         attn(x, (n_side, n_side)).sum().backward()
-    largest = max(torch.Size(s).numel() for s in rec.shapes)
+    largest = rec.largest()
     assert largest <= 2 * 16 * n, f"an op produced {largest} elements (N = {n})"
     assert not any(s[-2:] == (n, n) for s in rec.shapes if len(s) >= 2)
 

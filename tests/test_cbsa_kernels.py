@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cbtlab.attention.cbsa as cbsa_module
 from cbtlab.attention import CBSA
 from cbtlab.attention.cbsa import cbsa_mixing
+from tensor_recorder import TensorRecorder
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
@@ -191,31 +191,19 @@ def test_mixing_rejects_what_the_kernels_do_not_run() -> None:
         kernels.cbsa_mixing_kernels(w, w[:, :, :4], torch.ones(1), torch.ones(1), contraction="x")
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            # Floating-point tensors only: the interpreter moves kernels' arguments through
-            # byte buffers of its own.
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_representatives_by_tokens_tensor_is_formed() -> None:
     """A (m x N) is recomputed inside the kernels, never stored: forward and backward, no
     tensor reaches m N entries (head dim 16 < m = 32, so the tokens themselves stay below)."""
     b, k, n, p, m = 1, 1, 256, 16, 32
     leaves, upstream = _inputs(b, k, n, p, m)
     inputs = [t.float().to(DEVICE).requires_grad_() for t in leaves]
-    with _LargestTensor() as mode:
+    with TensorRecorder() as rec:
         kernels.cbsa_mixing_kernels(*inputs).backward(upstream.float().to(DEVICE))
-    assert 0 < mode.largest < m * n
-    assert mode.largest >= n * p  # the output and the tokens' gradient were seen
+    # Floating-point tensors only: the interpreter moves kernels' arguments through byte
+    # buffers of its own.
+    largest = rec.largest(floating_only=True)
+    assert 0 < largest < m * n
+    assert largest >= n * p  # the output and the tokens' gradient were seen
 
 
 def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks() -> None:

@@ -1,0 +1,34 @@
+"""A dispatch mode that records every tensor the ops produce, forward and backward: for tests
+that bound what a computation materialises."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class TensorRecorder(TorchDispatchMode):
+    """Records the shape and dtype of every tensor produced by every op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [shape for shape, _ in self.tensors]
+
+    def largest(self, floating_only: bool = False) -> int:
+        """The most entries any recorded tensor had (floating-point ones only, if asked)."""
+        return max(
+            (torch.Size(shape).numel() for shape, dtype in self.tensors
+             if dtype.is_floating_point or not floating_only),
+            default=0,
+        )  # fmt: skip
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.tensors.append((tuple(t.shape), t.dtype))
+        return out
