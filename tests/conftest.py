@@ -47,7 +47,7 @@ def ray_session(isolated_home: Path):
     """One local Ray instance for every test that needs it, shut down at the end."""
     import ray
 
-    from cbtlab.tune.study import connect_ray
+    from cbtlab.cluster import connect_ray
 
     connect_ray(None)
     yield

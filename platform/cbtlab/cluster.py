@@ -1,16 +1,21 @@
-"""The driver's view of the cluster: whether a run trains on GPUs, and how a GPU node's CPUs
-are shared among its GPU workers.
+"""The driver's view of the cluster: the Ray connection (`connect_ray`, free ports), whether a run
+trains on GPUs, and how a GPU node's CPUs are shared among its GPU workers.
 
 `train.use_gpu` is "auto" by default; only a driver (`cbtlab train`, a study, a reproduction,
 `build_trainer`) resolves it, with `resolve_use_gpu`, from what `ray.cluster_resources()`
 reports, before it builds a TorchTrainer: the training workers only ever see true or false.
-Everything here but `node_resources` is pure (plain dicts in, values out) and imports no Ray.
+Only `connect_ray` and `node_resources` touch Ray (imported when called); the rest is pure
+(plain dicts in, values out).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import socket
 from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from cbtlab.config import AUTO, ExperimentConfig
@@ -114,3 +119,60 @@ def node_resources() -> list[dict[str, float]]:
 
     nodes: list[Any] = ray.nodes()
     return [dict(n.get("Resources", {})) for n in nodes if n.get("Alive", True)]
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when a `host:port` (or `ray://host:port`) cluster address does not answer:
+    `ray.init` would wait minutes for the GCS."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"Ray address {address!r} is not 'auto' or host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
+
+
+def connect_ray(address: str | None, *, worker_logs: bool = False) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start Ray on this machine.
+
+    When cbtlab is imported from a source tree rather than installed (e.g. inside
+    `ray job submit --working-dir .`), ship the package to the workers."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env: dict[str, Any] = {}
+    try:
+        metadata.distribution("cbtlab")
+    except metadata.PackageNotFoundError:
+        runtime_env["py_modules"] = [str(Path(__file__).resolve().parent)]
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_ray_address(address)
+        ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=worker_logs)
+    else:
+        # The dashboard stays on: Ray Train's placement-group cleaner needs the State API to
+        # release a finished trial's workers' resources. Its client (in a worker) finds the API
+        # server from RAY_API_SERVER_ADDRESS, else looks for *the* Ray instance on this machine
+        # and fails when there are several (another user's, another study's): the trial's
+        # workers then stay reserved and the next trial waits for them forever. So the
+        # dashboard gets a port chosen here, and every worker is told where it is.
+        port = free_port()
+        env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        ray.init(
+            runtime_env={**runtime_env, "env_vars": env_vars},
+            log_to_driver=worker_logs,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+        )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the OS picks it), for a server started right after."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -18,7 +18,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+
+from cbtlab.cluster import free_port
+from cbtlab.paths import cbtlab_home, default_tracking_uri
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -50,16 +52,7 @@ def artifact_root(tracking_uri: str) -> str | None:
 
 def default_optuna_storage() -> str:
     """`OPTUNA_STORAGE` if set, else a SQLite file under `CBTLAB_HOME`."""
-    from cbtlab.paths import cbtlab_home
-
     return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{cbtlab_home() / 'optuna.db'}"
-
-
-def free_port(host: str = DEFAULT_HOST) -> int:
-    """A TCP port free on `host` now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _program(name: str) -> str | None:
@@ -222,8 +215,6 @@ def serve_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def serve_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """The command line of `dashboards/serve.py`."""
-    from cbtlab.paths import default_tracking_uri
-
     args = serve_parser(prog).parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri()
     say = _say

@@ -479,7 +479,7 @@ def _run_ray(
         return
     import ray
 
-    from cbtlab.tune.study import connect_ray
+    from cbtlab.cluster import connect_ray
 
     started = not ray.is_initialized()
     connect_ray(address)

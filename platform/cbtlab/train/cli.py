@@ -83,10 +83,9 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
 
     import ray
 
-    from cbtlab.cluster import resolve_use_gpu
+    from cbtlab.cluster import connect_ray, resolve_use_gpu
     from cbtlab.paths import ray_results_home
     from cbtlab.train import Diverged, build_trainer, fit
-    from cbtlab.tune.study import connect_ray
 
     try:
         connect_ray(args.address)

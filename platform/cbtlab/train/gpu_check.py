@@ -45,7 +45,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import socket
 import sys
 import tempfile
 import time
@@ -58,6 +57,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
+from cbtlab.cluster import free_port
 from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
 from cbtlab.data.digits import digits_dir
 from cbtlab.train.checkpoint import load_state, save_state
@@ -233,12 +233,6 @@ class RankResult:
 
 Launch = Callable[[RankPlan], list[RankResult]]
 Say = Callable[[str], None]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RankFailed(RuntimeError):
@@ -637,7 +631,7 @@ def ray_importable() -> str:
 @contextlib.contextmanager
 def _ray_started() -> Iterator[None]:
     """Ray for the check: the connected instance if any, else the study's way of starting it
-    (`cbtlab.tune.study.connect_ray`: $RAY_ADDRESS, or a local instance that ships cbtlab to
+    (`cbtlab.cluster.connect_ray`: $RAY_ADDRESS, or a local instance that ships cbtlab to
     its workers), else a plain `ray.init` where that module does not import (no Optuna or
     MLflow here); shut down afterwards if started here."""
     import ray
@@ -646,7 +640,7 @@ def _ray_started() -> Iterator[None]:
         yield
         return
     try:
-        from cbtlab.tune.study import connect_ray
+        from cbtlab.cluster import connect_ray
     except ImportError:
         ray.init(runtime_env=_ray_runtime_env(), log_to_driver=False)
     else:

@@ -147,8 +147,8 @@ def run_overhead(
     """Alternate plain and Ray runs of `spec.config()` (see the module docstring)."""
     if spec.epochs < 2:
         raise ValueError("the steady state needs at least 2 epochs")
+    from cbtlab.cluster import connect_ray
     from cbtlab.data import prepare_dataset
-    from cbtlab.tune.study import connect_ray
 
     cfg = spec.config()
     prepare_dataset(cfg.data)  # built once here, not by racing workers

@@ -224,13 +224,12 @@ def reproduce_run(
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from cbtlab.cluster import resolve_use_gpu
+    from cbtlab.cluster import connect_ray, resolve_use_gpu
     from cbtlab.paths import ray_results_home
     from cbtlab.tracking import StudyTracker, provenance_differences
     from cbtlab.tune.callbacks import MLflowTrialLogger
     from cbtlab.tune.study import (
         TRIAL_DRIVER_CPUS,
-        connect_ray,
         dataset_hash,
         run_tags,
         trial_trainable,

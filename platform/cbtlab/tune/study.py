@@ -32,18 +32,16 @@ import itertools
 import json
 import logging
 import math
-import os
-import socket
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from cbtlab.cluster import (
     NODE_SIZED_KEYS,
+    connect_ray,
     node_resources,
     resolve_use_gpu,
     size_from_node,
@@ -331,63 +329,6 @@ class StudyResult:
         done = [r for r in self.rows if r["best"] is not None]
         pick = max if self.mode == "max" else min
         return pick(done, key=lambda r: r["best"]) if done else None
-
-
-def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast when a `host:port` (or `ray://host:port`) cluster address does not answer:
-    `ray.init` would wait minutes for the GCS."""
-    if address in ("auto", "local"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConnectionError(f"Ray address {address!r} is not 'auto' or host:port")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
-
-
-def connect_ray(address: str | None, *, worker_logs: bool = False) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start Ray on this machine.
-
-    When cbtlab is imported from a source tree rather than installed (e.g. inside
-    `ray job submit --working-dir .`), ship the package to the workers."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env: dict[str, Any] = {}
-    try:
-        metadata.distribution("cbtlab")
-    except metadata.PackageNotFoundError:
-        runtime_env["py_modules"] = [str(Path(__file__).resolve().parents[1])]
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        check_ray_address(address)
-        ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=worker_logs)
-    else:
-        # The dashboard stays on: Ray Train's placement-group cleaner needs the State API to
-        # release a finished trial's workers' resources. Its client (in a worker) finds the API
-        # server from RAY_API_SERVER_ADDRESS, else looks for *the* Ray instance on this machine
-        # and fails when there are several (another user's, another study's): the trial's
-        # workers then stay reserved and the next trial waits for them forever. So the
-        # dashboard gets a port chosen here, and every worker is told where it is.
-        port = free_port()
-        env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-        ray.init(
-            runtime_env={**runtime_env, "env_vars": env_vars},
-            log_to_driver=worker_logs,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-        )
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (for a server started right after)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_path: str) -> None:
