@@ -11,7 +11,7 @@ import timm
 import torch
 from torch import nn
 
-from cbtlab.models.presets import MODEL_NAMES
+from cbtlab.models.zoo import MODEL_NAMES
 from cbtlab.train.recipe import TrainStep, autocast, compile_model, warmup_cosine
 
 pytestmark = [

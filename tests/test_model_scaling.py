@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cbtlab.config import ConfigError, ExperimentConfig
-from cbtlab.models.presets import architecture
+from cbtlab.models.zoo import architecture
 from cbtlab.tune.scaling import (
     ScalingRow,
     finetune_base,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cbtlab.attention import ATTENTION_REGISTRY
 from cbtlab.models import from_reference
-from cbtlab.models.presets import MODEL_NAMES
+from cbtlab.models.zoo import MODEL_NAMES
 
 # Millions of parameters: the reference code's counts (CBT, CRATE-in-CBT, ToST), the original
 # CRATE-B/L (22.8 M / 77.6 M) and timm's ViTs.

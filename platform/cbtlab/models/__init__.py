@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from cbtlab.config import ModelConfig
-from cbtlab.models import presets
+from cbtlab.models import zoo
 from cbtlab.models.blocks import ISTA, MLP, Block
 from cbtlab.models.reference import from_reference
 from cbtlab.models.transformer import CBTransformer
 
-__all__ = ["ISTA", "MLP", "Block", "CBTransformer", "build_model", "from_reference", "presets"]
+__all__ = ["ISTA", "MLP", "Block", "CBTransformer", "build_model", "from_reference", "zoo"]
 
 
 def build_model(cfg: ModelConfig) -> CBTransformer:

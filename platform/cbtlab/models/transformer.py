@@ -1,7 +1,7 @@
 """The backbone: a patch stem, CLS token, position embedding, a stack of blocks and a head.
 
 CBT, CRATE, ToST, ViT and the CRATE+CBT hybrid are all this class with different stems, block
-types and attention names (see `cbtlab.models.presets`).
+types and attention names (see `cbtlab.models.zoo`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ All stages share one MLflow experiment; the last step prints and logs (on the pr
 parent run, as scaling.txt and scaling.json) the scaling table: per size its parameters, FLOPs
 per image, and top-1 (mean ± 95% CI over seeds) on the pre-training and each downstream set.
 
-Sizes. `imagenet`: the registered `cbt_*_patch16_224` sizes (`cbtlab.models.presets.SIZES`).
+Sizes. `imagenet`: the registered `cbt_*_patch16_224` sizes (`cbtlab.models.zoo.SIZES`).
 `smoke`: the same proportions on the digits skeleton, head width 16 instead of 64 and depth
 4 (8 for L) instead of 12 (24), so that the whole ladder trains on a CPU in minutes.
 
@@ -67,7 +67,7 @@ def size_cells(preset: str, sizes: Sequence[str]) -> list[dict[str, Any]]:
     if unknown or not sizes:
         raise ConfigError("--sizes", f"{unknown or 'none'}: expected some of {SIZE_NAMES}")
     if preset == "imagenet":
-        from cbtlab.models.presets import SIZES
+        from cbtlab.models.zoo import SIZES
 
         table = {n: (s["embed_dim"], s["depth"], s["num_heads"]) for n, s in SIZES.items()}
     else:

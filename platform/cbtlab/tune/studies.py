@@ -64,7 +64,7 @@ PRESETS = ("smoke", "imagenet")
 IMAGENET_RECIPE: dict[str, Any] = {
     "model.in_chans": 3,
     "model.num_classes": 1000,
-    "model.rep_grid": "8x8",  # as the registered timm presets (cbtlab.models.presets)
+    "model.rep_grid": "8x8",  # as the registered timm sizes (cbtlab.models.zoo)
     "data.dataset": "shards",
     "data.batch_size": 256,
     "train.epochs": 150,
@@ -110,7 +110,7 @@ def preset_overrides(preset: str, data_root: str | None) -> dict[str, Any]:
         return {}
     if preset != "imagenet":
         raise ConfigError("--preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
-    from cbtlab.models.presets import architecture
+    from cbtlab.models.zoo import architecture
 
     model = {f"model.{k}": v for k, v in architecture("cbt_tiny_patch16_224").items()}
     overrides = {**model, **IMAGENET_RECIPE, "data.root": data_root or ""}

@@ -91,7 +91,7 @@ def _register(name: str) -> None:
 
     create.__name__ = name
     create.__qualname__ = name
-    create.__doc__ = f"{name}: see cbtlab.models.presets."
+    create.__doc__ = f"{name}: see cbtlab.models.zoo."
     register_model(create)
     MODEL_NAMES.append(name)
 
