@@ -16,7 +16,11 @@ import sys
 from collections.abc import Sequence
 
 from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
+from cbtlab.data import open_split, prepare_dataset
+from cbtlab.paths import cbtlab_home, data_home, default_tracking_uri, ray_results_home
+from cbtlab.train.cli import train_main
 
+# Imported by name when run: the study modules import MLflow, which `cbtlab --help` need not load.
 STUDIES = {
     "rep-count": "cbtlab.tune.studies:rep_count_main",
     "variants": "cbtlab.tune.studies:variant_comparison_main",
@@ -43,8 +47,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
-        from cbtlab.train.cli import train_main
-
         return train_main(rest, prog="cbtlab train")
     if args.command == "study":
         module, _, func = STUDIES[args.name].partition(":")
@@ -53,8 +55,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "where":
-        from cbtlab.paths import cbtlab_home, data_home, default_tracking_uri, ray_results_home
-
         print(f"home          {cbtlab_home()}  (CBTLAB_HOME)")
         print(f"data cache    {data_home()}")
         print(f"MLflow store  {default_tracking_uri()}  (MLFLOW_TRACKING_URI)")
@@ -71,8 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, value in cfg.flat().items():
             print(f"{key} = {value}")
         return 0
-    from cbtlab.data import open_split, prepare_dataset
-
     root = prepare_dataset(cfg.data)
     for split in ("train", "val"):
         shards = open_split(root, split)

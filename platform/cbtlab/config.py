@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cbtlab.attention import ATTENTION_REGISTRY
+from cbtlab.attention.common import window_grid
+from cbtlab.models.stems import STEMS
+from cbtlab.models.transformer import layer_attentions
+
 
 class ConfigError(ValueError):
     """A config value is unknown or out of range; the message names the field."""
@@ -139,10 +144,6 @@ class ModelConfig:
     drop_rate: float = 0.0
 
     def validate(self) -> None:
-        from cbtlab.attention import ATTENTION_REGISTRY
-        from cbtlab.models.stems import STEMS
-        from cbtlab.models.transformer import layer_attentions
-
         for name in self.attention.split(","):
             _choice("model.attention", name.strip(), sorted(ATTENTION_REGISTRY))
         try:
@@ -188,8 +189,6 @@ class ModelConfig:
                 f"{self.rep_pool_kernel} exceeds the {side}x{side} patch grid",
             )
         if self.rep_pool_kernel:
-            from cbtlab.attention.common import window_grid
-
             stride = self.rep_pool_stride or self.rep_pool_kernel
             got = window_grid((side, side), self.rep_pool_kernel, stride)
             if got != self.rep_grid:

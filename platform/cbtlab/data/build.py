@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from cbtlab.cluster import connect_ray
 from cbtlab.data.progress import Progress
 from cbtlab.data.shards import (
     CARD_NAME,
@@ -346,6 +347,30 @@ def _image_ext(records: dict[str, list[Record]], encoding: Encoding) -> str:
     return exts.pop()
 
 
+def _resume(
+    storage: Storage,
+    plans: list[ShardPlan],
+    encoding: Encoding,
+    image_ext: str,
+    keep: Callable[[ShardResult], None],
+) -> list[ShardPlan]:
+    """The shards still to write, in plan order; the result of each complete one goes to `keep`
+    as it is read (so only one shard's manifest rows are held as Python objects at a time)."""
+    todo: list[ShardPlan] = []
+    for plan in plans:
+        result = _finished(storage, plan, plan.digest(encoding, image_ext))
+        if result is None:
+            todo.append(plan)
+        else:
+            keep(result)
+    return todo
+
+
+def _progress(plans: list[ShardPlan], finished: Iterable[ShardResult]) -> Progress:
+    """A progress line over every planned sample, those of the finished shards counted done."""
+    return Progress(sum(p.num_samples for p in plans), done=sum(r.num_samples for r in finished))
+
+
 def build_shards(
     source: Source,
     output: str | Path,
@@ -383,24 +408,11 @@ def build_shards(
         result.rows = []
         done[result.name] = result
 
-    todo: list[ShardPlan] = []
-    for plan in plans:
-        result = _finished(storage, plan, plan.digest(encoding, image_ext))
-        if result is None:
-            todo.append(plan)
-        else:
-            keep(result)
+    todo = _resume(storage, plans, encoding, image_ext, keep)
     skipped = [p.name for p in plans if p.name in done]
     if skipped:
         log.info("resuming: %d of %d shards are complete", len(skipped), len(plans))
-    meter = (
-        Progress(
-            sum(p.num_samples for p in plans),
-            done=sum(done[n].num_samples for n in skipped),
-        )
-        if progress
-        else None
-    )
+    meter = _progress(plans, (done[n] for n in skipped)) if progress else None
     run = _run_local if local else _run_ray
     for result in run(
         source,
@@ -478,8 +490,6 @@ def _run_ray(
     if not todo:
         return
     import ray
-
-    from cbtlab.cluster import connect_ray
 
     started = not ray.is_initialized()
     connect_ray(address)

@@ -8,7 +8,9 @@ import re
 import sys
 from collections.abc import Sequence
 
-from cbtlab.data.sources import SOURCES, SourceError
+from cbtlab.data.build import BuildError, Encoding, build_shards
+from cbtlab.data.sources import SOURCES, SourceError, open_source
+from cbtlab.data.verify import verify_shards
 
 SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
@@ -57,9 +59,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def build_main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
-    from cbtlab.data.build import BuildError, Encoding, build_shards
-    from cbtlab.data.sources import open_source
-
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -96,8 +95,6 @@ def build_main(argv: Sequence[str] | None = None, *, prog: str | None = None) ->
 
 def verify_main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """Exit 0 when the shards are clean, 1 when problems were found."""
-    from cbtlab.data.verify import verify_shards
-
     parser = argparse.ArgumentParser(
         prog=prog, description="Check every shard of a dataset against its manifest and card."
     )

@@ -20,13 +20,11 @@ streams as evenly as their samples allow. Every rank runs the same number of ste
 waits at the end of an epoch for a collective the others never join. W is lowered (to at least
 one) when there are fewer than R x W shards, so that every stream holds a shard.
 
-Transforms. A `SplitTransform` (transforms.py) is split where it is cheapest: the workers apply
-its per-image part (crop, resize, flip) and collate uint8 batches, a quarter of float32's bytes
-through shared memory and pinned host-to-device copies, kept in the (N, H, W, C) memory order
-the crops come in; the batch is then moved to `device` when one is given and normalised there
-by its per-batch part, one vectorised pass that also makes it contiguous (on the accelerator in
-training). Any other transform runs whole in the workers, and its batches are
-only moved. Either way a batch comes out of the epoch ready to use.
+Transforms. The workers apply a `SplitTransform`'s (transforms.py) per-image part (crop,
+resize, flip) and collate uint8 batches in the (N, H, W, C) memory order the crops come in; the
+batch is then moved to `device` when one is given and normalised there by the per-batch part,
+which also makes it contiguous. Any other transform runs whole in the workers, and its batches
+are only moved. Either way a batch comes out of the epoch ready to use.
 
 Corrupt samples. A sample whose image or label fails to decode is skipped and counted (the count
 travels with the batches; `corrupt_samples` after an epoch). A training stream that skipped so

@@ -2,10 +2,7 @@
 
 A shard is read once, front to back, from a file, a pipe or a remote stream, so all a reader
 needs is each member's header (one 512-byte block) and its data (the next `size` bytes, padded
-to whole blocks). This one parses the headers itself: tarfile's stream mode, under webdataset's
-`tar_file_iterator`, builds a TarInfo per member and reads its data through more layers of file
-objects, about 0.1 ms per sample of two members against 0.02 ms here, when a worker spends
-~1.5 ms on an image in all.
+to whole blocks); this module parses the headers itself, in place of tarfile's stream mode.
 
 It reads what Python's tarfile (and webdataset's TarWriter) writes, and GNU or POSIX tar: ustar
 headers (a name's `prefix` field included), GNU long names ('L'; long link names 'K' are read

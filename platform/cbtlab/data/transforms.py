@@ -13,16 +13,12 @@ Mixup/CutMix (batch-level, they change the labels) are not offered here.
 The ImageNet-style transforms (crop_pct given, no auto_augment) are `SplitTransform`s: a
 per-image part that ends in a uint8 CHW tensor (crop, resize, flip), and a per-batch part that
 normalises a uint8 batch to float32. The loader runs the first in its workers and the second
-once per batch where the batch is used (on the accelerator in training), so workers ship a
-quarter of the bytes and normalisation takes a few vectorised operations per batch; calling the
-object on one image runs both, the full transform any torchvision-style caller expects. The
-per-image part works on uint8 tensors kept in (H, W, C) memory, the layout torch's antialiased
-uint8 resize is fastest on, and calls torchvision's kernels directly: the same pixels as
-torchvision's v2 `RandomResizedCrop` + `RandomHorizontalFlip` (or `Resize` + `CenterCrop`) for
-the same seed, and timm's `create_transform` results to ~1e-4 after normalisation, in about half
-the time of the v2 `Compose`. With `auto_augment`, timm's `create_transform` builds the training
-transform (its augmentations work on PIL images); the digits transforms are plain torchvision
-ones.
+once per batch where the batch is used (on the accelerator in training); calling the object on
+one image runs both, the full transform any torchvision-style caller expects. The per-image part
+gives the same pixels as torchvision's v2 `RandomResizedCrop` + `RandomHorizontalFlip` (or
+`Resize` + `CenterCrop`) for the same seed, and timm's `create_transform` results to ~1e-4 after
+normalisation. With `auto_augment`, timm's `create_transform` builds the training transform (its
+augmentations work on PIL images); the digits transforms are plain torchvision ones.
 
 Randomness comes from the global torch (crop, flip, warp) and `random` (timm) generators, which
 the loader seeds per (seed, epoch, rank, worker) stream.

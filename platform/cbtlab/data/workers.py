@@ -1,13 +1,8 @@
 """Loader worker processes that outlive an epoch and hand batches over in reused shared memory.
 
-Why not torch's DataLoader. The loader used it with a new DataLoader per epoch, and on the loader
-benchmark (bench.py, 2 cores) the DataLoader's own costs were as large as decoding and cropping
-together: forking the workers every epoch, whose copy-on-write faults cost ~0.5 ms an image in
-384-image epochs, and a fresh shared-memory file for every batch, which the worker faults in while
-writing and the training process faults in again while reading (~130 page faults an image).
-A `WorkerPool` starts its processes once and keeps them for every epoch it runs; each worker owns
-`SLOTS` shared-memory buffers, mapped once in both processes, and a batch crosses as a slot number
-with its labels.
+A `WorkerPool` starts its processes once and keeps them for every epoch it runs (in place of
+torch's DataLoader); each worker owns `SLOTS` shared-memory buffers, mapped once in both
+processes, and a batch crosses as a slot number with its labels.
 
 Protocol: one duplex pipe per worker.
 - Main -> worker: ("job", generation, payload) runs the cloudpickled callable `payload(worker)`

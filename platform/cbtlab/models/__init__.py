@@ -1,8 +1,13 @@
-"""Models built from configs: the CBT backbone and its blocks."""
+"""The CBT backbone and its blocks, built by name; `build_model` builds one from a model config.
+
+This package sits below `cbtlab.config` (whose validation reads its stem and layer names), so it
+never imports the config: `build_model` reads the fields of whatever it is given.
+"""
 
 from __future__ import annotations
 
-from cbtlab.config import ModelConfig
+from typing import Any
+
 from cbtlab.models import zoo
 from cbtlab.models.blocks import ISTA, MLP, Block
 from cbtlab.models.reference import from_reference
@@ -11,8 +16,8 @@ from cbtlab.models.transformer import CBTransformer
 __all__ = ["ISTA", "MLP", "Block", "CBTransformer", "build_model", "from_reference", "zoo"]
 
 
-def build_model(cfg: ModelConfig) -> CBTransformer:
-    """The model a `ModelConfig` describes."""
+def build_model(cfg: Any) -> CBTransformer:
+    """The model a `cbtlab.config.ModelConfig` (or any object with its fields) describes."""
     return CBTransformer(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
