@@ -55,9 +55,20 @@ from typing import IO, Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from webdataset.tariterators import tar_file_iterator
 
-from cbtlab.data.shards import Sample, read_split, write_card, write_split
-from cbtlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SplitTransform, build_transforms
+from cbtlab.data.loader import TrainEpoch, _collate, _group
+from cbtlab.data.shards import Sample, ShardSet, read_split, write_card, write_split
+from cbtlab.data.tarstream import tar_members
+from cbtlab.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SplitTransform,
+    Transforms,
+    build_transforms,
+)
 from cbtlab.data.workers import WorkerPool
 
 EXTENSIONS = (".jpg", ".jpeg")
@@ -263,11 +274,6 @@ def _per_batched_image_ms(step: Callable[[Any], Any], batches: list[Any]) -> flo
 
 def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
     """Make the data under `root` (a temporary folder when None) and time both loaders."""
-    from torch.utils.data import DataLoader
-    from torchvision.datasets import ImageFolder
-
-    from cbtlab.data.loader import TrainEpoch
-
     if cfg.cache not in CACHE_MODES:
         raise ValueError(f"cache={cfg.cache!r}; expected one of {CACHE_MODES}")
     if cfg.cache == "cold" and not hasattr(os, "posix_fadvise"):
@@ -289,60 +295,7 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
             augment="imagenet",
             crop_pct=0.875,
         )
-        folder = ImageFolder(str(tree), transform=tf.train)
-
-        pool = WorkerPool()  # TrainEpoch's workers, kept from epoch to epoch
-
-        def webdataset_epoch(epoch: int) -> tuple[float, float]:
-            return _epoch_rate(
-                TrainEpoch(
-                    shardset,
-                    rank=0,
-                    world_size=1,
-                    epoch=epoch,
-                    seed=cfg.seed,
-                    batch_size=cfg.batch_size,
-                    shuffle_buffer=cfg.samples_per_shard,
-                    transform=tf.train,
-                    loader_workers=cfg.workers,
-                    decode_size=tf.train_decode_size,
-                    pool=pool,
-                ),
-                pool,
-            )
-
-        def imagefolder_epoch(epoch: int) -> tuple[float, float]:
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000 + epoch)
-            return _epoch_rate(
-                DataLoader(
-                    folder,
-                    batch_size=cfg.batch_size,
-                    shuffle=True,
-                    drop_last=True,
-                    num_workers=cfg.workers,
-                    generator=generator,
-                ),
-                pool,
-            )
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(cfg.main_threads)
-        try:
-            webdataset_epoch(0), imagefolder_epoch(0)  # warm-up: page cache, imports, forks
-            rates: dict[str, list[float]] = {"wds": [], "folder": []}
-            cpu_ms: dict[str, list[float]] = {"wds": [], "folder": []}
-            for repeat in range(1, cfg.repeats + 1):
-                # Alternate which goes first, so drifts in machine load hit both alike.
-                order = [("wds", webdataset_epoch), ("folder", imagefolder_epoch)]
-                for name, run in order if repeat % 2 else order[::-1]:
-                    if cfg.cache == "cold":
-                        drop_from_page_cache([*paths, *(Path(s.path) for s in shardset.shards)])
-                    rate, cpu = run(repeat)
-                    rates[name].append(rate)
-                    cpu_ms[name].append(cpu)
-        finally:
-            torch.set_num_threads(threads)
-            pool.close()
+        rates, cpu_ms = _time_loaders(cfg, tree, paths, shardset, tf)
         assert isinstance(tf.train, SplitTransform)
         costs = _cost_breakdown(paths[:64], shard_dir, tf.train, cfg.batch_size)
     return BenchResult(
@@ -357,16 +310,72 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
     )
 
 
+def _time_loaders(
+    cfg: BenchConfig, tree: Path, paths: list[Path], shardset: ShardSet, tf: Transforms
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Images/s and CPU ms per image of each loader ("wds", "folder") per repeat, after a
+    warm-up epoch of each."""
+    folder = ImageFolder(str(tree), transform=tf.train)
+    pool = WorkerPool()  # TrainEpoch's workers, kept from epoch to epoch
+
+    def webdataset_epoch(epoch: int) -> tuple[float, float]:
+        return _epoch_rate(
+            TrainEpoch(
+                shardset,
+                rank=0,
+                world_size=1,
+                epoch=epoch,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                shuffle_buffer=cfg.samples_per_shard,
+                transform=tf.train,
+                loader_workers=cfg.workers,
+                decode_size=tf.train_decode_size,
+                pool=pool,
+            ),
+            pool,
+        )
+
+    def imagefolder_epoch(epoch: int) -> tuple[float, float]:
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000 + epoch)
+        return _epoch_rate(
+            DataLoader(
+                folder,
+                batch_size=cfg.batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=cfg.workers,
+                generator=generator,
+            ),
+            pool,
+        )
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.main_threads)
+    try:
+        webdataset_epoch(0), imagefolder_epoch(0)  # warm-up: page cache, imports, forks
+        rates: dict[str, list[float]] = {"wds": [], "folder": []}
+        cpu_ms: dict[str, list[float]] = {"wds": [], "folder": []}
+        for repeat in range(1, cfg.repeats + 1):
+            # Alternate which goes first, so drifts in machine load hit both alike.
+            order = [("wds", webdataset_epoch), ("folder", imagefolder_epoch)]
+            for name, run in order if repeat % 2 else order[::-1]:
+                if cfg.cache == "cold":
+                    drop_from_page_cache([*paths, *(Path(s.path) for s in shardset.shards)])
+                rate, cpu = run(repeat)
+                rates[name].append(rate)
+                cpu_ms[name].append(cpu)
+    finally:
+        torch.set_num_threads(threads)
+        pool.close()
+    return rates, cpu_ms
+
+
 def _cost_breakdown(
     paths: list[Path], shard_dir: Path, transform: SplitTransform, batch_size: int
 ) -> dict[str, float]:
     """Milliseconds per image of each step, in one process with one torch thread (as in a
     DataLoader worker): what either loader pays per image."""
-    from webdataset.tariterators import tar_file_iterator
-
-    from cbtlab.data.loader import _collate, _group
-    from cbtlab.data.tarstream import tar_members
-
     shards = read_split(shard_dir, "train").shards
     encoded = [p.read_bytes() for p in paths]
 

@@ -23,11 +23,11 @@ fastest epochs' ratio is printed too (on a shared machine, noise only ever adds 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -38,7 +38,9 @@ from typing import Any
 
 import torch
 
-from cbtlab.config import ExperimentConfig
+from cbtlab.cluster import connect_ray, free_port
+from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
+from cbtlab.data import prepare_dataset
 from cbtlab.train.loop import Report, run_training
 
 KINDS = ("plain", "ray")
@@ -147,9 +149,6 @@ def run_overhead(
     """Alternate plain and Ray runs of `spec.config()` (see the module docstring)."""
     if spec.epochs < 2:
         raise ValueError("the steady state needs at least 2 epochs")
-    from cbtlab.cluster import connect_ray
-    from cbtlab.data import prepare_dataset
-
     cfg = spec.config()
     prepare_dataset(cfg.data)  # built once here, not by racing workers
     start = time.perf_counter()
@@ -199,9 +198,7 @@ def run_plain(cfg: ExperimentConfig, log_path: Path, *, niceness: int = 0) -> No
     `niceness` (added to this process's)."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as probe:  # a free port for the process group's rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # for the process group's rendezvous
     world = cfg.train.num_workers
     mp.spawn(
         _plain_worker, args=(cfg.to_dict(), world, port, str(log_path), niceness), nprocs=world
@@ -234,6 +231,7 @@ def _plain_worker(
 
 def run_ray(cfg: ExperimentConfig, log_path: Path, tmp: Path) -> None:
     """`run_training` in a TorchTrainer's workers (Ray started already)."""
+    # Ray here, not at the top: the module's results and flags are read without Ray.
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -273,10 +271,6 @@ def _ray_worker(config: dict[str, Any]) -> None:
 
 def overhead_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`studies/bench_ray_overhead.py`: parse flags, run, print; the last line is the ratio."""
-    import argparse
-
-    from cbtlab.config import ConfigError, add_override_argument, parse_override
-
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Time the same training under Ray Train and as a plain PyTorch DDP job.",
