@@ -1,24 +1,12 @@
 """What Ray Train costs: the same training through Ray Train's TorchTrainer and as a plain
 PyTorch DDP job (`studies/bench_ray_overhead.py`).
 
-Both sides run `run_training` on the same config (model, data, epochs, seed) with the same
-number of worker processes, the same CPU threads each and gloo DDP; only the launcher differs:
-- plain: `torch.multiprocessing.spawn` starts the processes, which join a gloo process group
-  and wrap the model in `DistributedDataParallel`;
-- ray: a `TorchTrainer` on the local Ray instance (started once, beforehand, and timed apart),
-  whose workers report every epoch through `ray.train.report`, as `cbtlab train` does.
-Epoch checkpoints are off on both sides (`train.checkpoint_every=0`): this measures the launcher
-and the per-epoch reporting, not checkpoint storage. Ray starts its worker processes at a
-lower CPU priority (niceness 15, Ray's `worker_niceness`, so that its control plane stays
-responsive); the plain workers take the same niceness (`--plain-niceness`), or on a machine
-shared with other work the comparison would measure the scheduler's priorities, not Ray.
-
-Two times per run: the wall time from launch to return (process start-up, imports, process
-group, data opening, all epochs, shutdown) and the steady-state time per epoch, the median
-over epochs 2.. of the interval between rank 0's consecutive epoch reports (training,
-evaluation and the report itself). Runs alternate plain, ray, ray, plain, ... and the ratio is
-the median over back-to-back pairs, so that a drift of the machine's load falls on both; the
-fastest epochs' ratio is printed too (on a shared machine, noise only ever adds time).
+Both sides run `run_training` on the same config with the same number of gloo DDP worker
+processes; only the launcher differs (`torch.multiprocessing.spawn`, or a `TorchTrainer` on
+a Ray started once beforehand). Epoch checkpoints are off; the plain workers take Ray's worker
+niceness (`--plain-niceness`). Per run: the wall time, and the steady-state time per epoch
+(the median over epochs 2.. of rank 0's report-to-report intervals). Runs alternate plain, ray,
+ray, plain, ...; the ratio is the median over back-to-back pairs.
 """
 
 from __future__ import annotations
