@@ -1,7 +1,7 @@
-"""Measurements of models: FLOP counts, pairwise-similarity counts (Table 4), coding rates and
-compression, coding rates of tokens and representatives, extraction rank, attention maps,
-zero-shot segmentation, robustness to noise in the attention projections, and the synthetic
-compression experiment.
+"""Measurements of models: loss and accuracy over batches (the training loop's evaluation),
+FLOP counts, pairwise-similarity counts (Table 4), coding rates and compression, coding rates
+of tokens and representatives, extraction rank, attention maps, zero-shot segmentation,
+robustness to noise in the attention projections, and the synthetic compression experiment.
 
 `cbtlab.analysis.interpretability` runs them all on a finished run and logs to MLflow."""
 
