@@ -20,7 +20,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from cbtlab.data.bench import CACHE_MODES, BenchConfig, run_bench
+from cbtlab.perf.loader import CACHE_MODES, BenchConfig, run_bench
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from cbtlab.train.overhead import overhead_main
+from cbtlab.perf.ray_overhead import overhead_main
 
 if __name__ == "__main__":
     raise SystemExit(overhead_main())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cbtlab.data.bench import (
+from cbtlab.perf.loader import (
     IMAGEFOLDER_STEPS,
     WEBDATASET_MAIN_STEP,
     WEBDATASET_WORKER_STEPS,

@@ -11,12 +11,13 @@ import torch
 from cbtlab.config import ExperimentConfig
 from cbtlab.train import build_trainer
 from cbtlab.train.checkpoint import load_state
+from cbtlab.train.faults import FailAt
 
 TINY = {"model.embed_dim": 24, "model.depth": 1, "model.rep_grid": "2x2", "train.epochs": 3}
 
 
-def _fit(cfg: ExperimentConfig, name: str, storage: Path):
-    return build_trainer(cfg, name=name, storage_path=str(storage)).fit()
+def _fit(cfg: ExperimentConfig, name: str, storage: Path, fail_at: FailAt | None = None):
+    return build_trainer(cfg, name=name, storage_path=str(storage), fail_at=fail_at).fit()
 
 
 def _final_state(result) -> dict:
@@ -29,12 +30,12 @@ def test_a_crashed_worker_restarts_and_ends_identically(ray_session: None, tmp_p
     from ray.train import TrainingFailedError
 
     base = ExperimentConfig().with_overrides(TINY)
-    crash = {"train.inject_failure": "1:3:1"}  # rank 1, step 3 of the second epoch
+    crash = FailAt(epoch=1, step=3, rank=1)  # rank 1, step 3 of the second epoch
     straight = _fit(base, "straight", tmp_path)
     # The injected failure really fires: with no restarts allowed, the run fails.
     with pytest.raises(TrainingFailedError):
-        _fit(base.with_overrides({**crash, "train.max_failures": 0}), "no_restart", tmp_path)
-    recovered = _fit(base.with_overrides(crash), "recovered", tmp_path)
+        _fit(base.with_overrides({"train.max_failures": 0}), "no_restart", tmp_path, crash)
+    recovered = _fit(base, "recovered", tmp_path, crash)
 
     timing = ("time/", "throughput/")
     numbers = [
@@ -68,7 +69,7 @@ def test_a_crash_after_a_mid_epoch_checkpoint_resumes_mid_epoch(
         }
     )
     straight = _fit(base, "straight_mid", tmp_path)
-    recovered = _fit(base.with_overrides({"train.inject_failure": "1:8:1"}), "mid", tmp_path)
+    recovered = _fit(base, "mid", tmp_path, FailAt(epoch=1, step=8, rank=1))
     numbers = [
         {k: v for k, v in r.metrics.items() if k.startswith(("train/", "val/"))}
         for r in (straight, recovered)

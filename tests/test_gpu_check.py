@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cbtlab.train.faults import FailAt
 from cbtlab.train.gpu_check import (
     CUDA_RESUME_RTOL,
     RankPlan,
@@ -160,8 +161,11 @@ def test_a_rank_that_crashes_fails_the_run(digits_root: Path) -> None:
     """A real fault: rank 1 raises at its second step (the loop's injected failure), and the
     check reports the run as failed with that rank's error (not rank 0's, whose peer went
     away) instead of hanging on rank 0."""
-    flags = [*FLAGS, "--data-root", str(digits_root), "--set", "train.inject_failure=0:1:1"]
-    code, output = _check(flags)
+    flags = [*FLAGS, "--data-root", str(digits_root)]
+    fail_at = FailAt(epoch=0, step=1, rank=1)
+    code, output = _check(
+        flags, lambda plan: spawn_ranks(dataclasses.replace(plan, fail_at=fail_at))
+    )
     assert code == 1, output
     line = _line(output, "gloo: run_training on 2 ranks")
     assert line.endswith("rank 1: InjectedFailure: injected failure at epoch 0, step 1, rank 1"), (

@@ -738,7 +738,7 @@ def test_corrupt_counts_reach_the_training_metrics(tmp_path: Path) -> None:
         }
     )
     from cbtlab.train import run_training
-    from cbtlab.train.loop import InjectedFailure
+    from cbtlab.train.faults import FailAt, InjectedFailure
 
     reports: list[dict[str, float]] = []
     run_training(cfg, report=lambda metrics, state: reports.append(metrics))
@@ -749,9 +749,7 @@ def test_corrupt_counts_reach_the_training_metrics(tmp_path: Path) -> None:
     # A run that fails mid-epoch stops its loader workers, though its traceback (held here)
     # keeps the run's frame, and so its pool, alive.
     with pytest.raises(InjectedFailure) as failed:
-        run_training(
-            cfg.with_overrides({"train.inject_failure": "0:2:0"}), report=lambda m, s: None
-        )
+        run_training(cfg, report=lambda m, s: None, fail_at=FailAt(epoch=0, step=2, rank=0))
     loaders = [p for p in multiprocessing.active_children() if p.name.startswith("cbtlab-loader")]
     assert loaders == []
     assert "epoch 0, step 2" in str(failed.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cbtlab.train.overhead import OverheadResult, OverheadSpec, RunTimes, overhead_main
+from cbtlab.perf.ray_overhead import OverheadResult, OverheadSpec, RunTimes, overhead_main
 
 
 def test_ratios_pair_back_to_back_runs() -> None:

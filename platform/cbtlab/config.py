@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,8 +347,6 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2
     max_failures: int = 2
-    # Test-only: "epoch:step:rank" raises there in a run that did not start from a checkpoint.
-    inject_failure: str = ""
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -388,10 +385,6 @@ class TrainConfig:
         _positive("train.checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         _positive("train.max_failures", self.max_failures, allow_zero=True)
-        if self.inject_failure and not re.fullmatch(r"\d+:\d+:\d+", self.inject_failure):
-            raise ConfigError(
-                "train.inject_failure", f"expected 'epoch:step:rank', got {self.inject_failure!r}"
-            )
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""Measurements of models: FLOP counts, pairwise-similarity counts (Table 4), coding rates and
-compression, coding rates of tokens and representatives, extraction rank, attention maps,
-zero-shot segmentation, robustness to noise in the attention projections, and the synthetic
-compression experiment.
+"""Measurements of models: loss and accuracy over batches (the training loop's evaluation),
+FLOP counts, pairwise-similarity counts (Table 4), coding rates and compression, coding rates
+of tokens and representatives, extraction rank, attention maps, zero-shot segmentation,
+robustness to noise in the attention projections, and the synthetic compression experiment.
 
 `cbtlab.analysis.interpretability` runs them all on a finished run and logs to MLflow."""
 
@@ -15,6 +15,8 @@ from cbtlab.analysis.flops import count_flops
 from cbtlab.analysis.probes import (
     HeadCodingRates,
     accuracy,
+    correct_counts,
+    evaluate,
     extraction_rank,
     head_coding_rates,
     head_representatives,
@@ -40,9 +42,11 @@ __all__ = [
     "cls_attention_maps",
     "coding_rate",
     "compression_term",
+    "correct_counts",
     "count_flops",
     "count_pairwise_similarities",
     "denormalize",
+    "evaluate",
     "extraction_rank",
     "head_coding_rates",
     "head_representatives",

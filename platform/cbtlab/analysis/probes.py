@@ -1,12 +1,15 @@
-"""Probes of a trained model: compression per layer, coding rates of tokens and
-representatives per head, rank of CBSA's extraction matrix, and accuracy under noise in the
-attention projections (Fig. 5, Fig. 6, Appendix A, Fig. 8 right)."""
+"""Probes of a trained model: loss and accuracy over batches (the training loop's evaluation),
+compression per layer, coding rates of tokens and representatives per head, rank of CBSA's
+extraction matrix, and accuracy under noise in the attention projections (Fig. 5, Fig. 6,
+Appendix A, Fig. 8 right)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -120,10 +123,52 @@ def head_coding_rates(
     return rates
 
 
+def correct_counts(logits: Tensor, labels: Tensor) -> Tensor:
+    """(top-1 hits, top-5 hits) of a batch as one device tensor (no host sync); top-k is
+    capped at the number of classes."""
+    k = min(5, logits.shape[-1])
+    hits = logits.topk(k, dim=-1).indices == labels[:, None]  # (B, k)
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum()])
+
+
+def _on_host(sums: Tensor) -> list[float]:
+    return sums.tolist()
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Any,
+    loss_fn: nn.Module,
+    device: torch.device,
+    amp: Callable[[], Any] = contextlib.nullcontext,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    reduce: Callable[[Tensor], list[float]] = _on_host,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 over the batches; `amp` gives the forward pass's autocast
+    context. The sums stay on `device` until `reduce` reads them on the host: this process's
+    alone by default, over all ranks in the training loop (`cbtlab.train.collectives`)."""
+    model.eval()
+    # (loss x samples, top-1 hits, top-5 hits, samples)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for images, labels in batches:
+            images, labels = images.to(device), labels.to(device)
+            with amp():
+                logits = model(images.contiguous(memory_format=memory_format))
+            n = labels.numel()
+            loss = loss_fn(logits.float(), labels).double().reshape(1) * n
+            sums += torch.cat([loss, correct_counts(logits, labels), loss.new_tensor([n])])
+    loss_sum, top1, top5, count = reduce(sums)
+    return {
+        "val/loss": loss_sum / count,
+        "val/top1": top1 / count,
+        "val/top5": top5 / count,
+        "val/samples": count,
+    }
+
+
 def accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
     """Top-1 accuracy over the batches (the training loop's evaluation, on one process)."""
-    from cbtlab.train.loop import evaluate
-
     device = next(model.parameters()).device
     return evaluate(model, batches, nn.CrossEntropyLoss(), device)["val/top1"]
 

@@ -1,5 +1,7 @@
-"""Performance measurement: side-by-side timings, peak memory, and the scaling and throughput
-studies of the paper's Table 7 (`studies/attention_scaling.py`, `studies/throughput.py`)."""
+"""The benchmarks: side-by-side timings and peak memory (`timing`), the attention scaling and
+throughput studies of the paper's Table 7 (`attention_scaling`, `throughput`), the worker
+loop's and Ray Train's overheads (`loop_overhead`, `ray_overhead`) and the loader's throughput
+(`loader`); `record` logs a benchmark to MLflow."""
 
 from cbtlab.perf.timing import PeakMemory, Timing, measure_side_by_side, peak_memory
 

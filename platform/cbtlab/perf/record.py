@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cbtlab.paths import default_tracking_uri
+
 
 def mlflow_installed() -> bool:
     """Whether MLflow can be imported here (without importing it)."""
@@ -31,7 +33,7 @@ def log_benchmark(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cbtlab.paths import default_tracking_uri
+    # Here, not at the top: cbtlab.tracking imports MLflow (see the module docstring).
     from cbtlab.tracking.mlflow_tracker import TAG_PREFIX, StudyTracker
     from cbtlab.tracking.provenance import git_state, package_versions
 

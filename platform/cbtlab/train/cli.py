@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cbtlab.cluster import connect_ray, resolve_use_gpu
 from cbtlab.config import (
     ConfigError,
     ExperimentConfig,
@@ -15,8 +16,13 @@ from cbtlab.config import (
     load_config_file,
     parse_override,
 )
+from cbtlab.models import build_model
+from cbtlab.paths import ray_results_home
 from cbtlab.train.checkpoint import CheckpointError, check_compatible, check_position, load_state
+from cbtlab.train.finetune import init_from
 from cbtlab.train.loop import check_training_data
+from cbtlab.train.messages import Diverged
+from cbtlab.train.trainer import build_trainer, fit
 
 
 def gpu_note(cfg: ExperimentConfig, cluster: dict[str, float]) -> str:
@@ -71,9 +77,6 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
             check_position(state, cfg, cfg.train.num_workers)
         if cfg.train.init_from and "://" not in cfg.train.init_from:
             # Fine-tuning weights that do not fit fail here, not in every worker.
-            from cbtlab.models import build_model
-            from cbtlab.train.finetune import init_from
-
             for note in init_from(build_model(cfg.model), cfg.train.init_from):
                 print(f"train.init_from: {note}")
         # Data that cannot train on these workers fails here, naming why.
@@ -81,11 +84,7 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
 
-    import ray
-
-    from cbtlab.cluster import connect_ray, resolve_use_gpu
-    from cbtlab.paths import ray_results_home
-    from cbtlab.train import Diverged, build_trainer, fit
+    import ray  # here: the flags are checked, and their errors said, before Ray's import
 
     try:
         connect_ray(args.address)

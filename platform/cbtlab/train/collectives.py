@@ -1,19 +1,8 @@
 """The worker loop's collectives, on tensors that its process group can reduce.
 
-A process group reduces a tensor only where it has a backend for the tensor's device type: NCCL
-(Ray Train's backend as soon as GPUs are requested) has one for CUDA alone, so an all-reduce of
-a CPU tensor raises "No backend type associated with device type cpu"; gloo has CPU and CUDA.
-
-The design: every reduction happens on the *training device* when the group has a backend for
-it, else on the CPU when the group has one for that (a gloo group, or a mixed
-"cpu:gloo,cuda:nccl" one), else `ProcessGroupMismatch` is raised before training starts. Why not
-a mixed "cpu:gloo,cuda:nccl" group instead: the loop does not make its process group (Ray
-Train, torchrun or the GPU check do, each with its own backend string), and what the loop
-reduces already lives on the training device (sums kept there so that no step waits for the
-host), so reducing there costs no copy and the host reads the result once, after the reduction.
-Object collectives (`gather_objects`) are left to torch, which picks the device that the group's
-default backend needs (the current CUDA device under NCCL).
-
+Every reduction happens on the training device when the process group has a backend for it,
+else on the CPU when the group has one for that, else `ProcessGroupMismatch` is raised before
+training starts (`reduction_device`). Object collectives (`gather_objects`) are left to torch.
 Without a process group every function is the identity on one rank.
 """
 

@@ -57,11 +57,14 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
-from cbtlab.cluster import free_port
+from cbtlab.cluster import connect_ray, free_port
 from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
+from cbtlab.data import prepare_dataset
 from cbtlab.data.digits import digits_dir
 from cbtlab.train.checkpoint import load_state, save_state
+from cbtlab.train.faults import FailAt
 from cbtlab.train.loop import check_training_data, run_training
+from cbtlab.train.trainer import build_trainer, fit
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 # The check's model: the digits CBT (ExperimentConfig's defaults: 16 px, patch 2, embed 96,
@@ -181,8 +184,6 @@ def digits_overrides(data_root: str, cfg: ExperimentConfig) -> dict[str, Any]:
 def prepare_digits(cfg: ExperimentConfig) -> Path | str:
     """The run's shards, built once here (not by racing ranks); DataUnavailable with the way to
     pre-build them where scikit-learn is missing."""
-    from cbtlab.data import prepare_dataset
-
     try:
         return prepare_dataset(cfg.data)
     except ModuleNotFoundError as exc:
@@ -207,6 +208,9 @@ class RankPlan:
     backend: str
     port: int
     out_dir: str
+    # A test's injected failure in the straight run (`cbtlab.train.faults`): the tests put it in
+    # through `gpu_check_main`'s `launch`.
+    fail_at: FailAt | None = None
 
     def rank_device(self, rank: int) -> torch.device:
         return torch.device("cuda", rank) if self.device == "cuda" else torch.device("cpu")
@@ -327,7 +331,13 @@ def _train_twice(rank: int, plan: RankPlan, device: torch.device) -> None:
                 save_state(state, first)
 
     model = run_training(
-        cfg, rank=rank, world_size=plan.world_size, report=report, prepare_model=wrap, device=device
+        cfg,
+        rank=rank,
+        world_size=plan.world_size,
+        report=report,
+        prepare_model=wrap,
+        device=device,
+        fail_at=plan.fail_at,
     )
     result: dict[str, Any] = {
         "rank": rank,
@@ -632,34 +642,17 @@ def ray_importable() -> str:
 def _ray_started() -> Iterator[None]:
     """Ray for the check: the connected instance if any, else the study's way of starting it
     (`cbtlab.cluster.connect_ray`: $RAY_ADDRESS, or a local instance that ships cbtlab to
-    its workers), else a plain `ray.init` where that module does not import (no Optuna or
-    MLflow here); shut down afterwards if started here."""
-    import ray
+    its workers); shut down afterwards if started here."""
+    import ray  # here: the process-group part runs on a bare machine without Ray
 
     if ray.is_initialized():
         yield
         return
-    try:
-        from cbtlab.cluster import connect_ray
-    except ImportError:
-        ray.init(runtime_env=_ray_runtime_env(), log_to_driver=False)
-    else:
-        connect_ray(None)
+    connect_ray(None)
     try:
         yield
     finally:
         ray.shutdown()
-
-
-def _ray_runtime_env() -> dict[str, Any] | None:
-    """Ship the package to Ray's workers when it is taken from a checkout (PYTHONPATH)."""
-    from importlib import metadata
-
-    try:
-        metadata.distribution("cbtlab")
-    except metadata.PackageNotFoundError:
-        return {"py_modules": [str(Path(__file__).resolve().parents[1])]}
-    return None
 
 
 def ray_checks(spec: CheckSpec, cfg: ExperimentConfig, world_size: int, say: Say) -> list[Check]:
@@ -670,8 +663,6 @@ def ray_checks(spec: CheckSpec, cfg: ExperimentConfig, world_size: int, say: Say
     why = ray_importable()
     if why:
         return [Check("ray", SKIP, why)]
-    from cbtlab.train import build_trainer, fit
-
     ray_cfg = cfg.with_overrides(
         {
             # A bool is valid for train.use_gpu whether it is a bool or true/false/"auto".

@@ -1,15 +1,15 @@
-"""The training worker: model, optimiser, schedule, epochs of train + evaluate, reports.
+"""The training worker: this rank's data, the model and its optimisation, then epochs of
+train, evaluate, checkpoint when due, report.
 
 `run_training` is plain PyTorch (+ torch.distributed when a process group exists), so it runs
 in a Ray Train worker, in a test, or in a bare process alike; `train_loop_per_worker` is the
-thin Ray Train entry point around it. The recipe's parts (optimiser, schedule, precision,
-compilation, the accumulated step) are in `cbtlab.train.recipe`, the epoch's bookkeeping in
-`cbtlab.train.metrics`, the weights of a fine-tuning start in `cbtlab.train.finetune`.
+thin Ray Train entry point around it. The recipe's parts are in `cbtlab.train.recipe`, the
+epoch's bookkeeping in `cbtlab.train.metrics`, the evaluation in `cbtlab.analysis`, what the
+workers tell the driver in `cbtlab.train.messages`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -17,6 +17,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cbtlab.analysis import evaluate, layer_compression
 from cbtlab.config import ExperimentConfig
 from cbtlab.data import (
+    ShardSet,
     TrainEpoch,
+    Transforms,
     WorkerPool,
     check_dataset_fits,
     eval_batches,
@@ -48,8 +52,10 @@ from cbtlab.train.checkpoint import (
     set_rng_state,
 )
 from cbtlab.train.collectives import all_reduce, gather_objects, reduction_device
+from cbtlab.train.faults import FailAt
 from cbtlab.train.finetune import init_from
-from cbtlab.train.metrics import DivergenceGuard, EpochMeter, correct_counts
+from cbtlab.train.messages import MID_EPOCH_KEY, Diverged
+from cbtlab.train.metrics import DivergenceGuard, EpochMeter
 from cbtlab.train.recipe import (
     TrainStep,
     autocast,
@@ -65,7 +71,6 @@ log = logging.getLogger(__name__)
 # checkpoints (`train.checkpoint_every_steps`; their metrics carry MID_EPOCH_KEY); the state (a
 # dict for `checkpoint.save_state`) is given on rank 0 at checkpoints, else None.
 Report = Callable[[dict[str, float], dict[str, Any] | None], None]
-MID_EPOCH_KEY = "checkpoint/mid_epoch"
 
 
 def seed_everything(seed: int) -> None:
@@ -75,74 +80,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-DIVERGED_KEY = "train/diverged"
-DIVERGED_WORST = {"val/top1": 0.0, "val/top5": 0.0, "val/loss": math.inf, "train/loss": math.inf}
-
-
-class Diverged(FloatingPointError):
-    """The training loss became NaN or infinite on some rank (raised on every rank alike, at
-    most `DivergenceGuard.every - 1` micro-batches later: see `cbtlab.train.metrics`).
-
-    It travels from the workers to the driver as a result: `as_metrics()` in the workers'
-    last report, `from_metrics()` where that report arrives (the trial, the MLflow callback).
-    """
-
-    def __init__(self, epoch: int, step: int) -> None:
-        super().__init__(f"non-finite training loss at epoch {epoch}, step {step}")
-        self.epoch, self.step = epoch, step
-
-    def as_metrics(self) -> dict[str, float]:
-        # The worst values of the usual metrics go along: Tune's searcher and scheduler need
-        # the study metric in every result, and the trial is failed right after.
-        return {
-            **DIVERGED_WORST,
-            DIVERGED_KEY: 1.0,
-            "diverged/epoch": self.epoch,
-            "diverged/step": self.step,
-        }
-
-    @classmethod
-    def from_metrics(cls, metrics: dict[str, Any] | None) -> Diverged | None:
-        if not metrics or not metrics.get(DIVERGED_KEY):
-            return None
-        return cls(int(metrics["diverged/epoch"]), int(metrics["diverged/step"]))
-
-
-def evaluate(
-    model: nn.Module,
-    batches: Any,
-    loss_fn: nn.Module,
-    device: torch.device,
-    amp: Callable[[], Any] = contextlib.nullcontext,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> dict[str, float]:
-    """Loss, top-1 and top-5 over this rank's batches, summed over ranks; `amp` gives the
-    forward pass's autocast context. Sums stay on `device` until the one reduction."""
-    model.eval()
-    # (loss x samples, top-1 hits, top-5 hits, samples)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for images, labels in batches:
-            images, labels = images.to(device), labels.to(device)
-            with amp():
-                logits = model(images.contiguous(memory_format=memory_format))
-            n = labels.numel()
-            loss = loss_fn(logits.float(), labels).double().reshape(1) * n
-            sums += torch.cat([loss, correct_counts(logits, labels), loss.new_tensor([n])])
-    loss_sum, top1, top5, count = all_reduce(sums, device)
-    return {
-        "val/loss": loss_sum / count,
-        "val/top1": top1 / count,
-        "val/top5": top5 / count,
-        "val/samples": count,
-    }
-
-
 def compression_metrics(model: nn.Module, images: Tensor) -> dict[str, float]:
     """rc/layer_XX and rc_norm/layer_XX (tokens unit-normalised): the compression term of
     every layer's output against its own subspaces (CBSA_MATH.md, eq. 2; eps = 0.5)."""
-    from cbtlab.analysis import layer_compression
-
     metrics = {}
     for name, normalize in (("rc", False), ("rc_norm", True)):
         for i, value in enumerate(layer_compression(model, images, normalize=normalize)):
@@ -186,13 +126,32 @@ def run_training(
     prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m,
     device: torch.device | None = None,
     resume: dict[str, Any] | None = None,
+    fail_at: FailAt | None = None,
 ) -> nn.Module:
     """Train `cfg` on this rank's share of the data; call `report(metrics, state)` once per
     epoch with metrics already reduced over all ranks (see `Report`). `resume` is a checkpoint
-    state to continue from (an epoch's end or, with a data position, mid-epoch). Returns the
-    trained (unwrapped) model."""
+    state to continue from (an epoch's end or, with a data position, mid-epoch); `fail_at` a
+    test's injected failure (`cbtlab.train.faults`). Returns the trained (unwrapped) model."""
     device = device or torch.device("cpu")
     reduction_device(device)  # a process group that cannot reduce this rank's tensors fails now
+    _set_threads_and_seed(cfg)
+    data = RankData.open(cfg, rank=rank, world_size=world_size, device=device)
+    learner = Learner.build(cfg, data, prepare_model=prepare_model, resume=resume)
+    first_epoch, position = learner.resume_from(resume, cfg, world_size)
+    fail_at = fail_at if resume is None else None  # a restart goes on past the failure
+    try:
+        for epoch in range(first_epoch, cfg.train.epochs):
+            meter, corrupt = train_epoch(cfg, learner, data, epoch, position, report, fail_at)
+            position = None
+            metrics = epoch_metrics(cfg, learner, data, epoch, meter, corrupt)
+            report(metrics, epoch_checkpoint(cfg, learner, data.rank, epoch, metrics))
+    finally:  # however the run ends: the loader's workers stop with it
+        data.close()
+    return learner.model
+
+
+def _set_threads_and_seed(cfg: ExperimentConfig) -> None:
+    """This worker's torch threads, and the one seed of its model and start."""
     # The worker's CPUs, less those its loader processes take (a GPU worker sized from its node
     # has one CPU for itself and the rest for loader processes: cbtlab.cluster).
     own_cpus = int(cfg.train.cpus_per_worker) - cfg.data.loader_workers
@@ -200,79 +159,184 @@ def run_training(
     torch.set_num_threads(threads)
     seed_everything(cfg.train.seed)
 
-    batch_size = _rank_batch(cfg, world_size)
-    root = prepare_dataset(cfg.data)
-    train_set, val_set = open_split(root, "train"), open_split(root, "val")
-    check_dataset_fits(cfg.model, train_set)
-    tf = transforms_for(cfg.data, cfg.model.img_size, train_set)
-    draft = cfg.data.jpeg_draft
-    workers = cfg.data.loader_workers
-    usable = usable_workers(len(train_set.shards), world_size, workers)
-    if rank == 0 and workers > usable:
-        log.warning(
-            "data.loader_workers=%d, but %d training shards over %d ranks feed only %d per rank",
-            workers,
-            len(train_set.shards),
-            world_size,
-            usable,
-        )
-    pin_memory = device.type == "cuda"
-    # Loader worker processes kept for the whole run (started at the first epoch's first batch,
-    # stopped when the epochs end or fail): no forking per epoch or per evaluation.
-    pool = WorkerPool() if workers else None
-    amp = autocast(resolve_precision(cfg.train.precision, device), device)
 
-    model = build_model(cfg.model)
-    if cfg.train.init_from and resume is None:  # a restart continues from its checkpoint
-        for note in init_from(model, cfg.train.init_from):
-            if rank == 0:
-                log.info("train.init_from=%s: %s", cfg.train.init_from, note)
-    # channels_last: NHWC images and convolution weights (the stems' convolutions run faster
-    # so on tensor cores); the model's numbers do not change.
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    wrapped = prepare_model(model)
-    if cfg.train.compile:
-        wrapped = compile_model(wrapped, device, cfg.train.compile_mode)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    eval_loss = nn.CrossEntropyLoss()
+@dataclass
+class RankData:
+    """This rank's view of the run's data: its splits and transforms, its share of every
+    training epoch and evaluation, and the loader worker processes kept for the whole run
+    (started at the first epoch's first batch, stopped by `close`: no forking per epoch or per
+    evaluation)."""
 
-    def epoch_data(epoch: int) -> TrainEpoch:
+    cfg: ExperimentConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    batch_size: int  # per rank
+    train_set: ShardSet
+    val_set: ShardSet
+    tf: Transforms
+    pool: WorkerPool | None
+
+    @classmethod
+    def open(
+        cls, cfg: ExperimentConfig, *, rank: int, world_size: int, device: torch.device
+    ) -> RankData:
+        batch_size = _rank_batch(cfg, world_size)
+        root = prepare_dataset(cfg.data)
+        train_set, val_set = open_split(root, "train"), open_split(root, "val")
+        check_dataset_fits(cfg.model, train_set)
+        tf = transforms_for(cfg.data, cfg.model.img_size, train_set)
+        workers = cfg.data.loader_workers
+        usable = usable_workers(len(train_set.shards), world_size, workers)
+        if rank == 0 and workers > usable:
+            log.warning(
+                "data.loader_workers=%d, but %d training shards over %d ranks feed only %d per "
+                "rank",
+                workers,
+                len(train_set.shards),
+                world_size,
+                usable,
+            )
+        pool = WorkerPool() if workers else None
+        return cls(cfg, rank, world_size, device, batch_size, train_set, val_set, tf, pool)
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+    def train_epoch(self, epoch: int) -> TrainEpoch:
         return TrainEpoch(
-            train_set,
-            rank=rank,
-            world_size=world_size,
+            self.train_set,
+            rank=self.rank,
+            world_size=self.world_size,
             epoch=epoch,
-            seed=cfg.train.seed,
-            batch_size=batch_size,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            transform=tf.train,
-            loader_workers=workers,
-            decode_size=tf.train_decode_size if draft else None,
-            pin_memory=pin_memory,
-            device=device,  # uint8 batches cross to the device and are normalised there
-            pool=pool,
+            seed=self.cfg.train.seed,
+            batch_size=self.batch_size,
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            transform=self.tf.train,
+            loader_workers=self.cfg.data.loader_workers,
+            decode_size=self.tf.train_decode_size if self.cfg.data.jpeg_draft else None,
+            pin_memory=self.pin_memory,
+            device=self.device,  # uint8 batches cross to the device and are normalised there
+            pool=self.pool,
         )
 
-    probe_images = None
-    if cfg.train.probe_every:
-        # The same images on every rank, so every rank reports the same values.
+    def val_batches(self) -> Any:
+        return eval_batches(
+            self.val_set,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            transform=self.tf.eval,
+            loader_workers=self.cfg.data.loader_workers,
+            decode_size=self.tf.eval_decode_size if self.cfg.data.jpeg_draft else None,
+            pin_memory=self.pin_memory,
+            device=self.device,
+            pool=self.pool,
+        )
+
+    def probe_images(self) -> Tensor:
+        """`train.probe_samples` validation images, the same on every rank, so that every rank
+        reports the same values."""
         probe = eval_batches(
-            val_set,
+            self.val_set,
             rank=0,
             world_size=1,
-            batch_size=cfg.train.probe_samples,
-            transform=tf.eval,
-            device=device,
+            batch_size=self.cfg.train.probe_samples,
+            transform=self.tf.eval,
+            device=self.device,
         )
-        probe_images = next(iter(probe))[0]
+        return next(iter(probe))[0]
 
-    accum = cfg.train.grad_accum_steps
-    steps_per_epoch = len(epoch_data(0)) // accum  # optimiser steps
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"train.grad_accum_steps={accum} exceeds the {len(epoch_data(0))} batches of an epoch"
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
+@dataclass
+class Learner:
+    """The model (`model` as built, `wrapped` as trained: DDP, compiled) and what trains and
+    evaluates it."""
+
+    model: nn.Module
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_step: TrainStep
+    amp: Callable[[], Any]
+    memory_format: torch.memory_format
+    probe_images: Tensor | None
+
+    @classmethod
+    def build(
+        cls,
+        cfg: ExperimentConfig,
+        data: RankData,
+        *,
+        prepare_model: Callable[[nn.Module], nn.Module],
+        resume: dict[str, Any] | None,
+    ) -> Learner:
+        device, train = data.device, cfg.train
+        amp = autocast(resolve_precision(train.precision, device), device)
+        model = build_model(cfg.model)
+        if train.init_from and resume is None:  # a restart continues from its checkpoint
+            for note in init_from(model, train.init_from):
+                if data.rank == 0:
+                    log.info("train.init_from=%s: %s", train.init_from, note)
+        # channels_last: NHWC images and convolution weights (the stems' convolutions run
+        # faster so on tensor cores); the model's numbers do not change.
+        memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+        model = model.to(device, memory_format=memory_format)
+        wrapped = prepare_model(model)
+        if train.compile:
+            wrapped = compile_model(wrapped, device, train.compile_mode)
+        probe_images = data.probe_images() if train.probe_every else None
+        optimizer, scheduler = _optimisation(cfg, model, _steps_per_epoch(cfg, data))
+        train_step = TrainStep(
+            wrapped,
+            optimizer,
+            scheduler,
+            nn.CrossEntropyLoss(label_smoothing=train.label_smoothing),
+            accum_steps=train.grad_accum_steps,
+            grad_clip=train.grad_clip,
+            clip_params=list(model.parameters()),
+            autocast=amp,
+            compiled=train.compile,
         )
+        return cls(
+            model, wrapped, optimizer, scheduler, train_step, amp, memory_format, probe_images
+        )
+
+    def resume_from(
+        self, resume: dict[str, Any] | None, cfg: ExperimentConfig, world_size: int
+    ) -> tuple[int, dict[str, Any] | None]:
+        """Load a checkpoint state, if any; the first epoch to train and, for a mid-epoch
+        checkpoint, the data position within it."""
+        if resume is None:
+            return 0, None
+        check_compatible(resume, cfg)
+        check_position(resume, cfg, world_size)
+        self.model.load_state_dict(resume["model"])
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.scheduler.load_state_dict(resume["scheduler"])
+        return resume["epochs_done"], resume.get("position")
+
+
+def _steps_per_epoch(cfg: ExperimentConfig, data: RankData) -> int:
+    """Optimiser steps in an epoch of this rank's data."""
+    accum = cfg.train.grad_accum_steps
+    steps = len(data.train_epoch(0)) // accum
+    if steps == 0:
+        raise ValueError(
+            f"train.grad_accum_steps={accum} exceeds the {len(data.train_epoch(0))} batches of "
+            "an epoch"
+        )
+    return steps
+
+
+def _optimisation(
+    cfg: ExperimentConfig, model: nn.Module, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     optimizer = build_optimizer(
         model, cfg, frozen_steps=cfg.train.head_only_epochs * steps_per_epoch
     )
@@ -282,125 +346,114 @@ def run_training(
         total_steps=cfg.train.epochs * steps_per_epoch,
         min_ratio=cfg.train.min_lr_ratio,
     )
-    first_epoch, position = 0, None
-    if resume is not None:
-        check_compatible(resume, cfg)
-        check_position(resume, cfg, world_size)
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        first_epoch, position = resume["epochs_done"], resume.get("position")
-    failure = _parse_failure(cfg.train.inject_failure) if resume is None else None
-    train_step = TrainStep(
-        wrapped,
-        optimizer,
-        scheduler,
-        loss_fn,
-        accum_steps=accum,
-        grad_clip=cfg.train.grad_clip,
-        clip_params=list(model.parameters()),
-        autocast=amp,
-        compiled=cfg.train.compile,
-    )
-    every_steps = cfg.train.checkpoint_every_steps
+    return optimizer, scheduler
 
-    try:
-        for epoch in range(first_epoch, cfg.train.epochs):
-            # Augmentation randomness: seeded per (seed, epoch, rank), independent of data order.
-            torch.manual_seed((cfg.train.seed * 1_000_003 + epoch) * 1_009 + rank)
-            wrapped.train()
-            meter = EpochMeter(device)
-            guard = DivergenceGuard(device)
-            train_data = epoch_data(epoch)
-            # Whole optimiser steps only: a remainder of fewer than `accum` batches is not read.
-            used = len(train_data) // accum * accum
-            epoch_batches = iter(train_data)
-            batches = (
-                epoch_batches if used == len(train_data) else itertools.islice(epoch_batches, used)
-            )
-            skip = 0
-            if position is not None:  # a mid-epoch checkpoint: see cbtlab.train.checkpoint
-                skip = position["batches_done"]
-                _consume(batches, skip)
-                mine = position["ranks"][rank]
-                set_rng_state(mine["rng"], device)
-                meter.load(mine["sums"])
-                meter.restart_clock()
-                position = None
-            for index, (images, labels) in enumerate(meter.timed(batches), start=skip):
-                if failure == (epoch, index, rank):
-                    raise InjectedFailure(
-                        f"injected failure at epoch {epoch}, step {index}, rank {rank}"
-                    )
-                # No-ops: the loader has moved the batch to `device` already.
-                images = images.to(device, non_blocking=pin_memory)
-                labels = labels.to(device, non_blocking=pin_memory)
-                images = images.contiguous(memory_format=memory_format)
-                stepped = train_batch(train_step, meter, guard, images, labels, epoch, index)
-                # A mid-epoch checkpoint every `every_steps` optimiser steps; the epoch's end has
-                # one of its own.
-                if (
-                    stepped
-                    and every_steps
-                    and scheduler.last_epoch % every_steps == 0
-                    and index + 1 < used
-                ):
-                    _stop_if_diverged(guard, epoch)  # no checkpoint of a diverged model
-                    _mid_epoch_checkpoint(
-                        cfg,
-                        report,
-                        rank=rank,
-                        world_size=world_size,
-                        device=device,
-                        epoch=epoch,
-                        batches_done=index + 1,
-                        batches_in_epoch=used,
-                        sums=meter.state(),
-                        training=(model, optimizer, scheduler),
-                    )
-            # Stop the loader's streams (a remainder left unread), freeing its workers for the
-            # evaluation.
-            epoch_batches.close()
-            _stop_if_diverged(guard, epoch)
-            metrics: dict[str, Any] = {"epoch": epoch + 1, "train/lr": scheduler.get_last_lr()[0]}
-            metrics.update(meter.metrics(world_size=world_size, corrupt=train_data.corrupt_samples))
-            val_data = eval_batches(
-                val_set,
-                rank=rank,
-                world_size=world_size,
-                batch_size=batch_size,
-                transform=tf.eval,
-                loader_workers=workers,
-                decode_size=tf.eval_decode_size if draft else None,
-                pin_memory=pin_memory,
-                device=device,
-                pool=pool,
-            )
-            metrics.update(evaluate(model, val_data, eval_loss, device, amp, memory_format))
-            (metrics["val/corrupt_samples"],) = all_reduce([val_data.corrupt_samples], device)
-            metrics["time/epoch_s"] = time.perf_counter() - meter.start
-            if cfg.train.probe_every and (epoch + 1) % cfg.train.probe_every == 0:
-                metrics.update(compression_metrics(model, probe_images))
-            state = None
-            last = epoch + 1 == cfg.train.epochs
-            if (
-                rank == 0
-                and cfg.train.checkpoint_every
-                and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last)
-            ):
-                state = make_state(
-                    cfg,
-                    epoch=epoch + 1,
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    metrics=metrics,
-                )
-            report(metrics, state)
-    finally:  # however the run ends: the loader's workers stop with it
-        if pool is not None:
-            pool.close()
-    return model
+
+def train_epoch(
+    cfg: ExperimentConfig,
+    learner: Learner,
+    data: RankData,
+    epoch: int,
+    position: dict[str, Any] | None,
+    report: Report,
+    fail_at: FailAt | None,
+) -> tuple[EpochMeter, int]:
+    """Train one epoch (from `position`, a mid-epoch checkpoint's, when given), reporting the
+    mid-epoch checkpoints that fall in it; its meter, and the corrupt samples it skipped."""
+    rank, device, accum = data.rank, data.device, cfg.train.grad_accum_steps
+    # Augmentation randomness: seeded per (seed, epoch, rank), independent of data order.
+    torch.manual_seed((cfg.train.seed * 1_000_003 + epoch) * 1_009 + rank)
+    learner.wrapped.train()
+    meter = EpochMeter(device)
+    guard = DivergenceGuard(device)
+    train_data = data.train_epoch(epoch)
+    # Whole optimiser steps only: a remainder of fewer than `accum` batches is not read.
+    used = len(train_data) // accum * accum
+    epoch_batches = iter(train_data)
+    batches = epoch_batches if used == len(train_data) else itertools.islice(epoch_batches, used)
+    skip = 0
+    if position is not None:  # a mid-epoch checkpoint: see cbtlab.train.checkpoint
+        skip = position["batches_done"]
+        _consume(batches, skip)
+        mine = position["ranks"][rank]
+        set_rng_state(mine["rng"], device)
+        meter.load(mine["sums"])
+        meter.restart_clock()
+    every_steps = cfg.train.checkpoint_every_steps
+    for index, (images, labels) in enumerate(meter.timed(batches), start=skip):
+        if fail_at is not None:
+            fail_at.check(epoch, index, rank)
+        # No-ops: the loader has moved the batch to `device` already.
+        images = images.to(device, non_blocking=data.pin_memory)
+        labels = labels.to(device, non_blocking=data.pin_memory)
+        images = images.contiguous(memory_format=learner.memory_format)
+        stepped = train_batch(learner.train_step, meter, guard, images, labels, epoch, index)
+        # A mid-epoch checkpoint every `every_steps` optimiser steps; the epoch's end has one of
+        # its own.
+        if (
+            stepped
+            and every_steps
+            and learner.scheduler.last_epoch % every_steps == 0
+            and index + 1 < used
+        ):
+            _stop_if_diverged(guard, epoch)  # no checkpoint of a diverged model
+            _mid_epoch_checkpoint(cfg, report, learner, data, epoch, index + 1, used, meter)
+    # Stop the loader's streams (a remainder left unread), freeing its workers for the
+    # evaluation.
+    epoch_batches.close()
+    _stop_if_diverged(guard, epoch)
+    return meter, train_data.corrupt_samples
+
+
+def epoch_metrics(
+    cfg: ExperimentConfig,
+    learner: Learner,
+    data: RankData,
+    epoch: int,
+    meter: EpochMeter,
+    corrupt: int,
+) -> dict[str, Any]:
+    """The epoch's metrics, reduced over all ranks: its training, the evaluation on the
+    validation split, and (every `train.probe_every` epochs) the layers' compression."""
+    device, world_size = data.device, data.world_size
+    metrics: dict[str, Any] = {"epoch": epoch + 1, "train/lr": learner.scheduler.get_last_lr()[0]}
+    metrics.update(meter.metrics(world_size=world_size, corrupt=corrupt))
+    val_data = data.val_batches()
+    metrics.update(
+        evaluate(
+            learner.model,
+            val_data,
+            nn.CrossEntropyLoss(),
+            device,
+            learner.amp,
+            learner.memory_format,
+            reduce=lambda sums: all_reduce(sums, device),
+        )
+    )
+    (metrics["val/corrupt_samples"],) = all_reduce([val_data.corrupt_samples], device)
+    metrics["time/epoch_s"] = time.perf_counter() - meter.start
+    if cfg.train.probe_every and (epoch + 1) % cfg.train.probe_every == 0:
+        metrics.update(compression_metrics(learner.model, learner.probe_images))
+    return metrics
+
+
+def epoch_checkpoint(
+    cfg: ExperimentConfig, learner: Learner, rank: int, epoch: int, metrics: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The checkpoint state at the end of `epoch`, on rank 0 where one is due (every
+    `train.checkpoint_every` epochs, and the last), else None."""
+    every = cfg.train.checkpoint_every
+    last = epoch + 1 == cfg.train.epochs
+    if rank != 0 or not every or not ((epoch + 1) % every == 0 or last):
+        return None
+    return make_state(
+        cfg,
+        epoch=epoch + 1,
+        model=learner.model,
+        optimizer=learner.optimizer,
+        scheduler=learner.scheduler,
+        metrics=metrics,
+    )
 
 
 def train_batch(
@@ -439,61 +492,48 @@ def _consume(batches: Iterator[Any], count: int) -> None:
 def _mid_epoch_checkpoint(
     cfg: ExperimentConfig,
     report: Report,
-    *,
-    rank: int,
-    world_size: int,
-    device: torch.device,
+    learner: Learner,
+    data: RankData,
     epoch: int,
     batches_done: int,
     batches_in_epoch: int,
-    sums: dict[str, float],
-    training: tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
+    meter: EpochMeter,
 ) -> None:
     """Report a checkpoint with every rank's random state and partial sums (a collective)."""
-    model, optimizer, scheduler = training
-    rng = rng_state(device)
-    ranks = gather_objects({"rng": rng, "sums": sums}, world_size)
+    sums = meter.state()
+    rng = rng_state(data.device)
+    ranks = gather_objects({"rng": rng, "sums": sums}, data.world_size)
     metrics = {
         "epoch": epoch + batches_done / batches_in_epoch,
-        "train/step": scheduler.last_epoch,
+        "train/step": learner.scheduler.last_epoch,
         MID_EPOCH_KEY: 1.0,
         # Unscored: never among the best kept by val/top1, only ever kept as the latest.
         "val/top1": -math.inf,
     }
     state = None
-    if rank == 0:
+    if data.rank == 0:
         state = make_state(
             cfg,
             epoch=epoch,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
+            model=learner.model,
+            optimizer=learner.optimizer,
+            scheduler=learner.scheduler,
             metrics=metrics,
             position=data_position(
-                cfg, world_size=world_size, batches_done=batches_done, ranks=ranks
+                cfg, world_size=data.world_size, batches_done=batches_done, ranks=ranks
             ),
         )
     report(metrics, state)
     # Whatever reporting draws from the generators, the run goes on from the saved state, as a
     # run restarted from this checkpoint does.
-    set_rng_state(rng, device)
-
-
-class InjectedFailure(RuntimeError):
-    """The test-only failure of `train.inject_failure`."""
-
-
-def _parse_failure(spec: str) -> tuple[int, int, int] | None:
-    """`train.inject_failure` = "epoch:step:rank" (test-only): that rank raises at that step of
-    a run that did not start from a checkpoint, so a restart from the last checkpoint goes on."""
-    if not spec:
-        return None
-    epoch, step, rank = (int(part) for part in spec.split(":"))
-    return epoch, step, rank
+    set_rng_state(rng, data.device)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: `config` is `{"experiment": ExperimentConfig.to_dict()}`."""
+    """Ray Train entry point: `config` is `{"experiment": ExperimentConfig.to_dict()}`, with
+    "resume_from" (a checkpoint directory or URI) and a test's "fail_at" (a `FailAt`) where
+    given."""
+    # Ray here, not at the top: the worker loop imports on a bare machine without Ray.
     import ray.train
     import ray.train.torch
 
@@ -527,6 +567,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             prepare_model=ray.train.torch.prepare_model,
             device=ray.train.torch.get_device(),
             resume=resume,
+            fail_at=config.get("fail_at"),
         )
     except Diverged as exc:
         # Not a worker failure to retry: end the run normally and let the driver fail it

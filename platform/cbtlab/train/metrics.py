@@ -25,17 +25,10 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from cbtlab.analysis import correct_counts
 from cbtlab.train.collectives import all_reduce, all_reduce_
 
 T = TypeVar("T")
-
-
-def correct_counts(logits: Tensor, labels: Tensor) -> Tensor:
-    """(top-1 hits, top-5 hits) of a batch as one device tensor (no host sync); top-k is
-    capped at the number of classes."""
-    k = min(5, logits.shape[-1])
-    hits = logits.topk(k, dim=-1).indices == labels[:, None]  # (B, k)
-    return torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum()])
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from cbtlab.cluster import resolve_use_gpu
 from cbtlab.config import AUTO, ExperimentConfig
+from cbtlab.train.faults import FailAt
 from cbtlab.train.loop import check_training_data, train_loop_per_worker
+from cbtlab.train.messages import Diverged
 
 
 def build_trainer(
@@ -16,21 +19,22 @@ def build_trainer(
     storage_path: str,
     callbacks: Sequence[Any] = (),
     resume_from: str | None = None,
+    fail_at: FailAt | None = None,
 ) -> Any:
     """A TorchTrainer running `cfg` on `cfg.train.num_workers` DDP workers (gloo on CPU).
 
     Workers report a checkpoint every `train.checkpoint_every` epochs; after a worker failure
     the run restarts from the latest one (up to `train.max_failures` times). `resume_from` is a
-    checkpoint directory (or URI) to start from. Data that cannot train on these workers (see
+    checkpoint directory (or URI) to start from; `fail_at` a test's injected failure
+    (`cbtlab.train.faults`). Data that cannot train on these workers (see
     `check_training_data`) raises ValueError here, not in every worker at every restart.
 
     `train.use_gpu="auto"` is resolved here, on the driver, if the caller has not
     (`cbtlab.cluster.resolve_use_gpu`: a GPU per worker where the connected cluster has one,
     or, before Ray is started, where this machine has one), so the workers get true or false."""
+    # Ray here, not at the top: `cbtlab.train` imports on a bare machine without Ray.
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from cbtlab.cluster import resolve_use_gpu
 
     if cfg.train.use_gpu == AUTO:
         import ray
@@ -43,9 +47,12 @@ def build_trainer(
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
+    loop_config: dict[str, Any] = {"experiment": cfg.to_dict(), "resume_from": resume_from}
+    if fail_at is not None:
+        loop_config["fail_at"] = fail_at
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "resume_from": resume_from},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -67,8 +74,6 @@ def build_trainer(
 
 def fit(trainer: Any) -> Any:
     """Run `trainer.fit()`; raise `Diverged` if the workers stopped on a non-finite loss."""
-    from cbtlab.train.loop import Diverged
-
     result = trainer.fit()
     diverged = Diverged.from_metrics(result.metrics)
     if diverged is not None:

@@ -1,42 +1,13 @@
-"""Loader throughput: our WebDataset loader against torchvision's ImageFolder, side by side.
+"""Loader throughput: our WebDataset loader (`TrainEpoch` over shards, in a `WorkerPool`)
+against torchvision's ImageFolder + DataLoader on the same JPEGs, the same transform, worker
+count and batch size (`data_pipelines/bench_loader.py`).
 
-One run makes an ImageNet-like JPEG ImageFolder tree (smooth random colour fields with
-photo-like noise, 500 x 375 by default), writes it as WebDataset shards with
-`shards.write_split` / `write_card` (timed: shard-writing images/s and MB/s), then times whole
-epochs of (a) `TrainEpoch` over the shards and (b) `ImageFolder` + `DataLoader` over the files:
-the same JPEGs, the same transform object (the paper's RRC + flip + normalise, a
-`SplitTransform`), the same number of worker processes and batch size. Each loader is used as
-it is meant to be: ImageFolder calls the transform whole on each image, as a torchvision user
-would write it, so its workers ship float32 batches, and a new iterator of its DataLoader
-starts new workers every epoch (the default, `persistent_workers=False`); `TrainEpoch` splits
-the transform, so its workers crop, resize and flip and ship uint8 batches, which it normalises
-here in the main process, inside the timed loop (in training, on the accelerator instead), and
-it runs every epoch in the same `WorkerPool`, as a training run does. Every batch is read once
-(copied into a staging buffer, as a host-to-device copy reads it). The main process runs with
-one torch thread (`main_threads`), as each worker does: the workers take the cores.
-
-The page cache. By default (`cache="cold"`) both loaders' files are dropped from the page cache
-before every timed epoch, so every epoch reads them from the disk, as an ImageNet-sized dataset
-(140 GB) is read on a node that cannot keep it in memory: ImageFolder's workers then wait for
-one small random read per image, `TrainEpoch`'s for a few large sequential ones. With
-`cache="warm"` the files stay cached after the warm-up epoch, and the loaders differ only in
-CPU work.
-
-One warm-up epoch each, then repeats that alternate which loader goes first; the ratio is the
-median of the repeats' paired ratios. On a shared machine images/s swing with its load, so the
-CPU time per image of all processes (the main one, the pool's workers, read from /proc, and the
-DataLoader's, counted once joined) is printed too: it moves less.
-
-A per-image cost breakdown (one process, one torch thread, as in a loader worker) says where the
-time goes. Both loaders decode the same JPEG, the largest cost (for training a 500 x 375 JPEG is
-never decoded at reduced size: the smallest crops need 915 px), and run the same crop, resize
-and flip. They differ in reading (a file, or a sample of a tar stream), in ImageFolder's loader
-converting every decoded image to RGB (a copy, even of an RGB image), in where normalisation
-runs, and in how a batch crosses to the main process: a DataLoader worker writes each batch
-into new shared memory, faulting in every page (4 bytes a pixel in float32), while a pool
-worker copies its uint8 batch into one of its two slots, mapped once. The breakdown sums each
-loader's steps; it leaves out what no one step shows: ImageFolder's workers starting every
-epoch (~0.4 ms an image in epochs this short), queues, pickling, and reading from the disk.
+`run_bench` makes an ImageNet-like JPEG ImageFolder tree and its shards (timing the shard
+writing), then times whole epochs of each loader after a warm-up, in repeats that alternate
+which goes first: images/s (the result's `ratio` is the median of the paired ratios) and CPU
+time per image of all processes. `cache="cold"` drops every file from the page cache before
+each timed epoch (a dataset larger than memory), `"warm"` keeps them cached. A per-image cost
+breakdown (one process, one torch thread) names each loader's steps.
 """
 
 from __future__ import annotations
@@ -55,9 +26,20 @@ from typing import IO, Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from webdataset.tariterators import tar_file_iterator
 
-from cbtlab.data.shards import Sample, read_split, write_card, write_split
-from cbtlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SplitTransform, build_transforms
+from cbtlab.data.loader import TrainEpoch, _collate, _group
+from cbtlab.data.shards import Sample, ShardSet, read_split, write_card, write_split
+from cbtlab.data.tarstream import tar_members
+from cbtlab.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SplitTransform,
+    Transforms,
+    build_transforms,
+)
 from cbtlab.data.workers import WorkerPool
 
 EXTENSIONS = (".jpg", ".jpeg")
@@ -263,11 +245,6 @@ def _per_batched_image_ms(step: Callable[[Any], Any], batches: list[Any]) -> flo
 
 def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
     """Make the data under `root` (a temporary folder when None) and time both loaders."""
-    from torch.utils.data import DataLoader
-    from torchvision.datasets import ImageFolder
-
-    from cbtlab.data.loader import TrainEpoch
-
     if cfg.cache not in CACHE_MODES:
         raise ValueError(f"cache={cfg.cache!r}; expected one of {CACHE_MODES}")
     if cfg.cache == "cold" and not hasattr(os, "posix_fadvise"):
@@ -289,60 +266,7 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
             augment="imagenet",
             crop_pct=0.875,
         )
-        folder = ImageFolder(str(tree), transform=tf.train)
-
-        pool = WorkerPool()  # TrainEpoch's workers, kept from epoch to epoch
-
-        def webdataset_epoch(epoch: int) -> tuple[float, float]:
-            return _epoch_rate(
-                TrainEpoch(
-                    shardset,
-                    rank=0,
-                    world_size=1,
-                    epoch=epoch,
-                    seed=cfg.seed,
-                    batch_size=cfg.batch_size,
-                    shuffle_buffer=cfg.samples_per_shard,
-                    transform=tf.train,
-                    loader_workers=cfg.workers,
-                    decode_size=tf.train_decode_size,
-                    pool=pool,
-                ),
-                pool,
-            )
-
-        def imagefolder_epoch(epoch: int) -> tuple[float, float]:
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000 + epoch)
-            return _epoch_rate(
-                DataLoader(
-                    folder,
-                    batch_size=cfg.batch_size,
-                    shuffle=True,
-                    drop_last=True,
-                    num_workers=cfg.workers,
-                    generator=generator,
-                ),
-                pool,
-            )
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(cfg.main_threads)
-        try:
-            webdataset_epoch(0), imagefolder_epoch(0)  # warm-up: page cache, imports, forks
-            rates: dict[str, list[float]] = {"wds": [], "folder": []}
-            cpu_ms: dict[str, list[float]] = {"wds": [], "folder": []}
-            for repeat in range(1, cfg.repeats + 1):
-                # Alternate which goes first, so drifts in machine load hit both alike.
-                order = [("wds", webdataset_epoch), ("folder", imagefolder_epoch)]
-                for name, run in order if repeat % 2 else order[::-1]:
-                    if cfg.cache == "cold":
-                        drop_from_page_cache([*paths, *(Path(s.path) for s in shardset.shards)])
-                    rate, cpu = run(repeat)
-                    rates[name].append(rate)
-                    cpu_ms[name].append(cpu)
-        finally:
-            torch.set_num_threads(threads)
-            pool.close()
+        rates, cpu_ms = _time_loaders(cfg, tree, paths, shardset, tf)
         assert isinstance(tf.train, SplitTransform)
         costs = _cost_breakdown(paths[:64], shard_dir, tf.train, cfg.batch_size)
     return BenchResult(
@@ -357,16 +281,72 @@ def run_bench(cfg: BenchConfig, root: Path | None = None) -> BenchResult:
     )
 
 
+def _time_loaders(
+    cfg: BenchConfig, tree: Path, paths: list[Path], shardset: ShardSet, tf: Transforms
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Images/s and CPU ms per image of each loader ("wds", "folder") per repeat, after a
+    warm-up epoch of each."""
+    folder = ImageFolder(str(tree), transform=tf.train)
+    pool = WorkerPool()  # TrainEpoch's workers, kept from epoch to epoch
+
+    def webdataset_epoch(epoch: int) -> tuple[float, float]:
+        return _epoch_rate(
+            TrainEpoch(
+                shardset,
+                rank=0,
+                world_size=1,
+                epoch=epoch,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                shuffle_buffer=cfg.samples_per_shard,
+                transform=tf.train,
+                loader_workers=cfg.workers,
+                decode_size=tf.train_decode_size,
+                pool=pool,
+            ),
+            pool,
+        )
+
+    def imagefolder_epoch(epoch: int) -> tuple[float, float]:
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000 + epoch)
+        return _epoch_rate(
+            DataLoader(
+                folder,
+                batch_size=cfg.batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=cfg.workers,
+                generator=generator,
+            ),
+            pool,
+        )
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.main_threads)
+    try:
+        webdataset_epoch(0), imagefolder_epoch(0)  # warm-up: page cache, imports, forks
+        rates: dict[str, list[float]] = {"wds": [], "folder": []}
+        cpu_ms: dict[str, list[float]] = {"wds": [], "folder": []}
+        for repeat in range(1, cfg.repeats + 1):
+            # Alternate which goes first, so drifts in machine load hit both alike.
+            order = [("wds", webdataset_epoch), ("folder", imagefolder_epoch)]
+            for name, run in order if repeat % 2 else order[::-1]:
+                if cfg.cache == "cold":
+                    drop_from_page_cache([*paths, *(Path(s.path) for s in shardset.shards)])
+                rate, cpu = run(repeat)
+                rates[name].append(rate)
+                cpu_ms[name].append(cpu)
+    finally:
+        torch.set_num_threads(threads)
+        pool.close()
+    return rates, cpu_ms
+
+
 def _cost_breakdown(
     paths: list[Path], shard_dir: Path, transform: SplitTransform, batch_size: int
 ) -> dict[str, float]:
     """Milliseconds per image of each step, in one process with one torch thread (as in a
     DataLoader worker): what either loader pays per image."""
-    from webdataset.tariterators import tar_file_iterator
-
-    from cbtlab.data.loader import _collate, _group
-    from cbtlab.data.tarstream import tar_members
-
     shards = read_split(shard_dir, "train").shards
     encoded = [p.read_bytes() for p in paths]
 

@@ -1,33 +1,21 @@
 """What Ray Train costs: the same training through Ray Train's TorchTrainer and as a plain
 PyTorch DDP job (`studies/bench_ray_overhead.py`).
 
-Both sides run `run_training` on the same config (model, data, epochs, seed) with the same
-number of worker processes, the same CPU threads each and gloo DDP; only the launcher differs:
-- plain: `torch.multiprocessing.spawn` starts the processes, which join a gloo process group
-  and wrap the model in `DistributedDataParallel`;
-- ray: a `TorchTrainer` on the local Ray instance (started once, beforehand, and timed apart),
-  whose workers report every epoch through `ray.train.report`, as `cbtlab train` does.
-Epoch checkpoints are off on both sides (`train.checkpoint_every=0`): this measures the launcher
-and the per-epoch reporting, not checkpoint storage. Ray starts its worker processes at a
-lower CPU priority (niceness 15, Ray's `worker_niceness`, so that its control plane stays
-responsive); the plain workers take the same niceness (`--plain-niceness`), or on a machine
-shared with other work the comparison would measure the scheduler's priorities, not Ray.
-
-Two times per run: the wall time from launch to return (process start-up, imports, process
-group, data opening, all epochs, shutdown) and the steady-state time per epoch, the median
-over epochs 2.. of the interval between rank 0's consecutive epoch reports (training,
-evaluation and the report itself). Runs alternate plain, ray, ray, plain, ... and the ratio is
-the median over back-to-back pairs, so that a drift of the machine's load falls on both; the
-fastest epochs' ratio is printed too (on a shared machine, noise only ever adds time).
+Both sides run `run_training` on the same config with the same number of gloo DDP worker
+processes; only the launcher differs (`torch.multiprocessing.spawn`, or a `TorchTrainer` on
+a Ray started once beforehand). Epoch checkpoints are off; the plain workers take Ray's worker
+niceness (`--plain-niceness`). Per run: the wall time, and the steady-state time per epoch
+(the median over epochs 2.. of rank 0's report-to-report intervals). Runs alternate plain, ray,
+ray, plain, ...; the ratio is the median over back-to-back pairs.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -38,7 +26,9 @@ from typing import Any
 
 import torch
 
-from cbtlab.config import ExperimentConfig
+from cbtlab.cluster import connect_ray, free_port
+from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
+from cbtlab.data import prepare_dataset
 from cbtlab.train.loop import Report, run_training
 
 KINDS = ("plain", "ray")
@@ -147,9 +137,6 @@ def run_overhead(
     """Alternate plain and Ray runs of `spec.config()` (see the module docstring)."""
     if spec.epochs < 2:
         raise ValueError("the steady state needs at least 2 epochs")
-    from cbtlab.cluster import connect_ray
-    from cbtlab.data import prepare_dataset
-
     cfg = spec.config()
     prepare_dataset(cfg.data)  # built once here, not by racing workers
     start = time.perf_counter()
@@ -199,9 +186,7 @@ def run_plain(cfg: ExperimentConfig, log_path: Path, *, niceness: int = 0) -> No
     `niceness` (added to this process's)."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as probe:  # a free port for the process group's rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # for the process group's rendezvous
     world = cfg.train.num_workers
     mp.spawn(
         _plain_worker, args=(cfg.to_dict(), world, port, str(log_path), niceness), nprocs=world
@@ -234,6 +219,7 @@ def _plain_worker(
 
 def run_ray(cfg: ExperimentConfig, log_path: Path, tmp: Path) -> None:
     """`run_training` in a TorchTrainer's workers (Ray started already)."""
+    # Ray here, not at the top: the module's results and flags are read without Ray.
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -273,10 +259,6 @@ def _ray_worker(config: dict[str, Any]) -> None:
 
 def overhead_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`studies/bench_ray_overhead.py`: parse flags, run, print; the last line is the ratio."""
-    import argparse
-
-    from cbtlab.config import ConfigError, add_override_argument, parse_override
-
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Time the same training under Ray Train and as a plain PyTorch DDP job.",
