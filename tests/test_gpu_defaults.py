@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cbtlab.analysis.interpretability import config_from_params
+from cbtlab.tracking.schema import config_from_params
 from cbtlab.cluster import (
     MAX_LOADER_WORKERS,
     gpu_node_shape,

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cbtlab.paths import default_tracking_uri
+
 
 def mlflow_installed() -> bool:
     """Whether MLflow can be imported here (without importing it)."""
@@ -31,14 +33,15 @@ def log_benchmark(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cbtlab.paths import default_tracking_uri
-    from cbtlab.tracking.mlflow_tracker import TAG_PREFIX, StudyTracker
+    # Lazy: cbtlab.tracking imports MLflow, which bare GPU machines running benchmarks lack.
+    from cbtlab.tracking.mlflow_tracker import StudyTracker
     from cbtlab.tracking.provenance import git_state, package_versions
+    from cbtlab.tracking.schema import TAG_PREFIX, VERSION_TAG_PREFIX
 
     uri = tracking_uri or default_tracking_uri()
     tracker = StudyTracker(uri, experiment)
     tags = {f"{TAG_PREFIX}{k}": v for k, v in git_state().items()}
-    tags.update({f"{TAG_PREFIX}version.{k}": v for k, v in package_versions().items()})
+    tags.update({f"{VERSION_TAG_PREFIX}{k}": v for k, v in package_versions().items()})
     run_id = tracker.start_run(experiment, params=params, tags=tags)
     try:
         tracker.log_metrics(run_id, metrics, step=0)
