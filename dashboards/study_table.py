@@ -16,7 +16,8 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from cbtlab.paths import default_tracking_uri
-from cbtlab.tracking.report import format_table, study_from_mlflow
+from cbtlab.tables import format_table
+from cbtlab.tracking.schema import study_from_mlflow
 
 
 def main() -> int:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cbtlab.config import ExperimentConfig
+from cbtlab.tables import format_table
 from cbtlab.tracking import StudyTracker
-from cbtlab.tracking.report import format_table
 from cbtlab.tune.stats import cell_label, write_stats
 from cbtlab.tune.study import StudySpec, grid_trials, study_statistics, summary_rows
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from cbtlab.analysis.interpretability import config_from_params
 from cbtlab.cluster import (
     MAX_LOADER_WORKERS,
     gpu_node_shape,
@@ -19,6 +18,7 @@ from cbtlab.cluster import (
     use_gpu_on,
 )
 from cbtlab.config import ConfigError, ExperimentConfig, TrainConfig, load_config_file
+from cbtlab.tracking.schema import config_from_params
 from cbtlab.train.cli import gpu_note, train_main
 from cbtlab.tune.studies import model_scaling_parser, rep_count_parser, rep_count_spec
 from cbtlab.tune.study import StudySpec, plan_resources

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cbtlab.tracking.report import format_table
+from cbtlab.tables import format_table
 
 
 def _row(trial: str, best: float | None) -> dict:

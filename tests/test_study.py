@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cbtlab.config import ExperimentConfig
-from cbtlab.tracking.report import study_from_mlflow
+from cbtlab.tracking.schema import study_from_mlflow
 from cbtlab.tune import StudySpec, run_study
 from cbtlab.tune.studies import rep_count_main
 

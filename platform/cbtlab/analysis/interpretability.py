@@ -25,14 +25,12 @@ Artifacts (under `probes/`): compression.png, coding_rates.png, attention_layer_
 CLS token's map over the patches, per head, blended over the images), robustness.png and
 probe_metrics.json (every metric above).
 
-Where the checkpoint comes from (`locate_checkpoint`), in this order: `--checkpoint`; the run's
-tag `cbtlab.checkpoint` (a checkpoint folder or URI, when the writer of the run recorded it);
-else the training run folder of the trial, `<storage_path>/trial_<cbtlab.trial_id>`, which the
-study runner names after the trial, taking its latest `checkpoint_*`.
+The checkpoint: `--checkpoint`, else the one the probed run records (`locate_checkpoint`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -42,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.tracking import MlflowClient
 from torch import Tensor
 
 from cbtlab.analysis.attention_maps import cls_attention_maps, denormalize, plot_attention_overlays
@@ -57,12 +56,25 @@ from cbtlab.analysis.segmentation import (
     VOCSegmentation,
     zero_shot_segmentation,
 )
-from cbtlab.config import ExperimentConfig
-from cbtlab.models import CBTransformer
-from cbtlab.tracking.mlflow_tracker import CHECKPOINT_TAG
+from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
+from cbtlab.data import eval_batches, open_split, prepare_dataset, transforms_for
+from cbtlab.data.transforms import image_stats
+from cbtlab.models import CBTransformer, build_model
+from cbtlab.paths import cbtlab_home, default_tracking_uri, ray_results_home
+from cbtlab.tracking import StudyTracker, git_state
+from cbtlab.tracking.schema import (
+    CHECKPOINT_TAG,
+    CONFIG_HASH_TAG,
+    PROBED_RUN_TAG,
+    ROLE_PROBE,
+    ROLE_TAG,
+    STUDY_TAG,
+    TAG_PREFIX,
+    TRIAL_TAG,
+    config_from_params,
+)
 from cbtlab.train.checkpoint import STATE_FILE, CheckpointError, check_compatible, load_state
 
-TRIAL_TAG = "cbtlab.trial_id"
 ARTIFACT_DIR = "probes"
 STANDALONE_EXPERIMENT = "interpretability_probe"
 
@@ -123,9 +135,6 @@ def validation_data(
     """The first `max_images` validation images of the run's dataset in batches of the run's
     `data.batch_size`, with the evaluation transform, and the (mean, std) they were
     normalised with. (The one place that knows the data API.)"""
-    from cbtlab.data import eval_batches, open_split, prepare_dataset, transforms_for
-    from cbtlab.data.transforms import image_stats
-
     val = open_split(prepare_dataset(cfg.data), "val")
     _, mean, std = image_stats(val)
     eval_tf = transforms_for(cfg.data, cfg.model.img_size, val).eval
@@ -337,8 +346,6 @@ def locate_checkpoint(tags: dict[str, str], *, storage_path: str | Path | None =
             "pass --checkpoint PATH"
         )
     if storage_path is None:
-        from cbtlab.paths import ray_results_home
-
         storage_path = ray_results_home()
     folder = Path(storage_path).expanduser() / f"trial_{trial}"
     if not folder.is_dir():
@@ -349,17 +356,8 @@ def locate_checkpoint(tags: dict[str, str], *, storage_path: str | Path | None =
     return str(folder)
 
 
-def config_from_params(params: dict[str, str]) -> ExperimentConfig:
-    """The experiment config of an MLflow run from its params (the flattened config; derived
-    values such as `model.num_representatives` and study settings are skipped)."""
-    known = set(ExperimentConfig().flat())
-    return ExperimentConfig.from_flat({k: v for k, v in params.items() if k in known})
-
-
 def load_model(cfg: ExperimentConfig, state: dict[str, Any]) -> CBTransformer:
     """The model of `cfg` with the checkpoint's weights (refused if made with another model)."""
-    from cbtlab.models import build_model
-
     check_compatible(state, cfg)
     model = build_model(cfg.model)
     model.load_state_dict(state["model"])
@@ -388,22 +386,18 @@ def probe_run(
     a child run of it (without a run: a run of experiment `interpretability_probe`, the config
     from the checkpoint's model fields and `overrides`). The figures are also kept in
     `out_dir` (default `<CBTLAB_HOME>/probes/<run id>`)."""
-    from cbtlab.tracking import StudyTracker, git_state
-
     settings = settings or ProbeSettings()
-    tags: dict[str, str] = {"cbtlab.role": "probe"}
+    tags: dict[str, str] = {ROLE_TAG: ROLE_PROBE}
     if run_id is not None:
-        from mlflow.tracking import MlflowClient
-
         client = MlflowClient(tracking_uri=tracking_uri)
         probed = client.get_run(run_id)
         experiment = client.get_experiment(probed.info.experiment_id).name
         cfg = config_from_params(probed.data.params).with_overrides(overrides or {})
         path = checkpoint or locate_checkpoint(probed.data.tags, storage_path=storage_path)
         name = f"probe-{probed.info.run_name or run_id[:8]}"
-        tags["cbtlab.probed_run"] = run_id
-        if "cbtlab.study" in probed.data.tags:
-            tags["cbtlab.study"] = probed.data.tags["cbtlab.study"]
+        tags[PROBED_RUN_TAG] = run_id
+        if STUDY_TAG in probed.data.tags:
+            tags[STUDY_TAG] = probed.data.tags[STUDY_TAG]
     elif checkpoint is not None:
         experiment, path, name = STANDALONE_EXPERIMENT, checkpoint, "probe"
         cfg = None
@@ -415,13 +409,11 @@ def probe_run(
     model = load_model(cfg, state)
 
     if out_dir is None:
-        from cbtlab.paths import cbtlab_home
-
         out_dir = cbtlab_home() / "probes" / (run_id or Path(where).name)
     result = run_probes(model, cfg, out_dir, settings)
     tracker = StudyTracker(tracking_uri, experiment)
-    tags.update({f"cbtlab.{k}": v for k, v in git_state().items()})
-    tags["cbtlab.config_hash"] = cfg.config_hash()
+    tags.update({f"{TAG_PREFIX}{k}": v for k, v in git_state().items()})
+    tags[CONFIG_HASH_TAG] = cfg.config_hash()
     params = {
         **cfg.flat(),
         **settings.params(),
@@ -446,11 +438,39 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def probe_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """The command line of `studies/interpretability_probe.py`."""
-    import argparse
+    parser = probe_parser(prog)
+    args = parser.parse_args(argv)
+    if args.run_id is None and args.checkpoint is None:
+        parser.error("give --run-id, --checkpoint, or both")
+    try:
+        settings = _settings_from_args(args)
+        overrides = dict(parse_override(text) for text in args.overrides)
+    except (ValueError, ConfigError) as exc:
+        parser.error(str(exc))
+    uri = args.tracking_uri or default_tracking_uri()
+    try:
+        done = probe_run(
+            uri,
+            args.run_id,
+            checkpoint=args.checkpoint,
+            storage_path=args.storage_path,
+            overrides=overrides,
+            settings=settings,
+            out_dir=args.out_dir,
+        )
+    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for key, value in sorted(done.result.metrics.items()):
+        print(f"{key:45s} {value:.4f}")
+    print(f"checkpoint: {done.checkpoint}")
+    print(f"figures: {done.out_dir}")
+    print(f"MLflow run {done.run_id} in {uri}")
+    return 0
 
-    from cbtlab.config import ConfigError, add_override_argument, parse_override
-    from cbtlab.paths import default_tracking_uri
 
+def probe_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The arguments of `probe_main`: what to probe, where it logs, and the probe settings."""
     defaults = ProbeSettings()
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -502,43 +522,20 @@ def probe_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     parser.add_argument(
         "--out-dir", type=Path, default=None, help="default: <CBTLAB_HOME>/probes/<run id>"
     )
-    args = parser.parse_args(argv)
-    if args.run_id is None and args.checkpoint is None:
-        parser.error("give --run-id, --checkpoint, or both")
-    try:
-        settings = ProbeSettings(
-            samples=args.samples,
-            eps=args.eps,
-            squared_eps=not args.reference_eps,
-            noise_scales=_floats(args.noise_scales),
-            robustness_images=args.robustness_images,
-            overlay_images=args.overlay_images,
-            overlay_layers=_ints(args.layers) or None,
-            voc_root=args.voc_root,
-            voc_split=args.voc_split,
-            voc_images=args.voc_images,
-            segmentation=SegmentationSettings(layer=args.seg_layer, mass=args.seg_mass),
-        )
-        overrides = dict(parse_override(text) for text in args.overrides)
-    except (ValueError, ConfigError) as exc:
-        parser.error(str(exc))
-    uri = args.tracking_uri or default_tracking_uri()
-    try:
-        done = probe_run(
-            uri,
-            args.run_id,
-            checkpoint=args.checkpoint,
-            storage_path=args.storage_path,
-            overrides=overrides,
-            settings=settings,
-            out_dir=args.out_dir,
-        )
-    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for key, value in sorted(done.result.metrics.items()):
-        print(f"{key:45s} {value:.4f}")
-    print(f"checkpoint: {done.checkpoint}")
-    print(f"figures: {done.out_dir}")
-    print(f"MLflow run {done.run_id} in {uri}")
-    return 0
+    return parser
+
+
+def _settings_from_args(args: argparse.Namespace) -> ProbeSettings:
+    return ProbeSettings(
+        samples=args.samples,
+        eps=args.eps,
+        squared_eps=not args.reference_eps,
+        noise_scales=_floats(args.noise_scales),
+        robustness_images=args.robustness_images,
+        overlay_images=args.overlay_images,
+        overlay_layers=_ints(args.layers) or None,
+        voc_root=args.voc_root,
+        voc_split=args.voc_split,
+        voc_images=args.voc_images,
+        segmentation=SegmentationSettings(layer=args.seg_layer, mass=args.seg_mass),
+    )

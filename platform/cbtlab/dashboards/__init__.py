@@ -4,6 +4,6 @@ and the launcher of the MLflow UI (and optuna-dashboard) on the project's store.
 `dashboards/study_report.py` and `dashboards/serve.py` are the command lines."""
 
 from cbtlab.dashboards.report import StudyReport, build_report
-from cbtlab.dashboards.runs import StudyRuns, load_study
+from cbtlab.tracking.schema import StudyRuns, load_study
 
 __all__ = ["StudyReport", "StudyRuns", "build_report", "load_study"]

@@ -20,6 +20,7 @@ Files (those whose data is missing are skipped, and the notes say why):
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import html
@@ -36,20 +37,21 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cbtlab.dashboards import figures as fig
 from cbtlab.dashboards.runs import (
     CellSummary,
-    StudyRuns,
     cell_summaries,
     check_against_stats,
-    load_study,
     study_notes,
     trial_rows,
     trial_table,
 )
 from cbtlab.dashboards.search import EVALUATOR, history_points, param_importances, rebuild_study
+from cbtlab.paths import cbtlab_home, default_tracking_uri
+from cbtlab.tracking.schema import GIT_COMMIT_TAG, StudyRuns, load_study
 
 REPORT_DIR = "report"
 TABLE_FILE = "trials.parquet"
@@ -77,6 +79,11 @@ class StudyReport:
     stats_checked: bool = False  # the cells agree with the study's stats.parquet
     logged: bool = False
     artifacts: list[str] = field(default_factory=list)  # artifact paths on the parent run
+
+    def add(self, name: str, path: Path, caption: str) -> None:
+        """Keep a drawn figure (in drawing order, which is the page's order) and its caption."""
+        self.figures[name] = path
+        self.captions[name] = caption
 
     @property
     def files(self) -> list[Path]:
@@ -110,8 +117,6 @@ def quiet_downloads() -> Iterator[None]:
 
 
 def default_out_dir(runs: StudyRuns) -> Path:
-    from cbtlab.paths import cbtlab_home
-
     return cbtlab_home() / "reports" / f"{slug(runs.name)}-{runs.parent_run_id[:8]}"
 
 
@@ -189,92 +194,112 @@ def _check_stats(
 def _draw(
     report: StudyReport, rows: list[dict[str, Any]], colours: dict[str, Any], client: MlflowClient
 ) -> None:
+    """Draw every figure the study's data allows, in the page's order."""
+    if any(math.isfinite(c.mean) for c in report.cells):
+        _draw_values(report, rows, colours)
+        _draw_paretos(report, rows, colours)
+    _draw_layers_and_curves(report, rows, colours)
+    _draw_attention(report, rows, client)
+    _draw_search(report, rows)
+
+
+def _what(runs: StudyRuns) -> str:
+    return f"{runs.value_kind} {runs.metric}"
+
+
+def _draw_values(report: StudyReport, rows: list[dict[str, Any]], colours: dict[str, Any]) -> None:
+    """The value against each factor, and per cell."""
     runs, cells, out = report.runs, report.cells, report.out_dir
-    kind, metric = runs.value_kind, runs.metric
-    what = f"{kind} {metric}"
-    have_values = any(math.isfinite(c.mean) for c in cells)
+    kind, metric, what = runs.value_kind, runs.metric, _what(runs)
+    for factor in runs.factors:
+        name = f"metric_vs_{slug(factor)}.png"
+        report.add(
+            name,
+            fig.metric_vs_factor(
+                rows, cells, factor, metric=metric, value_kind=kind, path=out / name
+            ),
+            f"{what} against {factor}: the line is the mean over seeds, the band its 95% "
+            "t-interval (cells with two or more seeds), the dots single trials"
+            + ("; hollow dots were stopped early by ASHA" if not runs.grid else ""),
+        )
+    report.add(
+        "variants.png",
+        fig.cell_bars(
+            cells,
+            metric=metric,
+            value_kind=kind,
+            baseline=runs.baseline,
+            colours=colours,
+            path=out / "variants.png",
+        ),
+        f"{what} per cell: mean, 95% t-interval over seeds and the seeds themselves"
+        + (f"; baseline {runs.baseline} hatched" if runs.baseline else ""),
+    )
 
-    def add(name: str, path: Path, caption: str) -> None:
-        report.figures[name] = path
-        report.captions[name] = caption
 
-    if have_values:
-        for factor in runs.factors:
-            name = f"metric_vs_{slug(factor)}.png"
-            add(
-                name,
-                fig.metric_vs_factor(
-                    rows, cells, factor, metric=metric, value_kind=kind, path=out / name
-                ),
-                f"{what} against {factor}: the line is the mean over seeds, the band its 95% "
-                "t-interval (cells with two or more seeds), the dots single trials"
-                + ("; hollow dots were stopped early by ASHA" if not runs.grid else ""),
-            )
-        add(
-            "variants.png",
-            fig.cell_bars(
+def _draw_paretos(report: StudyReport, rows: list[dict[str, Any]], colours: dict[str, Any]) -> None:
+    """The value against FLOPs and against throughput, where the cells have them."""
+    runs, cells, out = report.runs, report.cells, report.out_dir
+    kind, metric, what = runs.value_kind, runs.metric, _what(runs)
+    if any(math.isfinite(c.flops) and math.isfinite(c.mean) for c in cells):
+        source = {r["flops_source"] for r in rows if r["flops_source"]}
+        report.add(
+            "pareto_flops.png",
+            fig.pareto(
+                rows,
                 cells,
+                x_of_row="flops",
+                x_of_cell="flops",
+                x_label="forward FLOPs per image",
+                maximize_x=False,
                 metric=metric,
                 value_kind=kind,
-                baseline=runs.baseline,
+                mode=runs.mode,
                 colours=colours,
-                path=out / "variants.png",
+                path=out / "pareto_flops.png",
+                log_x=True,
             ),
-            f"{what} per cell: mean, 95% t-interval over seeds and the seeds themselves"
-            + (f"; baseline {runs.baseline} hatched" if runs.baseline else ""),
+            f"{what} against forward FLOPs per image ({FLOPS_SOURCES.get(frozenset(source))}); "
+            "the Pareto front of the cells' means is dashed and ringed",
         )
-        if any(math.isfinite(c.flops) and math.isfinite(c.mean) for c in cells):
-            source = {r["flops_source"] for r in rows if r["flops_source"]}
-            add(
-                "pareto_flops.png",
-                fig.pareto(
-                    rows,
-                    cells,
-                    x_of_row="flops",
-                    x_of_cell="flops",
-                    x_label="forward FLOPs per image",
-                    maximize_x=False,
-                    metric=metric,
-                    value_kind=kind,
-                    mode=runs.mode,
-                    colours=colours,
-                    path=out / "pareto_flops.png",
-                    log_x=True,
-                ),
-                f"{what} against forward FLOPs per image ({FLOPS_SOURCES.get(frozenset(source))}); "
-                "the Pareto front of the cells' means is dashed and ringed",
-            )
-        if any(math.isfinite(c.throughput) and math.isfinite(c.mean) for c in cells):
-            add(
-                "pareto_throughput.png",
-                fig.pareto(
-                    rows,
-                    cells,
-                    x_of_row="throughput_img_s",
-                    x_of_cell="throughput",
-                    x_label="training images/s",
-                    maximize_x=True,
-                    metric=metric,
-                    value_kind=kind,
-                    mode=runs.mode,
-                    colours=colours,
-                    path=out / "pareto_throughput.png",
-                ),
-                f"{what} against training throughput (throughput/train_img_s, mean over "
-                "epochs; measured on the machine each trial ran on); Pareto front dashed and "
-                "ringed",
-            )
+    if any(math.isfinite(c.throughput) and math.isfinite(c.mean) for c in cells):
+        report.add(
+            "pareto_throughput.png",
+            fig.pareto(
+                rows,
+                cells,
+                x_of_row="throughput_img_s",
+                x_of_cell="throughput",
+                x_label="training images/s",
+                maximize_x=True,
+                metric=metric,
+                value_kind=kind,
+                mode=runs.mode,
+                colours=colours,
+                path=out / "pareto_throughput.png",
+            ),
+            f"{what} against training throughput (throughput/train_img_s, mean over "
+            "epochs; measured on the machine each trial ran on); Pareto front dashed and "
+            "ringed",
+        )
+
+
+def _draw_layers_and_curves(
+    report: StudyReport, rows: list[dict[str, Any]], colours: dict[str, Any]
+) -> None:
+    """Rc per layer and the learning curves, where logged."""
+    runs, cells, out, metric = report.runs, report.cells, report.out_dir, report.runs.metric
     if any(c.rc for c in cells):
         sources = {r["rc_source"] for r in rows if r["rc_source"]}
         source = RC_SOURCES.get(frozenset(sources), "probe runs where present, else training runs")
-        add(
+        report.add(
             "rc_layers.png",
             fig.rc_layers(cells, colours=colours, source=source, path=out / "rc_layers.png"),
             f"the compression term Rc of each layer's output (rc/layer_XX, from the {source}), "
             "mean over each cell's trials",
         )
     if any(runs.histories.get(r["run_id"], {}).get(metric) for r in rows):
-        add(
+        report.add(
             "learning_curves.png",
             fig.learning_curves(
                 rows,
@@ -285,9 +310,14 @@ def _draw(
             ),
             f"{metric} and train/loss per epoch, one line per trial, coloured by cell",
         )
+
+
+def _draw_attention(report: StudyReport, rows: list[dict[str, Any]], client: MlflowClient) -> None:
+    """The probe runs' attention maps, one trial per cell."""
+    out = report.out_dir
     maps, sources = _attention_maps(client, rows, out / "_probes")
     if maps:
-        add(
+        report.add(
             "attention_maps.png",
             fig.image_grid(
                 maps,
@@ -299,38 +329,42 @@ def _draw(
             "layer (columns); each panel: images, per-head overlays, mean over heads. "
             "Sources: " + "; ".join(sources),
         )
+
+
+def _draw_search(report: StudyReport, rows: list[dict[str, Any]]) -> None:
+    """Optuna's view of the runs: the optimisation history and the parameter importances."""
+    runs, out = report.runs, report.out_dir
+    kind, metric, what = runs.value_kind, runs.metric, _what(runs)
     study = rebuild_study(rows, runs.factors, runs.histories, metric=metric, mode=runs.mode)
     points = history_points(study)
-    if any(state == "COMPLETE" for _, _, state in points):
-        add(
-            "optimisation_history.png",
-            fig.optimisation_history(
-                points,
-                metric=metric,
-                value_kind=kind,
-                mode=runs.mode,
-                path=out / "optimisation_history.png",
-            ),
-            f"each trial's {what} in start order and the best so far (an Optuna study rebuilt "
-            "from the runs; failed trials as crosses)",
-        )
-        values, reason = param_importances(study)
-        if values:
-            add(
-                "param_importances.png",
-                fig.importances(values, evaluator=EVALUATOR, path=out / "param_importances.png"),
-                f"importance of each searched parameter for {what} ({EVALUATOR}, seed 0, on "
-                "the rebuilt study's complete trials)"
-                + (
-                    "; with one parameter its importance is 1 by definition"
-                    if len(values) == 1
-                    else ""
-                ),
-            )
-        else:
-            report.notes.append(f"no parameter importances: {reason}")
-    else:
+    if not any(state == "COMPLETE" for _, _, state in points):
         report.notes.append("no complete trial with a value: no optimisation history")
+        return
+    report.add(
+        "optimisation_history.png",
+        fig.optimisation_history(
+            points,
+            metric=metric,
+            value_kind=kind,
+            mode=runs.mode,
+            path=out / "optimisation_history.png",
+        ),
+        f"each trial's {what} in start order and the best so far (an Optuna study rebuilt "
+        "from the runs; failed trials as crosses)",
+    )
+    values, reason = param_importances(study)
+    if values:
+        report.add(
+            "param_importances.png",
+            fig.importances(values, evaluator=EVALUATOR, path=out / "param_importances.png"),
+            f"importance of each searched parameter for {what} ({EVALUATOR}, seed 0, on "
+            "the rebuilt study's complete trials)"
+            + (
+                "; with one parameter its importance is 1 by definition" if len(values) == 1 else ""
+            ),
+        )
+    else:
+        report.notes.append(f"no parameter importances: {reason}")
 
 
 def _attention_maps(
@@ -436,7 +470,7 @@ def render_html(report: StudyReport, stats_text: str = "") -> str:
         ("factors", ", ".join(runs.factors) or "-"),
         ("seeds per cell", params.get("study.seeds", "?")),
         ("trials", ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "none"),
-        ("git commit", parent.data.tags.get("cbtlab.git_commit", "?")),
+        ("git commit", parent.data.tags.get(GIT_COMMIT_TAG, "?")),
         ("generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
     ]
     if runs.baseline:
@@ -536,12 +570,6 @@ def _trials_html(table: pa.Table) -> str:
 
 def report_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """The command line of `dashboards/study_report.py`."""
-    import argparse
-
-    from mlflow.exceptions import MlflowException
-
-    from cbtlab.paths import default_tracking_uri
-
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Build a study's report (Parquet table, PNG figures, one HTML page) from "

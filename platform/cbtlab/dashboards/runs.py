@@ -1,10 +1,9 @@
-"""A study as MLflow holds it, read back into one table: one row per trial run.
+"""A study's trial runs as one table: one row per trial run, with its cell summaries and notes.
 
-`load_study` finds a study's parent run (by study name or run id, on any tracking URI), its
-trial runs (children by `mlflow.parentRunId`), the probe runs nested under those trials
-(`cbtlab.role=probe`) and the per-epoch histories the figures need. `trial_table` turns that
-into a pyarrow Table (`TABLE_COLUMNS` first, then one column per searched factor after `cell`,
-then `rc/layer_XX` columns when logged); `study_notes` lists what is missing or partial.
+`trial_rows` turns a study read by `cbtlab.tracking.schema.load_study` into rows;
+`trial_table` makes them a pyarrow Table (`TABLE_COLUMNS` first, then one column per searched
+factor after `cell`, then `rc/layer_XX` columns when logged); `study_notes` lists what is
+missing or partial.
 
 The per-trial *value* (the column `value`) is what the report plots and averages over seeds:
 - a grid (`study.searcher=grid`): the metric the study's statistics use (`study.stats`,
@@ -20,27 +19,35 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
+import torch
 
-from cbtlab.tracking.mlflow_tracker import PARENT_TAG
-from cbtlab.tune.stats import cell_label
+from cbtlab.analysis import count_flops
+from cbtlab.models import build_model
+from cbtlab.tracking.schema import (
+    BEST_PREFIX,
+    CELL_TAG,
+    EPOCHS_TAG,
+    ERROR_TAG,
+    REPRESENTATIVES_PARAM,
+    SEED_TAG,
+    STOPPED_EARLY_TAG,
+    TIME_KEY,
+    TRIAL_TAG,
+    StudyRuns,
+    config_from_params,
+)
+from cbtlab.tune.stats import cell_label, mean_ci
 
-ROLE_TAG = "cbtlab.role"
-STUDY_TAG = "cbtlab.study"
-# Metrics drawn per epoch besides the study's own metric.
-HISTORY_METRICS = ("train/loss", "throughput/train_img_s")
 # Latest values copied into the table when a run logs them.
 LATEST_METRICS = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1")
 BEST_METRICS = ("best/val/top1", "best/val/top5", "best/val/loss")
 # A FLOP count some writer may log (metric or param); otherwise counted from the run's config.
 LOGGED_FLOPS = ("flops", "model/flops", "model.flops")
 RC_PATTERN = re.compile(r"^rc/layer_(\d+)$")
-MAX_RESULTS = 50_000
 
 # The table's fixed columns and their types; the factors follow `cell`, `rc/layer_XX` come last.
 TABLE_COLUMNS: dict[str, pa.DataType] = {
@@ -70,159 +77,6 @@ TABLE_COLUMNS: dict[str, pa.DataType] = {
     "rc_source": pa.string(),
     "error": pa.string(),
 }
-
-
-@dataclass
-class StudyRuns:
-    """One study read from MLflow."""
-
-    tracking_uri: str
-    experiment_id: str
-    experiment_name: str
-    parent: Run
-    name: str  # the study's name (tag cbtlab.study, else the parent run's name)
-    factors: list[str]  # the searched config keys
-    metric: str
-    mode: str  # "max" or "min"
-    grid: bool
-    value_kind: str  # "final" or "best": which value of the metric `value` holds
-    trials: list[Run]  # in start order
-    probes: dict[str, Run] = field(default_factory=dict)  # trial run id -> latest probe run
-    # run id -> metric key -> [(step, value)] in step order
-    histories: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
-    artifacts: set[str] = field(default_factory=set)  # the parent run's top-level artifacts
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def parent_run_id(self) -> str:
-        return self.parent.info.run_id
-
-    @property
-    def baseline(self) -> str:
-        return self.parent.data.params.get("study.baseline", "")
-
-
-def find_parent(client: MlflowClient, study: str | None, parent_run_id: str | None) -> Run:
-    """The study's parent run: `parent_run_id`, else the latest run tagged as the study `study`
-    (looked up in the experiment of that name first, then in every experiment)."""
-    if parent_run_id:
-        return client.get_run(parent_run_id)
-    if not study:
-        raise ValueError("give a study name or a parent run id")
-    query = f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{study}'"
-    order = ["attributes.start_time DESC"]
-    named = client.get_experiment_by_name(study)
-    if named is not None:
-        found = client.search_runs([named.experiment_id], query, order_by=order, max_results=1)
-        if found:
-            return found[0]
-    ids, token = [], None
-    while True:  # every experiment, page by page (a tracking server caps a page)
-        page = client.search_experiments(max_results=1000, page_token=token)
-        ids += [e.experiment_id for e in page]
-        token = page.token
-        if not token:
-            break
-    found = client.search_runs(ids, query, order_by=order, max_results=1) if ids else []
-    if not found:
-        raise LookupError(f"no study run named {study!r} at {client.tracking_uri}")
-    return found[0]
-
-
-def _parse_metric(params: dict[str, str]) -> tuple[str, str]:
-    metric, _, mode = params.get("study.metric", "val/top1:max").rpartition(":")
-    return (metric or "val/top1"), (mode if mode in ("max", "min") else "max")
-
-
-def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
-    points = client.get_metric_history(run_id, key)
-    latest: dict[int, tuple[int, float]] = {}
-    for m in points:  # one point per step: the latest written
-        if m.step not in latest or m.timestamp >= latest[m.step][0]:
-            latest[m.step] = (m.timestamp, m.value)
-    return [(step, latest[step][1]) for step in sorted(latest)]
-
-
-def load_study(
-    tracking_uri: str, study: str | None = None, parent_run_id: str | None = None
-) -> StudyRuns:
-    """Read a study (its latest invocation unless `parent_run_id` is given) from MLflow."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    parent = find_parent(client, study, parent_run_id)
-    experiment = client.get_experiment(parent.info.experiment_id)
-    params, tags = parent.data.params, parent.data.tags
-    notes: list[str] = []
-    if tags.get(ROLE_TAG, "study") != "study":
-        notes.append(
-            f"run {parent.info.run_id} is not a study's parent run (role {tags[ROLE_TAG]})"
-        )
-    metric, mode = _parse_metric(params)
-    grid = params.get("study.searcher") == "grid"
-    value_kind = params.get("study.stats", "auto:final").rpartition(":")[2] if grid else "best"
-    value_kind = value_kind if value_kind in ("final", "best") else "final"
-
-    trials = client.search_runs(
-        [experiment.experiment_id],
-        f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=MAX_RESULTS,
-    )
-    trials = [t for t in trials if t.data.tags.get(ROLE_TAG, "trial") == "trial"]
-    trials.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
-
-    try:
-        factors = list(json.loads(params["study.space"]))
-    except (KeyError, ValueError):
-        factors = _varying_params(trials)
-        notes.append(
-            "the parent run has no study.space param: the factors are the params that vary "
-            f"between trials ({', '.join(factors) or 'none'})"
-        )
-
-    trial_ids = {t.info.run_id for t in trials}
-    probes: dict[str, Run] = {}
-    if trial_ids:
-        for run in client.search_runs(
-            [experiment.experiment_id],
-            f"tags.`{ROLE_TAG}` = 'probe'",
-            order_by=["attributes.start_time ASC"],
-            max_results=MAX_RESULTS,
-        ):
-            probed = run.data.tags.get(PARENT_TAG) or run.data.tags.get("cbtlab.probed_run")
-            if probed in trial_ids and run.info.status == "FINISHED":
-                probes[probed] = run  # ascending start time: the latest wins
-
-    histories = {
-        t.info.run_id: {
-            key: _history(client, t.info.run_id, key)
-            for key in dict.fromkeys((metric, *HISTORY_METRICS))
-        }
-        for t in trials
-    }
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    return StudyRuns(
-        tracking_uri=tracking_uri,
-        experiment_id=experiment.experiment_id,
-        experiment_name=experiment.name,
-        parent=parent,
-        name=tags.get(STUDY_TAG) or parent.info.run_name or parent.info.run_id,
-        factors=factors,
-        metric=metric,
-        mode=mode,
-        grid=grid,
-        value_kind=value_kind,
-        trials=trials,
-        probes=probes,
-        histories=histories,
-        artifacts=artifacts,
-        notes=notes,
-    )
-
-
-def _varying_params(runs: Sequence[Run]) -> list[str]:
-    keys = sorted({k for r in runs for k in r.data.params})
-    skip = {"train.seed", "model.num_representatives"}
-    return [k for k in keys if k not in skip and len({r.data.params.get(k) for r in runs}) > 1]
 
 
 def _float(value: Any) -> float:
@@ -257,12 +111,6 @@ class FlopCounter:
 
     @staticmethod
     def _count(params: dict[str, str]) -> tuple[float, int | None, str]:
-        import torch
-
-        from cbtlab.analysis import count_flops
-        from cbtlab.analysis.interpretability import config_from_params
-        from cbtlab.models import build_model
-
         try:
             cfg = config_from_params(params).model
             with torch.device("meta"):
@@ -288,12 +136,12 @@ def trial_rows(runs: StudyRuns, flops: FlopCounter | None = None) -> list[dict[s
         history = runs.histories.get(run_id, {})
         curve = history.get(runs.metric, [])
         status = run.info.status
-        stopped = tags.get("cbtlab.stopped_early") == "true"
-        epochs = _int(tags.get("cbtlab.epochs_completed"))
+        stopped = tags.get(STOPPED_EARLY_TAG) == "true"
+        epochs = _int(tags.get(EPOCHS_TAG))
         if epochs is None:
             epochs = max((step for step, _ in curve), default=0)
         final = metrics.get(runs.metric, math.nan)
-        best = metrics.get(f"best/{runs.metric}")
+        best = metrics.get(f"{BEST_PREFIX}{runs.metric}")
         if best is None:  # a running trial logs best/ only at its end
             values = [v for _, v in curve]
             pick = max if runs.mode == "max" else min
@@ -303,7 +151,7 @@ def trial_rows(runs: StudyRuns, flops: FlopCounter | None = None) -> list[dict[s
             value = (final if runs.value_kind == "final" else best) if complete else math.nan
         else:
             value = best if status == "FINISHED" else math.nan
-        seconds = metrics.get("time/trial_s")
+        seconds = metrics.get(TIME_KEY)
         if seconds is None and run.info.end_time and run.info.start_time:
             seconds = (run.info.end_time - run.info.start_time) / 1000
         throughput = [v for _, v in history.get("throughput/train_img_s", [])]
@@ -313,7 +161,7 @@ def trial_rows(runs: StudyRuns, flops: FlopCounter | None = None) -> list[dict[s
         )
         counted, n_params, flops_error = flops(params)
         flops_source = "logged" if logged is not None else ("" if flops_error else "config")
-        seed = _int(params.get("train.seed", tags.get("cbtlab.seed")))
+        seed = _int(params.get("train.seed", tags.get(SEED_TAG)))
         factor_values = {key: params.get(key) for key in runs.factors}
         probe = runs.probes.get(run_id)
         rc_trial = _rc_metrics(metrics)
@@ -321,7 +169,7 @@ def trial_rows(runs: StudyRuns, flops: FlopCounter | None = None) -> list[dict[s
         row: dict[str, Any] = {
             "run_id": run_id,
             "trial": run.info.run_name or run_id,
-            "trial_id": tags.get("cbtlab.trial_id", ""),
+            "trial_id": tags.get(TRIAL_TAG, ""),
             "order": order,
             "status": status,
             "stopped_early": stopped,
@@ -329,11 +177,11 @@ def trial_rows(runs: StudyRuns, flops: FlopCounter | None = None) -> list[dict[s
             "epochs": epochs,
             "seconds": math.nan if seconds is None else float(seconds),
             "start_time": run.info.start_time,
-            "cell": tags.get("cbtlab.cell") or cell_label(factor_values),
+            "cell": tags.get(CELL_TAG) or cell_label(factor_values),
             "factors": factor_values,
             "seed": seed,
             "attention": params.get("model.attention", ""),
-            "representatives": _int(params.get("model.num_representatives")),
+            "representatives": _int(params.get(REPRESENTATIVES_PARAM)),
             "final": final,
             "best": best,
             "value": value,
@@ -346,7 +194,7 @@ def trial_rows(runs: StudyRuns, flops: FlopCounter | None = None) -> list[dict[s
             "probe_run_id": probe.info.run_id if probe is not None else "",
             "rc_source": "probe" if rc_probe else ("training" if rc_trial else ""),
             "rc": rc_probe or rc_trial,
-            "error": _error_line(tags.get("cbtlab.error", "")),
+            "error": _error_line(tags.get(ERROR_TAG, "")),
         }
         rows.append(row)
     return rows
@@ -510,8 +358,6 @@ def cell_summaries(rows: Sequence[dict[str, Any]], confidence: float = 0.95) -> 
     """Per cell (in order of first appearance): mean, std and Student-t interval of `value`
     (`cbtlab.tune.stats.mean_ci`, as stats.parquet computes them), FLOPs, mean throughput and
     mean Rc per layer."""
-    from cbtlab.tune.stats import mean_ci
-
     grouped: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         grouped.setdefault(r["cell"], []).append(r)

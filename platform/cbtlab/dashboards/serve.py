@@ -213,53 +213,72 @@ def serve_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+Plan = tuple[str, list[str], str, str]  # (name, command, address, readiness URL)
+
+
 def serve_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """The command line of `dashboards/serve.py`."""
     args = serve_parser(prog).parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri()
-    say = _say
-    plans: list[tuple[str, list[str], str, str]] = []
+    plans: list[Plan] = []
     browse = _browse_host(args.host)
-    if uri.startswith(("http://", "https://")):
-        say(f"the store {uri} is a tracking server: open it in a browser (its own UI)")
-    else:
-        db = local_sqlite(uri)
-        if db is not None and not db.exists():
-            say(f"note: no store at {db} yet; the UI stays empty until a study logs to it")
-            db.parent.mkdir(parents=True, exist_ok=True)
-        port = args.port or free_port(args.host if args.host != "::" else DEFAULT_HOST)
-        url = f"http://{browse}:{port}"
-        plans.append(
-            (
-                "MLflow UI",
-                mlflow_command(uri, args.host, port, workers=args.workers),
-                url,
-                f"{url}/health",
-            )
-        )
+    mlflow_plan = _plan_mlflow_ui(args, uri, browse)
+    if mlflow_plan is not None:
+        plans.append(mlflow_plan)
     if args.optuna:
-        storage = args.optuna_storage or default_optuna_storage()
-        command = None
-        db = local_sqlite(storage)
-        if db is not None and not db.exists():
-            say(
-                f"optuna-dashboard: no Optuna storage at {db} (cbtlab's studies keep Optuna's "
-                "state inside Ray Tune and write no storage yet); pass --optuna-storage URL"
-            )
-        else:
-            port = args.optuna_port or free_port(args.host if args.host != "::" else DEFAULT_HOST)
-            command = optuna_dashboard_command(storage, args.host, port)
-            if command is None:
-                say(
-                    "optuna-dashboard is not installed (it is not a cbtlab dependency): "
-                    "`pip install optuna-dashboard` to serve the Optuna storage too"
-                )
-            else:
-                url = f"http://{browse}:{port}"
-                plans.append(("optuna-dashboard", command, url, url))
+        optuna_plan = _plan_optuna_dashboard(args, browse)
+        if optuna_plan is not None:
+            plans.append(optuna_plan)
     if not plans:
         return 0 if not args.optuna else 1
+    return _run_services(plans, args, uri)
 
+
+def _plan_mlflow_ui(args: argparse.Namespace, uri: str, browse: str) -> Plan | None:
+    """The MLflow UI's server on a local store (none for a tracking server: it has its UI)."""
+    if uri.startswith(("http://", "https://")):
+        _say(f"the store {uri} is a tracking server: open it in a browser (its own UI)")
+        return None
+    db = local_sqlite(uri)
+    if db is not None and not db.exists():
+        _say(f"note: no store at {db} yet; the UI stays empty until a study logs to it")
+        db.parent.mkdir(parents=True, exist_ok=True)
+    port = args.port or free_port(args.host if args.host != "::" else DEFAULT_HOST)
+    url = f"http://{browse}:{port}"
+    return (
+        "MLflow UI",
+        mlflow_command(uri, args.host, port, workers=args.workers),
+        url,
+        f"{url}/health",
+    )
+
+
+def _plan_optuna_dashboard(args: argparse.Namespace, browse: str) -> Plan | None:
+    """optuna-dashboard on the Optuna storage, when there is one and it is installed."""
+    storage = args.optuna_storage or default_optuna_storage()
+    db = local_sqlite(storage)
+    if db is not None and not db.exists():
+        _say(
+            f"optuna-dashboard: no Optuna storage at {db} (cbtlab's studies keep Optuna's "
+            "state inside Ray Tune and write no storage yet); pass --optuna-storage URL"
+        )
+        return None
+    port = args.optuna_port or free_port(args.host if args.host != "::" else DEFAULT_HOST)
+    command = optuna_dashboard_command(storage, args.host, port)
+    if command is None:
+        _say(
+            "optuna-dashboard is not installed (it is not a cbtlab dependency): "
+            "`pip install optuna-dashboard` to serve the Optuna storage too"
+        )
+        return None
+    url = f"http://{browse}:{port}"
+    return ("optuna-dashboard", command, url, url)
+
+
+def _run_services(plans: Sequence[Plan], args: argparse.Namespace, uri: str) -> int:
+    """Start the planned servers, say where they are, and stop them all when one exits or on
+    Ctrl-C / SIGTERM; the exit status."""
+    say = _say
     services: list[Service] = []
     # Both signals stop the servers, even when SIGINT was ignored by whoever started us.
     old = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -269,18 +288,7 @@ def serve_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
         for service in services:
             wait_until_up(service, args.startup_timeout)
             say(f"{service.name}: {service.url}")
-        if services[0].name == "MLflow UI":
-            say(
-                f"  store {uri}"
-                + (
-                    f", artifacts of new experiments in {artifact_root(uri)}"
-                    if artifact_root(uri)
-                    else ""
-                )
-            )
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            say(f"  bound to {args.host}: reachable from other machines")
-        say("press Ctrl-C to stop")
+        _say_where(services, args.host, uri)
         while True:
             for service in services:
                 code = service.process.poll()
@@ -302,6 +310,22 @@ def serve_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
             signal.signal(sig, handler)
         if services:
             say("stopped")
+
+
+def _say_where(services: Sequence[Service], host: str, uri: str) -> None:
+    """The store and artifact root behind the UI, how far it is reachable, how to stop."""
+    if services[0].name == "MLflow UI":
+        _say(
+            f"  store {uri}"
+            + (
+                f", artifacts of new experiments in {artifact_root(uri)}"
+                if artifact_root(uri)
+                else ""
+            )
+        )
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        _say(f"  bound to {host}: reachable from other machines")
+    _say("press Ctrl-C to stop")
 
 
 def _say(text: str) -> None:

@@ -33,15 +33,13 @@ def log_benchmark(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # Here, not at the top: cbtlab.tracking imports MLflow (see the module docstring).
-    from cbtlab.tracking.mlflow_tracker import TAG_PREFIX, StudyTracker
-    from cbtlab.tracking.provenance import git_state, package_versions
+    # Lazy: cbtlab.tracking imports MLflow, which bare GPU machines running benchmarks lack.
+    from cbtlab.tracking.mlflow_tracker import StudyTracker
+    from cbtlab.tracking.provenance import provenance_tags
 
     uri = tracking_uri or default_tracking_uri()
     tracker = StudyTracker(uri, experiment)
-    tags = {f"{TAG_PREFIX}{k}": v for k, v in git_state().items()}
-    tags.update({f"{TAG_PREFIX}version.{k}": v for k, v in package_versions().items()})
-    run_id = tracker.start_run(experiment, params=params, tags=tags)
+    run_id = tracker.start_run(experiment, params=params, tags=provenance_tags())
     try:
         tracker.log_metrics(run_id, metrics, step=0)
         tracker.log_text(run_id, table_text + "\n", f"{experiment}.txt")

@@ -1,4 +1,5 @@
-"""Experiment tracking: the MLflow schema, the driver-side writer and provenance."""
+"""Experiment tracking: the MLflow schema and its one reader (`cbtlab.tracking.schema`), the
+driver-side writer and provenance."""
 
 from cbtlab.tracking.mlflow_tracker import StudyTracker
 from cbtlab.tracking.provenance import (

@@ -1,13 +1,9 @@
 """MLflow logging for studies, written from one place: the Tune driver.
 
-Schema (see README): an experiment per study name; one parent run per study invocation; one
-child run per trial, nested under the parent with the `mlflow.parentRunId` tag. Params are the
-flattened experiment config (`model.rep_grid`, `train.lr`, ...) plus derived values
-(`model.num_representatives`); metrics are logged per epoch with `step = epoch`. Tags carry the
-study, the trial id, the git commit and dirty flag, the config hash and package versions.
-
-Only the driver writes (a Tune `Callback`), never the trial processes or the training workers,
-so parallel trials never contend for the SQLite store.
+`StudyTracker` is a thin writer over `MlflowClient`; the names it writes (tags, params,
+metrics) are those of `cbtlab.tracking.schema`. Only the driver writes (a Tune `Callback`),
+never the trial processes or the training workers, so parallel trials never contend for the
+SQLite store.
 """
 
 from __future__ import annotations
@@ -24,12 +20,12 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-log = logging.getLogger(__name__)
+from cbtlab.tracking.schema import CHECKPOINT_TAG, PARENT_TAG, every_child_run
 
-TAG_PREFIX = "cbtlab."
-PARENT_TAG = "mlflow.parentRunId"
-# The latest checkpoint of a trial's training run (a folder or URI), set as it is reported.
-CHECKPOINT_TAG = f"{TAG_PREFIX}checkpoint"
+# CHECKPOINT_TAG: tune/ imports it from here until it imports it from the schema.
+__all__ = ["CHECKPOINT_TAG", "StudyTracker", "check_reachable"]
+
+log = logging.getLogger(__name__)
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
@@ -127,16 +123,4 @@ class StudyTracker:
 
     def child_runs(self, parent_run_id: str) -> list[Any]:
         """The runs nested under `parent_run_id` in this experiment (every page)."""
-        runs: list[Any] = []
-        token = None
-        while True:
-            page = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                max_results=1000,
-                page_token=token,
-            )
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
+        return every_child_run(self.client, self.experiment_id, parent_run_id)

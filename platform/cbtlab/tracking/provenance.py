@@ -7,6 +7,14 @@ from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
+from cbtlab.tracking.schema import (
+    DATA_HASH_TAG,
+    GIT_COMMIT_TAG,
+    GIT_DIRTY_TAG,
+    TAG_PREFIX,
+    VERSION_TAG_PREFIX,
+)
+
 TRACKED_PACKAGES = ("torch", "ray", "timm", "optuna", "mlflow", "webdataset", "pyarrow", "cbtlab")
 
 
@@ -42,8 +50,8 @@ def provenance_tags() -> dict[str, str]:
     """The code and package tags every run carries (`cbtlab.git_commit`, `cbtlab.git_dirty`,
     `cbtlab.version.<package>`); the data hash is added by whoever knows the dataset."""
     return {
-        **{f"cbtlab.{k}": v for k, v in git_state().items()},
-        **{f"cbtlab.version.{k}": v for k, v in package_versions().items()},
+        **{f"{TAG_PREFIX}{k}": v for k, v in git_state().items()},
+        **{f"{VERSION_TAG_PREFIX}{k}": v for k, v in package_versions().items()},
     }
 
 
@@ -52,21 +60,21 @@ def provenance_differences(logged: Mapping[str, str], current: Mapping[str, str]
     sentence each: code (git commit, uncommitted changes), data (`cbtlab.data_hash`, when both
     have it) and package versions. Empty when nothing that was logged differs."""
     problems = []
-    commit, now = logged.get("cbtlab.git_commit", "unknown"), current.get("cbtlab.git_commit")
+    commit, now = logged.get(GIT_COMMIT_TAG, "unknown"), current.get(GIT_COMMIT_TAG)
     if commit == "unknown":
         problems.append("code: the run logged no git commit (it did not run from a checkout)")
     elif now != commit:
         problems.append(f"code: the run was logged at git commit {commit}, this code is at {now}")
-    if logged.get("cbtlab.git_dirty") == "true":
+    if logged.get(GIT_DIRTY_TAG) == "true":
         problems.append(
             "code: the run's checkout had uncommitted changes, so its exact code is not recorded"
         )
-    if current.get("cbtlab.git_dirty") == "true":
+    if current.get(GIT_DIRTY_TAG) == "true":
         problems.append("code: this checkout has uncommitted changes")
-    data, data_now = logged.get("cbtlab.data_hash"), current.get("cbtlab.data_hash")
+    data, data_now = logged.get(DATA_HASH_TAG), current.get(DATA_HASH_TAG)
     if data and data_now and data != data_now:
         problems.append(f"data: the dataset's content hash is {data_now}, the run logged {data}")
-    prefix = "cbtlab.version."
+    prefix = VERSION_TAG_PREFIX
     changed = [
         f"{key[len(prefix) :]} {current.get(key, 'absent')} (logged {value})"
         for key, value in sorted(logged.items())

@@ -48,7 +48,7 @@ from cbtlab.cluster import (
 )
 from cbtlab.config import ConfigError, DataConfig, ExperimentConfig
 from cbtlab.paths import default_tracking_uri, ray_results_home
-from cbtlab.tracking.report import format_table
+from cbtlab.tables import format_table
 from cbtlab.tune.stats import (
     TESTS,
     Observation,
