@@ -28,7 +28,8 @@ from cbtlab.tune.reproduce import (
     reproduce_main,
     seed_spread,
 )
-from cbtlab.tune.study import StudySpec, run_study
+from cbtlab.tune.runner import run_study
+from cbtlab.tune.spec import StudySpec
 
 # --- without Ray ---------------------------------------------------------------------------
 

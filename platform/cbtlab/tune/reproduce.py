@@ -41,8 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cbtlab.analysis.interpretability import config_from_params
+from cbtlab.cluster import connect_ray, resolve_use_gpu
 from cbtlab.config import ExperimentConfig
+from cbtlab.paths import default_tracking_uri, ray_results_home
 from cbtlab.tables import render_table
+from cbtlab.tracking import StudyTracker, provenance_differences
+from cbtlab.tune.callbacks import MLflowTrialLogger, run_params
+from cbtlab.tune.driver import dataset_hash, run_tags, trial_trainable
+from cbtlab.tune.resources import trials_that_fit
+from cbtlab.tune.spec import TRIAL_DRIVER_CPUS
+from cbtlab.tune.stats import mean_ci
 
 REPRODUCES_TAG = "cbtlab.reproduces"
 RESULT_TAG = "cbtlab.reproduced"
@@ -99,9 +108,6 @@ def rebuild_config(
     """The config of a logged run from its params, and what may make it differ from the
     config the run had: fields it logged that this code lacks (skipped), fields this code has
     that it did not log (defaults now), and a hash other than its `cbtlab.config_hash`."""
-    from cbtlab.analysis.interpretability import config_from_params
-    from cbtlab.tune.callbacks import run_params
-
     cfg = config_from_params(dict(params))
     known = set(cfg.flat())
     derived = set(run_params(cfg)) - known
@@ -188,8 +194,6 @@ def format_diffs(diffs: Sequence[MetricDiff]) -> str:
 
 
 def seed_spread(metric: str, values: Mapping[int, float | None]) -> SeedSpread:
-    from cbtlab.tune.stats import mean_ci
-
     present = [v for v in values.values() if v is not None]
     mean, std, _, _ = mean_ci(present)
     low = min(present) if present else math.nan
@@ -204,6 +208,21 @@ def format_spread(spread: SeedSpread) -> str:
     rows = [[str(seed), num(value)] for seed, value in sorted(spread.values.items())]
     rows += [[name, num(getattr(spread, name))] for name in ("mean", "std", "min", "max")]
     return render_table(["seed", f"final {spread.metric}"], rows)
+
+
+@dataclass
+class _LoggedRun:
+    """What a reproduction reads of the run it reproduces, and the tags of its re-runs."""
+
+    run_id: str
+    name: str  # its run name (or its id's first 8 characters)
+    experiment: str
+    config: ExperimentConfig  # rebuilt from its params
+    tags: dict[str, str]  # the re-runs' tags: its study, the data hash, provenance of now
+    warnings: list[str]
+    logged: dict[str, dict[int, float]]  # its compared per-epoch metrics
+    epochs: int  # the epochs it completed
+    stop_at: int | None  # where ASHA stopped it, if it did
 
 
 def reproduce_run(
@@ -221,26 +240,53 @@ def reproduce_run(
     log the re-runs under it, and compare the exact re-run with the logged history."""
     import ray
     from mlflow.tracking import MlflowClient
-    from ray import tune
-    from ray.tune.search import BasicVariantGenerator
-
-    from cbtlab.cluster import connect_ray, resolve_use_gpu
-    from cbtlab.paths import ray_results_home
-    from cbtlab.tracking import StudyTracker, provenance_differences
-    from cbtlab.tune.callbacks import MLflowTrialLogger
-    from cbtlab.tune.study import (
-        TRIAL_DRIVER_CPUS,
-        dataset_hash,
-        run_tags,
-        trial_trainable,
-        trials_that_fit,
-    )
 
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if tolerance < 0:
         raise ValueError(f"--tolerance must be >= 0, got {tolerance}")
     client = MlflowClient(tracking_uri)
+    run = _read_logged_run(client, run_id)
+    tracker = StudyTracker(tracking_uri, run.experiment)
+    connect_ray(ray_address, worker_logs=worker_logs)
+    # A logged run holds true or false (its driver resolved "auto"), kept for the exact re-run;
+    # a config that still says "auto" takes this cluster's GPUs.
+    cfg = resolve_use_gpu(run.config, ray.cluster_resources())
+    seed_values = [cfg.train.seed + i for i in range(seeds)]
+    fits = _rerun_fits(cfg, ray.cluster_resources())
+    sweep = None
+    if seeds > 1:
+        sweep = tracker.start_run(
+            f"{run.name}-reproduce-{seeds}-seeds",
+            params={
+                **cfg.flat(),
+                "reproduce.seeds": ",".join(map(str, seed_values)),
+                "reproduce.metric": metric,
+                "reproduce.tolerance": tolerance,
+            },
+            tags={**run.tags, "cbtlab.role": "reproduction_sweep", REPRODUCES_TAG: run_id},
+            parent_run_id=run_id,
+        )
+    logger = MLflowTrialLogger(
+        tracker,
+        parent_run_id=run_id if sweep is None else sweep,
+        base=cfg,
+        tags={**run.tags, "cbtlab.role": "reproduction", REPRODUCES_TAG: run_id},
+        metric=metric,
+    )
+    tuner = _rerun_tuner(cfg, run, seed_values, fits, logger, storage_path)
+    _fit_reruns(tuner, logger, tracker, sweep)
+    reproduction = _compare_reruns(client, run, cfg, logger, seed_values, metric, tolerance)
+    reproduction.sweep_run_id = sweep
+    reproduction.report = format_report(reproduction, run.name, run.epochs if run.stop_at else None)
+    _log_reproduction(tracker, reproduction, cfg.train.seed, run.epochs, metric)
+    return reproduction
+
+
+def _read_logged_run(client: Any, run_id: str) -> _LoggedRun:
+    """The run `run_id` as a reproduction needs it; prints (stderr) the warnings on what may
+    make its re-run differ before the re-run's minutes. Raises LookupError when it logged no
+    per-epoch metric to compare."""
     run = client.get_run(run_id)
     name = run.info.run_name or run_id[:8]
     experiment = client.get_experiment(run.info.experiment_id).name
@@ -256,16 +302,14 @@ def reproduce_run(
         run.data.tags.get("cbtlab.epochs_completed") or max(max(h) for h in logged.values() if h)
     )
     stop_at = epochs if 0 < epochs < cfg.train.epochs else None
+    return _LoggedRun(run_id, name, experiment, cfg, tags, warnings, logged, epochs, stop_at)
 
-    tracker = StudyTracker(tracking_uri, experiment)
-    connect_ray(ray_address, worker_logs=worker_logs)
-    # A logged run holds true or false (its driver resolved "auto"), kept for the exact re-run;
-    # a config that still says "auto" takes this cluster's GPUs.
-    cfg = resolve_use_gpu(cfg, ray.cluster_resources())
-    seed_values = [cfg.train.seed + i for i in range(seeds)]
+
+def _rerun_fits(cfg: ExperimentConfig, cluster: Mapping[str, float]) -> int:
+    """How many re-runs of `cfg` the cluster holds at once; a note (stderr) when none."""
     trial_cpus = TRIAL_DRIVER_CPUS + cfg.train.num_workers * cfg.train.cpus_per_worker
     trial_gpus = cfg.train.num_workers if cfg.train.use_gpu else 0
-    fits = trials_that_fit(ray.cluster_resources(), trial_cpus, trial_gpus)
+    fits = trials_that_fit(cluster, trial_cpus, trial_gpus)
     if fits < 1:
         print(
             f"note: a re-run needs {trial_cpus:g} CPUs and {trial_gpus} GPUs, more than the "
@@ -273,28 +317,22 @@ def reproduce_run(
             file=sys.stderr,
             flush=True,
         )
-    parent = run_id
-    sweep = None
-    if seeds > 1:
-        sweep = tracker.start_run(
-            f"{name}-reproduce-{seeds}-seeds",
-            params={
-                **cfg.flat(),
-                "reproduce.seeds": ",".join(map(str, seed_values)),
-                "reproduce.metric": metric,
-                "reproduce.tolerance": tolerance,
-            },
-            tags={**tags, "cbtlab.role": "reproduction_sweep", REPRODUCES_TAG: run_id},
-            parent_run_id=run_id,
-        )
-        parent = sweep
-    logger = MLflowTrialLogger(
-        tracker,
-        parent_run_id=parent,
-        base=cfg,
-        tags={**tags, "cbtlab.role": "reproduction", REPRODUCES_TAG: run_id},
-        metric=metric,
-    )
+    return fits
+
+
+def _rerun_tuner(
+    cfg: ExperimentConfig,
+    run: _LoggedRun,
+    seed_values: list[int],
+    fits: int,
+    logger: MLflowTrialLogger,
+    storage_path: str | None,
+) -> Any:
+    """The Tune run of the re-runs: one trial per seed, in order, stopped where the logged
+    run was stopped."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
     storage = storage_path or str(ray_results_home())
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
@@ -302,7 +340,8 @@ def reproduce_run(
     def trial_name(trial: Any) -> str:  # unique: Train V2 would resume a run of the same name
         return f"repro_s{trial.config['train.seed']}_{trial.trial_id}"
 
-    tuner = tune.Tuner(
+    seeds = len(seed_values)
+    return tune.Tuner(
         trial_trainable(cfg, storage),
         param_space={"train.seed": tune.choice(seed_values)},
         tune_config=tune.TuneConfig(
@@ -315,13 +354,19 @@ def reproduce_run(
             trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(
-            name=f"reproduce-{run_id[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=f"reproduce-{run.run_id[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage,
             callbacks=[logger],
-            stop={"training_iteration": stop_at} if stop_at else None,
+            stop={"training_iteration": run.stop_at} if run.stop_at else None,
             verbose=0,
         ),
     )
+
+
+def _fit_reruns(
+    tuner: Any, logger: MLflowTrialLogger, tracker: StudyTracker, sweep: str | None
+) -> None:
+    """Run the re-runs; end what they left open (and the sweep run, unless they finished)."""
     status = "FAILED"
     try:
         tuner.fit()
@@ -334,6 +379,18 @@ def reproduce_run(
         if sweep is not None and status != "FINISHED":
             tracker.end_run(sweep, status)
 
+
+def _compare_reruns(
+    client: Any,
+    run: _LoggedRun,
+    cfg: ExperimentConfig,
+    logger: MLflowTrialLogger,
+    seed_values: list[int],
+    metric: str,
+    tolerance: float,
+) -> Reproduction:
+    """The exact re-run's history against the logged one, and the spread over the seeds (its
+    sweep run and report are left for the caller)."""
     by_seed = {record.config.train.seed: record for record in logger.records.values()}
     exact = by_seed.get(cfg.train.seed)
     notes = []
@@ -342,46 +399,47 @@ def reproduce_run(
         notes.append(f"the re-run with the logged seed {cfg.train.seed} did not finish")
         identical = False
     else:
-        again = metric_histories(client, exact.run_id, list(logged))
-        diffs = compare_histories(logged, again, tolerance)
+        again = metric_histories(client, exact.run_id, list(run.logged))
+        diffs = compare_histories(run.logged, again, tolerance)
         identical = all(d.max_abs_diff <= tolerance for d in diffs)
     spread = None
-    if seeds > 1:
+    if len(seed_values) > 1:
         finals: dict[int, float | None] = {}
         for seed in seed_values:
             record = by_seed.get(seed)
             done = record is not None and record.status == "FINISHED"
             finals[seed] = record.last.get(metric) if done else None
         spread = seed_spread(metric, finals)
-    reproduction = Reproduction(
-        run_id,
-        {seed: record.run_id for seed, record in by_seed.items()},
-        warnings,
-        diffs,
-        identical,
-        tolerance,
-        "",
-        sweep,
-        spread,
-        notes,
+    runs = {seed: record.run_id for seed, record in by_seed.items()}
+    return Reproduction(
+        run.run_id, runs, run.warnings, diffs, identical, tolerance, "", None, spread, notes
     )
-    reproduction.report = format_report(reproduction, name, epochs if stop_at else None)
-    if exact is not None:
-        verdict = "identical" if identical else ("differs" if diffs else "failed")
-        tracker.set_tags(exact.run_id, {RESULT_TAG: verdict})
-        if diffs:
-            worst = max(d.max_abs_diff for d in diffs)
-            tracker.log_metrics(exact.run_id, {"reproduce/max_abs_diff": worst}, step=epochs)
-        tracker.log_text(exact.run_id, reproduction.report, REPORT_FILE)
-    if sweep is not None and spread is not None:
+
+
+def _log_reproduction(
+    tracker: StudyTracker, r: Reproduction, logged_seed: int, epochs: int, metric: str
+) -> None:
+    """Tag and log the verdict on the exact re-run (if it started), the spread on the sweep
+    run (then ended)."""
+    exact_run = r.runs.get(logged_seed)
+    if exact_run is not None:
+        verdict = "identical" if r.identical else ("differs" if r.diffs else "failed")
+        tracker.set_tags(exact_run, {RESULT_TAG: verdict})
+        if r.diffs:
+            worst = max(d.max_abs_diff for d in r.diffs)
+            tracker.log_metrics(exact_run, {"reproduce/max_abs_diff": worst}, step=epochs)
+        tracker.log_text(exact_run, r.report, REPORT_FILE)
+    if r.sweep_run_id is not None and r.spread is not None:
         tracker.log_metrics(
-            sweep,
-            {f"reproduce/{metric}/{k}": getattr(spread, k) for k in ("mean", "std", "min", "max")},
+            r.sweep_run_id,
+            {
+                f"reproduce/{metric}/{k}": getattr(r.spread, k)
+                for k in ("mean", "std", "min", "max")
+            },
             step=0,
         )
-        tracker.log_text(sweep, reproduction.report, REPORT_FILE)
-        tracker.end_run(sweep, "FINISHED")
-    return reproduction
+        tracker.log_text(r.sweep_run_id, r.report, REPORT_FILE)
+        tracker.end_run(r.sweep_run_id, "FINISHED")
 
 
 def format_report(r: Reproduction, name: str, stopped_at: int | None) -> str:
@@ -408,8 +466,6 @@ def format_report(r: Reproduction, name: str, stopped_at: int | None) -> str:
 def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """The command line of `studies/reproduce.py` (and `cbtlab reproduce`)."""
     from mlflow.exceptions import MlflowException
-
-    from cbtlab.paths import default_tracking_uri
 
     parser = argparse.ArgumentParser(
         prog=prog,

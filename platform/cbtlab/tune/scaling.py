@@ -30,8 +30,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cbtlab.analysis.flops import count_flops
 from cbtlab.config import ConfigError, ExperimentConfig
+from cbtlab.data import open_split
+from cbtlab.data.transforms import image_stats
+from cbtlab.models import build_model
+from cbtlab.models.zoo import SIZES
 from cbtlab.tables import render_table
+from cbtlab.tracking.mlflow_tracker import CHECKPOINT_TAG
 from cbtlab.tune.stats import mean_ci
 
 SIZE_KEYS = ("model.embed_dim", "model.depth", "model.num_heads")
@@ -67,8 +73,6 @@ def size_cells(preset: str, sizes: Sequence[str]) -> list[dict[str, Any]]:
     if unknown or not sizes:
         raise ConfigError("--sizes", f"{unknown or 'none'}: expected some of {SIZE_NAMES}")
     if preset == "imagenet":
-        from cbtlab.models.zoo import SIZES
-
         table = {n: (s["embed_dim"], s["depth"], s["num_heads"]) for n, s in SIZES.items()}
     else:
         table = SMOKE_SIZES
@@ -109,9 +113,6 @@ def finetune_base(
     the dataset card's classes, the preset's fine-tuning recipe, then `overrides`. Raises
     ConfigError (naming the dataset) when its card cannot be read or its images have another
     number of channels than the pre-trained stem takes."""
-    from cbtlab.data import open_split
-    from cbtlab.data.transforms import image_stats
-
     try:
         shardset = open_split(root, "train")
     except (OSError, KeyError, ValueError) as exc:
@@ -153,9 +154,6 @@ class ScalingRow:
 
 def model_cost(cfg: ExperimentConfig) -> tuple[int, int]:
     """(parameters, FLOPs of one forward pass of one image) of the config's model."""
-    from cbtlab.analysis.flops import count_flops
-    from cbtlab.models import build_model
-
     model = build_model(cfg.model)
     params = sum(p.numel() for p in model.parameters())
     flops = count_flops(model, cfg.model.img_size, in_chans=cfg.model.in_chans)
@@ -200,8 +198,6 @@ def pretrained_checkpoints(
     """size -> the checkpoint of its finished pre-training trial with `seed` (the run's
     `cbtlab.checkpoint` tag); sizes whose trial failed are left out."""
     from mlflow.tracking import MlflowClient
-
-    from cbtlab.tracking.mlflow_tracker import CHECKPOINT_TAG
 
     client = MlflowClient(tracking_uri)
     found = {}

@@ -182,6 +182,38 @@ def compare_cells(
         raise ValueError(f"test {test!r} is not one of {', '.join(TESTS)}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    factors, cells, by_cell, failed = _group_by_cell(observations)
+    base_key = _baseline_key(baseline, factors, cells)
+    rows = [
+        _cell_row(
+            cell,
+            factors,
+            by_cell[key],
+            failed[key],
+            by_cell[base_key],
+            is_baseline=key == base_key,
+            test=test,
+            confidence=confidence,
+        )
+        for key, cell in cells.items()
+    ]
+    for row, adjusted in zip(
+        rows, holm([r["p_value"] if not r["is_baseline"] else NAN for r in rows]), strict=True
+    ):
+        row["p_holm"] = adjusted
+    return _to_table(rows, factors, cell_label(cells[base_key]), test, confidence, metric)
+
+
+def _group_by_cell(
+    observations: Iterable[Observation],
+) -> tuple[
+    list[str],
+    dict[tuple[Any, ...], dict[str, Any]],
+    dict[tuple[Any, ...], dict[int, float]],
+    dict[tuple[Any, ...], list[int]],
+]:
+    """(factors, cell key -> cell, cell key -> {seed: value}, cell key -> failed seeds), the
+    cells in order of first appearance."""
     cells: dict[tuple[Any, ...], dict[str, Any]] = {}
     by_cell: dict[tuple[Any, ...], dict[int, float]] = {}
     failed: dict[tuple[Any, ...], list[int]] = {}
@@ -203,59 +235,73 @@ def compare_cells(
         values[obs.seed] = float(obs.value)
     if factors is None:
         raise ValueError("no observations")
-    if baseline is None:
-        base_key = next(iter(cells))
-    else:
-        base_key = tuple(baseline.get(f) for f in factors)
-        if set(baseline) != set(factors) or base_key not in cells:
-            raise ValueError(
-                f"baseline {cell_label(baseline)} is not one of the cells: "
-                + "; ".join(cell_label(c) for c in cells.values())
-            )
-    base_values = by_cell[base_key]
+    return factors, cells, by_cell, failed
 
-    rows = []
-    for key, cell in cells.items():
-        values = by_cell[key]
-        mean, std, low, high = mean_ci(list(values.values()), confidence)
-        notes = []
-        if not values:
-            notes.append("no finished trial")
-        elif len(values) == 1:
-            notes.append("one seed: no CI")
-        if failed[key]:
-            notes.append(f"failed seeds {sorted(failed[key])}")
-        row: dict[str, Any] = {
-            "cell": cell_label(cell),
-            **{f"factor:{f}": cell[f] for f in factors},
-            "is_baseline": key == base_key,
-            "seeds": sorted(values),
-            "n": len(values),
-            "n_failed": len(failed[key]),
-            "mean": mean,
-            "std": std,
-            "ci_low": low,
-            "ci_high": high,
-        }
-        if key == base_key:
-            comparison = paired_comparison([], test=test, confidence=confidence)
-            comparison["note"] = ""
-        else:
-            common = sorted(set(values) & set(base_values))
-            comparison = paired_comparison(
-                [values[s] - base_values[s] for s in common], test=test, confidence=confidence
-            )
-            unpaired = sorted(set(values) ^ set(base_values))
-            if unpaired:
-                notes.append(f"unpaired seeds {unpaired} left out of the comparison")
-        notes.append(comparison.pop("note"))
-        row["note"] = "; ".join(n for n in notes if n)
-        rows.append({**row, **comparison})
-    for row, adjusted in zip(
-        rows, holm([r["p_value"] if not r["is_baseline"] else NAN for r in rows]), strict=True
-    ):
-        row["p_holm"] = adjusted
-    return _to_table(rows, factors, cell_label(cells[base_key]), test, confidence, metric)
+
+def _baseline_key(
+    baseline: Mapping[str, Any] | None,
+    factors: list[str],
+    cells: Mapping[tuple[Any, ...], Mapping[str, Any]],
+) -> tuple[Any, ...]:
+    """The key of the baseline cell (None: the first cell); ValueError if it is not a cell."""
+    if baseline is None:
+        return next(iter(cells))
+    base_key = tuple(baseline.get(f) for f in factors)
+    if set(baseline) != set(factors) or base_key not in cells:
+        raise ValueError(
+            f"baseline {cell_label(baseline)} is not one of the cells: "
+            + "; ".join(cell_label(c) for c in cells.values())
+        )
+    return base_key
+
+
+def _cell_row(
+    cell: Mapping[str, Any],
+    factors: list[str],
+    values: Mapping[int, float],
+    failed: list[int],
+    base_values: Mapping[int, float],
+    *,
+    is_baseline: bool,
+    test: str,
+    confidence: float,
+) -> dict[str, Any]:
+    """One cell's row: its own statistics, its comparison with the baseline, its notes (the
+    Holm-corrected p-value is left to the caller)."""
+    mean, std, low, high = mean_ci(list(values.values()), confidence)
+    notes = []
+    if not values:
+        notes.append("no finished trial")
+    elif len(values) == 1:
+        notes.append("one seed: no CI")
+    if failed:
+        notes.append(f"failed seeds {sorted(failed)}")
+    row: dict[str, Any] = {
+        "cell": cell_label(cell),
+        **{f"factor:{f}": cell[f] for f in factors},
+        "is_baseline": is_baseline,
+        "seeds": sorted(values),
+        "n": len(values),
+        "n_failed": len(failed),
+        "mean": mean,
+        "std": std,
+        "ci_low": low,
+        "ci_high": high,
+    }
+    if is_baseline:
+        comparison = paired_comparison([], test=test, confidence=confidence)
+        comparison["note"] = ""
+    else:
+        common = sorted(set(values) & set(base_values))
+        comparison = paired_comparison(
+            [values[s] - base_values[s] for s in common], test=test, confidence=confidence
+        )
+        unpaired = sorted(set(values) ^ set(base_values))
+        if unpaired:
+            notes.append(f"unpaired seeds {unpaired} left out of the comparison")
+    notes.append(comparison.pop("note"))
+    row["note"] = "; ".join(n for n in notes if n)
+    return {**row, **comparison}
 
 
 def _to_table(
