@@ -1,33 +1,13 @@
 """Re-run a logged trial exactly (or with more seeds) and compare it with what it logged.
 
-    python studies/reproduce.py --run-id RUN_ID                 # the same config and seed
-    python studies/reproduce.py --run-id RUN_ID --seeds 5       # + train.seed = logged + 1..4
-    ray job submit --working-dir . -- python studies/reproduce.py --run-id RUN_ID \
-        --address auto --tracking-uri http://mlflow.internal:5000 --tolerance 1e-4
-
-1. The run (a study's trial run, from any tracking URI) gives the config: its params, the
-   flattened config, rebuilt with `config_from_params`.
-2. Warnings (stderr, and in the report) when the re-run cannot be the same: the code (git
-   commit, uncommitted changes then or now), the data (the dataset's content hash), package
-   versions, or the config (fields logged that this code lacks or the reverse, or a rebuilt
-   config that does not hash to the logged `cbtlab.config_hash`).
-3. The re-run goes through the study machinery, so it takes the trial's own path: a Tune run
-   whose trials each fit one TorchTrainer (`cbtlab.train.build_trainer` / `fit`), one trial
-   per seed, `train.seed = logged + i` for i < seeds (i = 0 is the exact re-run), and the
-   per-epoch metrics reach the single MLflow writer in the driver as the original's did. A run
-   that ASHA stopped early is stopped at the same epoch (the schedule depends on train.epochs,
-   so the config is not shortened).
-4. MLflow: every re-run is a trial-like run (same schema) nested under the run it reproduces,
-   as the probes are, so that the UI shows it there and the study's own table is unchanged:
-   tags `cbtlab.role=reproduction`, `cbtlab.reproduces=<run id>`, provenance of now; with
-   `--seeds N > 1` the N runs nest under one sweep run (`cbtlab.role=reproduction_sweep`)
-   under the original, which holds the spread (`reproduce/<metric>/mean|std|min|max`).
-   `reproduction.txt` (warnings, comparison, spread) is logged on the exact re-run and the
-   sweep run; the exact re-run is tagged `cbtlab.reproduced` = identical | differs | failed
-   and gets the metric `reproduce/max_abs_diff`.
-5. The comparison: every per-epoch metric the run logged but wall-clock ones (`time/`,
-   `throughput/`), at every logged epoch; identical when every |difference| <= `tolerance`
-   (default 0: exact, which a CPU run gives; GPU kernels are not bit-deterministic).
+The config comes from the run's params; what may make the re-run differ (code, data, packages,
+config fields) is warned about first. The re-runs go through the study's own trial path (one
+Tune trial per seed, `train.seed = logged + i`, stopped where ASHA stopped the original) and are
+logged as MLflow runs nested under the original (`cbtlab.role=reproduction`,
+`cbtlab.reproduces=<run id>`; with several seeds under one sweep run holding their spread).
+The exact re-run is tagged `cbtlab.reproduced` = identical | differs | failed: identical when
+every per-epoch metric but the wall-clock ones (`time/`, `throughput/`) is within `tolerance`
+of the logged one at every logged epoch.
 """
 
 from __future__ import annotations

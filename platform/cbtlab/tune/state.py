@@ -12,7 +12,7 @@ from typing import Any
 from cbtlab.paths import cbtlab_home
 from cbtlab.tune.spec import StudySpec
 
-# What a resumed driver needs, beside the Tune results of the study (see resume_study).
+# What a resumed driver needs, beside the study's Tune results (cbtlab.tune.runner.resume_study).
 STATE_FILE = "cbtlab_study.json"
 STATE_VERSION = 1
 # The Optuna study's default storage, a SQLite file in the study's results folder.

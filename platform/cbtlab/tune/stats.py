@@ -1,8 +1,7 @@
 """Statistics of a repeated-seed study: each cell's mean and CI, paired tests against a baseline.
 
-A *cell* is one assignment of the studied factors (`{"model.attention": "cbsa"}`). Every cell
-runs with the same seeds, so a cell and the baseline pair up seed by seed: seed s trains both
-on the same data order and augmentation, and the paired difference removes that shared noise.
+A *cell* is one assignment of the studied factors (`{"model.attention": "cbsa"}`); cells pair
+up with the baseline seed by seed.
 
 Per cell (one row of the table, the baseline's row included):
   n, mean, std (ddof 1) and a t-interval of the mean at `confidence` (default 95 %).
@@ -10,15 +9,8 @@ Per cell against the baseline (NaN on the baseline's row), over the seeds both h
   n_pairs, the mean paired difference (cell - baseline) with its t-interval, a two-sided
   paired t-test and Wilcoxon signed-rank test, the p-value of the chosen test, Holm-corrected
   over all the comparisons of the table, and Cohen's d_z = mean(diff) / std(diff).
-
-Choosing the test (`test`): "t", "wilcoxon", or "auto" (default): the t-test below
-`WILCOXON_MIN_PAIRS` = 6 pairs, Wilcoxon from there. With n pairs the smallest two-sided
-Wilcoxon p-value is 2 / 2^n: 0.0625 for 5 pairs, 0.031 for 6, so with fewer than 6 seeds
-Wilcoxon cannot reject at 0.05 whatever the data; the t-test can, at the price of assuming
-roughly normal differences. Both p-values are always in the table (`p_t`, `p_wilcoxon`).
-Wilcoxon uses scipy's defaults: zero differences dropped ("wilcox"), the exact null
-distribution for up to 50 pairs without ties or zeros, else exhaustive permutations up to 13
-pairs and the normal approximation beyond.
+The test (`test`): "t", "wilcoxon", or "auto": the t-test below `WILCOXON_MIN_PAIRS` pairs,
+Wilcoxon from there; both p-values are always in the table (`p_t`, `p_wilcoxon`).
 
 Edge cases give NaN and a `note`, never an exception:
 - a cell with one seed (or one pair): no std, CI or test;
@@ -28,8 +20,8 @@ Edge cases give NaN and a `note`, never an exception:
   difference's CI is [0, 0], p = 1 for both tests and d_z = 0;
 - every paired difference the same non-zero c: zero variance, so the t statistic and d_z are
   undefined (NaN; the difference's CI is [c, c]); Wilcoxon is still defined (all signs agree).
-Paired differences are rounded to `DIFF_DECIMALS` = 12 decimals first, so that float noise
-(0.97 - 0.96 != 0.95 - 0.94) neither invents a variance nor breaks a tie.
+Paired differences are rounded to `DIFF_DECIMALS` decimals first (float noise neither invents
+a variance nor breaks a tie).
 """
 
 from __future__ import annotations
