@@ -28,7 +28,7 @@ try:
 except ImportError:  # a source tree (e.g. a ray job's working dir) with cbtlab not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from cbtlab.tune.studies import model_scaling_main
+from cbtlab.tune.cli import model_scaling_main
 
 if __name__ == "__main__":
     sys.exit(model_scaling_main())

@@ -70,7 +70,7 @@ def tiny_variant_study(ray_session: None, tmp_path_factory: pytest.TempPathFacto
     """A real grid study (cbsa and softmax x 3 seeds, 1 epoch, one worker per trial, Rc probed
     every epoch), shared by the tests of grid statistics and of study reports: each such study
     costs a minute or two of Ray."""
-    from cbtlab.tune.studies import variant_comparison_main
+    from cbtlab.tune.cli import variant_comparison_main
 
     root = tmp_path_factory.mktemp("tiny_variant_study")
     uri = f"sqlite:///{root / 'mlflow.db'}"

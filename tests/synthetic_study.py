@@ -2,7 +2,7 @@
 Tune driver's `MLflowTrialLogger` fed with stand-in trials, `summary_rows`, `format_table`,
 `study_statistics`, `write_stats`) produce the parent run, the nested trial runs with their
 per-epoch metrics, tags and end-of-trial metrics, and the parent's artifacts, exactly as
-`cbtlab.tune.study.run_study` does; only the metric values are made up. Probe runs are written
+`cbtlab.tune.runner.run_study` does; only the metric values are made up. Probe runs are written
 as `cbtlab.analysis.interpretability.probe_run` writes them (role, nesting, rc/layer_XX and
 probes/attention_layer_XX.png)."""
 
@@ -18,8 +18,9 @@ from typing import Any
 from cbtlab.config import ExperimentConfig
 from cbtlab.tables import format_table
 from cbtlab.tracking import StudyTracker
+from cbtlab.tune.runner import study_statistics, summary_rows
+from cbtlab.tune.spec import StudySpec, grid_trials
 from cbtlab.tune.stats import cell_label, write_stats
-from cbtlab.tune.study import StudySpec, grid_trials, study_statistics, summary_rows
 
 TINY = {"model.depth": 2, "model.embed_dim": 24, "train.epochs": 3}
 

@@ -20,8 +20,10 @@ from cbtlab.cluster import (
 from cbtlab.config import ConfigError, ExperimentConfig, TrainConfig, load_config_file
 from cbtlab.tracking.schema import config_from_params
 from cbtlab.train.cli import gpu_note, train_main
-from cbtlab.tune.studies import model_scaling_parser, rep_count_parser, rep_count_spec
-from cbtlab.tune.study import StudySpec, plan_resources
+from cbtlab.tune.cli import model_scaling_parser, rep_count_parser
+from cbtlab.tune.definitions import rep_count_spec
+from cbtlab.tune.resources import plan_resources
+from cbtlab.tune.spec import StudySpec
 
 GPU_NODE = {"CPU": 16.0, "GPU": 1.0}
 CPU_NODE = {"CPU": 2.0}

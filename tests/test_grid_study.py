@@ -11,19 +11,23 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cbtlab.config import ConfigError, ExperimentConfig
-from cbtlab.tune.stats import COLUMN_ORDER
-from cbtlab.tune.studies import (
-    parse_cell,
-    parse_step_cells,
+from cbtlab.tune.cli import (
     rep_count_main,
     rep_count_parser,
-    rep_count_spec,
-    step_init_spec,
     step_size_init_parser,
     variant_comparison_parser,
+)
+from cbtlab.tune.definitions import (
+    parse_cell,
+    parse_step_cells,
+    rep_count_spec,
+    step_init_spec,
     variant_spec,
 )
-from cbtlab.tune.study import StudySpec, grid_trials, plan_resources, study_statistics
+from cbtlab.tune.resources import plan_resources
+from cbtlab.tune.runner import study_statistics
+from cbtlab.tune.spec import StudySpec, grid_trials
+from cbtlab.tune.stats import COLUMN_ORDER
 from conftest import FinishedStudy
 
 

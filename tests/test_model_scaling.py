@@ -11,6 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from cbtlab.config import ConfigError, ExperimentConfig
 from cbtlab.models.zoo import architecture
+from cbtlab.tune.cli import model_scaling_main, model_scaling_parser
+from cbtlab.tune.definitions import model_scaling_spec
 from cbtlab.tune.scaling import (
     ScalingRow,
     finetune_base,
@@ -19,7 +21,6 @@ from cbtlab.tune.scaling import (
     size_cells,
     size_name,
 )
-from cbtlab.tune.studies import model_scaling_main, model_scaling_parser, model_scaling_spec
 
 
 def test_imagenet_sizes_are_the_registered_cbt_models_and_smoke_keeps_their_ratios() -> None:

@@ -263,9 +263,9 @@ def finished_run(digits_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """A hybrid MSSA + CBSA model trained 2 epochs on the digits, its checkpoints where a
     study's trial keeps them (<storage>/trial_<id>/checkpoint_*) and its MLflow trial run."""
     from cbtlab.tracking import StudyTracker
+    from cbtlab.tracking.schema import run_params
     from cbtlab.train import run_training
     from cbtlab.train.checkpoint import save_state
-    from cbtlab.tune.callbacks import run_params
 
     cfg = ExperimentConfig().with_overrides(
         {

@@ -18,17 +18,16 @@ from mlflow.tracking import MlflowClient
 
 from cbtlab.config import ExperimentConfig
 from cbtlab.tracking import provenance_differences
-from cbtlab.tune.callbacks import run_params
+from cbtlab.tracking.schema import REPRODUCED_TAG, REPRODUCES_TAG, run_params
 from cbtlab.tune.reproduce import (
-    REPRODUCES_TAG,
-    RESULT_TAG,
     compare_histories,
     format_diffs,
     rebuild_config,
     reproduce_main,
     seed_spread,
 )
-from cbtlab.tune.study import StudySpec, run_study
+from cbtlab.tune.runner import run_study
+from cbtlab.tune.spec import StudySpec
 
 # --- without Ray ---------------------------------------------------------------------------
 
@@ -247,7 +246,7 @@ def test_reproduce_gives_the_logged_metrics_exactly(
     assert sweep.data.tags["mlflow.parentRunId"] == target
     exact = seeds[0]
     assert exact.data.tags["mlflow.parentRunId"] == sweep.info.run_id
-    assert exact.data.tags[RESULT_TAG] == "identical"
+    assert exact.data.tags[REPRODUCED_TAG] == "identical"
     assert exact.data.metrics["reproduce/max_abs_diff"] == 0
     assert exact.data.tags["cbtlab.config_hash"] == original.data.tags["cbtlab.config_hash"]
     for key in ("val/top1", "val/loss", "train/loss"):

@@ -16,17 +16,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cbtlab.config import ExperimentConfig
-from cbtlab.tune.studies import rep_count_main, rep_count_parser, rep_count_spec
-from cbtlab.tune.study import (
-    OPTUNA_FILE,
-    STATE_FILE,
-    StudySpec,
-    latest_study_path,
-    read_study_state,
-    redact_url,
-    spec_from_dict,
-    spec_to_dict,
-)
+from cbtlab.paths import redact_url
+from cbtlab.tune.cli import rep_count_main, rep_count_parser
+from cbtlab.tune.definitions import rep_count_spec
+from cbtlab.tune.spec import StudySpec, spec_from_dict, spec_to_dict
+from cbtlab.tune.state import OPTUNA_FILE, STATE_FILE, latest_study_path, read_study_state
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,9 @@ from mlflow.tracking import MlflowClient
 
 from cbtlab.config import ExperimentConfig
 from cbtlab.tracking.schema import study_from_mlflow
-from cbtlab.tune import StudySpec, run_study
-from cbtlab.tune.studies import rep_count_main
+from cbtlab.tune.cli import rep_count_main
+from cbtlab.tune.runner import run_study
+from cbtlab.tune.spec import StudySpec
 
 
 @pytest.mark.ray

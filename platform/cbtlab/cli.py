@@ -22,10 +22,10 @@ from cbtlab.train.cli import train_main
 
 # Imported by name when run: the study modules import MLflow, which `cbtlab --help` need not load.
 STUDIES = {
-    "rep-count": "cbtlab.tune.studies:rep_count_main",
-    "variants": "cbtlab.tune.studies:variant_comparison_main",
-    "step-init": "cbtlab.tune.studies:step_size_init_main",
-    "scaling": "cbtlab.tune.studies:model_scaling_main",
+    "rep-count": "cbtlab.tune.cli:rep_count_main",
+    "variants": "cbtlab.tune.cli:variant_comparison_main",
+    "step-init": "cbtlab.tune.cli:step_size_init_main",
+    "scaling": "cbtlab.tune.cli:model_scaling_main",
 }
 
 

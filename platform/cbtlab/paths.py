@@ -29,3 +29,16 @@ def default_tracking_uri() -> str:
     if uri:
         return uri
     return f"sqlite:///{cbtlab_home() / 'mlflow.db'}"
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password hidden (as it may be logged or written to disk)."""
+    if "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url

@@ -8,7 +8,7 @@ missing or partial.
 The per-trial *value* (the column `value`) is what the report plots and averages over seeds:
 - a grid (`study.searcher=grid`): the metric the study's statistics use (`study.stats`,
   `final` by default: the metric at the last epoch), for complete trials only (finished, not
-  stopped early), exactly as `cbtlab.tune.study.study_statistics` feeds `stats.parquet`;
+  stopped early), exactly as `cbtlab.tune.runner.study_statistics` feeds `stats.parquet`;
 - a search: each finished trial's best value of the metric (the summary table's ranking),
   trials stopped early by ASHA included (the figures mark them).
 """

@@ -3,7 +3,7 @@
 The worker loop (`cbtlab.train.loop`) calls these in order; each is small enough to test alone.
 The paper's ImageNet recipe (the reference code's `main.py`, Appendix C) is Lion at 2e-4 with
 weight decay 0.05, a 256 global batch, label smoothing 0.1, a warm-up then a cosine decay to zero
-and mixed precision: `cbtlab.tune.studies.IMAGENET_RECIPE` sets those fields.
+and mixed precision: `cbtlab.tune.definitions.IMAGENET_RECIPE` sets those fields.
 """
 
 from __future__ import annotations

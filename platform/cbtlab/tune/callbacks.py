@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from ray.tune import Callback
@@ -13,62 +12,25 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from cbtlab.config import ExperimentConfig
 from cbtlab.tracking import StudyTracker
-from cbtlab.tracking.mlflow_tracker import CHECKPOINT_TAG
-from cbtlab.train.loop import MID_EPOCH_KEY, Diverged
-from cbtlab.tune.stats import cell_label
-
-TRIAL_METRIC_PREFIXES = (
-    "train/",
-    "val/",
-    "throughput/",
-    "time/",
-    "perf/",
-    "data/",
-    "rc/",
-    "rc_norm/",
+from cbtlab.tracking.schema import (
+    BEST_TRACKED,
+    CELL_TAG,
+    CHECKPOINT_TAG,
+    CONFIG_HASH_TAG,
+    EPOCHS_TAG,
+    ERROR_TAG,
+    SEED_TAG,
+    STOPPED_EARLY_TAG,
+    TIME_KEY,
+    TRIAL_METRIC_PREFIXES,
+    TRIAL_TAG,
+    TrialRecord,
+    record_from_run,
+    run_params,
+    trial_config,
 )
-# Metrics whose best value over the epochs is kept (lower is better for losses).
-BEST_TRACKED = ("val/top1", "val/top5", "val/loss")
-TRIAL_TAG = "cbtlab.trial_id"
-# A trial's wall time, logged once as it ends.
-TIME_KEY = "time/trial_s"
-
-
-@dataclass
-class TrialRecord:
-    """What the study's summary needs to know about one trial."""
-
-    trial_id: str
-    name: str
-    config: ExperimentConfig
-    run_id: str
-    started: float = field(default_factory=time.monotonic)
-    ended: float | None = None
-    epochs: int = 0
-    last: dict[str, float] = field(default_factory=dict)
-    best: dict[str, float] = field(default_factory=dict)
-    status: str = "RUNNING"
-    stopped_early: bool = False
-    error: str = ""
-    # A run re-attached from MLflow (a resumed study): the epochs it had logged (not logged
-    # again when a restarted trial reports them anew) and the trial time it had recorded.
-    logged_through: int = 0
-    prior_seconds: float = 0.0
-    reattached: bool = False
-
-    @property
-    def seconds(self) -> float:
-        return self.prior_seconds + (self.ended or time.monotonic()) - self.started
-
-
-def trial_config(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
-    """The experiment config of a trial: the study's base with the sampled dotted keys."""
-    return base.with_overrides(params)
-
-
-def run_params(cfg: ExperimentConfig) -> dict[str, Any]:
-    """MLflow params of a run: the flat config plus derived values."""
-    return {**cfg.flat(), "model.num_representatives": cfg.model.num_representatives}
+from cbtlab.train.messages import MID_EPOCH_KEY, Diverged
+from cbtlab.tune.stats import cell_label
 
 
 class EpochReportCallback(TuneReportCallback):
@@ -82,47 +44,6 @@ class EpochReportCallback(TuneReportCallback):
         if metrics and metrics[0].get(MID_EPOCH_KEY):
             return
         super().after_report(run_context, metrics, checkpoint)
-
-
-def record_from_run(tracker: StudyTracker, run: Any) -> TrialRecord | None:
-    """The TrialRecord of a trial's MLflow run as logged so far (None: not a trial run): its
-    config from the params, epochs and best values from the metric histories, status and
-    recorded time. A run still RUNNING is one whose driver died mid-trial."""
-    from cbtlab.analysis.interpretability import config_from_params
-
-    tags, metrics = run.data.tags, run.data.metrics
-    trial_id = tags.get(TRIAL_TAG)
-    if not trial_id:
-        return None
-    epochs, best = 0, {}
-    for key in BEST_TRACKED:
-        history = tracker.client.get_metric_history(run.info.run_id, key)
-        if not history:
-            continue
-        epochs = max(epochs, *(m.step for m in history))
-        pick = min if key.endswith("loss") else max
-        best[key] = pick(m.value for m in history)
-    status = run.info.status
-    per_epoch = {k: v for k, v in metrics.items() if k.startswith(TRIAL_METRIC_PREFIXES)}
-    per_epoch.pop(TIME_KEY, None)
-    record = TrialRecord(
-        trial_id,
-        run.info.run_name or f"trial_{trial_id}",
-        config_from_params(run.data.params),
-        run.info.run_id,
-        epochs=epochs,
-        last=per_epoch,
-        best=best,
-        status=status,
-        stopped_early=tags.get("cbtlab.stopped_early") == "true",
-        error=tags.get("cbtlab.error", ""),
-        logged_through=epochs,
-        prior_seconds=metrics.get(TIME_KEY, 0.0),
-        reattached=True,
-    )
-    if status != "RUNNING":
-        record.ended = record.started
-    return record
 
 
 class MLflowTrialLogger(Callback):
@@ -165,7 +86,7 @@ class MLflowTrialLogger(Callback):
     def reattach(self) -> None:
         """Load the records of the trial runs already under the parent run (a resumed study)."""
         for run in self.tracker.child_runs(self.parent_run_id):
-            record = record_from_run(self.tracker, run)
+            record = record_from_run(self.tracker.client, run)
             if record is not None and record.trial_id not in self.records:
                 self.records[record.trial_id] = record
 
@@ -188,12 +109,12 @@ class MLflowTrialLogger(Callback):
         tags = {
             **self.tags,
             TRIAL_TAG: trial.trial_id,
-            "cbtlab.config_hash": cfg.config_hash(),
-            "cbtlab.seed": str(cfg.train.seed),
+            CONFIG_HASH_TAG: cfg.config_hash(),
+            SEED_TAG: str(cfg.train.seed),
         }
         if self.cell_keys:
             flat = cfg.flat()
-            tags["cbtlab.cell"] = cell_label({k: flat[k] for k in self.cell_keys})
+            tags[CELL_TAG] = cell_label({k: flat[k] for k in self.cell_keys})
         run_id = self.tracker.start_run(
             str(trial), params=run_params(cfg), tags=tags, parent_run_id=self.parent_run_id
         )
@@ -255,11 +176,11 @@ class MLflowTrialLogger(Callback):
         stopped_early = status == "FINISHED" and record.epochs < record.config.train.epochs
         record.stopped_early = stopped_early
         tags = {
-            "cbtlab.epochs_completed": str(record.epochs),
-            "cbtlab.stopped_early": str(stopped_early).lower(),
+            EPOCHS_TAG: str(record.epochs),
+            STOPPED_EARLY_TAG: str(stopped_early).lower(),
         }
         if error:
-            tags["cbtlab.error"] = error[-5000:]
+            tags[ERROR_TAG] = error[-5000:]
         self.tracker.set_tags(record.run_id, tags)
         self.tracker.log_metrics(
             record.run_id,

@@ -1,33 +1,13 @@
 """Re-run a logged trial exactly (or with more seeds) and compare it with what it logged.
 
-    python studies/reproduce.py --run-id RUN_ID                 # the same config and seed
-    python studies/reproduce.py --run-id RUN_ID --seeds 5       # + train.seed = logged + 1..4
-    ray job submit --working-dir . -- python studies/reproduce.py --run-id RUN_ID \
-        --address auto --tracking-uri http://mlflow.internal:5000 --tolerance 1e-4
-
-1. The run (a study's trial run, from any tracking URI) gives the config: its params, the
-   flattened config, rebuilt with `config_from_params`.
-2. Warnings (stderr, and in the report) when the re-run cannot be the same: the code (git
-   commit, uncommitted changes then or now), the data (the dataset's content hash), package
-   versions, or the config (fields logged that this code lacks or the reverse, or a rebuilt
-   config that does not hash to the logged `cbtlab.config_hash`).
-3. The re-run goes through the study machinery, so it takes the trial's own path: a Tune run
-   whose trials each fit one TorchTrainer (`cbtlab.train.build_trainer` / `fit`), one trial
-   per seed, `train.seed = logged + i` for i < seeds (i = 0 is the exact re-run), and the
-   per-epoch metrics reach the single MLflow writer in the driver as the original's did. A run
-   that ASHA stopped early is stopped at the same epoch (the schedule depends on train.epochs,
-   so the config is not shortened).
-4. MLflow: every re-run is a trial-like run (same schema) nested under the run it reproduces,
-   as the probes are, so that the UI shows it there and the study's own table is unchanged:
-   tags `cbtlab.role=reproduction`, `cbtlab.reproduces=<run id>`, provenance of now; with
-   `--seeds N > 1` the N runs nest under one sweep run (`cbtlab.role=reproduction_sweep`)
-   under the original, which holds the spread (`reproduce/<metric>/mean|std|min|max`).
-   `reproduction.txt` (warnings, comparison, spread) is logged on the exact re-run and the
-   sweep run; the exact re-run is tagged `cbtlab.reproduced` = identical | differs | failed
-   and gets the metric `reproduce/max_abs_diff`.
-5. The comparison: every per-epoch metric the run logged but wall-clock ones (`time/`,
-   `throughput/`), at every logged epoch; identical when every |difference| <= `tolerance`
-   (default 0: exact, which a CPU run gives; GPU kernels are not bit-deterministic).
+The config comes from the run's params; what may make the re-run differ (code, data, packages,
+config fields) is warned about first. The re-runs go through the study's own trial path (one
+Tune trial per seed, `train.seed = logged + i`, stopped where ASHA stopped the original) and are
+logged as MLflow runs nested under the original (`cbtlab.role=reproduction`,
+`cbtlab.reproduces=<run id>`; with several seeds under one sweep run holding their spread).
+The exact re-run is tagged `cbtlab.reproduced` = identical | differs | failed: identical when
+every per-epoch metric but the wall-clock ones (`time/`, `throughput/`) is within `tolerance`
+of the logged one at every logged epoch.
 """
 
 from __future__ import annotations
@@ -41,11 +21,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cbtlab.cluster import connect_ray, resolve_use_gpu
 from cbtlab.config import ExperimentConfig
+from cbtlab.paths import default_tracking_uri, ray_results_home
 from cbtlab.tables import render_table
+from cbtlab.tracking import StudyTracker, provenance_differences
+from cbtlab.tracking.schema import (
+    CONFIG_HASH_TAG,
+    EPOCHS_TAG,
+    REPRODUCED_TAG,
+    REPRODUCES_TAG,
+    ROLE_REPRODUCTION,
+    ROLE_REPRODUCTION_SWEEP,
+    ROLE_TAG,
+    STUDY_TAG,
+    config_from_params,
+    run_params,
+)
+from cbtlab.tune.callbacks import MLflowTrialLogger
+from cbtlab.tune.driver import dataset_hash, run_tags, trial_trainable
+from cbtlab.tune.resources import trials_that_fit
+from cbtlab.tune.spec import TRIAL_DRIVER_CPUS
+from cbtlab.tune.stats import mean_ci
 
-REPRODUCES_TAG = "cbtlab.reproduces"
-RESULT_TAG = "cbtlab.reproduced"
 REPORT_FILE = "reproduction.txt"
 # Per-epoch metrics a re-run must give again; time/ and throughput/ are wall-clock.
 COMPARED_PREFIXES = ("train/", "val/", "data/", "rc/", "rc_norm/")
@@ -99,9 +97,6 @@ def rebuild_config(
     """The config of a logged run from its params, and what may make it differ from the
     config the run had: fields it logged that this code lacks (skipped), fields this code has
     that it did not log (defaults now), and a hash other than its `cbtlab.config_hash`."""
-    from cbtlab.analysis.interpretability import config_from_params
-    from cbtlab.tune.callbacks import run_params
-
     cfg = config_from_params(dict(params))
     known = set(cfg.flat())
     derived = set(run_params(cfg)) - known
@@ -122,7 +117,7 @@ def rebuild_config(
             "config: fields the run did not log, at this code's defaults: "
             + ", ".join(f"{k}={flat[k]}" for k in missing)
         )
-    logged_hash = tags.get("cbtlab.config_hash")
+    logged_hash = tags.get(CONFIG_HASH_TAG)
     if logged_hash and logged_hash != cfg.config_hash():
         warnings.append(
             f"config: the rebuilt config hashes to {cfg.config_hash()}, the run logged "
@@ -188,8 +183,6 @@ def format_diffs(diffs: Sequence[MetricDiff]) -> str:
 
 
 def seed_spread(metric: str, values: Mapping[int, float | None]) -> SeedSpread:
-    from cbtlab.tune.stats import mean_ci
-
     present = [v for v in values.values() if v is not None]
     mean, std, _, _ = mean_ci(present)
     low = min(present) if present else math.nan
@@ -204,6 +197,21 @@ def format_spread(spread: SeedSpread) -> str:
     rows = [[str(seed), num(value)] for seed, value in sorted(spread.values.items())]
     rows += [[name, num(getattr(spread, name))] for name in ("mean", "std", "min", "max")]
     return render_table(["seed", f"final {spread.metric}"], rows)
+
+
+@dataclass
+class _LoggedRun:
+    """What a reproduction reads of the run it reproduces, and the tags of its re-runs."""
+
+    run_id: str
+    name: str  # its run name (or its id's first 8 characters)
+    experiment: str
+    config: ExperimentConfig  # rebuilt from its params
+    tags: dict[str, str]  # the re-runs' tags: its study, the data hash, provenance of now
+    warnings: list[str]
+    logged: dict[str, dict[int, float]]  # its compared per-epoch metrics
+    epochs: int  # the epochs it completed
+    stop_at: int | None  # where ASHA stopped it, if it did
 
 
 def reproduce_run(
@@ -221,51 +229,74 @@ def reproduce_run(
     log the re-runs under it, and compare the exact re-run with the logged history."""
     import ray
     from mlflow.tracking import MlflowClient
-    from ray import tune
-    from ray.tune.search import BasicVariantGenerator
-
-    from cbtlab.cluster import connect_ray, resolve_use_gpu
-    from cbtlab.paths import ray_results_home
-    from cbtlab.tracking import StudyTracker, provenance_differences
-    from cbtlab.tune.callbacks import MLflowTrialLogger
-    from cbtlab.tune.study import (
-        TRIAL_DRIVER_CPUS,
-        dataset_hash,
-        run_tags,
-        trial_trainable,
-        trials_that_fit,
-    )
 
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if tolerance < 0:
         raise ValueError(f"--tolerance must be >= 0, got {tolerance}")
     client = MlflowClient(tracking_uri)
+    run = _read_logged_run(client, run_id)
+    tracker = StudyTracker(tracking_uri, run.experiment)
+    connect_ray(ray_address, worker_logs=worker_logs)
+    # A logged run holds true or false (its driver resolved "auto"), kept for the exact re-run;
+    # a config that still says "auto" takes this cluster's GPUs.
+    cfg = resolve_use_gpu(run.config, ray.cluster_resources())
+    seed_values = [cfg.train.seed + i for i in range(seeds)]
+    fits = _rerun_fits(cfg, ray.cluster_resources())
+    sweep = None
+    if seeds > 1:
+        sweep = tracker.start_run(
+            f"{run.name}-reproduce-{seeds}-seeds",
+            params={
+                **cfg.flat(),
+                "reproduce.seeds": ",".join(map(str, seed_values)),
+                "reproduce.metric": metric,
+                "reproduce.tolerance": tolerance,
+            },
+            tags={**run.tags, ROLE_TAG: ROLE_REPRODUCTION_SWEEP, REPRODUCES_TAG: run_id},
+            parent_run_id=run_id,
+        )
+    logger = MLflowTrialLogger(
+        tracker,
+        parent_run_id=run_id if sweep is None else sweep,
+        base=cfg,
+        tags={**run.tags, ROLE_TAG: ROLE_REPRODUCTION, REPRODUCES_TAG: run_id},
+        metric=metric,
+    )
+    tuner = _rerun_tuner(cfg, run, seed_values, fits, logger, storage_path)
+    _fit_reruns(tuner, logger, tracker, sweep)
+    reproduction = _compare_reruns(client, run, cfg, logger, seed_values, metric, tolerance)
+    reproduction.sweep_run_id = sweep
+    reproduction.report = format_report(reproduction, run.name, run.epochs if run.stop_at else None)
+    _log_reproduction(tracker, reproduction, cfg.train.seed, run.epochs, metric)
+    return reproduction
+
+
+def _read_logged_run(client: Any, run_id: str) -> _LoggedRun:
+    """The run `run_id` as a reproduction needs it; prints (stderr) the warnings on what may
+    make its re-run differ before the re-run's minutes. Raises LookupError when it logged no
+    per-epoch metric to compare."""
     run = client.get_run(run_id)
     name = run.info.run_name or run_id[:8]
     experiment = client.get_experiment(run.info.experiment_id).name
     cfg, warnings = rebuild_config(run.data.params, run.data.tags)
-    tags = run_tags(run.data.tags.get("cbtlab.study", experiment), dataset_hash(cfg.data))
+    tags = run_tags(run.data.tags.get(STUDY_TAG, experiment), dataset_hash(cfg.data))
     warnings += provenance_differences(run.data.tags, tags)
     for warning in warnings:  # now, before the re-run's minutes
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     logged = metric_histories(client, run_id, compared_metrics(run.data.metrics))
     if not logged:
         raise LookupError(f"run {run_id} logged no per-epoch metrics to compare")
-    epochs = int(
-        run.data.tags.get("cbtlab.epochs_completed") or max(max(h) for h in logged.values() if h)
-    )
+    epochs = int(run.data.tags.get(EPOCHS_TAG) or max(max(h) for h in logged.values() if h))
     stop_at = epochs if 0 < epochs < cfg.train.epochs else None
+    return _LoggedRun(run_id, name, experiment, cfg, tags, warnings, logged, epochs, stop_at)
 
-    tracker = StudyTracker(tracking_uri, experiment)
-    connect_ray(ray_address, worker_logs=worker_logs)
-    # A logged run holds true or false (its driver resolved "auto"), kept for the exact re-run;
-    # a config that still says "auto" takes this cluster's GPUs.
-    cfg = resolve_use_gpu(cfg, ray.cluster_resources())
-    seed_values = [cfg.train.seed + i for i in range(seeds)]
+
+def _rerun_fits(cfg: ExperimentConfig, cluster: Mapping[str, float]) -> int:
+    """How many re-runs of `cfg` the cluster holds at once; a note (stderr) when none."""
     trial_cpus = TRIAL_DRIVER_CPUS + cfg.train.num_workers * cfg.train.cpus_per_worker
     trial_gpus = cfg.train.num_workers if cfg.train.use_gpu else 0
-    fits = trials_that_fit(ray.cluster_resources(), trial_cpus, trial_gpus)
+    fits = trials_that_fit(cluster, trial_cpus, trial_gpus)
     if fits < 1:
         print(
             f"note: a re-run needs {trial_cpus:g} CPUs and {trial_gpus} GPUs, more than the "
@@ -273,28 +304,22 @@ def reproduce_run(
             file=sys.stderr,
             flush=True,
         )
-    parent = run_id
-    sweep = None
-    if seeds > 1:
-        sweep = tracker.start_run(
-            f"{name}-reproduce-{seeds}-seeds",
-            params={
-                **cfg.flat(),
-                "reproduce.seeds": ",".join(map(str, seed_values)),
-                "reproduce.metric": metric,
-                "reproduce.tolerance": tolerance,
-            },
-            tags={**tags, "cbtlab.role": "reproduction_sweep", REPRODUCES_TAG: run_id},
-            parent_run_id=run_id,
-        )
-        parent = sweep
-    logger = MLflowTrialLogger(
-        tracker,
-        parent_run_id=parent,
-        base=cfg,
-        tags={**tags, "cbtlab.role": "reproduction", REPRODUCES_TAG: run_id},
-        metric=metric,
-    )
+    return fits
+
+
+def _rerun_tuner(
+    cfg: ExperimentConfig,
+    run: _LoggedRun,
+    seed_values: list[int],
+    fits: int,
+    logger: MLflowTrialLogger,
+    storage_path: str | None,
+) -> Any:
+    """The Tune run of the re-runs: one trial per seed, in order, stopped where the logged
+    run was stopped."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
     storage = storage_path or str(ray_results_home())
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
@@ -302,7 +327,8 @@ def reproduce_run(
     def trial_name(trial: Any) -> str:  # unique: Train V2 would resume a run of the same name
         return f"repro_s{trial.config['train.seed']}_{trial.trial_id}"
 
-    tuner = tune.Tuner(
+    seeds = len(seed_values)
+    return tune.Tuner(
         trial_trainable(cfg, storage),
         param_space={"train.seed": tune.choice(seed_values)},
         tune_config=tune.TuneConfig(
@@ -315,13 +341,19 @@ def reproduce_run(
             trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(
-            name=f"reproduce-{run_id[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=f"reproduce-{run.run_id[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage,
             callbacks=[logger],
-            stop={"training_iteration": stop_at} if stop_at else None,
+            stop={"training_iteration": run.stop_at} if run.stop_at else None,
             verbose=0,
         ),
     )
+
+
+def _fit_reruns(
+    tuner: Any, logger: MLflowTrialLogger, tracker: StudyTracker, sweep: str | None
+) -> None:
+    """Run the re-runs; end what they left open (and the sweep run, unless they finished)."""
     status = "FAILED"
     try:
         tuner.fit()
@@ -334,6 +366,18 @@ def reproduce_run(
         if sweep is not None and status != "FINISHED":
             tracker.end_run(sweep, status)
 
+
+def _compare_reruns(
+    client: Any,
+    run: _LoggedRun,
+    cfg: ExperimentConfig,
+    logger: MLflowTrialLogger,
+    seed_values: list[int],
+    metric: str,
+    tolerance: float,
+) -> Reproduction:
+    """The exact re-run's history against the logged one, and the spread over the seeds (its
+    sweep run and report are left for the caller)."""
     by_seed = {record.config.train.seed: record for record in logger.records.values()}
     exact = by_seed.get(cfg.train.seed)
     notes = []
@@ -342,46 +386,47 @@ def reproduce_run(
         notes.append(f"the re-run with the logged seed {cfg.train.seed} did not finish")
         identical = False
     else:
-        again = metric_histories(client, exact.run_id, list(logged))
-        diffs = compare_histories(logged, again, tolerance)
+        again = metric_histories(client, exact.run_id, list(run.logged))
+        diffs = compare_histories(run.logged, again, tolerance)
         identical = all(d.max_abs_diff <= tolerance for d in diffs)
     spread = None
-    if seeds > 1:
+    if len(seed_values) > 1:
         finals: dict[int, float | None] = {}
         for seed in seed_values:
             record = by_seed.get(seed)
             done = record is not None and record.status == "FINISHED"
             finals[seed] = record.last.get(metric) if done else None
         spread = seed_spread(metric, finals)
-    reproduction = Reproduction(
-        run_id,
-        {seed: record.run_id for seed, record in by_seed.items()},
-        warnings,
-        diffs,
-        identical,
-        tolerance,
-        "",
-        sweep,
-        spread,
-        notes,
+    runs = {seed: record.run_id for seed, record in by_seed.items()}
+    return Reproduction(
+        run.run_id, runs, run.warnings, diffs, identical, tolerance, "", None, spread, notes
     )
-    reproduction.report = format_report(reproduction, name, epochs if stop_at else None)
-    if exact is not None:
-        verdict = "identical" if identical else ("differs" if diffs else "failed")
-        tracker.set_tags(exact.run_id, {RESULT_TAG: verdict})
-        if diffs:
-            worst = max(d.max_abs_diff for d in diffs)
-            tracker.log_metrics(exact.run_id, {"reproduce/max_abs_diff": worst}, step=epochs)
-        tracker.log_text(exact.run_id, reproduction.report, REPORT_FILE)
-    if sweep is not None and spread is not None:
+
+
+def _log_reproduction(
+    tracker: StudyTracker, r: Reproduction, logged_seed: int, epochs: int, metric: str
+) -> None:
+    """Tag and log the verdict on the exact re-run (if it started), the spread on the sweep
+    run (then ended)."""
+    exact_run = r.runs.get(logged_seed)
+    if exact_run is not None:
+        verdict = "identical" if r.identical else ("differs" if r.diffs else "failed")
+        tracker.set_tags(exact_run, {REPRODUCED_TAG: verdict})
+        if r.diffs:
+            worst = max(d.max_abs_diff for d in r.diffs)
+            tracker.log_metrics(exact_run, {"reproduce/max_abs_diff": worst}, step=epochs)
+        tracker.log_text(exact_run, r.report, REPORT_FILE)
+    if r.sweep_run_id is not None and r.spread is not None:
         tracker.log_metrics(
-            sweep,
-            {f"reproduce/{metric}/{k}": getattr(spread, k) for k in ("mean", "std", "min", "max")},
+            r.sweep_run_id,
+            {
+                f"reproduce/{metric}/{k}": getattr(r.spread, k)
+                for k in ("mean", "std", "min", "max")
+            },
             step=0,
         )
-        tracker.log_text(sweep, reproduction.report, REPORT_FILE)
-        tracker.end_run(sweep, "FINISHED")
-    return reproduction
+        tracker.log_text(r.sweep_run_id, r.report, REPORT_FILE)
+        tracker.end_run(r.sweep_run_id, "FINISHED")
 
 
 def format_report(r: Reproduction, name: str, stopped_at: int | None) -> str:
@@ -408,8 +453,6 @@ def format_report(r: Reproduction, name: str, stopped_at: int | None) -> str:
 def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """The command line of `studies/reproduce.py` (and `cbtlab reproduce`)."""
     from mlflow.exceptions import MlflowException
-
-    from cbtlab.paths import default_tracking_uri
 
     parser = argparse.ArgumentParser(
         prog=prog,

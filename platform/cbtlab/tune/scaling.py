@@ -1,25 +1,10 @@
 """Model scaling (the paper's Table 3): CBT-T/S/B/L pre-trained, then fine-tuned downstream.
 
-Two stages, each an ordinary grid study (MLflow parent run, child run per trial, statistics):
-1. pre-training: one cell per size (width, depth, heads), every cell with the same seeds;
-2. one fine-tuning study per downstream dataset (`--downstream NAME=ROOT`, prebuilt shards such
-   as CIFAR-10/100, Flowers-102, Pets built with `data_pipelines/build_shards.py`): each size
-   starts from its own pre-trained checkpoint (the first seed's), a new head for the dataset's
-   classes, and runs with the same seeds.
-All stages share one MLflow experiment; the last step prints and logs (on the pre-training's
-parent run, as scaling.txt and scaling.json) the scaling table: per size its parameters, FLOPs
-per image, and top-1 (mean ± 95% CI over seeds) on the pre-training and each downstream set.
-
-Sizes. `imagenet`: the registered `cbt_*_patch16_224` sizes (`cbtlab.models.zoo.SIZES`).
-`smoke`: the same proportions on the digits skeleton, head width 16 instead of 64 and depth
-4 (8 for L) instead of 12 (24), so that the whole ladder trains on a CPU in minutes.
-
-Fine-tuning recipes. `imagenet`: the reference code's finetune.py (AdamW, lr 1e-4, weight
-decay 0.01, batch 50, cosine over 400 epochs without warm-up, random-resized crop + flip +
-RandAugment(2, 14) at 224 px). Evaluation resizes the shorter side to 224 and takes the centre
-(crop_pct 1.0): the reference squashes the whole image to 224 x 224, the same on square images
-(CIFAR), a centre crop of the longer side here on Flowers and Pets. `smoke`: the digits recipe
-at a quarter of its learning rate without warm-up.
+Two stages, each an ordinary grid study: pre-training, one cell per size (width, depth, heads);
+then one fine-tuning study per downstream dataset (prebuilt shards), each size from its own
+pre-trained checkpoint (the first seed's) with a new head, with the same seeds. Here: the
+sizes' cells, the fine-tuning configs, the sizes' costs and the scaling table (per size its
+parameters, FLOPs per image, and top-1 mean ± 95% CI over seeds per stage).
 """
 
 from __future__ import annotations
@@ -30,18 +15,30 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cbtlab.analysis.flops import count_flops
 from cbtlab.config import ConfigError, ExperimentConfig
+from cbtlab.data import open_split
+from cbtlab.data.transforms import image_stats
+from cbtlab.models import build_model
+from cbtlab.models.zoo import SIZES
 from cbtlab.tables import render_table
+from cbtlab.tracking.schema import CHECKPOINT_TAG
 from cbtlab.tune.stats import mean_ci
 
 SIZE_KEYS = ("model.embed_dim", "model.depth", "model.num_heads")
 SIZE_NAMES = ("tiny", "small", "base", "large")
+# `imagenet` takes the registered cbt_*_patch16_224 sizes (cbtlab.models.zoo.SIZES); `smoke`
+# the same proportions on the digits skeleton (head width 16, depth 4, 8 for L), so that the
+# whole ladder trains on a CPU in minutes.
 SMOKE_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (48, 4, 3),
     "small": (96, 4, 6),
     "base": (192, 4, 12),
     "large": (256, 8, 16),
 }
+# `imagenet`: the reference code's finetune.py (AdamW, lr 1e-4, batch 50, cosine over 400 epochs
+# without warm-up, RandAugment(2, 14), evaluation on the centre at crop_pct 1.0); `smoke`: the
+# digits recipe at a quarter of its learning rate without warm-up.
 FINETUNE_RECIPES: dict[str, dict[str, Any]] = {
     "smoke": {"train.lr": 1.25e-3, "train.warmup_epochs": 0.0},
     "imagenet": {
@@ -67,8 +64,6 @@ def size_cells(preset: str, sizes: Sequence[str]) -> list[dict[str, Any]]:
     if unknown or not sizes:
         raise ConfigError("--sizes", f"{unknown or 'none'}: expected some of {SIZE_NAMES}")
     if preset == "imagenet":
-        from cbtlab.models.zoo import SIZES
-
         table = {n: (s["embed_dim"], s["depth"], s["num_heads"]) for n, s in SIZES.items()}
     else:
         table = SMOKE_SIZES
@@ -109,9 +104,6 @@ def finetune_base(
     the dataset card's classes, the preset's fine-tuning recipe, then `overrides`. Raises
     ConfigError (naming the dataset) when its card cannot be read or its images have another
     number of channels than the pre-trained stem takes."""
-    from cbtlab.data import open_split
-    from cbtlab.data.transforms import image_stats
-
     try:
         shardset = open_split(root, "train")
     except (OSError, KeyError, ValueError) as exc:
@@ -153,9 +145,6 @@ class ScalingRow:
 
 def model_cost(cfg: ExperimentConfig) -> tuple[int, int]:
     """(parameters, FLOPs of one forward pass of one image) of the config's model."""
-    from cbtlab.analysis.flops import count_flops
-    from cbtlab.models import build_model
-
     model = build_model(cfg.model)
     params = sum(p.numel() for p in model.parameters())
     flops = count_flops(model, cfg.model.img_size, in_chans=cfg.model.in_chans)
@@ -200,8 +189,6 @@ def pretrained_checkpoints(
     """size -> the checkpoint of its finished pre-training trial with `seed` (the run's
     `cbtlab.checkpoint` tag); sizes whose trial failed are left out."""
     from mlflow.tracking import MlflowClient
-
-    from cbtlab.tracking.mlflow_tracker import CHECKPOINT_TAG
 
     client = MlflowClient(tracking_uri)
     found = {}

@@ -1,8 +1,7 @@
 """Statistics of a repeated-seed study: each cell's mean and CI, paired tests against a baseline.
 
-A *cell* is one assignment of the studied factors (`{"model.attention": "cbsa"}`). Every cell
-runs with the same seeds, so a cell and the baseline pair up seed by seed: seed s trains both
-on the same data order and augmentation, and the paired difference removes that shared noise.
+A *cell* is one assignment of the studied factors (`{"model.attention": "cbsa"}`); cells pair
+up with the baseline seed by seed.
 
 Per cell (one row of the table, the baseline's row included):
   n, mean, std (ddof 1) and a t-interval of the mean at `confidence` (default 95 %).
@@ -10,15 +9,8 @@ Per cell against the baseline (NaN on the baseline's row), over the seeds both h
   n_pairs, the mean paired difference (cell - baseline) with its t-interval, a two-sided
   paired t-test and Wilcoxon signed-rank test, the p-value of the chosen test, Holm-corrected
   over all the comparisons of the table, and Cohen's d_z = mean(diff) / std(diff).
-
-Choosing the test (`test`): "t", "wilcoxon", or "auto" (default): the t-test below
-`WILCOXON_MIN_PAIRS` = 6 pairs, Wilcoxon from there. With n pairs the smallest two-sided
-Wilcoxon p-value is 2 / 2^n: 0.0625 for 5 pairs, 0.031 for 6, so with fewer than 6 seeds
-Wilcoxon cannot reject at 0.05 whatever the data; the t-test can, at the price of assuming
-roughly normal differences. Both p-values are always in the table (`p_t`, `p_wilcoxon`).
-Wilcoxon uses scipy's defaults: zero differences dropped ("wilcox"), the exact null
-distribution for up to 50 pairs without ties or zeros, else exhaustive permutations up to 13
-pairs and the normal approximation beyond.
+The test (`test`): "t", "wilcoxon", or "auto": the t-test below `WILCOXON_MIN_PAIRS` pairs,
+Wilcoxon from there; both p-values are always in the table (`p_t`, `p_wilcoxon`).
 
 Edge cases give NaN and a `note`, never an exception:
 - a cell with one seed (or one pair): no std, CI or test;
@@ -28,8 +20,8 @@ Edge cases give NaN and a `note`, never an exception:
   difference's CI is [0, 0], p = 1 for both tests and d_z = 0;
 - every paired difference the same non-zero c: zero variance, so the t statistic and d_z are
   undefined (NaN; the difference's CI is [c, c]); Wilcoxon is still defined (all signs agree).
-Paired differences are rounded to `DIFF_DECIMALS` = 12 decimals first, so that float noise
-(0.97 - 0.96 != 0.95 - 0.94) neither invents a variance nor breaks a tie.
+Paired differences are rounded to `DIFF_DECIMALS` decimals first (float noise neither invents
+a variance nor breaks a tie).
 """
 
 from __future__ import annotations
@@ -182,6 +174,38 @@ def compare_cells(
         raise ValueError(f"test {test!r} is not one of {', '.join(TESTS)}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    factors, cells, by_cell, failed = _group_by_cell(observations)
+    base_key = _baseline_key(baseline, factors, cells)
+    rows = [
+        _cell_row(
+            cell,
+            factors,
+            by_cell[key],
+            failed[key],
+            by_cell[base_key],
+            is_baseline=key == base_key,
+            test=test,
+            confidence=confidence,
+        )
+        for key, cell in cells.items()
+    ]
+    for row, adjusted in zip(
+        rows, holm([r["p_value"] if not r["is_baseline"] else NAN for r in rows]), strict=True
+    ):
+        row["p_holm"] = adjusted
+    return _to_table(rows, factors, cell_label(cells[base_key]), test, confidence, metric)
+
+
+def _group_by_cell(
+    observations: Iterable[Observation],
+) -> tuple[
+    list[str],
+    dict[tuple[Any, ...], dict[str, Any]],
+    dict[tuple[Any, ...], dict[int, float]],
+    dict[tuple[Any, ...], list[int]],
+]:
+    """(factors, cell key -> cell, cell key -> {seed: value}, cell key -> failed seeds), the
+    cells in order of first appearance."""
     cells: dict[tuple[Any, ...], dict[str, Any]] = {}
     by_cell: dict[tuple[Any, ...], dict[int, float]] = {}
     failed: dict[tuple[Any, ...], list[int]] = {}
@@ -203,59 +227,73 @@ def compare_cells(
         values[obs.seed] = float(obs.value)
     if factors is None:
         raise ValueError("no observations")
-    if baseline is None:
-        base_key = next(iter(cells))
-    else:
-        base_key = tuple(baseline.get(f) for f in factors)
-        if set(baseline) != set(factors) or base_key not in cells:
-            raise ValueError(
-                f"baseline {cell_label(baseline)} is not one of the cells: "
-                + "; ".join(cell_label(c) for c in cells.values())
-            )
-    base_values = by_cell[base_key]
+    return factors, cells, by_cell, failed
 
-    rows = []
-    for key, cell in cells.items():
-        values = by_cell[key]
-        mean, std, low, high = mean_ci(list(values.values()), confidence)
-        notes = []
-        if not values:
-            notes.append("no finished trial")
-        elif len(values) == 1:
-            notes.append("one seed: no CI")
-        if failed[key]:
-            notes.append(f"failed seeds {sorted(failed[key])}")
-        row: dict[str, Any] = {
-            "cell": cell_label(cell),
-            **{f"factor:{f}": cell[f] for f in factors},
-            "is_baseline": key == base_key,
-            "seeds": sorted(values),
-            "n": len(values),
-            "n_failed": len(failed[key]),
-            "mean": mean,
-            "std": std,
-            "ci_low": low,
-            "ci_high": high,
-        }
-        if key == base_key:
-            comparison = paired_comparison([], test=test, confidence=confidence)
-            comparison["note"] = ""
-        else:
-            common = sorted(set(values) & set(base_values))
-            comparison = paired_comparison(
-                [values[s] - base_values[s] for s in common], test=test, confidence=confidence
-            )
-            unpaired = sorted(set(values) ^ set(base_values))
-            if unpaired:
-                notes.append(f"unpaired seeds {unpaired} left out of the comparison")
-        notes.append(comparison.pop("note"))
-        row["note"] = "; ".join(n for n in notes if n)
-        rows.append({**row, **comparison})
-    for row, adjusted in zip(
-        rows, holm([r["p_value"] if not r["is_baseline"] else NAN for r in rows]), strict=True
-    ):
-        row["p_holm"] = adjusted
-    return _to_table(rows, factors, cell_label(cells[base_key]), test, confidence, metric)
+
+def _baseline_key(
+    baseline: Mapping[str, Any] | None,
+    factors: list[str],
+    cells: Mapping[tuple[Any, ...], Mapping[str, Any]],
+) -> tuple[Any, ...]:
+    """The key of the baseline cell (None: the first cell); ValueError if it is not a cell."""
+    if baseline is None:
+        return next(iter(cells))
+    base_key = tuple(baseline.get(f) for f in factors)
+    if set(baseline) != set(factors) or base_key not in cells:
+        raise ValueError(
+            f"baseline {cell_label(baseline)} is not one of the cells: "
+            + "; ".join(cell_label(c) for c in cells.values())
+        )
+    return base_key
+
+
+def _cell_row(
+    cell: Mapping[str, Any],
+    factors: list[str],
+    values: Mapping[int, float],
+    failed: list[int],
+    base_values: Mapping[int, float],
+    *,
+    is_baseline: bool,
+    test: str,
+    confidence: float,
+) -> dict[str, Any]:
+    """One cell's row: its own statistics, its comparison with the baseline, its notes (the
+    Holm-corrected p-value is left to the caller)."""
+    mean, std, low, high = mean_ci(list(values.values()), confidence)
+    notes = []
+    if not values:
+        notes.append("no finished trial")
+    elif len(values) == 1:
+        notes.append("one seed: no CI")
+    if failed:
+        notes.append(f"failed seeds {sorted(failed)}")
+    row: dict[str, Any] = {
+        "cell": cell_label(cell),
+        **{f"factor:{f}": cell[f] for f in factors},
+        "is_baseline": is_baseline,
+        "seeds": sorted(values),
+        "n": len(values),
+        "n_failed": len(failed),
+        "mean": mean,
+        "std": std,
+        "ci_low": low,
+        "ci_high": high,
+    }
+    if is_baseline:
+        comparison = paired_comparison([], test=test, confidence=confidence)
+        comparison["note"] = ""
+    else:
+        common = sorted(set(values) & set(base_values))
+        comparison = paired_comparison(
+            [values[s] - base_values[s] for s in common], test=test, confidence=confidence
+        )
+        unpaired = sorted(set(values) ^ set(base_values))
+        if unpaired:
+            notes.append(f"unpaired seeds {unpaired} left out of the comparison")
+    notes.append(comparison.pop("note"))
+    row["note"] = "; ".join(n for n in notes if n)
+    return {**row, **comparison}
 
 
 def _to_table(

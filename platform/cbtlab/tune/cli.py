@@ -1,0 +1,444 @@
+"""The command lines of the shipped studies: one `*_main(argv)` per study, behind both its
+`studies/*.py` script and `cbtlab study NAME ...`.
+
+A bad flag value exits 2 with one message naming it; a main returns 0 when the study ran and
+not every trial failed, 1 otherwise (or when Ray or the resume folder cannot be reached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
+from cbtlab.tracking import StudyTracker
+from cbtlab.tune.definitions import (
+    PRESETS,
+    REP_GRIDS,
+    STEP_CELLS,
+    VARIANTS,
+    model_scaling_spec,
+    rep_count_spec,
+    step_init_spec,
+    variant_spec,
+)
+from cbtlab.tune.runner import StudyResult, mlflow_ui_command, resume_study, run_study
+from cbtlab.tune.scaling import (
+    SIZE_KEYS,
+    SIZE_NAMES,
+    finetune_base,
+    format_scaling,
+    parse_downstream,
+    pretrained_checkpoints,
+    scaling_json,
+    scaling_rows,
+)
+from cbtlab.tune.spec import StudySpec, spec_from_dict
+from cbtlab.tune.state import latest_study_path, read_study_state
+from cbtlab.tune.stats import TESTS
+
+# `--resume` without a folder: the study of this name started last under --storage-path.
+LATEST = "latest"
+
+
+def study_parser(
+    description: str, prog: str | None = None, *, search: bool = True, seeds: int = 1
+) -> argparse.ArgumentParser:
+    """Flags every study shares: preset, scale, seeds and statistics, resources, Ray, MLflow,
+    config overrides; with `search`, also the Optuna/ASHA flags and `--grid`."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    _add_recipe_flags(parser, search=search, seeds=seeds)
+    if search:
+        _add_search_flags(parser)
+    _add_statistics_flags(parser)
+    _add_resource_flags(parser)
+    _add_service_flags(parser)
+    add_override_argument(parser)
+    return parser
+
+
+def _add_recipe_flags(parser: argparse.ArgumentParser, *, search: bool, seeds: int) -> None:
+    """--preset, --data-root, --epochs, --seed and --seeds."""
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="smoke",
+        help="smoke: the digits on CPU; imagenet: the paper's recipe on shards",
+    )
+    parser.add_argument("--data-root", default=None, help="prebuilt shards for --preset imagenet")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (train.epochs)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (of the first seed)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=seeds,
+        help="seeds per cell: train.seed = --seed + i, the same in every cell (paired)"
+        + ("; more than 1 runs a grid" if search else ""),
+    )
+
+
+def _add_search_flags(parser: argparse.ArgumentParser) -> None:
+    """--grid and the Optuna/ASHA flags."""
+    parser.add_argument(
+        "--grid", action="store_true", help="run every cell (x --seeds) instead of Optuna"
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="trials of the Optuna search (6)"
+    )
+    parser.add_argument("--search-seed", type=int, default=0, help="seed of the Optuna sampler")
+    parser.add_argument("--no-asha", action="store_true", help="run every trial to the end")
+    parser.add_argument(
+        "--optuna-storage",
+        default="",
+        metavar="URL",
+        help="the Optuna study's database (sqlite:///..., postgresql://...); default: "
+        "optuna.db in the study's results folder",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="ASHA: epochs every trial runs before it may be stopped (default: half the "
+        "epochs); a grid never stops trials early",
+    )
+
+
+def _add_statistics_flags(parser: argparse.ArgumentParser) -> None:
+    """--baseline, --stats-test and --stats-on."""
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="KEY=VALUE,...",
+        help="the cell every other is compared with (default: the grid's first cell)",
+    )
+    parser.add_argument(
+        "--stats-test",
+        choices=TESTS,
+        default="auto",
+        help="paired test: auto = t below 6 seeds, Wilcoxon from 6",
+    )
+    parser.add_argument(
+        "--stats-on",
+        choices=("final", "best"),
+        default="final",
+        help="a trial's value: its metric at the last epoch or its best epoch",
+    )
+
+
+def _add_resource_flags(parser: argparse.ArgumentParser) -> None:
+    """--workers, --gpus-per-worker and --max-concurrent."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="training workers per trial (default: train.num_workers)",
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="1: a GPU per worker; 0: CPU only, even where the cluster has GPUs; default: "
+        "train.use_gpu, whose 'auto' takes a GPU per worker where the cluster has one",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at once (default: 1 for an Optuna search, as many as the cluster holds "
+        "for a grid)",
+    )
+
+
+def _add_service_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the study runs and writes: Ray, MLflow, the results folder, --resume, --name."""
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (or MLFLOW_TRACKING_URI)"
+    )
+    parser.add_argument("--storage-path", default=None, help="Ray results folder or URI")
+    parser.add_argument("--worker-logs", action="store_true", help="show training workers' logs")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=LATEST,
+        default=None,
+        metavar="FOLDER",
+        help="go on with a study whose driver stopped: its results folder "
+        "(<storage path>/<name>-<run id>, printed as it starts), or none for the latest study "
+        "of this name under --storage-path; its settings come from that folder, other flags "
+        "but --address and --worker-logs are ignored",
+    )
+    parser.add_argument("--name", default=None, help="study name (the MLflow experiment)")
+
+
+def run_study_main(
+    parser: argparse.ArgumentParser,
+    make_spec: Callable[[argparse.Namespace], StudySpec],
+    argv: Sequence[str] | None,
+) -> int:
+    """Parse, build the spec (a bad value: one message naming it, exit 2), run, print the
+    trial table, the statistics of a grid, and where MLflow keeps it all."""
+    args = parser.parse_args(argv)
+    try:
+        spec = make_spec(args).validate()
+    except ConfigError as exc:
+        parser.error(str(exc))
+    path = args.resume
+    if path is not None:
+        if path == LATEST and "://" in spec.storage_path:
+            parser.error("--resume: give the study's results folder on remote storage")
+        try:
+            path = latest_study_path(spec.storage_path, spec.name) if path == LATEST else path
+            spec = spec_from_dict(read_study_state(path).spec).validate()
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    try:
+        if path is not None:
+            result = resume_study(path, ray_address=args.address, worker_logs=args.worker_logs)
+        else:
+            result = run_study(spec)
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_study_result(result, spec)
+    return 0 if result.failed < len(result.rows) else 1
+
+
+def print_study_result(result: StudyResult, spec: StudySpec) -> None:
+    """The trial table, a grid's statistics, the best trial and where MLflow keeps it all."""
+    print()
+    print(result.table)
+    print()
+    if result.stats_text:
+        print(f"statistics over seeds {spec.seed_values} (each cell vs the baseline, paired):")
+        print(result.stats_text)
+        where = f"written to {result.stats_path}; " if result.stats_path else ""
+        print(f"{where}logged as stats.parquet and stats.txt on the parent run")
+        print()
+    if result.best is not None:
+        print(f"best: {result.best['trial']} {spec.metric} {result.best['best']:.4f}")
+    print(f"MLflow: experiment {result.experiment_name!r}, parent run {result.parent_run_id}")
+    print(f"open the MLflow UI with:\n  {mlflow_ui_command(result.tracking_uri)}")
+
+
+def rep_count_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = study_parser(
+        "How many representatives does CBSA need? Searches the representative grid "
+        "(count and shape) of a CBT with Optuna + ASHA, or runs every grid with --grid / "
+        "--seeds N and compares them with paired statistics; logs to MLflow.",
+        prog=prog,
+    )
+    parser.add_argument(
+        "--grids",
+        default=",".join(REP_GRIDS),
+        help="representative grids to search (g_h x g_w, comma-separated)",
+    )
+    return parser
+
+
+def rep_count_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return run_study_main(rep_count_parser(prog), rep_count_spec, argv)
+
+
+def variant_comparison_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = study_parser(
+        "CBSA against the other attentions at equal size (the paper's Table 4): every variant "
+        "in the same skeleton, each with the same --seeds; paired statistics vs the baseline.",
+        prog=prog,
+        search=False,
+        seeds=3,
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        help="attention names (a per-layer mix as 'mssa,cbsa'); the first is the baseline",
+    )
+    return parser
+
+
+def variant_comparison_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return run_study_main(variant_comparison_parser(prog), variant_spec, argv)
+
+
+def step_size_init_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = study_parser(
+        "How should CBSA's learnable step sizes (eta_rep, eta_x) start? N(0, s), the constant "
+        "s (either sign) or zero, each with the same --seeds; paired statistics vs the baseline.",
+        prog=prog,
+        search=False,
+        seeds=3,
+    )
+    parser.add_argument(
+        "--cells",
+        default=STEP_CELLS,
+        help="init:scale cells (normal, constant, zero); the first is the baseline",
+    )
+    return parser
+
+
+def step_size_init_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return run_study_main(step_size_init_parser(prog), step_init_spec, argv)
+
+
+def model_scaling_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = study_parser(
+        "Model scaling (the paper's Table 3): CBT sizes pre-trained with the same --seeds, "
+        "then each fine-tuned from its checkpoint on every --downstream dataset; prints and "
+        "logs the scaling table (parameters, FLOPs, top-1 per stage).",
+        prog=prog,
+        search=False,
+    )
+    parser.add_argument(
+        "--sizes", nargs="+", choices=SIZE_NAMES, default=list(SIZE_NAMES), help="CBT sizes"
+    )
+    parser.add_argument(
+        "--downstream",
+        nargs="*",
+        default=[],
+        metavar="NAME=ROOT",
+        help="fine-tuning datasets: prebuilt shards (folder or URL), e.g. cifar10=/data/c10",
+    )
+    parser.add_argument(
+        "--finetune-epochs", type=int, default=None, help="epochs of each fine-tuning trial"
+    )
+    parser.add_argument(
+        "--finetune-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override of the fine-tuning stage only (repeatable)",
+    )
+    return parser
+
+
+def model_scaling_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Pre-train every size, fine-tune each on every downstream set, print the scaling table."""
+    parser = model_scaling_parser(prog)
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        parser.error(
+            "--resume: model_scaling runs one study per stage; go on with a stopped stage "
+            "through `cbtlab study rep-count --resume FOLDER` (any study's folder), or re-run"
+        )
+    try:
+        pretrain, bases, overrides = _scaling_stages(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    names = list(args.sizes)
+    try:
+        result, stage_rows = _run_scaling(pretrain, bases, overrides, names)
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    _report_scaling(pretrain, result, stage_rows, names)
+    failed = sum(1 for stage in stage_rows.values() for r in stage if r["status"] != "FINISHED")
+    return 0 if not failed else 1
+
+
+def _scaling_stages(
+    args: argparse.Namespace,
+) -> tuple[StudySpec, dict[str, ExperimentConfig], dict[str, Any]]:
+    """The pre-training spec, each downstream set's fine-tuning base config and the
+    fine-tuning overrides; every downstream set is checked before anything trains."""
+    pretrain = model_scaling_spec(args).validate()
+    downstream = parse_downstream(args.downstream)
+    overrides = dict(parse_override(text) for text in args.finetune_set)
+    if args.finetune_epochs is not None:
+        overrides["train.epochs"] = args.finetune_epochs
+    if downstream and not pretrain.base.train.checkpoint_every:
+        raise ConfigError("train.checkpoint_every", "fine-tuning needs the last checkpoint")
+    bases = {
+        name: finetune_base(pretrain.base, root, args.preset, overrides)
+        for name, root in downstream.items()
+    }
+    return pretrain, bases, overrides
+
+
+def _run_scaling(
+    pretrain: StudySpec,
+    bases: dict[str, ExperimentConfig],
+    overrides: dict[str, Any],
+    names: list[str],
+) -> tuple[StudyResult, dict[str, list[dict[str, Any]]]]:
+    """Run the pre-training study, then one fine-tuning study per downstream set from the
+    sizes' pre-trained checkpoints; return the pre-training's result and every stage's rows."""
+    cells = pretrain.cells
+    result = run_study(pretrain)
+    print_study_result(result, pretrain)
+    stage_rows = {"pretrain": result.rows}
+    checkpoints = pretrained_checkpoints(
+        result.rows,
+        pretrain.tracking_uri,
+        names=names,
+        cells=cells,
+        seed=pretrain.seed_values[0],
+    )
+    missing = [n for n in names if n not in checkpoints]
+    if bases and missing:
+        print(f"no pre-trained checkpoint (failed trial) for {', '.join(missing)}: not fine-tuned")
+    for stage, base in bases.items():
+        tuned = [(n, c) for n, c in zip(names, cells, strict=True) if n in checkpoints]
+        if not tuned:
+            break
+        spec = _finetune_spec(pretrain, stage, base, tuned, checkpoints, overrides)
+        print(f"\nfine-tuning on {stage} ({base.data.root}) from the pre-trained checkpoints")
+        stage_result = run_study(spec)
+        print_study_result(stage_result, spec)
+        stage_rows[stage] = stage_result.rows
+    return result, stage_rows
+
+
+def _finetune_spec(
+    pretrain: StudySpec,
+    stage: str,
+    base: ExperimentConfig,
+    tuned: list[tuple[str, dict[str, Any]]],
+    checkpoints: dict[str, str],
+    overrides: dict[str, Any],
+) -> StudySpec:
+    """The fine-tuning study of one downstream set: the `tuned` sizes, each from its
+    pre-trained checkpoint (a factor of the grid), with the pre-training's seeds."""
+    return dataclasses.replace(
+        pretrain,
+        name=f"{pretrain.name}-{stage}",
+        base=base,
+        space={
+            **{k: list(dict.fromkeys(c[k] for _, c in tuned)) for k in SIZE_KEYS},
+            "train.init_from": [checkpoints[n] for n, _ in tuned],
+        },
+        cells=[{**c, "train.init_from": checkpoints[n]} for n, c in tuned],
+        baseline=None,
+        # --finetune-set values stay as given
+        node_sized=[k for k in pretrain.node_sized if k not in overrides],
+    ).validate()
+
+
+def _report_scaling(
+    pretrain: StudySpec,
+    result: StudyResult,
+    stage_rows: dict[str, list[dict[str, Any]]],
+    names: list[str],
+) -> None:
+    """Print the scaling table and log it on the pre-training's parent run."""
+    rows = scaling_rows(
+        stage_rows,
+        names=names,
+        cells=pretrain.cells,
+        pretrain=pretrain.base,
+        stats_on=pretrain.stats_on,
+    )
+    table = format_scaling(rows, list(stage_rows))
+    tracker = StudyTracker(pretrain.tracking_uri, pretrain.experiment_name)
+    tracker.log_text(result.parent_run_id, table, "scaling.txt")
+    tracker.log_text(result.parent_run_id, scaling_json(rows), "scaling.json")
+    print(f"\nmodel scaling ({pretrain.stats_on} {pretrain.metric}, mean ± 95% CI over seeds):")
+    print(table)
+    print(f"logged as scaling.txt and scaling.json on the parent run {result.parent_run_id}")

@@ -1,0 +1,221 @@
+"""The studies that ship with cbtlab: each a function from parsed flags to a `StudySpec` (its
+search space or grid), with the presets' base configs (`smoke`, `imagenet`).
+
+A bad flag value raises `ConfigError` naming it; nothing here parses a command line or runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from cbtlab.config import (
+    ConfigError,
+    ExperimentConfig,
+    format_grid,
+    parse_grid,
+    parse_override,
+)
+from cbtlab.models.zoo import architecture
+from cbtlab.tune.scaling import SIZE_KEYS, size_cells
+from cbtlab.tune.spec import StudySpec
+
+# Representative grids on the 8 x 8 patch grid of the digits preset: counts 1..64, square and not.
+REP_GRIDS = ("1x1", "2x2", "4x2", "2x4", "4x4", "8x2", "2x8", "8x4", "4x8", "8x8")
+# The first trials cover every count once (m = 1, 4, 8, 16, 32, 64), then TPE samples the rest.
+REP_GRIDS_FIRST = ("1x1", "2x2", "4x2", "4x4", "8x4", "8x8")
+# Table 4's mechanisms and the ViT baseline, all in the same skeleton (width, depth, heads).
+VARIANTS = ("cbsa", "mssa", "tssa", "agent", "linear", "softmax")
+# init:scale; the reference code's N(0, 1) first (the baseline), zero takes no scale.
+STEP_CELLS = "normal:1,normal:0.1,constant:1,constant:0.1,constant:-0.1,constant:-1,zero"
+
+PRESETS = ("smoke", "imagenet")
+# The paper's ImageNet-1k recipe (Table 3): 150 epochs, Lion, lr 2e-4, weight decay 0.05,
+# global batch 256, label smoothing 0.1; random-resized crop + flip come with prebuilt shards.
+# From the reference code's main.py: 20 warm-up epochs, then a cosine to 0, no gradient clipping
+# (commented out there), mixed precision (fp16 there; train.precision="auto" is bf16 on a GPU).
+# The trials take a GPU per worker where the cluster has GPUs (train.use_gpu="auto"), and then
+# CPUs and loader processes per GPU sized from the GPU node (`IMAGENET_NODE_SIZED`).
+IMAGENET_RECIPE: dict[str, Any] = {
+    "model.in_chans": 3,
+    "model.num_classes": 1000,
+    "model.rep_grid": "8x8",  # as the registered timm sizes (cbtlab.models.zoo)
+    "data.dataset": "shards",
+    "data.batch_size": 256,
+    "train.epochs": 150,
+    "train.optimizer": "lion",
+    "train.lr": 2e-4,
+    "train.weight_decay": 0.05,
+    "train.label_smoothing": 0.1,
+    "train.warmup_epochs": 20,
+    "train.min_lr_ratio": 0.0,
+    "train.grad_clip": 0.0,
+}
+# Sized by the study's driver from the GPU node (cbtlab.cluster.size_from_node) unless --set;
+# on CPUs they keep the config's 2-core values.
+IMAGENET_NODE_SIZED = ("train.cpus_per_worker", "data.loader_workers")
+
+
+def _grid_list(text: str) -> list[str]:
+    grids = [format_grid(parse_grid(g.strip(), "--grids")) for g in text.split(",") if g.strip()]
+    if not grids:
+        raise ConfigError("--grids", "give at least one grid, e.g. 2x2,4x4")
+    return grids
+
+
+def parse_cell(text: str, flag: str = "--baseline") -> dict[str, Any]:
+    """`key=value,key=value` -> {key: value}; a value may hold commas ("mssa,cbsa")."""
+    cell: dict[str, Any] = {}
+    key = None
+    for part in text.split(","):
+        if "=" in part or key is None:
+            key, value = parse_override(part)
+            cell[key] = value
+        else:  # the comma belonged to the previous value
+            cell[key] = parse_override(f"{key}={cell[key]},{part}")[1]
+    if not cell:
+        raise ConfigError(flag, "expected key=value[,key=value...]")
+    return cell
+
+
+def preset_overrides(preset: str, data_root: str | None) -> dict[str, Any]:
+    """The config overrides of a preset; raises ConfigError naming everything missing for it
+    (the imagenet preset's --data-root, or a recipe field this cbtlab cannot take)."""
+    if preset == "smoke":
+        return {}
+    if preset != "imagenet":
+        raise ConfigError("--preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
+    model = {f"model.{k}": v for k, v in architecture("cbt_tiny_patch16_224").items()}
+    overrides = {**model, **IMAGENET_RECIPE, "data.root": data_root or ""}
+    problems = [] if data_root else ["--data-root: give the prebuilt ImageNet shards (folder/URL)"]
+    whole = _config_error(overrides)
+    if whole:
+        # Try the parts one by one so that the message names every missing piece at once.
+        data = ("data.dataset", "data.root")
+        groups = [[k for k in overrides if k.startswith("model.")], list(data)]
+        groups += [[k] for k in overrides if not k.startswith(("model.", *data))]
+        parts = [_config_error({k: overrides[k] for k in group}) for group in groups]
+        problems += [p for p in parts if p] or [whole]
+    if problems:
+        raise ConfigError(
+            "--preset",
+            "imagenet (the paper's ImageNet-1k recipe) is missing:\n  " + "\n  ".join(problems),
+        )
+    return overrides
+
+
+def _config_error(overrides: dict[str, Any]) -> str | None:
+    try:
+        ExperimentConfig().with_overrides(overrides)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def base_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The preset, then `--set` overrides, then `--epochs` and `--seed`."""
+    overrides = preset_overrides(args.preset, args.data_root)
+    overrides.update(parse_override(text) for text in args.overrides)
+    if args.epochs is not None:
+        overrides["train.epochs"] = args.epochs
+    overrides["train.seed"] = args.seed
+    return ExperimentConfig().with_overrides(overrides)
+
+
+def study_spec(
+    args: argparse.Namespace,
+    *,
+    name: str,
+    space: dict[str, list[Any]],
+    cells: Sequence[dict[str, Any]] = (),
+    grid: bool = False,
+) -> StudySpec:
+    """A StudySpec from the shared flags (the search flags when the parser has them)."""
+    search = {}
+    if hasattr(args, "grid"):
+        grid = grid or args.grid or args.seeds > 1
+        if grid and args.num_samples is not None:
+            raise ConfigError("--num-samples", "a grid runs every cell x seed; drop the flag")
+        search = {
+            "num_samples": args.num_samples or 6,
+            "search_seed": args.search_seed,
+            "asha": not args.no_asha,
+            "grace_period": args.grace_period,
+            "optuna_storage": args.optuna_storage,
+        }
+    given = {parse_override(text)[0] for text in args.overrides}
+    node_sized = IMAGENET_NODE_SIZED if args.preset == "imagenet" else ()
+    return StudySpec(
+        name=args.name or name,
+        base=base_config(args),
+        space=space,
+        grid=grid,
+        cells=list(cells),
+        seeds=args.seeds,
+        baseline=parse_cell(args.baseline) if args.baseline else None,
+        stats_test=args.stats_test,
+        stats_on=args.stats_on,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        node_sized=[key for key in node_sized if key not in given],
+        max_concurrent=args.max_concurrent,
+        ray_address=args.address,
+        worker_logs=args.worker_logs,
+        storage_path=args.storage_path or "",
+        tracking_uri=args.tracking_uri or "",
+        **search,
+    )
+
+
+def rep_count_spec(args: argparse.Namespace) -> StudySpec:
+    grids = _grid_list(args.grids)
+    spec = study_spec(args, name="rep_count_ablation", space={"model.rep_grid": grids})
+    if not spec.grid:
+        first = [g for g in REP_GRIDS_FIRST if g in grids] + [
+            g for g in grids if g not in REP_GRIDS_FIRST
+        ]
+        spec.initial_points = [{"model.rep_grid": g} for g in first[: spec.num_samples]]
+    return spec
+
+
+def variant_spec(args: argparse.Namespace) -> StudySpec:
+    return study_spec(
+        args, name="variant_comparison", space={"model.attention": list(args.variants)}, grid=True
+    )
+
+
+def parse_step_cells(text: str) -> list[dict[str, Any]]:
+    """`init:scale,...` (zero takes no scale) -> cells of model.step_init x model.step_scale."""
+    cells = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        init, _, raw = item.partition(":")
+        try:
+            scale = float(raw) if raw else None
+        except ValueError:
+            raise ConfigError("--cells", f"{item}: expected init:scale, e.g. constant:1") from None
+        if init == "zero":
+            if scale:
+                raise ConfigError("--cells", f"{item}: zero initialisation takes no scale")
+            scale = 0.0
+        elif scale is None:
+            raise ConfigError("--cells", f"{item}: give a scale, e.g. {init}:0.1")
+        cells.append({"model.step_init": init, "model.step_scale": scale})
+    if not cells:
+        raise ConfigError("--cells", "give at least one cell, e.g. normal:1,zero")
+    return cells
+
+
+def step_init_spec(args: argparse.Namespace) -> StudySpec:
+    cells = parse_step_cells(args.cells)
+    space = {
+        key: list(dict.fromkeys(cell[key] for cell in cells))
+        for key in ("model.step_init", "model.step_scale")
+    }
+    return study_spec(args, name="step_size_init", space=space, cells=cells, grid=True)
+
+
+def model_scaling_spec(args: argparse.Namespace) -> StudySpec:
+    cells = size_cells(args.preset, args.sizes)
+    space = {key: list(dict.fromkeys(cell[key] for cell in cells)) for key in SIZE_KEYS}
+    return study_spec(args, name="model_scaling", space=space, cells=cells, grid=True)

@@ -1,0 +1,244 @@
+"""A study's specification: `StudySpec`, its validation, a grid's cells and trials, and its
+plain-JSON form (the state a resumed driver reads back).
+
+`StudySpec.validate()` raises `ConfigError` naming the first bad field and fills in what the
+spec leaves open (a grid's cells, the grace period, the storage and tracking locations); a
+grid's trials are queued seed-major (`grid_trials`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cbtlab.cluster import NODE_SIZED_KEYS
+from cbtlab.config import ConfigError, ExperimentConfig
+from cbtlab.paths import default_tracking_uri, ray_results_home, redact_url
+from cbtlab.tune.stats import TESTS, cell_label
+
+# MLflow's limit on a param value's length.
+MLFLOW_PARAM_CHARS = 6000
+# CPUs held by a trial's driver process by default (its TorchTrainer's workers hold their own).
+TRIAL_DRIVER_CPUS = 0.1
+
+
+@dataclass
+class StudySpec:
+    """Everything a study run needs; studies/ scripts fill it from their flags."""
+
+    name: str
+    base: ExperimentConfig
+    # Dotted config key -> the values to search (categorical).
+    space: dict[str, list[Any]]
+    # Trials to run first, in order (each a full assignment of `space`), before the sampler.
+    initial_points: list[dict[str, Any]] = field(default_factory=list)
+    num_samples: int = 6
+    search_seed: int = 0
+    metric: str = "val/top1"
+    mode: str = "max"
+    # ASHA early stopping; a search only (a grid runs every trial to the end).
+    asha: bool = True
+    # Epochs every trial runs before ASHA may stop it; None means half of train.epochs.
+    grace_period: int | None = None
+    reduction_factor: int = 2
+    # An explicit grid instead of the Optuna search: every cell runs once per seed.
+    grid: bool = False
+    # The grid's cells (each a full assignment of `space`); empty: the full factorial of `space`
+    # (validate() fills it in, spelled as the flat config).
+    cells: list[dict[str, Any]] = field(default_factory=list)
+    # Seeds per cell: train.seed = base.train.seed + i for i < seeds, in every cell alike.
+    seeds: int = 1
+    # The cell every other cell is compared with; None: the grid's first cell.
+    baseline: dict[str, Any] | None = None
+    # The statistics' paired test ("auto", "t", "wilcoxon", see cbtlab.tune.stats) and the trial
+    # value they use: the metric at the last epoch ("final") or its best over the epochs ("best").
+    stats_test: str = "auto"
+    stats_on: str = "final"
+    # Training workers per trial and GPUs per worker (0 or 1, setting train.use_gpu); None:
+    # train.num_workers and train.use_gpu, whose "auto" is a GPU per worker where the cluster has
+    # one (see cbtlab.tune.resources.plan_resources).
+    workers: int | None = None
+    gpus_per_worker: int | None = None
+    # Config keys sized from the GPU node when the trials get GPUs (cbtlab.cluster.size_from_node:
+    # train.cpus_per_worker, data.loader_workers); the imagenet preset's, unless --set.
+    node_sized: list[str] = field(default_factory=list)
+    # Trials at once; None: 1 for a search (ASHA's and TPE's decisions then do not depend on
+    # timing), as many as the cluster's resources fit for a grid.
+    max_concurrent: int | None = None
+    # CPUs held by each trial's driver process (the TorchTrainer's workers hold their own).
+    trial_driver_cpus: float = TRIAL_DRIVER_CPUS
+    # Where a search keeps its Optuna study: an RDB URL (sqlite:///..., postgresql://...);
+    # empty: a SQLite file in the study's results folder (under CBTLAB_HOME for remote storage).
+    optuna_storage: str = ""
+    ray_address: str | None = None
+    # Stream the training workers' own logs to this console (Tune's error files keep them anyway).
+    worker_logs: bool = False
+    storage_path: str = ""
+    tracking_uri: str = ""
+    experiment_name: str = ""
+
+    def validate(self) -> StudySpec:
+        """Check every field (a ConfigError names the first bad one) and fill in the defaults:
+        the trial scaling on the base config, a grid's cells, the grace period, the storage
+        path (absolute), the tracking URI and the experiment name."""
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise ConfigError("study.name", f"must be a non-empty word, got {self.name!r}")
+        self.base.validate()
+        self._check_space()
+        self._apply_scaling()
+        self._check_grid()
+        self._check_statistics()
+        self._check_search()
+        self.storage_path = self.storage_path or str(ray_results_home())
+        if "://" not in self.storage_path:  # Tune and the resume state want absolute paths
+            self.storage_path = str(Path(self.storage_path).expanduser().resolve())
+        self.tracking_uri = self.tracking_uri or default_tracking_uri()
+        self.experiment_name = self.experiment_name or self.name
+        return self
+
+    def _check_space(self) -> None:
+        """The space's keys are config fields and each value gives a valid config; so do the
+        initial points."""
+        if not self.space:
+            raise ConfigError("study.space", "the search space is empty")
+        known = set(self.base.flat())
+        for key, values in self.space.items():
+            if key not in known:
+                raise ConfigError(key, f"not a config field; fields: {', '.join(sorted(known))}")
+            if not values:
+                raise ConfigError(key, "no values to search")
+            if not self.cells:  # explicit cells are checked whole below (values may pair up)
+                for value in values:  # each value must give a valid config on its own
+                    self.base.with_overrides({key: value})
+        for point in self.initial_points:
+            if set(point) != set(self.space):
+                raise ConfigError(
+                    "study.initial_points", f"{point} does not assign {set(self.space)}"
+                )
+            self.base.with_overrides(point)
+
+    def _apply_scaling(self) -> None:
+        """Set `workers` and `gpus_per_worker` on the base config; check `node_sized`."""
+        scaling: dict[str, Any] = {}
+        if self.workers is not None:
+            if self.workers < 1:
+                raise ConfigError("study.workers", f"must be >= 1, got {self.workers}")
+            scaling["train.num_workers"] = self.workers
+        if self.gpus_per_worker is not None:
+            if self.gpus_per_worker not in (0, 1):
+                raise ConfigError(
+                    "study.gpus_per_worker",
+                    f"one GPU per worker (DDP) or none, got {self.gpus_per_worker}",
+                )
+            scaling["train.use_gpu"] = bool(self.gpus_per_worker)
+        unknown = [key for key in self.node_sized if key not in NODE_SIZED_KEYS]
+        if unknown:
+            raise ConfigError(
+                "study.node_sized", f"{unknown[0]!r} is not one of {', '.join(NODE_SIZED_KEYS)}"
+            )
+        if scaling:
+            self.base = self.base.with_overrides(scaling)
+
+    def _check_grid(self) -> None:
+        """Decide whether this is a grid; normalise its cells and its baseline."""
+        if self.seeds < 1:
+            raise ConfigError("study.seeds", f"must be >= 1, got {self.seeds}")
+        self.grid = self.grid or self.seeds > 1 or bool(self.cells)
+        if self.grid and "train.seed" in self.space:
+            raise ConfigError("train.seed", "a grid sets the seeds itself: use study.seeds")
+        for cell in self.cells:
+            if set(cell) != set(self.space):
+                raise ConfigError("study.cells", f"{cell} does not assign {set(self.space)}")
+        if self.grid:  # every cell, spelled as the flat config, must give a valid config
+            self.cells = grid_cells(self)
+        if self.baseline is not None:
+            self.baseline = normalise_cell(self.base, self.baseline)
+            if self.grid and self.baseline not in self.cells:
+                raise ConfigError(
+                    "study.baseline",
+                    f"{cell_label(self.baseline)} is not a cell of the grid; cells: "
+                    + "; ".join(cell_label(c) for c in self.cells),
+                )
+
+    def _check_statistics(self) -> None:
+        if self.stats_test not in TESTS:
+            raise ConfigError(
+                "study.stats_test", f"{self.stats_test!r} is not one of {', '.join(TESTS)}"
+            )
+        if self.stats_on not in ("final", "best"):
+            raise ConfigError("study.stats_on", f"{self.stats_on!r} is not 'final' or 'best'")
+
+    def _check_search(self) -> None:
+        """The search's size, direction, concurrency and ASHA settings (the grace period
+        defaulting to half the epochs)."""
+        if self.num_samples < 1:
+            raise ConfigError("study.num_samples", f"must be >= 1, got {self.num_samples}")
+        if self.mode not in ("max", "min"):
+            raise ConfigError("study.mode", f"{self.mode!r} is not one of 'max', 'min'")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError("study.max_concurrent", f"must be >= 1, got {self.max_concurrent}")
+        if self.grace_period is None:
+            self.grace_period = max(1, self.base.train.epochs // 2)
+        if self.grace_period < 1:
+            raise ConfigError("study.grace_period", f"must be >= 1, got {self.grace_period}")
+        if self.reduction_factor < 2:
+            raise ConfigError(
+                "study.reduction_factor", f"must be >= 2, got {self.reduction_factor}"
+            )
+
+    @property
+    def seed_values(self) -> list[int]:
+        """The seeds every cell of a grid runs with."""
+        return [self.base.train.seed + i for i in range(self.seeds)]
+
+    @property
+    def trial_keys(self) -> list[str]:
+        """The config keys that tell one trial from another (the summary table's columns)."""
+        return [*self.space, "train.seed"] if self.grid else list(self.space)
+
+
+def normalise_cell(base: ExperimentConfig, cell: Mapping[str, Any]) -> dict[str, Any]:
+    """`cell` with its values as the flat config writes them (grids as 'HxW', numbers typed),
+    so that cells given in any spelling compare equal to the trials' configs."""
+    flat = base.with_overrides(dict(cell)).flat()
+    return {key: flat[key] for key in cell}
+
+
+def grid_cells(spec: StudySpec) -> list[dict[str, Any]]:
+    """The cells of a grid study, normalised: `spec.cells`, or the full factorial of
+    `spec.space` (the last key varying fastest)."""
+    if spec.cells:
+        cells = spec.cells
+    else:
+        combos = itertools.product(*spec.space.values())
+        cells = [dict(zip(spec.space, combo, strict=True)) for combo in combos]
+    return [normalise_cell(spec.base, cell) for cell in cells]
+
+
+def grid_trials(spec: StudySpec) -> list[dict[str, Any]]:
+    """Every trial of a validated grid study, in the order they are queued: each cell with the
+    first seed, then each cell with the second, ... (`train.seed` = base seed + i in every
+    cell)."""
+    cells = spec.cells
+    return [{**cell, "train.seed": seed} for seed in spec.seed_values for cell in cells]
+
+
+def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
+    """A StudySpec as plain JSON values (the base config as `ExperimentConfig.to_dict`)."""
+    data = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    data["base"] = spec.base.to_dict()
+    data["optuna_storage"] = redact_url(spec.optuna_storage)
+    return json.loads(json.dumps(data, default=list))
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> StudySpec:
+    """The StudySpec of `spec_to_dict` (keys it does not know are skipped)."""
+    known = {f.name for f in dataclasses.fields(StudySpec)}
+    values = {key: value for key, value in data.items() if key in known}
+    values["base"] = ExperimentConfig.from_dict(values["base"])
+    return StudySpec(**values)
