@@ -121,3 +121,17 @@ def test_a_normal_step_init_needs_a_non_negative_scale() -> None:
         base.with_overrides({"model.step_init": "normal", "model.step_scale": -0.5}).validate()
     negative = base.with_overrides({"model.step_init": "constant", "model.step_scale": -0.5})
     assert negative.validate().model.step_scale == -0.5
+
+
+def test_a_retired_field_reads_at_its_old_value_and_only_there() -> None:
+    """Runs and study states saved before `train.inject_failure` became a test hook hold it as
+    "": they still read; any other value names the retired field."""
+    old = {**ExperimentConfig().flat(), "train.inject_failure": ""}
+    assert ExperimentConfig.from_flat(old) == ExperimentConfig()
+    nested = ExperimentConfig().to_dict()
+    nested["train"]["inject_failure"] = ""
+    assert ExperimentConfig.from_dict(nested) == ExperimentConfig()
+    with pytest.raises(ConfigError, match=r"train\.inject_failure: this field was retired"):
+        ExperimentConfig.from_flat({**old, "train.inject_failure": "0:1:1"})
+    with pytest.raises(ConfigError, match=r"train\.no_such_field: unknown field"):
+        ExperimentConfig.from_flat({"train.no_such_field": ""})

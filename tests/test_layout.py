@@ -31,6 +31,9 @@ LAYERS: list[set[str]] = [
 # (module, imported module): why the import waits until the function runs.
 LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("cbtlab.attention.cbsa", "cbtlab.attention.cbsa_triton"): "triton is optional",
+    # The benchmarks run on bare GPU machines without MLflow; cbtlab.tracking imports it.
+    ("cbtlab.perf.record", "cbtlab.tracking.mlflow_tracker"): "MLflow is optional there",
+    ("cbtlab.perf.record", "cbtlab.tracking.provenance"): "MLflow is optional there",
 }
 
 MAX_FUNCTION_LINES = 80

@@ -505,6 +505,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+# Fields that configs no longer have, with the value they always held in runs that logged them:
+# a saved config (a study's resume state, a checkpoint) that holds one at that value still reads;
+# any other value is refused, since no run today can honour it.
+RETIRED_FIELDS: dict[str, Any] = {
+    "train.inject_failure": "",  # a test hook now (cbtlab.train.faults.FailAt)
+}
+
+
 def _build_section(section: str, section_type: type, values: Any) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(section, f"expected a mapping, got {type(values).__name__}")
@@ -512,6 +520,11 @@ def _build_section(section: str, section_type: type, values: Any) -> Any:
     names = [f.name for f in dataclasses.fields(section_type)]
     kwargs = {}
     for key, value in values.items():
+        retired = f"{section}.{key}"
+        if retired in RETIRED_FIELDS and key not in hints:
+            if value != RETIRED_FIELDS[retired]:
+                raise ConfigError(retired, f"this field was retired; it cannot be {value!r}")
+            continue
         if key not in hints:
             raise ConfigError(f"{section}.{key}", f"unknown field; allowed: {', '.join(names)}")
         kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
