@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cbtlab.checkpoint import load_state
 from cbtlab.config import ExperimentConfig
 from cbtlab.train import build_trainer
-from cbtlab.train.checkpoint import load_state
 from cbtlab.train.faults import FailAt
 
 TINY = {"model.embed_dim": 24, "model.depth": 1, "model.rep_grid": "2x2", "train.epochs": 3}

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from cbtlab.checkpoint import CheckpointError, save_state
 from cbtlab.config import ExperimentConfig
 from cbtlab.data.shards import Sample, write_card, write_split
 from cbtlab.models import build_model
 from cbtlab.models.transformer import resample_pos_embed
 from cbtlab.train import run_training
-from cbtlab.train.checkpoint import CheckpointError, save_state
 from cbtlab.train.finetune import init_from
 
 TINY = {

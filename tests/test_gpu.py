@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from cbtlab.checkpoint import make_state
 from cbtlab.config import ExperimentConfig
 from cbtlab.models import build_model
-from cbtlab.train.checkpoint import make_state
 from cbtlab.train.gpu_check import gpu_check_main, iter_tensors, ray_importable
 from cbtlab.train.loop import run_training
 from cbtlab.train.recipe import build_optimizer, warmup_cosine

@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"attention", "paths", "tables"},
     {"models"},
     {"config"},
-    {"cluster", "tracking"},
+    {"checkpoint", "cluster", "tracking"},
     {"data"},
     {"analysis"},
     {"train"},

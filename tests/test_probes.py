@@ -28,9 +28,9 @@ from cbtlab.analysis.interpretability import locate_checkpoint, probe_main, read
 from cbtlab.analysis.segmentation import iou
 from cbtlab.attention import CBSA
 from cbtlab.attention.common import merge_heads
+from cbtlab.checkpoint import CheckpointError
 from cbtlab.config import ExperimentConfig
 from cbtlab.models import CBTransformer
-from cbtlab.train.checkpoint import CheckpointError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -262,10 +262,10 @@ def test_zero_shot_segmentation_runs_on_a_voc_folder(tmp_path: Path) -> None:
 def finished_run(digits_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """A hybrid MSSA + CBSA model trained 2 epochs on the digits, its checkpoints where a
     study's trial keeps them (<storage>/trial_<id>/checkpoint_*) and its MLflow trial run."""
+    from cbtlab.checkpoint import save_state
     from cbtlab.tracking import StudyTracker
     from cbtlab.tracking.schema import run_params
     from cbtlab.train import run_training
-    from cbtlab.train.checkpoint import save_state
 
     cfg = ExperimentConfig().with_overrides(
         {

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cbtlab.attention import ATTENTION_REGISTRY
+from cbtlab.checkpoint import CheckpointError, load_state, save_state
 from cbtlab.config import ExperimentConfig
 from cbtlab.train import run_training
-from cbtlab.train.checkpoint import CheckpointError, load_state, save_state
 
 TINY = {
     "model.embed_dim": 24,

@@ -56,6 +56,7 @@ from cbtlab.analysis.segmentation import (
     VOCSegmentation,
     zero_shot_segmentation,
 )
+from cbtlab.checkpoint import STATE_FILE, CheckpointError, check_compatible, load_state
 from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
 from cbtlab.data import eval_batches, open_split, prepare_dataset, transforms_for
 from cbtlab.data.transforms import image_stats
@@ -73,7 +74,6 @@ from cbtlab.tracking.schema import (
     TRIAL_TAG,
     config_from_params,
 )
-from cbtlab.train.checkpoint import STATE_FILE, CheckpointError, check_compatible, load_state
 
 ARTIFACT_DIR = "probes"
 STANDALONE_EXPERIMENT = "interpretability_probe"

@@ -69,6 +69,14 @@ METRIC_PARAM = "study.metric"  # "<metric>:<max|min>"
 SEARCHER_PARAM = "study.searcher"  # "grid" | "optuna-tpe"
 STATS_PARAM = "study.stats"  # a grid's "<test>:<final|best>"
 BASELINE_PARAM = "study.baseline"  # a grid's baseline cell
+CELLS_PARAM = "study.cells"  # a grid's cells, JSON (when short enough for a param)
+NUM_SAMPLES_PARAM = "study.num_samples"
+SEARCH_SEED_PARAM = "study.search_seed"
+SCHEDULER_PARAM = "study.scheduler"  # "asha(grace=G,rf=R)" | "fifo"
+SEEDS_PARAM = "study.seeds"
+MAX_CONCURRENT_PARAM = "study.max_concurrent"
+OPTUNA_STORAGE_PARAM = "study.optuna_storage"  # a search's Optuna storage, password hidden
+OPTUNA_STUDY_PARAM = "study.optuna_study"
 
 # Metrics. Per epoch, a trial logs those under these prefixes:
 TRIAL_METRIC_PREFIXES = (

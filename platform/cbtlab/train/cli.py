@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cbtlab.checkpoint import CheckpointError, check_compatible, check_position, load_state
 from cbtlab.cluster import connect_ray, resolve_use_gpu
 from cbtlab.config import (
     ConfigError,
@@ -18,7 +19,6 @@ from cbtlab.config import (
 )
 from cbtlab.models import build_model
 from cbtlab.paths import ray_results_home
-from cbtlab.train.checkpoint import CheckpointError, check_compatible, check_position, load_state
 from cbtlab.train.finetune import init_from
 from cbtlab.train.loop import check_training_data
 from cbtlab.train.messages import Diverged

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from cbtlab.checkpoint import FORMAT, STATE_FILE, CheckpointError
 from cbtlab.models.reference import convert_reference_state_dict, unwrap_checkpoint
 from cbtlab.models.transformer import resample_pos_embed
-from cbtlab.train.checkpoint import FORMAT, STATE_FILE, CheckpointError
 from cbtlab.train.recipe import HEAD_PREFIX
 
 log = logging.getLogger(__name__)

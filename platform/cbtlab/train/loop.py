@@ -26,6 +26,17 @@ import torch
 from torch import Tensor, nn
 
 from cbtlab.analysis import evaluate, layer_compression
+from cbtlab.checkpoint import (
+    check_compatible,
+    check_position,
+    data_position,
+    load_state,
+    make_state,
+    mark_diverged,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
 from cbtlab.config import ExperimentConfig
 from cbtlab.data import (
     ShardSet,
@@ -40,17 +51,6 @@ from cbtlab.data import (
 )
 from cbtlab.data.loader import plan_train_epoch, usable_workers
 from cbtlab.models import build_model
-from cbtlab.train.checkpoint import (
-    check_compatible,
-    check_position,
-    data_position,
-    load_state,
-    make_state,
-    mark_diverged,
-    rng_state,
-    save_state,
-    set_rng_state,
-)
 from cbtlab.train.collectives import all_reduce, gather_objects, reduction_device
 from cbtlab.train.faults import FailAt
 from cbtlab.train.finetune import init_from
@@ -372,7 +372,7 @@ def train_epoch(
     epoch_batches = iter(train_data)
     batches = epoch_batches if used == len(train_data) else itertools.islice(epoch_batches, used)
     skip = 0
-    if position is not None:  # a mid-epoch checkpoint: see cbtlab.train.checkpoint
+    if position is not None:  # a mid-epoch checkpoint: see cbtlab.checkpoint
         skip = position["batches_done"]
         _consume(batches, skip)
         mine = position["ranks"][rank]
@@ -485,7 +485,7 @@ def _stop_if_diverged(guard: DivergenceGuard, epoch: int) -> None:
 
 
 def _consume(batches: Iterator[Any], count: int) -> None:
-    """Read and drop `count` batches (decoded and transformed: see cbtlab.train.checkpoint)."""
+    """Read and drop `count` batches (decoded and transformed: see cbtlab.checkpoint)."""
     next(itertools.islice(batches, count, count), None)
 
 

@@ -13,6 +13,8 @@ from cbtlab.tracking.schema import (
     DATA_HASH_TAG,
     GIT_COMMIT_TAG,
     MLFLOW_GIT_COMMIT_TAG,
+    MLFLOW_SOURCE_NAME_TAG,
+    MLFLOW_SOURCE_TYPE_TAG,
     STUDY_TAG,
 )
 from cbtlab.train import build_trainer, fit
@@ -56,8 +58,8 @@ def dataset_hash(data: DataConfig) -> str:
 def run_tags(study: str, data_hash: str) -> dict[str, str]:
     """The tags of every run a study writes: its name, the data hash, code and packages."""
     tags = {
-        "mlflow.source.name": sys.argv[0] or "cbtlab",
-        "mlflow.source.type": "LOCAL",
+        MLFLOW_SOURCE_NAME_TAG: sys.argv[0] or "cbtlab",
+        MLFLOW_SOURCE_TYPE_TAG: "LOCAL",
         STUDY_TAG: study,
         DATA_HASH_TAG: data_hash,
         **provenance_tags(),

@@ -23,12 +23,25 @@ from cbtlab.paths import redact_url
 from cbtlab.tables import format_table
 from cbtlab.tracking import StudyTracker, provenance_differences
 from cbtlab.tracking.schema import (
+    BASELINE_PARAM,
+    CELLS_PARAM,
     CONFIG_HASH_TAG,
     FAILED_TAG,
+    MAX_CONCURRENT_PARAM,
+    METRIC_PARAM,
+    NUM_SAMPLES_PARAM,
+    OPTUNA_STORAGE_PARAM,
+    OPTUNA_STUDY_PARAM,
     RESUMED_TAG,
     ROLE_STUDY,
     ROLE_TAG,
     ROLE_TRIAL,
+    SCHEDULER_PARAM,
+    SEARCH_SEED_PARAM,
+    SEARCHER_PARAM,
+    SEEDS_PARAM,
+    SPACE_PARAM,
+    STATS_PARAM,
     STUDY_PATH_TAG,
     TRIALS_TAG,
 )
@@ -122,25 +135,25 @@ def _parent_params(
     """The parent run's params: the trials' base config and the study's settings."""
     params = {
         **plan.base.flat(),
-        "study.space": json.dumps(spec.space),
-        "study.num_samples": len(trials) if spec.grid else spec.num_samples,
-        "study.search_seed": spec.search_seed,
-        "study.searcher": "grid" if spec.grid else "optuna-tpe",
-        "study.scheduler": (
+        SPACE_PARAM: json.dumps(spec.space),
+        NUM_SAMPLES_PARAM: len(trials) if spec.grid else spec.num_samples,
+        SEARCH_SEED_PARAM: spec.search_seed,
+        SEARCHER_PARAM: "grid" if spec.grid else "optuna-tpe",
+        SCHEDULER_PARAM: (
             f"asha(grace={spec.grace_period},rf={spec.reduction_factor})"
             if spec.asha and not spec.grid
             else "fifo"
         ),
-        "study.metric": f"{spec.metric}:{spec.mode}",
-        "study.seeds": spec.seeds,
-        "study.max_concurrent": plan.max_concurrent,
+        METRIC_PARAM: f"{spec.metric}:{spec.mode}",
+        SEEDS_PARAM: spec.seeds,
+        MAX_CONCURRENT_PARAM: plan.max_concurrent,
     }
     if spec.grid:
         cells_json = json.dumps(spec.cells)
         if len(cells_json) <= MLFLOW_PARAM_CHARS:  # else only in the artifact cells.json
-            params["study.cells"] = cells_json
-        params["study.baseline"] = cell_label(spec.baseline or spec.cells[0])
-        params["study.stats"] = f"{spec.stats_test}:{spec.stats_on}"
+            params[CELLS_PARAM] = cells_json
+        params[BASELINE_PARAM] = cell_label(spec.baseline or spec.cells[0])
+        params[STATS_PARAM] = f"{spec.stats_test}:{spec.stats_on}"
     return params
 
 
@@ -167,7 +180,7 @@ def _fit_new_study(
         searcher = _optuna_searcher(spec, run_name, storage_url)
         tracker.log_params(
             parent_run_id,
-            {"study.optuna_storage": redact_url(storage_url), "study.optuna_study": run_name},
+            {OPTUNA_STORAGE_PARAM: redact_url(storage_url), OPTUNA_STUDY_PARAM: run_name},
         )
         num_samples = spec.num_samples
         param_space = {key: tune.choice(values) for key, values in spec.space.items()}
