@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cbtlab.config import ConfigError, ExperimentConfig, parse_grid, parse_override
+from cbtlab.config import ConfigError, ExperimentConfig, parse_grid
+from cbtlab.overrides import parse_override
 
 
 def test_flat_round_trip_and_hash() -> None:

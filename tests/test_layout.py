@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "platform" / "cbtlab"
 
 # Bottom first. A module belongs to the first entry that is its package or its own name.
 LAYERS: list[set[str]] = [
-    {"attention", "paths", "tables"},
+    {"attention", "overrides", "paths", "tables"},
     {"models"},
     {"config"},
     {"checkpoint", "cluster", "tracking"},
@@ -31,6 +31,10 @@ LAYERS: list[set[str]] = [
 # (module, imported module): why the import waits until the function runs.
 LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("cbtlab.attention.cbsa", "cbtlab.attention.cbsa_triton"): "triton is optional",
+    # `cbtlab --help` and `cbtlab where` must answer at once: config, data and train load torch.
+    ("cbtlab.cli", "cbtlab.config"): "start-up of the cbtlab command",
+    ("cbtlab.cli", "cbtlab.data"): "start-up of the cbtlab command",
+    ("cbtlab.cli", "cbtlab.train.cli"): "start-up of the cbtlab command",
     # The benchmarks run on bare GPU machines without MLflow; cbtlab.tracking imports it.
     ("cbtlab.perf.record", "cbtlab.tracking.mlflow_tracker"): "MLflow is optional there",
     ("cbtlab.perf.record", "cbtlab.tracking.provenance"): "MLflow is optional there",

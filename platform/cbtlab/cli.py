@@ -15,12 +15,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
-from cbtlab.data import open_split, prepare_dataset
+from cbtlab.overrides import ConfigError, add_override_argument, parse_override
 from cbtlab.paths import cbtlab_home, data_home, default_tracking_uri, ray_results_home
-from cbtlab.train.cli import train_main
 
-# Imported by name when run: the study modules import MLflow, which `cbtlab --help` need not load.
+# Every subcommand imports what it runs when it runs: `cbtlab --help` and `cbtlab where` load
+# neither torch (config, data, train) nor Ray and MLflow (the studies).
 STUDIES = {
     "rep-count": "cbtlab.tune.cli:rep_count_main",
     "variants": "cbtlab.tune.cli:variant_comparison_main",
@@ -47,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
+        from cbtlab.train.cli import train_main  # start-up: see above
+
         return train_main(rest, prog="cbtlab train")
     if args.command == "study":
         module, _, func = STUDIES[args.name].partition(":")
@@ -60,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"MLflow store  {default_tracking_uri()}  (MLFLOW_TRACKING_URI)")
         print(f"Ray results   {ray_results_home()}")
         return 0
+    from cbtlab.config import ExperimentConfig  # start-up: see above
+    from cbtlab.data import open_split, prepare_dataset  # start-up: see above
+
     try:
         overrides = dict(map(parse_override, args.overrides))
         if args.command == "data":

@@ -20,15 +20,7 @@ from cbtlab.attention import ATTENTION_REGISTRY
 from cbtlab.attention.common import window_grid
 from cbtlab.models.stems import STEMS
 from cbtlab.models.transformer import layer_attentions
-
-
-class ConfigError(ValueError):
-    """A config value is unknown or out of range; the message names the field."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field_name = field_name
-
+from cbtlab.overrides import ConfigError
 
 Grid = tuple[int, int]
 
@@ -477,32 +469,6 @@ def load_config_file(path: str | Path) -> ExperimentConfig:
             raise
         raise ConfigError("--config", f"cannot parse {path}: {exc}") from exc
     return ExperimentConfig.from_dict(data)
-
-
-def add_override_argument(parser: Any) -> None:
-    """The `--set section.key=value` flag (repeatable) of every command; parse the collected
-    `args.overrides` with `parse_override`."""
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config field, e.g. --set model.depth=6 (repeatable)",
-    )
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse one `section.key=value` command-line override; the value is read as JSON if it can
-    be (numbers, true/false, lists), else kept as a string."""
-    key, eq, raw = text.partition("=")
-    if not eq or not key:
-        raise ConfigError(text, "expected an override of the form section.key=value")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
 
 
 # Fields that configs no longer have, with the value they always held in runs that logged them:

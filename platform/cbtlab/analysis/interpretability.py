@@ -57,10 +57,11 @@ from cbtlab.analysis.segmentation import (
     zero_shot_segmentation,
 )
 from cbtlab.checkpoint import STATE_FILE, CheckpointError, check_compatible, load_state
-from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
+from cbtlab.config import ExperimentConfig
 from cbtlab.data import eval_batches, open_split, prepare_dataset, transforms_for
 from cbtlab.data.transforms import image_stats
 from cbtlab.models import CBTransformer, build_model
+from cbtlab.overrides import ConfigError, add_override_argument, parse_override
 from cbtlab.paths import cbtlab_home, default_tracking_uri, ray_results_home
 from cbtlab.tracking import StudyTracker, git_state
 from cbtlab.tracking.schema import (

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from cbtlab.cluster import connect_ray, free_port
-from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
+from cbtlab.config import ExperimentConfig
 from cbtlab.data import prepare_dataset
+from cbtlab.overrides import ConfigError, add_override_argument, parse_override
 from cbtlab.train.loop import Report, run_training
 
 KINDS = ("plain", "ray")

@@ -10,14 +10,9 @@ from pathlib import Path
 
 from cbtlab.checkpoint import CheckpointError, check_compatible, check_position, load_state
 from cbtlab.cluster import connect_ray, resolve_use_gpu
-from cbtlab.config import (
-    ConfigError,
-    ExperimentConfig,
-    add_override_argument,
-    load_config_file,
-    parse_override,
-)
+from cbtlab.config import ConfigError, ExperimentConfig, load_config_file
 from cbtlab.models import build_model
+from cbtlab.overrides import add_override_argument, parse_override
 from cbtlab.paths import ray_results_home
 from cbtlab.train.finetune import init_from
 from cbtlab.train.loop import check_training_data

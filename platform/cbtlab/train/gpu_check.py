@@ -59,9 +59,10 @@ from torch import Tensor, nn
 
 from cbtlab.checkpoint import load_state, save_state
 from cbtlab.cluster import connect_ray, free_port
-from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
+from cbtlab.config import ExperimentConfig
 from cbtlab.data import prepare_dataset
 from cbtlab.data.digits import digits_dir
+from cbtlab.overrides import ConfigError, add_override_argument, parse_override
 from cbtlab.train.faults import FailAt
 from cbtlab.train.loop import check_training_data, run_training
 from cbtlab.train.trainer import build_trainer, fit

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cbtlab.config import ConfigError, ExperimentConfig, add_override_argument, parse_override
+from cbtlab.config import ExperimentConfig
+from cbtlab.overrides import ConfigError, add_override_argument, parse_override
 from cbtlab.tracking import StudyTracker
 from cbtlab.tune.definitions import (
     PRESETS,

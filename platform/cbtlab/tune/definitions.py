@@ -10,14 +10,9 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from cbtlab.config import (
-    ConfigError,
-    ExperimentConfig,
-    format_grid,
-    parse_grid,
-    parse_override,
-)
+from cbtlab.config import ConfigError, ExperimentConfig, format_grid, parse_grid
 from cbtlab.models.zoo import architecture
+from cbtlab.overrides import parse_override
 from cbtlab.tune.scaling import SIZE_KEYS, size_cells
 from cbtlab.tune.spec import StudySpec
 

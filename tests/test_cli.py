@@ -1,0 +1,51 @@
+"""The `cbtlab` command: its quick subcommands, and that `--help` loads no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cbtlab.cli import main
+from cbtlab.config import ExperimentConfig
+
+
+def test_help_and_where_load_neither_torch_nor_ray() -> None:
+    code = (
+        "import sys, contextlib, io\n"
+        "from cbtlab.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "    main(['where'])\n"
+        "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'timm') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_config_prints_the_overridden_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--set", "model.depth=6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = ExperimentConfig().with_overrides({"model.depth": 6}).flat()
+    assert lines == [f"{key} = {value}" for key, value in expected.items()]
+
+
+def test_a_bad_override_names_the_field(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["config", "--set", "model.attention=nope"])
+    assert stop.value.code == 2
+    assert "model.attention" in capsys.readouterr().err
+
+
+def test_where_names_every_place(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CBTLAB_HOME", str(tmp_path))
+    assert main(["where"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out.splitlines()[0]
+    assert [line.split()[0] for line in out.splitlines()] == ["home", "data", "MLflow", "Ray"]
