@@ -20,10 +20,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from cbtlab.tracking.schema import CHECKPOINT_TAG, PARENT_TAG, every_child_run
-
-# CHECKPOINT_TAG: tune/ imports it from here until it imports it from the schema.
-__all__ = ["CHECKPOINT_TAG", "StudyTracker", "check_reachable"]
+from cbtlab.tracking.schema import PARENT_TAG, every_child_run
 
 log = logging.getLogger(__name__)
 
