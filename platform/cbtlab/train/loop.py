@@ -325,13 +325,12 @@ class Learner:
 def _steps_per_epoch(cfg: ExperimentConfig, data: RankData) -> int:
     """Optimiser steps in an epoch of this rank's data."""
     accum = cfg.train.grad_accum_steps
-    steps = len(data.train_epoch(0)) // accum
-    if steps == 0:
+    batches = len(data.train_epoch(0))
+    if batches < accum:
         raise ValueError(
-            f"train.grad_accum_steps={accum} exceeds the {len(data.train_epoch(0))} batches of "
-            "an epoch"
+            f"train.grad_accum_steps={accum} exceeds the {batches} batches of an epoch"
         )
-    return steps
+    return batches // accum
 
 
 def _optimisation(
