@@ -50,7 +50,7 @@ def test_seeds_make_a_grid_of_cells_times_seeds_paired_across_cells() -> None:
 
 
 def test_grid_without_seeds_and_the_full_factorial_of_two_factors() -> None:
-    spec = rep_count("--grid", "--grids", "2x2,4x4")
+    spec = rep_count("--grid", "--seeds", "1", "--grids", "2x2,4x4")
     assert spec.grid and spec.seeds == 1
     assert grid_trials(spec) == [
         {"model.rep_grid": "2x2", "train.seed": 0},
@@ -73,14 +73,23 @@ def test_grid_without_seeds_and_the_full_factorial_of_two_factors() -> None:
     ]
 
 
-def test_default_rep_count_study_is_still_the_optuna_search() -> None:
+def test_default_rep_count_study_is_a_grid_at_one_budget_and_search_is_a_flag() -> None:
     spec = rep_count()
-    assert not spec.grid and spec.asha and spec.num_samples == 6 and spec.seeds == 1
-    assert [p["model.rep_grid"] for p in spec.initial_points] == [
-        "1x1", "2x2", "4x2", "4x4", "8x4", "8x8"
-    ]  # fmt: skip
-    assert spec.max_concurrent is None
-    assert plan_resources(spec, {"CPU": 64.0}).max_concurrent == 1  # a search runs one at a time
+    assert spec.grid and spec.seeds == 3 and spec.base.train.epochs == 8
+    assert [c["model.rep_grid"] for c in spec.cells] == ["1x1", "2x2", "4x4", "8x8"]
+    assert len(grid_trials(spec)) == 12
+    assert rep_count("--epochs", "5").base.train.epochs == 5
+    for flags in (["--search"], ["--num-samples", "6"]):
+        search = rep_count(*flags)
+        assert not search.grid and search.asha and search.num_samples == 6 and search.seeds == 1
+        assert search.base.train.epochs == 12  # the config's recipe
+        assert [p["model.rep_grid"] for p in search.initial_points] == [
+            "1x1", "2x2", "4x2", "4x4", "8x4", "8x8"
+        ]  # fmt: skip
+        assert search.max_concurrent is None
+        assert plan_resources(search, {"CPU": 64.0}).max_concurrent == 1  # one at a time
+    with pytest.raises(ConfigError, match="--seeds: a search runs one seed per trial"):
+        rep_count("--search", "--seeds", "2")
 
 
 def test_grid_flags_that_do_not_fit_are_refused() -> None:
@@ -168,8 +177,9 @@ def test_imagenet_preset_builds_the_recipe_and_names_what_is_missing(
 
 
 def row(grid: str, seed: int, final: float | None, status: str = "FINISHED") -> dict:
+    history = {1: 0.5, 2: 0.6, 3: final} if final is not None else {1: 0.1}
     return {"model.rep_grid": grid, "train.seed": seed, "final": final, "best": final,
-            "status": status, "stopped_early": False}  # fmt: skip
+            "status": status, "stopped_early": False, "history": history}  # fmt: skip
 
 
 def test_statistics_of_the_trial_rows_follow_the_grid() -> None:
@@ -184,7 +194,12 @@ def test_statistics_of_the_trial_rows_follow_the_grid() -> None:
     assert got["4x4"]["is_baseline"] and got["4x4"]["n"] == 3
     assert got["2x2"]["n"] == 2 and got["2x2"]["n_failed"] == 1 and got["2x2"]["n_pairs"] == 2
     assert got["2x2"]["diff_mean"] == pytest.approx(0.035)  # (0.03 + 0.04) / 2
-    assert table.schema.metadata[b"metric"] == b"final val/top1"
+    assert table.schema.metadata[b"metric"] == b"final val/top1 at epoch 3"
+    # A trial that ran further is compared at the epoch every trial reached, not its last.
+    longer = [dict(r) for r in rows]
+    longer[1]["history"] = {**longer[1]["history"], 4: 0.99}
+    again = {r["model.rep_grid"]: r for r in study_statistics(longer, spec).to_pylist()}
+    assert again["2x2"]["diff_mean"] == pytest.approx(0.035)
     with pytest.raises(LookupError, match="baseline"):
         study_statistics([r for r in rows if r["model.rep_grid"] == "2x2"], spec)
 

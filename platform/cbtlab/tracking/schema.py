@@ -49,6 +49,7 @@ STUDY_PATH_TAG = f"{TAG_PREFIX}study_path"  # a study's results folder (to resum
 RESUMED_TAG = f"{TAG_PREFIX}resumed"  # how many times a study was resumed
 TRIALS_TAG = f"{TAG_PREFIX}trials"  # a study's trial count, set as it ends
 FAILED_TAG = f"{TAG_PREFIX}failed"  # a study's failed trial count, set as it ends
+BEST_CELL_TAG = f"{TAG_PREFIX}best_cell"  # a study's answer: its best cell at the budget
 PROBED_RUN_TAG = f"{TAG_PREFIX}probed_run"  # a probe run's probed trial run
 REPRODUCES_TAG = f"{TAG_PREFIX}reproduces"  # a re-run's original run
 REPRODUCED_TAG = f"{TAG_PREFIX}reproduced"  # an exact re-run's verdict
@@ -92,6 +93,11 @@ TRIAL_METRIC_PREFIXES = (
 # Metrics whose best value over the epochs is kept (lower is better for losses), as best/<key>.
 BEST_TRACKED = ("val/top1", "val/top5", "val/loss")
 BEST_PREFIX = "best/"
+# A study's answer (cbtlab.tune.budget) on its parent run: the epoch its trials were compared
+# at, beside best/<metric> (a grid's best cell's mean there, a search's best trial's value).
+BUDGET_METRIC = "best/budget_epoch"
+ANSWER_TEXT = "answer.txt"
+ANSWER_JSON = "answer.json"
 # A trial's wall time, logged once as it ends.
 TIME_KEY = "time/trial_s"
 # Metrics read per epoch by `load_study` besides the study's own metric.
@@ -187,16 +193,19 @@ class TrialRecord:
     logged_through: int = 0
     prior_seconds: float = 0.0
     reattached: bool = False
+    # The study metric per epoch, {epoch: value} (the budget comparisons read it).
+    history: dict[int, float] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
         return self.prior_seconds + (self.ended or time.monotonic()) - self.started
 
 
-def record_from_run(client: MlflowClient, run: Run) -> TrialRecord | None:
+def record_from_run(client: MlflowClient, run: Run, metric: str = "val/top1") -> TrialRecord | None:
     """The TrialRecord of a trial's MLflow run as logged so far (None: not a trial run): its
-    config from the params, epochs and best values from the metric histories, status and
-    recorded time. A run still RUNNING is one whose driver died mid-trial."""
+    config from the params, epochs and best values from the metric histories, the study
+    `metric` per epoch, status and recorded time. A run still RUNNING is one whose driver died
+    mid-trial."""
     tags, metrics = run.data.tags, run.data.metrics
     trial_id = tags.get(TRIAL_TAG)
     if not trial_id:
@@ -226,6 +235,7 @@ def record_from_run(client: MlflowClient, run: Run) -> TrialRecord | None:
         logged_through=epochs,
         prior_seconds=metrics.get(TIME_KEY, 0.0),
         reattached=True,
+        history=dict(metric_history(client, run.info.run_id, metric)),
     )
     if status != "RUNNING":
         record.ended = record.started

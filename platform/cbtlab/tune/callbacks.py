@@ -86,7 +86,7 @@ class MLflowTrialLogger(Callback):
     def reattach(self) -> None:
         """Load the records of the trial runs already under the parent run (a resumed study)."""
         for run in self.tracker.child_runs(self.parent_run_id):
-            record = record_from_run(self.tracker.client, run)
+            record = record_from_run(self.tracker.client, run, self.metric)
             if record is not None and record.trial_id not in self.records:
                 self.records[record.trial_id] = record
 
@@ -145,6 +145,8 @@ class MLflowTrialLogger(Callback):
             self.tracker.set_tags(record.run_id, {CHECKPOINT_TAG: str(result["checkpoint_path"])})
         record.epochs = epoch
         record.last = metrics
+        if isinstance(metrics.get(self.metric), (int, float)):
+            record.history[epoch] = float(metrics[self.metric])
         for key in BEST_TRACKED:
             if key not in metrics:
                 continue

@@ -17,6 +17,8 @@ from cbtlab.config import ExperimentConfig
 from cbtlab.overrides import ConfigError, add_override_argument, parse_override
 from cbtlab.tracking import StudyTracker
 from cbtlab.tune.definitions import (
+    DEFAULT_GRID_EPOCHS,
+    DEFAULT_REP_GRIDS,
     PRESETS,
     REP_GRIDS,
     STEP_CELLS,
@@ -46,20 +48,28 @@ LATEST = "latest"
 
 
 def study_parser(
-    description: str, prog: str | None = None, *, search: bool = True, seeds: int = 1
+    description: str,
+    prog: str | None = None,
+    *,
+    search: bool = True,
+    seeds: int = 1,
+    default_mode: str = "search",
 ) -> argparse.ArgumentParser:
     """Flags every study shares: preset, scale, seeds and statistics, resources, Ray, MLflow,
-    config overrides; with `search`, also the Optuna/ASHA flags and `--grid`."""
+    config overrides; with `search`, also `--grid`/`--search` and the Optuna/ASHA flags, the
+    study running as `default_mode` ("grid" or "search") when no flag decides. `seeds` is a
+    grid's default number of seeds (a search runs one per trial)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     _add_recipe_flags(parser, search=search, seeds=seeds)
     if search:
-        _add_search_flags(parser)
+        _add_search_flags(parser, default_mode)
     _add_statistics_flags(parser)
     _add_resource_flags(parser)
     _add_service_flags(parser)
     add_override_argument(parser)
+    parser.set_defaults(default_mode=default_mode if search else "grid", default_seeds=seeds)
     return parser
 
 
@@ -77,16 +87,30 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, *, search: bool, seeds: i
     parser.add_argument(
         "--seeds",
         type=int,
-        default=seeds,
+        default=None if search else seeds,
         help="seeds per cell: train.seed = --seed + i, the same in every cell (paired)"
-        + ("; more than 1 runs a grid" if search else ""),
+        + (
+            f"; default {seeds} in a grid, 1 in a search (more than 1 runs a grid)"
+            if search
+            else ""
+        ),
     )
 
 
-def _add_search_flags(parser: argparse.ArgumentParser) -> None:
-    """--grid and the Optuna/ASHA flags."""
-    parser.add_argument(
-        "--grid", action="store_true", help="run every cell (x --seeds) instead of Optuna"
+def _add_search_flags(parser: argparse.ArgumentParser, default_mode: str) -> None:
+    """--grid / --search and the Optuna/ASHA flags."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--grid",
+        action="store_true",
+        help="run every cell x --seeds, all to the same epoch"
+        + (" (the default)" if default_mode == "grid" else ""),
+    )
+    mode.add_argument(
+        "--search",
+        action="store_true",
+        help="an Optuna TPE search with ASHA early stopping, one seed per trial"
+        + (" (the default)" if default_mode == "search" else "; --num-samples implies it"),
     )
     parser.add_argument(
         "--num-samples", type=int, default=None, help="trials of the Optuna search (6)"
@@ -223,23 +247,28 @@ def print_study_result(result: StudyResult, spec: StudySpec) -> None:
         where = f"written to {result.stats_path}; " if result.stats_path else ""
         print(f"{where}logged as stats.parquet and stats.txt on the parent run")
         print()
-    if result.best is not None:
-        print(f"best: {result.best['trial']} {spec.metric} {result.best['best']:.4f}")
+    for line in result.answer.lines():
+        print(line)
     print(f"MLflow: experiment {result.experiment_name!r}, parent run {result.parent_run_id}")
     print(f"open the MLflow UI with:\n  {mlflow_ui_command(result.tracking_uri)}")
 
 
 def rep_count_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = study_parser(
-        "How many representatives does CBSA need? Searches the representative grid "
-        "(count and shape) of a CBT with Optuna + ASHA, or runs every grid with --grid / "
-        "--seeds N and compares them with paired statistics; logs to MLflow.",
+        "How many representatives does CBSA need? By default every representative count "
+        f"({DEFAULT_REP_GRIDS}) with the same 3 seeds, all trained "
+        f"{DEFAULT_GRID_EPOCHS} epochs on the digits, then the best count with its 95% "
+        "interval and paired tests against it; --search runs Optuna + ASHA over the "
+        "representative grids (count and shape) instead. Logs to MLflow.",
         prog=prog,
+        seeds=3,
+        default_mode="grid",
     )
     parser.add_argument(
         "--grids",
-        default=",".join(REP_GRIDS),
-        help="representative grids to search (g_h x g_w, comma-separated)",
+        default=None,
+        help=f"representative grids (g_h x g_w, comma-separated); default {DEFAULT_REP_GRIDS} "
+        f"in a grid, {','.join(REP_GRIDS)} in a search",
     )
     return parser
 

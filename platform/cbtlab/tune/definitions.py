@@ -18,6 +18,10 @@ from cbtlab.tune.spec import StudySpec
 
 # Representative grids on the 8 x 8 patch grid of the digits preset: counts 1..64, square and not.
 REP_GRIDS = ("1x1", "2x2", "4x2", "2x4", "4x4", "8x2", "2x8", "8x4", "4x8", "8x8")
+# The default study (`make study`): every fourth count, 1..64, each with 3 seeds, all trained
+# DEFAULT_GRID_EPOCHS epochs: 12 trials, about 10 minutes on 2 CPU cores (docs/studies.md).
+DEFAULT_REP_GRIDS = "1x1,2x2,4x4,8x8"
+DEFAULT_GRID_EPOCHS = 8
 # The first trials cover every count once (m = 1, 4, 8, 16, 32, 64), then TPE samples the rest.
 REP_GRIDS_FIRST = ("1x1", "2x2", "4x2", "4x4", "8x4", "8x8")
 # Table 4's mechanisms and the ViT baseline, all in the same skeleton (width, depth, heads).
@@ -128,10 +132,17 @@ def study_spec(
 ) -> StudySpec:
     """A StudySpec from the shared flags (the search flags when the parser has them)."""
     search = {}
+    seeds = args.seeds
     if hasattr(args, "grid"):
-        grid = grid or args.grid or args.seeds > 1
+        grid = grid or study_mode(args) == "grid"
         if grid and args.num_samples is not None:
             raise ConfigError("--num-samples", "a grid runs every cell x seed; drop the flag")
+        if seeds is None:
+            seeds = args.default_seeds if grid else 1
+        if not grid and seeds > 1:
+            raise ConfigError(
+                "--seeds", "a search runs one seed per trial; --grid runs every cell x seeds"
+            )
         search = {
             "num_samples": args.num_samples or 6,
             "search_seed": args.search_seed,
@@ -147,7 +158,7 @@ def study_spec(
         space=space,
         grid=grid,
         cells=list(cells),
-        seeds=args.seeds,
+        seeds=seeds,
         baseline=parse_cell(args.baseline) if args.baseline else None,
         stats_test=args.stats_test,
         stats_on=args.stats_on,
@@ -163,8 +174,23 @@ def study_spec(
     )
 
 
+def study_mode(args: argparse.Namespace) -> str:
+    """ "grid" or "search": --grid or --search; else --num-samples means a search and --seeds
+    above 1 a grid; else the study's default."""
+    if args.grid or args.search:
+        return "grid" if args.grid else "search"
+    if args.num_samples is not None:
+        return "search"
+    if args.seeds is not None and args.seeds > 1:
+        return "grid"
+    return args.default_mode
+
+
 def rep_count_spec(args: argparse.Namespace) -> StudySpec:
-    grids = _grid_list(args.grids)
+    grid = study_mode(args) == "grid"
+    grids = _grid_list(args.grids or (DEFAULT_REP_GRIDS if grid else ",".join(REP_GRIDS)))
+    if grid and args.epochs is None and args.preset == "smoke":
+        args = argparse.Namespace(**{**vars(args), "epochs": DEFAULT_GRID_EPOCHS})
     spec = study_spec(args, name="rep_count_ablation", space={"model.rep_grid": grids})
     if not spec.grid:
         first = [g for g in REP_GRIDS_FIRST if g in grids] + [

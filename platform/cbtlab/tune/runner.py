@@ -23,7 +23,12 @@ from cbtlab.paths import redact_url
 from cbtlab.tables import format_table
 from cbtlab.tracking import StudyTracker, provenance_differences
 from cbtlab.tracking.schema import (
+    ANSWER_JSON,
+    ANSWER_TEXT,
     BASELINE_PARAM,
+    BEST_CELL_TAG,
+    BEST_PREFIX,
+    BUDGET_METRIC,
     CELLS_PARAM,
     CONFIG_HASH_TAG,
     FAILED_TAG,
@@ -45,6 +50,7 @@ from cbtlab.tracking.schema import (
     STUDY_PATH_TAG,
     TRIALS_TAG,
 )
+from cbtlab.tune.budget import Answer, common_budget, study_answer, with_budget_values
 from cbtlab.tune.callbacks import MLflowTrialLogger
 from cbtlab.tune.driver import dataset_hash, run_tags, trial_trainable
 from cbtlab.tune.resources import ResourcePlan, plan_resources
@@ -74,19 +80,13 @@ class StudyResult:
     experiment_name: str
     rows: list[dict[str, Any]]
     failed: int
-    mode: str = "max"
+    answer: Answer
     # The printed trial table; for a grid also its statistics (a pyarrow Table), their text
     # and where stats.parquet was written (also an artifact of the parent run).
     table: str = ""
     stats: Any = None
     stats_text: str = ""
     stats_path: str = ""
-
-    @property
-    def best(self) -> dict[str, Any] | None:
-        done = [r for r in self.rows if r["best"] is not None]
-        pick = max if self.mode == "max" else min
-        return pick(done, key=lambda r: r["best"]) if done else None
 
 
 def run_study(spec: StudySpec) -> StudyResult:
@@ -148,12 +148,12 @@ def _parent_params(
         SEEDS_PARAM: spec.seeds,
         MAX_CONCURRENT_PARAM: plan.max_concurrent,
     }
+    params[STATS_PARAM] = f"{spec.stats_test}:{spec.stats_on}"
     if spec.grid:
         cells_json = json.dumps(spec.cells)
         if len(cells_json) <= MLFLOW_PARAM_CHARS:  # else only in the artifact cells.json
             params[CELLS_PARAM] = cells_json
         params[BASELINE_PARAM] = cell_label(spec.baseline or spec.cells[0])
-        params[STATS_PARAM] = f"{spec.stats_test}:{spec.stats_on}"
     return params
 
 
@@ -338,18 +338,48 @@ def _drive(
         failed = sum(1 for r in rows if r["status"] == "FAILED")
         if rows and failed == len(rows):
             status = "FAILED"
-        table = format_table(rows, spec.trial_keys, spec.metric, spec.mode)
-        result = StudyResult(
-            parent_run_id, spec.tracking_uri, spec.experiment_name, rows, failed, spec.mode, table
-        )
-        tracker.log_text(parent_run_id, table, "summary.txt")
-        tracker.log_text(parent_run_id, json.dumps(rows, indent=2), "summary.json")
-        if spec.grid and rows:
-            _log_statistics(result, spec, tracker, run_name)
-        if result.best is not None:
-            tracker.log_metrics(parent_run_id, {f"best/{spec.metric}": result.best["best"]}, step=0)
+        result = _summarise(rows, failed, spec, tracker, parent_run_id, run_name)
         tracker.set_tags(parent_run_id, {TRIALS_TAG: str(len(rows)), FAILED_TAG: str(failed)})
         tracker.end_run(parent_run_id, status)
+    return result
+
+
+def _summarise(
+    rows: list[dict[str, Any]],
+    failed: int,
+    spec: StudySpec,
+    tracker: Any,
+    parent_run_id: str,
+    run_name: str,
+) -> StudyResult:
+    """The study's answer at its budget, its table and a grid's statistics, logged on the
+    parent run (summary.txt/json, answer.txt/json, stats.*, best/<metric>, the budget)."""
+    answer = study_answer(
+        rows,
+        list(spec.space),
+        metric=spec.metric,
+        mode=spec.mode,
+        kind=spec.stats_on,
+        grid=spec.grid,
+        test=spec.stats_test,
+    )
+    table = format_table(rows, spec.trial_keys, spec.metric, spec.mode, budget=answer.budget)
+    result = StudyResult(
+        parent_run_id, spec.tracking_uri, spec.experiment_name, rows, failed, answer, table
+    )
+    tracker.log_text(parent_run_id, table, "summary.txt")
+    tracker.log_text(parent_run_id, json.dumps(rows, indent=2), "summary.json")
+    tracker.log_text(parent_run_id, "\n".join(answer.lines()), ANSWER_TEXT)
+    tracker.log_text(parent_run_id, json.dumps(answer.to_dict(), indent=2), ANSWER_JSON)
+    if spec.grid and rows:
+        _log_statistics(result, spec, tracker, run_name)
+    if answer.best_value is not None:
+        tracker.log_metrics(
+            parent_run_id,
+            {f"{BEST_PREFIX}{spec.metric}": answer.best_value, BUDGET_METRIC: answer.budget},
+            step=0,
+        )
+        tracker.set_tags(parent_run_id, {BEST_CELL_TAG: answer.best_label})
     return result
 
 
@@ -359,29 +389,28 @@ def _say(text: str) -> None:
 
 def study_statistics(rows: list[dict[str, Any]], spec: StudySpec) -> Any:
     """The statistics table (`cbtlab.tune.stats.compare_cells`) of a grid study's trial rows:
-    a cell's value per seed is its `spec.stats_on` metric; failed trials and trials stopped
-    before their last epoch count as missing. Cells follow the grid's order."""
+    a cell's value per seed is its `spec.stats_on` metric at the study's budget
+    (`cbtlab.tune.budget`: the epoch every finished trial reached); failed and unfinished
+    trials count as missing. Cells follow the grid's order."""
     factors = list(spec.space)
     cells = spec.cells
     order = {tuple(c.values()): i for i, c in enumerate(cells)}
-
-    def value(row: dict[str, Any]) -> float | None:
-        complete = row["status"] == "FINISHED" and not row["stopped_early"]
-        return row[spec.stats_on] if complete else None
-
+    if any("at_budget" not in r for r in rows):
+        with_budget_values(rows, common_budget(rows), spec.stats_on, spec.mode)
     observations = sorted(
-        (Observation({k: r[k] for k in factors}, r["train.seed"], value(r)) for r in rows),
+        (Observation({k: r[k] for k in factors}, r["train.seed"], r["at_budget"]) for r in rows),
         key=lambda o: (order.get(tuple(o.cell.values()), len(order)), o.seed),
     )
     present = {tuple(o.cell.values()) for o in observations}
     baseline = spec.baseline or cells[0]
     if tuple(baseline.values()) not in present:
         raise LookupError(f"the baseline {cell_label(baseline)} ran no trial")
+    budget = common_budget(rows)
     return compare_cells(
         observations,
         baseline=baseline,
         test=spec.stats_test,
-        metric=f"{spec.stats_on} {spec.metric}",
+        metric=f"{spec.stats_on} {spec.metric} at epoch {budget}",
     )
 
 
@@ -423,6 +452,7 @@ def summary_rows(logger: Any, spec: StudySpec) -> list[dict[str, Any]]:
                 "status": record.status,
                 "stopped_early": record.stopped_early,
                 "run_id": record.run_id,
+                "history": dict(sorted(record.history.items())),
             }
         )
     return rows
