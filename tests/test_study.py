@@ -46,7 +46,13 @@ def test_tiny_study_writes_parent_and_nested_children(
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["cbtlab.study"] == "tiny_study"
-    assert "summary.txt" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.txt", "answer.txt", "answer.json"} <= artifacts
+    # The answer is taken at the budget both trials reached, and says so.
+    assert "best at epoch 1, the budget every compared trial reached (2 trials" in out
+    assert parent.data.metrics["best/budget_epoch"] == 1
+    assert parent.data.tags["cbtlab.best_cell"] in {"model.rep_grid=2x2", "model.rep_grid=4x2"}
+    assert "val/top1 @ epoch 1" in out
     grids = set()
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
