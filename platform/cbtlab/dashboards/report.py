@@ -219,7 +219,7 @@ def _check_stats(
     if epoch is not None and epoch != str(compare.budget):
         notes.append(
             f"stats.parquet is at epoch {epoch}, this report at epoch {compare.budget} (trials "
-            "changed after it was written, or the study is still running): not compared"
+            "changed after it was written): the cells are not checked against it"
         )
         return False, text
     problems = check_against_stats(cells, stats)
