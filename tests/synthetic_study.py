@@ -1,8 +1,10 @@
 """A study written to MLflow without Ray: the study runner's own writers (`StudyTracker`, the
-Tune driver's `MLflowTrialLogger` fed with stand-in trials, `summary_rows`, `format_table`,
-`study_statistics`, `write_stats`) produce the parent run, the nested trial runs with their
-per-epoch metrics, tags and end-of-trial metrics, and the parent's artifacts, exactly as
-`cbtlab.tune.runner.run_study` does; only the metric values are made up. Probe runs are written
+Tune driver's `MLflowTrialLogger` fed with stand-in trials, `summary_rows` and the driver's
+`_summarise`: the table, the answer at the budget, a grid's `stats.parquet`) produce the parent
+run, the nested trial runs with their per-epoch metrics, tags and end-of-trial metrics, and the
+parent's artifacts, exactly as `cbtlab.tune.runner.run_study` does; only the metric values are
+made up. `legacy=True` writes a search as the driver did before studies compared their trials
+at one budget (no `study.stats` param, no answer). Probe runs are written
 as `cbtlab.analysis.interpretability.probe_run` writes them (role, nesting, rc/layer_XX and
 probes/attention_layer_XX.png)."""
 
@@ -18,9 +20,9 @@ from typing import Any
 from cbtlab.config import ExperimentConfig
 from cbtlab.tables import format_table
 from cbtlab.tracking import StudyTracker
-from cbtlab.tune.runner import study_statistics, summary_rows
+from cbtlab.tune.runner import _summarise, summary_rows
 from cbtlab.tune.spec import StudySpec, grid_trials
-from cbtlab.tune.stats import cell_label, write_stats
+from cbtlab.tune.stats import cell_label
 
 TINY = {"model.depth": 2, "model.embed_dim": 24, "train.epochs": 3}
 
@@ -39,10 +41,12 @@ class FakeTrial:
 
 @dataclass
 class Outcome:
-    """How a stand-in trial goes: its epochs, whether it fails, logs rc, or stays running."""
+    """How a stand-in trial goes: its epochs, whether it fails, is stopped early (by ASHA),
+    logs rc, or stays running."""
 
     fail_after: int | None = None  # epochs reported before the trial fails
     running_after: int | None = None  # epochs reported by a trial still running
+    stopped_after: int | None = None  # epochs reported before the scheduler stops it
     drop_metric: bool = False  # never reports the study metric
     rc: bool = False  # reports rc/layer_XX every epoch (train.probe_every=1)
 
@@ -58,7 +62,7 @@ class WrittenStudy:
     probe_run_ids: dict[str, str] = field(default_factory=dict)  # trial run id -> probe run
 
 
-def _value(cell: dict[str, Any], seed: int, epoch: int) -> float:
+def value_of(cell: dict[str, Any], seed: int, epoch: int) -> float:
     """A made-up accuracy: depends on the cell, the seed and the epoch, below 1."""
     text = json.dumps(cell, sort_keys=True, default=str)
     base = 0.6 + (sum(map(ord, text)) % 23) / 100
@@ -76,10 +80,12 @@ def write_study(
     finish: bool = True,
     probes: bool = True,
     uri: str | None = None,
+    legacy: bool = False,
 ) -> WrittenStudy:
     """Write a study of `space` x `seeds` (a grid) or a one-seed search over `space` to a SQLite
     store in `tmp`. `outcomes` maps a trial's index (queue order) to how it goes; `finish=False`
-    leaves the parent RUNNING, without its end-of-study artifacts."""
+    leaves the parent RUNNING, without its end-of-study artifacts; `legacy` writes a search as
+    the driver did before it compared trials at one budget (see the module docstring)."""
     from cbtlab.tune.callbacks import MLflowTrialLogger
 
     space = space or {"model.attention": ["cbsa", "softmax"]}
@@ -116,10 +122,11 @@ def write_study(
         "study.seeds": spec.seeds,
         "study.max_concurrent": 1,
     }
+    if spec.grid or not legacy:
+        parent_params["study.stats"] = f"{spec.stats_test}:{spec.stats_on}"
     if spec.grid:
         parent_params["study.cells"] = json.dumps(spec.cells)
         parent_params["study.baseline"] = cell_label(spec.baseline or spec.cells[0])
-        parent_params["study.stats"] = f"{spec.stats_test}:{spec.stats_on}"
     parent = tracker.start_run(
         name,
         params=parent_params,
@@ -148,8 +155,10 @@ def write_study(
             epochs = outcome.fail_after
         if outcome.running_after is not None:
             epochs = outcome.running_after
+        if outcome.stopped_after is not None:
+            epochs = outcome.stopped_after
         for epoch in range(1, epochs + 1):
-            value = _value(cell, seed, epoch)
+            value = value_of(cell, seed, epoch)
             result = {
                 "epoch": epoch,
                 "training_iteration": epoch,
@@ -178,14 +187,14 @@ def write_study(
     study = WrittenStudy(uri, name, parent, tracker.experiment_id, written)
     if finish:
         rows = summary_rows(logger, spec)
-        tracker.log_text(parent, format_table(rows, spec.trial_keys, spec.metric), "summary.txt")
-        tracker.log_text(parent, json.dumps(rows, indent=2), "summary.json")
-        if spec.grid:
-            stats = study_statistics(rows, spec)
-            path = write_stats(stats, tmp / "ray" / "stats.parquet")
-            tracker.log_artifact(parent, path)
-            tracker.log_text(parent, "(stats text)", "stats.txt")
-            study.stats_path = str(path)
+        if legacy:  # the driver before the budget: the table and the rows, no answer
+            table = format_table(rows, spec.trial_keys, spec.metric, spec.mode)
+            tracker.log_text(parent, table, "summary.txt")
+            tracker.log_text(parent, json.dumps(rows, indent=2), "summary.json")
+        else:
+            failed = sum(1 for r in rows if r["status"] == "FAILED")
+            result = _summarise(rows, failed, spec, tracker, parent, name)
+            study.stats_path = result.stats_path or ""
         tracker.end_run(parent, "FINISHED")
     if probes:
         study.probe_run_ids = write_probes(tracker, tmp, study, depth=base.model.depth)

@@ -4,6 +4,7 @@ writers fed with stand-in trials, see synthetic_study.py), and one tiny real stu
 
 from __future__ import annotations
 
+import html
 import math
 import time
 from pathlib import Path
@@ -14,11 +15,22 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cbtlab.dashboards.figures import level_order, pareto_front
-from cbtlab.dashboards.report import HTML_FILE, REPORT_DIR, TABLE_FILE, build_report, report_main
-from cbtlab.dashboards.runs import TABLE_COLUMNS
+from cbtlab.dashboards.report import (
+    HTML_FILE,
+    REPORT_DIR,
+    STATS_METRIC,
+    TABLE_FILE,
+    build_report,
+    report_main,
+)
+from cbtlab.dashboards.runs import TABLE_COLUMNS, study_notes, trial_rows
 from cbtlab.dashboards.serve import artifact_root, mlflow_command, serve_main
+from cbtlab.tables import format_table
+from cbtlab.tracking.schema import load_study, study_from_mlflow
+from cbtlab.tune.budget import common_budget, with_budget_values
+from cbtlab.tune.stats import cell_label
 from conftest import FinishedStudy
-from synthetic_study import Outcome, write_study
+from synthetic_study import Outcome, value_of, write_study
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -190,21 +202,132 @@ def test_a_study_with_no_trial_yet(tmp_path: Path) -> None:
     assert "still running" in report.html_path.read_text()
 
 
+def _cell(point: dict) -> dict:
+    return {k: v for k, v in point.items() if k != "train.seed"}
+
+
+def test_values_and_cells_are_at_the_common_budget(tmp_path: Path) -> None:
+    """A grid whose trials reached different epochs (one stopped after 2 of 3, one failed
+    after 1): every value, cell mean and interval is the metric at epoch 2, the epoch every
+    finished trial reached, as the driver's stats.parquet and answer have them; the failed
+    trial is left out and named; the page says which budget everywhere."""
+    study = write_study(
+        tmp_path,
+        space={"model.attention": ["cbsa", "softmax"]},
+        seeds=2,
+        outcomes={1: Outcome(stopped_after=2), 3: Outcome(fail_after=1)},
+        probes=False,
+    )
+    report = build_report(study.uri, "synthetic", out_dir=tmp_path / "r", log=False)
+    assert report.compare.budget == 2 and report.compare.label == "final val/top1 at epoch 2"
+    rows = {r["run_id"]: r for r in report.table.to_pylist()}
+    expected: dict[str, list[float]] = {}
+    for i, t in enumerate(study.trials):
+        row = rows[t["run_id"]]
+        if i == 3:  # failed: no value, its own final kept
+            assert math.isnan(row["value"]) and row["value_epoch"] is None
+            assert row["final"] == pytest.approx(
+                value_of(_cell(t["point"]), t["point"]["train.seed"], 1)
+            )
+            continue
+        at_budget = value_of(_cell(t["point"]), t["point"]["train.seed"], 2)
+        assert row["value"] == pytest.approx(at_budget) and row["value_epoch"] == 2
+        own = value_of(_cell(t["point"]), t["point"]["train.seed"], row["epochs"])
+        assert row["final"] == pytest.approx(own)  # its own last value, shown beside
+        expected.setdefault(cell_label(_cell(t["point"])), []).append(at_budget)
+    assert rows[study.trials[0]["run_id"]]["final"] != rows[study.trials[0]["run_id"]]["value"]
+    means = {c.label: c.mean for c in report.cells}
+    assert means == pytest.approx({k: sum(v) / len(v) for k, v in expected.items()})
+    assert report.stats_checked  # stats.parquet is "final val/top1 at epoch 2" too
+    meta = report.table.schema.metadata
+    assert (meta[b"budget"], meta[b"value"], meta[b"equal_budget"]) == (b"2", b"final", b"true")
+    notes = "\n".join(report.notes)
+    failed = rows[study.trials[3]["run_id"]]["trial"]
+    stopped = rows[study.trials[1]["run_id"]]["trial"]
+    assert f"left out of the comparison at epoch 2, no value: {failed} (FAILED)" in notes
+    assert "compared at epoch 2 like every trial" in notes and stopped in notes
+    assert "2 trial(s) ran past epoch 2 (to 3)" in notes
+    page = report.html_path.read_text()
+    assert "best at epoch 2" in report.answer  # the driver's answer.txt, near the top
+    assert page.index(html.escape(report.answer.strip())) < page.index("<h2>Notes</h2>")
+    assert "compared value: final val/top1 at epoch 2, the largest epoch" in page
+    assert "<h2>Cells (final val/top1 at epoch 2, 95% t-interval)</h2>" in page
+    assert "<th>final @ epoch 2</th>" in page
+    assert "variants.png</b>: final val/top1 at epoch 2 per cell" in page
+    # The summary rows read back from MLflow carry their histories: ranked at the same budget.
+    _, keys, metric, mode, summary = study_from_mlflow(study.uri, "synthetic")
+    by_run = {r["run_id"]: r for r in summary}
+    point = study.trials[1]["point"]
+    assert by_run[study.trials[1]["run_id"]]["history"] == pytest.approx(
+        {e: value_of(_cell(point), point["train.seed"], e) for e in (1, 2)}
+    )
+    assert common_budget(summary) == 2
+    with_budget_values(summary, 2, "final", mode)
+    for run_id, r in by_run.items():
+        if run_id == study.trials[3]["run_id"]:
+            assert r["at_budget"] is None
+        else:
+            assert r["at_budget"] == pytest.approx(rows[run_id]["value"])
+    assert "val/top1 @ epoch 2" in format_table(summary, keys, metric, mode, 2)
+
+
 def test_search_report_has_one_figure_per_factor_and_optuna_importances(tmp_path: Path) -> None:
+    """A search whose ASHA stopped trials after 1 and 2 of 3 epochs: compared at epoch 1."""
     study = write_study(
         tmp_path,
         name="search",
         space={"model.rep_grid": ["1x1", "2x2", "4x4"], "model.depth": [1, 2]},
         grid=False,
         seeds=1,
+        outcomes={1: Outcome(stopped_after=1), 2: Outcome(stopped_after=2)},
         probes=False,
     )
     report = build_report(study.uri, "search", out_dir=tmp_path / "r")
-    assert report.runs.value_kind == "best" and not report.runs.grid
+    assert report.runs.value_kind == "final" and not report.runs.grid  # study.stats's
     assert {"metric_vs_model_rep_grid.png", "metric_vs_model_depth.png",
             "param_importances.png"} <= set(report.figures)  # fmt: skip
-    assert report.table.schema.metadata[b"value"] == b"best"
+    assert report.table.schema.metadata[b"value"] == b"final"
+    assert report.table.schema.metadata[b"budget"] == b"1"
+    rows = {r["run_id"]: r for r in report.table.to_pylist()}
+    for t in study.trials:
+        assert rows[t["run_id"]]["value"] == pytest.approx(value_of(t["point"], 0, 1))
+    assert "metric_vs_model_depth.png</b>: final val/top1 at epoch 1 against" in (
+        report.html_path.read_text()
+    )
     assert_report_files(report, MlflowClient(study.uri))
+
+
+def test_a_search_logged_before_the_budget_keeps_its_best_and_says_so(tmp_path: Path) -> None:
+    """No study.stats on the parent (the driver before budgets): each finished trial's best
+    over its own epochs, and a note that those budgets may differ."""
+    study = write_study(
+        tmp_path,
+        name="old",
+        space={"model.rep_grid": ["1x1", "2x2"]},
+        grid=False,
+        seeds=1,
+        outcomes={1: Outcome(stopped_after=1)},
+        probes=False,
+        legacy=True,
+    )
+    runs = load_study(study.uri, "old")
+    assert runs.value_kind == "best"
+    rows = trial_rows(runs)
+    assert [r["value"] for r in rows] == [r["best"] for r in rows]
+    assert [r["epochs"] for r in rows] == [3, 1, 3]
+    notes = "\n".join(study_notes(runs, rows))
+    assert "values may be at unequal budgets (they ran 1 to 3 epochs)" in notes
+
+
+def test_the_stats_metric_names_its_budget() -> None:
+    cases = [
+        ("final val/top1 at epoch 8", "final val/top1", "8"),
+        ("best val/loss", "best val/loss", None),
+        ("final val/top1 at epoch None", "final val/top1", "None"),
+    ]
+    for text, what, epoch in cases:
+        match = STATS_METRIC.match(text)
+        assert (match.group("what"), match.group("epoch")) == (what, epoch)
 
 
 def test_report_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

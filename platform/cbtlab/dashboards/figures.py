@@ -302,9 +302,11 @@ def learning_curves(
     metric: str,
     colours: Mapping[str, Any],
     path: Path,
+    budget: int | None = None,
 ) -> Path:
     """The study metric and the training loss against the epoch, one line per trial coloured
-    by cell; failed trials dashed, running ones dotted."""
+    by cell; failed trials dashed, running ones dotted; the `budget` (the epoch the trials are
+    compared at) a grey vertical line."""
     plt = _plt()
     keys = [metric, "train/loss"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -328,6 +330,8 @@ def learning_curves(
                 label=label,
             )
     for ax, key in zip(axes, keys, strict=True):
+        if budget is not None:
+            ax.axvline(budget, color="grey", linewidth=1, alpha=0.7)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(key)
@@ -335,7 +339,8 @@ def learning_curves(
         ax.grid(alpha=0.3)
     if seen:
         axes[0].legend(fontsize=7)
-    fig.suptitle("learning curves (dashed: failed, dotted: running)", fontsize=10)
+    at = f"; grey line: the budget, epoch {budget}" if budget is not None else ""
+    fig.suptitle(f"learning curves (dashed: failed, dotted: running{at})", fontsize=10)
     return _save(fig, path)
 
 

@@ -4,6 +4,10 @@ page, all logged under `report/` on the study's parent run so that the MLflow UI
     build_report(tracking_uri, study="rep_count_ablation")       # the latest invocation
     build_report(tracking_uri, parent_run_id="3f2a...")          # one invocation
 
+The value plotted, averaged and tabled is each trial's metric at the study's budget, the epoch
+every finished trial reached (`cbtlab.dashboards.runs`, `cbtlab.tune.budget`), and the page
+says which epoch; the driver's answer (answer.txt on the parent run) heads the page.
+
 Files (those whose data is missing are skipped, and the notes say why):
   trials.parquet                one row per trial run (`cbtlab.dashboards.runs.TABLE_COLUMNS`)
   metric_vs_<factor>.png        the value against each searched factor, 95% CI bands over seeds
@@ -43,15 +47,17 @@ from mlflow.tracking import MlflowClient
 from cbtlab.dashboards import figures as fig
 from cbtlab.dashboards.runs import (
     CellSummary,
+    Comparison,
     cell_summaries,
     check_against_stats,
+    comparison,
     study_notes,
     trial_rows,
     trial_table,
 )
 from cbtlab.dashboards.search import EVALUATOR, history_points, param_importances, rebuild_study
 from cbtlab.paths import cbtlab_home, default_tracking_uri
-from cbtlab.tracking.schema import GIT_COMMIT_TAG, StudyRuns, load_study
+from cbtlab.tracking.schema import ANSWER_TEXT, GIT_COMMIT_TAG, StudyRuns, load_study
 
 REPORT_DIR = "report"
 TABLE_FILE = "trials.parquet"
@@ -76,7 +82,9 @@ class StudyReport:
     captions: dict[str, str]
     notes: list[str]
     cells: list[CellSummary]
+    compare: Comparison  # the budget the values are at, the trials left out
     stats_checked: bool = False  # the cells agree with the study's stats.parquet
+    answer: str = ""  # the driver's answer.txt on the parent run, when it logged one
     logged: bool = False
     artifacts: list[str] = field(default_factory=list)  # artifact paths on the parent run
 
@@ -142,9 +150,10 @@ def build_report(
     pq.write_table(table, table_path)
     notes = study_notes(runs, rows)
     cells = cell_summaries(rows)
+    compare = comparison(runs, rows)
     colours = fig.cell_colours([c.label for c in cells])
     with quiet_downloads():
-        stats_checked, stats_text = _check_stats(client, runs, cells, notes)
+        stats_checked, stats_text = _check_stats(client, runs, compare, cells, notes)
         report = StudyReport(
             runs,
             table,
@@ -155,7 +164,9 @@ def build_report(
             {},
             notes,
             cells,
+            compare,
             stats_checked,
+            answer=_answer_text(client, runs),
         )
         _draw(report, rows, colours, client)
     report.html_path.write_text(render_html(report, stats_text))
@@ -167,10 +178,30 @@ def build_report(
     return report
 
 
+def _answer_text(client: MlflowClient, runs: StudyRuns) -> str:
+    """The driver's answer.txt on the parent run ("" when it logged none: an older study, or
+    one still running)."""
+    if ANSWER_TEXT not in runs.artifacts:
+        return ""
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(client.download_artifacts(runs.parent_run_id, ANSWER_TEXT, tmp)).read_text()
+
+
+# stats.parquet's metadata `metric`: "final val/top1 at epoch 8" ("final val/top1" before
+# studies compared at a budget).
+STATS_METRIC = re.compile(r"^(?P<what>.*?)(?: at epoch (?P<epoch>\d+|None))?$")
+
+
 def _check_stats(
-    client: MlflowClient, runs: StudyRuns, cells: Sequence[CellSummary], notes: list[str]
+    client: MlflowClient,
+    runs: StudyRuns,
+    compare: Comparison,
+    cells: Sequence[CellSummary],
+    notes: list[str],
 ) -> tuple[bool, str]:
-    """Compare the cells with the parent's stats.parquet when there is one; (agree, stats.txt)."""
+    """Compare the cells with the parent's stats.parquet when there is one: its metric (and
+    budget, when it names one) against this report's, then n, mean and interval per cell;
+    (agree, stats.txt)."""
     if "stats.parquet" not in runs.artifacts:
         return False, ""
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,8 +210,17 @@ def _check_stats(
         if "stats.txt" in runs.artifacts:
             text = Path(client.download_artifacts(runs.parent_run_id, "stats.txt", tmp)).read_text()
     meta = {k.decode(): v.decode() for k, v in (stats.schema.metadata or {}).items()}
-    if meta.get("metric", f"{runs.value_kind} {runs.metric}") != f"{runs.value_kind} {runs.metric}":
-        notes.append(f"stats.parquet is on {meta['metric']!r}, this report on {runs.value_kind}")
+    theirs = meta.get("metric", "")
+    match = STATS_METRIC.match(theirs)
+    what, epoch = match.group("what"), match.group("epoch")
+    if theirs and what != f"{compare.kind} {compare.metric}":
+        notes.append(f"stats.parquet is on {theirs!r}, this report on {compare.label!r}")
+        return False, text
+    if epoch is not None and epoch != str(compare.budget):
+        notes.append(
+            f"stats.parquet is at epoch {epoch}, this report at epoch {compare.budget} (trials "
+            "changed after it was written): the cells are not checked against it"
+        )
         return False, text
     problems = check_against_stats(cells, stats)
     if problems:
@@ -203,14 +243,16 @@ def _draw(
     _draw_search(report, rows)
 
 
-def _what(runs: StudyRuns) -> str:
-    return f"{runs.value_kind} {runs.metric}"
+def _what(compare: Comparison) -> tuple[str, str, str]:
+    """(kind, metric with its budget, both) as the figures and captions name the value:
+    ("final", "val/top1 at epoch 6", "final val/top1 at epoch 6")."""
+    return compare.kind, compare.metric_at, compare.label
 
 
 def _draw_values(report: StudyReport, rows: list[dict[str, Any]], colours: dict[str, Any]) -> None:
     """The value against each factor, and per cell."""
     runs, cells, out = report.runs, report.cells, report.out_dir
-    kind, metric, what = runs.value_kind, runs.metric, _what(runs)
+    kind, metric, what = _what(report.compare)
     for factor in runs.factors:
         name = f"metric_vs_{slug(factor)}.png"
         report.add(
@@ -240,7 +282,7 @@ def _draw_values(report: StudyReport, rows: list[dict[str, Any]], colours: dict[
 def _draw_paretos(report: StudyReport, rows: list[dict[str, Any]], colours: dict[str, Any]) -> None:
     """The value against FLOPs and against throughput, where the cells have them."""
     runs, cells, out = report.runs, report.cells, report.out_dir
-    kind, metric, what = runs.value_kind, runs.metric, _what(runs)
+    kind, metric, what = _what(report.compare)
     if any(math.isfinite(c.flops) and math.isfinite(c.mean) for c in cells):
         source = {r["flops_source"] for r in rows if r["flops_source"]}
         report.add(
@@ -307,8 +349,15 @@ def _draw_layers_and_curves(
                 metric=metric,
                 colours=colours,
                 path=out / "learning_curves.png",
+                budget=report.compare.budget,
             ),
-            f"{metric} and train/loss per epoch, one line per trial, coloured by cell",
+            f"{metric} and train/loss per epoch, one line per trial, coloured by cell"
+            + (
+                f"; the grey line is the budget, epoch {report.compare.budget}, where the "
+                "trials are compared"
+                if report.compare.budget is not None
+                else ""
+            ),
         )
 
 
@@ -334,8 +383,8 @@ def _draw_attention(report: StudyReport, rows: list[dict[str, Any]], client: Mlf
 def _draw_search(report: StudyReport, rows: list[dict[str, Any]]) -> None:
     """Optuna's view of the runs: the optimisation history and the parameter importances."""
     runs, out = report.runs, report.out_dir
-    kind, metric, what = runs.value_kind, runs.metric, _what(runs)
-    study = rebuild_study(rows, runs.factors, runs.histories, metric=metric, mode=runs.mode)
+    kind, metric, what = _what(report.compare)
+    study = rebuild_study(rows, runs.factors, runs.histories, metric=runs.metric, mode=runs.mode)
     points = history_points(study)
     if not any(state == "COMPLETE" for _, _, state in points):
         report.notes.append("no complete trial with a value: no optimisation history")
@@ -462,7 +511,7 @@ def render_html(report: StudyReport, stats_text: str = "") -> str:
         ("experiment", f"{runs.experiment_name} (id {runs.experiment_id})"),
         ("parent run", f"{parent.info.run_id} ({parent.info.status})"),
         ("tracking URI", runs.tracking_uri),
-        ("metric", f"{runs.metric} ({runs.mode}); plotted value: {runs.value_kind}"),
+        ("metric", f"{runs.metric} ({runs.mode}); compared value: {_budget_line(report.compare)}"),
         (
             "searcher / scheduler",
             f"{params.get('study.searcher', '?')} / {params.get('study.scheduler', '?')}",
@@ -480,8 +529,10 @@ def render_html(report: StudyReport, stats_text: str = "") -> str:
         f"<title>{e(runs.name)}: study report</title><style>{CSS}</style></head><body>",
         f"<h1>Study report: {e(runs.name)}</h1>",
         _table([], [[k, v] for k, v in meta]),
-        "<h2>Notes</h2>",
     ]
+    if report.answer:
+        parts.append(f"<h2>Answer (the study's {e(ANSWER_TEXT)})</h2><pre>{e(report.answer)}</pre>")
+    parts.append("<h2>Notes</h2>")
     if report.notes:
         parts.append(
             "<ul class='notes'>" + "".join(f"<li>{e(n)}</li>" for n in report.notes) + "</ul>"
@@ -494,7 +545,7 @@ def render_html(report: StudyReport, stats_text: str = "") -> str:
             "stats.parquet.</p>"
         )
     if report.cells:
-        parts.append(f"<h2>Cells ({e(runs.value_kind)} {e(runs.metric)}, 95% t-interval)</h2>")
+        parts.append(f"<h2>Cells ({e(report.compare.label)}, 95% t-interval)</h2>")
         body = [
             [
                 c.label,
@@ -517,7 +568,7 @@ def render_html(report: StudyReport, stats_text: str = "") -> str:
             f"<figcaption><b>{e(name)}</b>: {e(report.captions[name])}</figcaption></figure>"
         )
     parts.append(f"<h2>Trials ({e(TABLE_FILE)}: {report.table.num_rows} rows)</h2>")
-    parts.append(_trials_html(report.table))
+    parts.append(_trials_html(report.table, report.compare))
     if stats_text:
         parts.append(f"<h2>Statistics (stats.txt)</h2><pre>{e(stats_text)}</pre>")
     columns = ", ".join(report.table.column_names)
@@ -526,16 +577,40 @@ def render_html(report: StudyReport, stats_text: str = "") -> str:
     return "\n".join(parts)
 
 
-def _trials_html(table: pa.Table) -> str:
+def _budget_line(compare: Comparison) -> str:
+    """The metric line's account of the value the report compares."""
+    if not compare.equal:
+        return (
+            f"{compare.label} (a search logged before studies compared at one budget: the "
+            "values may be at unequal budgets)"
+        )
+    if compare.budget is None:
+        return compare.label
+    return (
+        f"{compare.label}, the largest epoch every finished trial reached "
+        f"({len(compare.compared)} trials compared, {len(compare.left_out)} left out); a "
+        "trial's own final and best, over all its epochs, are shown beside, never compared"
+    )
+
+
+def _trials_html(table: pa.Table, compare: Comparison) -> str:
+    """The trials table: each trial's value at the budget beside its own final and best."""
+    value = (
+        f"{compare.kind} @ epoch {compare.budget}"
+        if compare.budget is not None
+        else f"{compare.kind} (own epochs)"
+        if not compare.equal
+        else "value (no budget)"
+    )
     headers = [
         "trial",
         "status",
         "cell",
         "seed",
         "epochs",
-        "final",
-        "best",
-        "value",
+        "own final",
+        "own best",
+        value,
         "FLOPs",
         "img/s",
         "time (s)",
@@ -604,6 +679,7 @@ def report_main(argv: Sequence[str] | None = None, prog: str | None = None) -> i
         f"study {runs.name!r}: parent run {runs.parent_run_id} ({runs.parent.info.status}), "
         f"{report.table.num_rows} trial runs, in {uri}"
     )
+    print(f"value:   {report.compare.label}")
     print("notes:" if report.notes else "notes: none, every trial finished with every metric")
     for note in report.notes:
         print(f"  - {note}")

@@ -6,11 +6,17 @@ factor after `cell`, then `rc/layer_XX` columns when logged); `study_notes` list
 missing or partial.
 
 The per-trial *value* (the column `value`) is what the report plots and averages over seeds:
-- a grid (`study.searcher=grid`): the metric the study's statistics use (`study.stats`,
-  `final` by default: the metric at the last epoch), for complete trials only (finished, not
-  stopped early), exactly as `cbtlab.tune.runner.study_statistics` feeds `stats.parquet`;
-- a search: each finished trial's best value of the metric (the summary table's ranking),
-  trials stopped early by ASHA included (the figures mark them).
+the study metric at the study's *budget*, the largest epoch every finished trial reached
+(`cbtlab.tune.budget.common_budget`; under ASHA its first rung), as the study driver ranks and
+tests its trials: the metric there (`final`) or its best over the epochs up to it (`best`), per
+the study's `study.stats` (`StudyRuns.value_kind`). The column `value_epoch` says which epoch,
+the table's metadata `budget` too. Trials not compared (failed, killed, running, without an
+epoch of the metric) have no value and the notes name them. A trial's own last and best values
+(`final`, `best`, over however many epochs it ran) are shown beside, never averaged or ranked.
+
+A search logged before searches logged `study.stats` (`equal_budget` False) keeps the old
+value, each finished trial's best over its own epochs, and the notes say that those budgets may
+differ.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ from cbtlab.tracking.schema import (
     ERROR_TAG,
     REPRESENTATIVES_PARAM,
     SEED_TAG,
+    STATS_PARAM,
     STOPPED_EARLY_TAG,
     TIME_KEY,
     TRIAL_TAG,
     StudyRuns,
     config_from_params,
 )
+from cbtlab.tune.budget import common_budget, with_budget_values
 from cbtlab.tune.stats import cell_label, mean_ci
 
 # Latest values copied into the table when a run logs them.
@@ -68,6 +76,7 @@ TABLE_COLUMNS: dict[str, pa.DataType] = {
     "final": pa.float64(),
     "best": pa.float64(),
     "value": pa.float64(),
+    "value_epoch": pa.int64(),
     **{name: pa.float64() for name in (*LATEST_METRICS, *BEST_METRICS)},
     "throughput_img_s": pa.float64(),
     "flops": pa.float64(),
@@ -126,8 +135,89 @@ def _error_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def equal_budget(runs: StudyRuns) -> bool:
+    """Whether the study's values are taken at one budget: a grid, or a search that logged
+    `study.stats` (every search since studies compare at a budget). An older search keeps
+    each trial's best over its own epochs."""
+    return runs.grid or STATS_PARAM in runs.parent.data.params
+
+
+@dataclass
+class Comparison:
+    """Where the report compares a study's trials: at which budget, which value there, which
+    trials have one and which are left out."""
+
+    metric: str
+    kind: str  # "final" or "best"
+    budget: int | None  # None: no finished trial yet, or an older search (`equal` False)
+    equal: bool  # the values are at one budget (see `equal_budget`)
+    compared: list[str]  # the trials with a value
+    left_out: list[str]  # "trial (why)" of the trials without one
+    reached: dict[str, int]  # the epochs of the metric each compared trial reached
+
+    @property
+    def metric_at(self) -> str:
+        """The metric and where it is taken: "val/top1 at epoch 6"."""
+        if not self.equal:
+            return f"{self.metric} over each trial's own epochs"
+        if self.budget is None:
+            return f"{self.metric} (no budget: no trial finished with it)"
+        return f"{self.metric} at epoch {self.budget}"
+
+    @property
+    def label(self) -> str:
+        """What `value` is, in words: "final val/top1 at epoch 6"."""
+        return f"{self.kind} {self.metric_at}"
+
+    @property
+    def ran_further(self) -> list[str]:
+        """The compared trials that ran past the budget."""
+        if self.budget is None:
+            return []
+        return [t for t, epochs in self.reached.items() if epochs > self.budget]
+
+
+def comparison(runs: StudyRuns, rows: Sequence[dict[str, Any]]) -> Comparison:
+    """The comparison of `trial_rows`'s rows (their `value`, `value_epoch` and `history`)."""
+    equal = equal_budget(runs)
+    budget = common_budget(rows) if equal else None
+    compared, left_out = [], []
+    for r in rows:
+        if math.isfinite(_float(r["value"])):
+            compared.append(r["trial"])
+            continue
+        if r["status"] != "FINISHED":
+            why = r["status"]
+        elif not r["history"]:
+            why = f"finished without {runs.metric}"
+        else:
+            why = f"finished without {runs.metric} at epoch {budget}"
+        left_out.append(f"{r['trial']} ({why})")
+    reached = {
+        r["trial"]: max(r["history"], default=r["epochs"]) for r in rows if r["trial"] in compared
+    }
+    return Comparison(runs.metric, runs.value_kind, budget, equal, compared, left_out, reached)
+
+
+def _set_values(runs: StudyRuns, rows: list[dict[str, Any]]) -> None:
+    """Each row's `value` and `value_epoch` (see the module docstring)."""
+    if not equal_budget(runs):  # an older search: each finished trial's own best
+        for row in rows:
+            row["value"] = row["best"] if row["status"] == "FINISHED" else math.nan
+            row["value_epoch"] = None
+        return
+    budget = common_budget(rows)
+    with_budget_values(rows, budget, runs.value_kind, runs.mode)
+    for row in rows:
+        at = row.pop("at_budget")
+        row["value"] = math.nan if at is None else at
+        row["value_epoch"] = None if at is None else budget
+
+
 def trial_rows(runs: StudyRuns, flops: FlopCounter | None = None) -> list[dict[str, Any]]:
-    """One dict per trial run (the table's rows, in start order); see `TABLE_COLUMNS`."""
+    """One dict per trial run (the table's rows, in start order); see `TABLE_COLUMNS`. Besides
+    the columns a row has `history`, the study metric per epoch, {epoch: value}; its `value`
+    is at the study's budget (see the module docstring and `comparison`)."""
     flops = flops or FlopCounter()
     rows = []
     for order, run in enumerate(runs.trials):
@@ -147,10 +237,6 @@ def trial_rows(runs: StudyRuns, flops: FlopCounter | None = None) -> list[dict[s
             pick = max if runs.mode == "max" else min
             best = pick(values) if values else math.nan
         complete = status == "FINISHED" and not stopped
-        if runs.grid:
-            value = (final if runs.value_kind == "final" else best) if complete else math.nan
-        else:
-            value = best if status == "FINISHED" else math.nan
         seconds = metrics.get(TIME_KEY)
         if seconds is None and run.info.end_time and run.info.start_time:
             seconds = (run.info.end_time - run.info.start_time) / 1000
@@ -184,7 +270,9 @@ def trial_rows(runs: StudyRuns, flops: FlopCounter | None = None) -> list[dict[s
             "representatives": _int(params.get(REPRESENTATIVES_PARAM)),
             "final": final,
             "best": best,
-            "value": value,
+            "value": math.nan,  # set by _set_values below, at the study's budget
+            "value_epoch": None,
+            "history": {int(step): float(v) for step, v in curve},
             **{k: metrics.get(k, math.nan) for k in (*LATEST_METRICS, *BEST_METRICS)},
             "throughput_img_s": sum(throughput) / len(throughput) if throughput else math.nan,
             "flops": logged if logged is not None else counted,
@@ -197,6 +285,7 @@ def trial_rows(runs: StudyRuns, flops: FlopCounter | None = None) -> list[dict[s
             "error": _error_line(tags.get(ERROR_TAG, "")),
         }
         rows.append(row)
+    _set_values(runs, rows)
     return rows
 
 
@@ -222,7 +311,10 @@ def _factor_array(values: list[Any]) -> pa.Array:
 def trial_table(runs: StudyRuns, rows: Sequence[dict[str, Any]]) -> pa.Table:
     """The rows as a pyarrow Table: `TABLE_COLUMNS`, one column per factor after `cell`, then
     `rc/layer_XX` for every layer any trial logged. Metadata: study, parent run, metric, mode,
-    value kind, factors (JSON)."""
+    value kind, budget (the epoch `value` is at; "" when none), equal_budget ("false": an
+    older search, `value` over each trial's own epochs), value_label (`Comparison.label`),
+    factors (JSON)."""
+    compare = comparison(runs, rows)
     columns: dict[str, pa.Array] = {}
     for name, kind in TABLE_COLUMNS.items():
         columns[name] = pa.array([_cell(r[name], kind) for r in rows], kind)
@@ -243,6 +335,9 @@ def trial_table(runs: StudyRuns, rows: Sequence[dict[str, Any]]) -> pa.Table:
         "metric": runs.metric,
         "mode": runs.mode,
         "value": runs.value_kind,
+        "budget": "" if compare.budget is None else str(compare.budget),
+        "equal_budget": str(compare.equal).lower(),
+        "value_label": compare.label,
         "factors": json.dumps(runs.factors),
     }
     return pa.table(columns).replace_schema_metadata(metadata)
@@ -288,10 +383,7 @@ def study_notes(runs: StudyRuns, rows: Sequence[dict[str, Any]]) -> list[str]:
             f"{len(running)} trial(s) still running, drawn with the epochs logged so far and "
             f"left out of the values: {_names(running)}"
         )
-    stopped = [r["trial"] for r in rows if r["stopped_early"]]
-    if stopped:
-        verb = "left out of the statistics" if runs.grid else "their best is over fewer epochs"
-        notes.append(f"{len(stopped)} trial(s) stopped early by the scheduler ({verb})")
+    notes += _budget_notes(comparison(runs, rows), rows)
     missing = [r["trial"] for r in rows if not math.isfinite(_float(r["final"]))]
     if missing:
         notes.append(f"{runs.metric} is missing in {len(missing)} run(s): {_names(missing)}")
@@ -327,6 +419,51 @@ def study_notes(runs: StudyRuns, rows: Sequence[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def _budget_notes(compare: Comparison, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Where the values are not every trial's, or not at one budget."""
+    notes = []
+    stopped = [r["trial"] for r in rows if r["stopped_early"]]
+    if not compare.equal:
+        finished = [r["epochs"] for r in rows if r["status"] == "FINISHED"]
+        spread = (
+            f" (they ran {min(finished)} to {max(finished)} epochs)"
+            if finished and min(finished) != max(finished)
+            else ""
+        )
+        notes.append(
+            f"this search was logged before studies compared their trials at one budget (no "
+            f"{STATS_PARAM} param): each value is a trial's best over its own epochs, so the "
+            f"values may be at unequal budgets{spread}"
+        )
+        if stopped:
+            notes.append(
+                f"{len(stopped)} trial(s) stopped early by the scheduler (their best is over "
+                "fewer epochs)"
+            )
+        return notes
+    if compare.left_out:
+        where = f"at epoch {compare.budget}" if compare.budget is not None else "(no budget)"
+        notes.append(
+            f"{len(compare.left_out)} trial(s) left out of the comparison {where}, no value: "
+            + _names(compare.left_out)
+        )
+    if stopped:
+        notes.append(
+            f"{len(stopped)} trial(s) stopped early by the scheduler, compared at epoch "
+            f"{compare.budget} like every trial (their own final and best are over fewer "
+            f"epochs): {_names(stopped)}"
+        )
+    further = compare.ran_further
+    if further:
+        top = max(compare.reached[t] for t in further)
+        notes.append(
+            f"{len(further)} trial(s) ran past epoch {compare.budget} (to {top}): compared at "
+            f"epoch {compare.budget}, the epoch every finished trial reached; their later "
+            "values are in final and best only"
+        )
+    return notes
+
+
 def _names(items: Iterable[str], limit: int = 6) -> str:
     items = list(items)
     shown = ", ".join(items[:limit])
@@ -335,7 +472,7 @@ def _names(items: Iterable[str], limit: int = 6) -> str:
 
 @dataclass
 class CellSummary:
-    """A cell's values over its seeds (complete trials with a finite value only)."""
+    """A cell's values over its seeds (the trials with a value at the budget)."""
 
     label: str
     factors: dict[str, Any]

@@ -306,8 +306,9 @@ def load_study(
     parent run, its trial runs in start order, the latest finished probe run of each trial and
     the trials' histories of the study metric and `HISTORY_METRICS`.
 
-    The value a trial stands for: a grid's `study.stats` value (`final` by default), a
-    search's best value."""
+    The value a trial stands for (`value_kind`, taken at the study's budget, see
+    `cbtlab.tune.budget`): the `study.stats` value (`final` by default for a grid); a search
+    logged before searches logged `study.stats` stands for its best value."""
     client = MlflowClient(tracking_uri=tracking_uri)
     parent = find_parent(client, study, parent_run_id)
     experiment = client.get_experiment(parent.info.experiment_id)
@@ -319,7 +320,7 @@ def load_study(
         )
     metric, mode = parse_metric(params)
     grid = params.get(SEARCHER_PARAM) == "grid"
-    value_kind = params.get(STATS_PARAM, "auto:final").rpartition(":")[2] if grid else "best"
+    value_kind = params.get(STATS_PARAM, "auto:final" if grid else "auto:best").rpartition(":")[2]
     value_kind = value_kind if value_kind in ("final", "best") else "final"
     trials = _trial_runs(client, experiment.experiment_id, parent.info.run_id)
     try:
@@ -394,8 +395,11 @@ def study_from_mlflow(
 ) -> tuple[Any, list[str], str, str, list[dict[str, Any]]]:
     """(parent run, searched keys, metric, mode, trial rows) of a logged study; the latest
     study run of the experiment unless `parent_run_id` is given. A row has the keys `trial`,
-    each searched key, `representatives`, `epochs`, `final` and `best` (of the study metric),
-    `seconds`, `status` and `stopped_early` (`cbtlab.tables.format_table` prints them)."""
+    each searched key, `train.seed`, `representatives`, `epochs`, `final` and `best` (of the
+    study metric), `seconds`, `status`, `stopped_early`, `run_id` and `history` (the study
+    metric per epoch, {epoch: value}), as the driver's summary rows: `cbtlab.tune.budget`'s
+    `common_budget` and `with_budget_values` give them their `at_budget`, by which
+    `cbtlab.tables.format_table` ranks them."""
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
@@ -422,6 +426,7 @@ def study_from_mlflow(
             {
                 "trial": run.info.run_name,
                 **{key: params.get(key) for key in keys},
+                "train.seed": params.get("train.seed", tags.get(SEED_TAG)),
                 "representatives": params.get(REPRESENTATIVES_PARAM),
                 "epochs": tags.get(EPOCHS_TAG, "-"),
                 "final": metrics.get(metric),
@@ -429,6 +434,8 @@ def study_from_mlflow(
                 "seconds": metrics.get(TIME_KEY),
                 "status": run.info.status,
                 "stopped_early": tags.get(STOPPED_EARLY_TAG) == "true",
+                "run_id": run.info.run_id,
+                "history": dict(metric_history(client, run.info.run_id, metric)),
             }
         )
     return parent, keys, metric, mode, rows
