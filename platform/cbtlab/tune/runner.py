@@ -168,7 +168,8 @@ def _fit_new_study(
 ) -> None:
     """Set up the study's searcher, write its resume state, then run its Tune experiment."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+
+    from cbtlab.tune.scheduler import StudyScheduler
 
     storage_url = ""
     if spec.grid:
@@ -200,8 +201,9 @@ def _fit_new_study(
     base = plan.base
     scheduler = None
     if spec.asha and not spec.grid:
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
+        # ASHA on the reported epoch, its decisions kept in the results folder: a resumed
+        # study takes them again (cbtlab.tune.scheduler).
+        scheduler = StudyScheduler(
             max_t=base.train.epochs,
             grace_period=min(spec.grace_period, base.train.epochs),
             reduction_factor=spec.reduction_factor,
