@@ -125,6 +125,8 @@ def run_study(spec: StudySpec) -> StudyResult:
     )
     if spec.grid:
         tracker.log_text(parent_run_id, json.dumps(spec.cells), "cells.json")
+    if spec.conditional:  # the rules of a conditional space (StudySpec.conditional)
+        tracker.log_text(parent_run_id, json.dumps(spec.conditional, indent=2), "conditional.json")
 
     def fit() -> None:
         _fit_new_study(spec, plan, trials, tracker, logger, parent_run_id, run_name)
