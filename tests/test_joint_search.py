@@ -55,8 +55,12 @@ def test_the_spec_holds_a_conditional_space_that_survives_json() -> None:
     assert set(spec.space) >= REP_KEYS | POOL_KEYS | STEP_KEYS | {"model.rep_pool_kernel"}
     assert not spec.grid and spec.num_samples == 6 and spec.grace_period == 1
     assert spec.base.model.depth == 1 and spec.base.model.embed_dim == 24
+    # the first trials' variants (TPE samples the rest of each): CBSA three times
+    first = [point["model.attention"] for point in spec.initial_points]
+    assert first == ["cbsa", "mssa", "agent", "linear", "cbsa", "cbsa"]
     again = spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))).validate()
     assert again.conditional == spec.conditional and again.space == spec.space
+    assert again.initial_points == spec.initial_points
     # every distinct trial of the space is a valid config with its variant
     trials = conditional_trials(spec.space, spec.conditional)
     assert len(trials) == 40 + 6 + 5 + 3  # cbsa, agent, linear, mssa/tssa/softmax
@@ -208,19 +212,32 @@ def test_bad_rules_are_named() -> None:
 def test_the_runners_searcher_samples_the_conditional_space_and_resumes(tmp_path: Path) -> None:
     """`_optuna_searcher` (no Ray cluster needed to ask it): define-by-run from the spec, kept
     in the RDB, and its checkpoint (what a resumed study restores) goes on with the study."""
+    from ray.tune.search.optuna import OptunaSearch
+
     from cbtlab.tune.runner import _optuna_searcher
 
     spec = _spec()
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     searcher = _optuna_searcher(spec, "joint", url)
     configs = [searcher.suggest(f"t{i}") for i in range(6)]
+    first = [point["model.attention"] for point in spec.initial_points]
+    assert [config["model.attention"] for config in configs] == first
     for config in configs:
         params = {k: v for k, v in config.items() if k != "model.rep_pool_kernel"}
         assert set(params) == _expected_keys(config["model.attention"], params)
     searcher.save(str(tmp_path / "searcher.pkl"))
-    again = _optuna_searcher(spec, "joint", url)
+    again = OptunaSearch()  # as Tuner.restore brings it back: the checkpoint, not the spec
     again.restore(str(tmp_path / "searcher.pkl"))
     assert isinstance(again._space, ConditionalSpace)
     assert again.suggest("t6")["model.attention"] in spec.space["model.attention"]
     study = optuna.load_study(study_name="joint", storage=url)
     assert len(study.trials) == 7
+
+
+def test_a_partial_initial_point_must_sample_its_keys_in_its_branch() -> None:
+    spec = _spec()
+    spec.initial_points = [{"model.attention": "cbsa", "model.rep_grid": "4X4"}]
+    assert spec.validate().initial_points == [{"model.attention": "cbsa", "model.rep_grid": "4x4"}]
+    spec.initial_points = [{"model.attention": "mssa", "model.rep_grid": "2x2"}]
+    with pytest.raises(ConfigError, match=r"^study.initial_points.*model.rep_grid is not sampled"):
+        spec.validate()

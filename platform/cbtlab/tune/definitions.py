@@ -265,17 +265,33 @@ JOINT_STEP_SCALES = "0.1,1"
 # overlapping k x k windows every patch, k = side - g + 1 for a g x g grid on a side x side
 # patch grid. Sampled for CBSA's square grids 1 < g < side only (elsewhere both are the same).
 JOINT_POOL_STRIDES = (0, 1)
-# Per preset: trials, epochs (None: the preset's), ASHA's grace period, and config overrides
-# before --set (the smoke preset's small model: one worker, one layer, 24 wide).
+# Per preset: trials, epochs (None: the preset's), ASHA's grace period, config overrides before
+# --set (the smoke preset's small model: one worker, one layer, 24 wide), and the variants of
+# the first trials (those in --variants; TPE samples the rest of each, and the later trials):
+# every variant once; the smoke's 6 trials give CBSA three, so that its own parameters get
+# importances.
 JOINT_SETTINGS: dict[str, dict[str, Any]] = {
     "smoke": {
         "num_samples": 6,
         "epochs": 2,
         "grace_period": 1,
         "overrides": {"model.depth": 1, "model.embed_dim": 24, "train.num_workers": 1},
+        "first": ("cbsa", "mssa", "agent", "linear", "cbsa", "cbsa"),
     },
-    "digits": {"num_samples": 20, "epochs": 12, "grace_period": 3, "overrides": {}},
-    "imagenet": {"num_samples": 30, "epochs": None, "grace_period": 15, "overrides": {}},
+    "digits": {
+        "num_samples": 20,
+        "epochs": 12,
+        "grace_period": 3,
+        "overrides": {},
+        "first": VARIANTS,
+    },
+    "imagenet": {
+        "num_samples": 30,
+        "epochs": None,
+        "grace_period": 15,
+        "overrides": {},
+        "first": VARIANTS,
+    },
 }
 
 
@@ -397,4 +413,6 @@ def joint_spec(args: argparse.Namespace) -> StudySpec:
         raise ConfigError("--step-scales", "normal takes a standard deviation: give scales >= 0")
     spec = study_spec(args, name="joint_search", space={"model.attention": list(args.variants)})
     spec.conditional = joint_rules(base, args.variants, grids, inits, scales)
+    first = [v for v in settings["first"] if v in args.variants][: spec.num_samples]
+    spec.initial_points = [{"model.attention": variant} for variant in first]
     return spec

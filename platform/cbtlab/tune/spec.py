@@ -35,7 +35,8 @@ class StudySpec:
     base: ExperimentConfig
     # Dotted config key -> the values to search (categorical).
     space: dict[str, list[Any]]
-    # Trials to run first, in order (each a full assignment of `space`), before the sampler.
+    # Trials to run first, in order (each a full assignment of `space`; with `conditional`, any
+    # keys of one branch, the sampler picking the rest), before the sampler.
     initial_points: list[dict[str, Any]] = field(default_factory=list)
     num_samples: int = 6
     search_seed: int = 0
@@ -126,6 +127,8 @@ class StudySpec:
                 for value in values:  # each value must give a valid config on its own
                     self.base.with_overrides({key: value})
         for point in self.initial_points:
+            if self.conditional:  # partial points, checked by _check_conditional
+                continue
             if set(point) != set(self.space):
                 raise ConfigError(
                     "study.initial_points", f"{point} does not assign {set(self.space)}"
@@ -203,18 +206,17 @@ class StudySpec:
 
     def _check_conditional(self) -> None:
         """A conditional space: rules on config fields (`normalise_rules`), searched by Optuna
-        (no grid, no initial points), each trial it can give a valid config; its keys join
-        `space`."""
+        (no grid), each trial it can give a valid config; its keys join `space`; initial
+        points may be partial (`_conditional_point`)."""
         if not self.conditional:
             return
         if self.grid or self.seeds > 1 or self.cells:
             raise ConfigError(
                 "study.conditional", "a conditional space is searched by Optuna, not run as a grid"
             )
-        if self.initial_points:
-            raise ConfigError("study.conditional", "takes no initial points (TPE samples them)")
         self.conditional = normalise_rules(self.base, self.space, self.conditional)
         self.space.update(conditional_keys(self.conditional))
+        self.initial_points = [self._conditional_point(point) for point in self.initial_points]
         for assigned, _ in conditional_trials(self.space, self.conditional):
             try:
                 self.base.with_overrides(assigned)
@@ -222,6 +224,25 @@ class StudySpec:
                 raise ConfigError(
                     "study.conditional", f"the trial {cell_label(assigned)} is not valid: {exc}"
                 ) from None
+
+    def _conditional_point(self, point: Mapping[str, Any]) -> dict[str, Any]:
+        """An initial point of a conditional space, spelled as the flat config: any of the keys
+        its branch samples (Optuna's enqueued trial; the sampler picks the others)."""
+        flat = self.base.flat()
+        unknown = [key for key in point if key not in flat]
+        if unknown:
+            raise ConfigError("study.initial_points", f"{unknown[0]!r} is not a config field")
+        point = {key: _rule_value(flat, key, value) for key, value in point.items()}
+        _, sampled = assign_conditional(
+            self.space, self.conditional, lambda key, values: point.get(key, values[0])
+        )
+        wrong = [k for k, v in point.items() if k not in sampled or v not in self.space[k]]
+        if wrong:
+            raise ConfigError(
+                "study.initial_points",
+                f"{cell_label(point)}: {wrong[0]} is not sampled there with that value",
+            )
+        return point
 
     @property
     def seed_values(self) -> list[int]:
