@@ -64,13 +64,20 @@ class Importances:
     budget: int | None
     evaluator: str
     groups: list[ImportanceGroup] = field(default_factory=list)
+    conditional: bool = False
 
     def lines(self) -> list[str]:
         if self.budget is None:
             return ["parameter importances: none, no trial finished"]
         return [
             f"parameter importances at epoch {self.budget} ({self.kind} {self.metric} there, "
-            f"not Optuna's stored values; Optuna {self.evaluator}, each line sums to 1):",
+            f"not Optuna's stored values; Optuna {self.evaluator}, each line sums to 1"
+            + (
+                "; over all trials a conditional parameter is judged on the trials that "
+                "sampled it):"
+                if self.conditional
+                else "):"
+            ),
             *(group.line() for group in self.groups),
         ]
 
@@ -83,6 +90,7 @@ class Importances:
             "kind": self.kind,
             "budget_epoch": self.budget,
             "evaluator": self.evaluator,
+            "conditional": self.conditional,
             "groups": [asdict(group) for group in self.groups],
         }
 
@@ -117,7 +125,9 @@ def study_importances(
 
     conditional = conditional or []
     evaluator = PedAnovaImportanceEvaluator()
-    result = Importances(metric, kind, budget, type(evaluator).__name__)
+    result = Importances(
+        metric, kind, budget, type(evaluator).__name__, conditional=bool(conditional)
+    )
     compared = [row for row in rows if row.get("at_budget") is not None]
     if budget is None:
         return result

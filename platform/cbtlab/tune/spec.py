@@ -307,9 +307,11 @@ def conditional_keys(rules: list[dict[str, Any]]) -> dict[str, list[Any]]:
     the constants it is set to), in the rules' order."""
     keys: dict[str, list[Any]] = {}
     for rule in rules:
-        for key, values in rule.get("sample", {}).items():
+        if not isinstance(rule, Mapping):  # normalise_rules names it
+            continue
+        for key, values in (rule.get("sample") or {}).items():
             keys[key] = list(values)
-        for key, value in rule.get("set", {}).items():
+        for key, value in (rule.get("set") or {}).items():
             keys.setdefault(key, [])
             if value not in keys[key]:
                 keys[key].append(value)
