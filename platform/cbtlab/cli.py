@@ -7,6 +7,8 @@ cbtlab config [--set k=v ...]   print the default experiment config, flattened, 
 cbtlab where                    print where cbtlab keeps data, MLflow and Ray results
 cbtlab study variants|step-init|scaling [flags]   the attention-variant / step-size / model-
                                  scaling studies (studies/*.py)
+cbtlab study joint [flags]      the joint search: variant x representatives x pooling x step
+                                 sizes, conditional (= studies/joint_search.py)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ STUDIES = {
     "variants": "cbtlab.tune.cli:variant_comparison_main",
     "step-init": "cbtlab.tune.cli:step_size_init_main",
     "scaling": "cbtlab.tune.cli:model_scaling_main",
+    "joint": "cbtlab.tune.cli:joint_search_main",
 }
 
 

@@ -19,10 +19,15 @@ from cbtlab.tracking import StudyTracker
 from cbtlab.tune.definitions import (
     DEFAULT_GRID_EPOCHS,
     DEFAULT_REP_GRIDS,
+    JOINT_GRIDS,
+    JOINT_SETTINGS,
+    JOINT_STEP_INITS,
+    JOINT_STEP_SCALES,
     PRESETS,
     REP_GRIDS,
     STEP_CELLS,
     VARIANTS,
+    joint_spec,
     model_scaling_spec,
     rep_count_spec,
     step_init_spec,
@@ -45,6 +50,8 @@ from cbtlab.tune.stats import TESTS
 
 # `--resume` without a folder: the study of this name started last under --storage-path.
 LATEST = "latest"
+# The presets of every study but the joint search (`PRESETS`), with their help.
+PRESET_HELP = dict(zip(PRESETS, ("the digits on CPU", "the paper's recipe on shards"), strict=True))
 
 
 def study_parser(
@@ -54,15 +61,17 @@ def study_parser(
     search: bool = True,
     seeds: int = 1,
     default_mode: str = "search",
+    presets: dict[str, str] | None = None,
 ) -> argparse.ArgumentParser:
     """Flags every study shares: preset, scale, seeds and statistics, resources, Ray, MLflow,
     config overrides; with `search`, also `--grid`/`--search` and the Optuna/ASHA flags, the
     study running as `default_mode` ("grid" or "search") when no flag decides. `seeds` is a
-    grid's default number of seeds (a search runs one per trial)."""
+    grid's default number of seeds (a search runs one per trial). `presets`: the study's own
+    presets, name -> help, the first the default (default: `PRESET_HELP`)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    _add_recipe_flags(parser, search=search, seeds=seeds)
+    _add_recipe_flags(parser, search=search, seeds=seeds, presets=presets or PRESET_HELP)
     if search:
         _add_search_flags(parser, default_mode)
     _add_statistics_flags(parser)
@@ -73,13 +82,15 @@ def study_parser(
     return parser
 
 
-def _add_recipe_flags(parser: argparse.ArgumentParser, *, search: bool, seeds: int) -> None:
+def _add_recipe_flags(
+    parser: argparse.ArgumentParser, *, search: bool, seeds: int, presets: dict[str, str]
+) -> None:
     """--preset, --data-root, --epochs, --seed and --seeds."""
     parser.add_argument(
         "--preset",
-        choices=PRESETS,
-        default="smoke",
-        help="smoke: the digits on CPU; imagenet: the paper's recipe on shards",
+        choices=list(presets),
+        default=next(iter(presets)),
+        help="; ".join(f"{name}: {text}" for name, text in presets.items()),
     )
     parser.add_argument("--data-root", default=None, help="prebuilt shards for --preset imagenet")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (train.epochs)")
@@ -249,6 +260,9 @@ def print_study_result(result: StudyResult, spec: StudySpec) -> None:
         print()
     for line in result.answer.lines():
         print(line)
+    if result.importances_text:
+        print(result.importances_text)
+        print("logged as importances.txt and importances.json on the parent run")
     print(f"MLflow: experiment {result.experiment_name!r}, parent run {result.parent_run_id}")
     print(f"open the MLflow UI with:\n  {mlflow_ui_command(result.tracking_uri)}")
 
@@ -472,3 +486,46 @@ def _report_scaling(
     print(f"\nmodel scaling ({pretrain.stats_on} {pretrain.metric}, mean ± 95% CI over seeds):")
     print(table)
     print(f"logged as scaling.txt and scaling.json on the parent run {result.parent_run_id}")
+
+
+def joint_search_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    digits, smoke = JOINT_SETTINGS["digits"], JOINT_SETTINGS["smoke"]
+    parser = study_parser(
+        "The joint search: Optuna TPE + ASHA over the attention variant and, only where the "
+        "variant has them, the representative grid (cbsa, agent), CBSA's pooling (adaptive or "
+        "overlapping stride-1 windows) and the step-size initialisation (cbsa, linear). "
+        "Prints the answer at the equal budget and Optuna's parameter importances there. "
+        "Logs to MLflow.",
+        prog=prog,
+        presets={
+            "digits": f"the digits, full-size model, {digits['num_samples']} trials of "
+            f"{digits['epochs']} epochs",
+            "smoke": f"the digits, a 1-layer 24-wide model, {smoke['num_samples']} trials of "
+            f"{smoke['epochs']} epochs (minutes on 2 CPU cores)",
+            "imagenet": "the paper's recipe on shards (--data-root), grids of the 14x14 patches",
+        },
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), help="attention variants searched"
+    )
+    parser.add_argument(
+        "--grids",
+        default=None,
+        help="representative grids (cbsa, agent); default "
+        + "; ".join(f"{name}: {grids}" for name, grids in JOINT_GRIDS.items()),
+    )
+    parser.add_argument(
+        "--step-inits",
+        default=JOINT_STEP_INITS,
+        help="step-size initialisations (cbsa, linear): normal, constant, zero",
+    )
+    parser.add_argument(
+        "--step-scales",
+        default=JOINT_STEP_SCALES,
+        help="their scales (N(0, s) or the constant s; zero takes none)",
+    )
+    return parser
+
+
+def joint_search_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return run_study_main(joint_search_parser(prog), joint_spec, argv)

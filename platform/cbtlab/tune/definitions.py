@@ -240,3 +240,179 @@ def model_scaling_spec(args: argparse.Namespace) -> StudySpec:
     cells = size_cells(args.preset, args.sizes)
     space = {key: list(dict.fromkeys(cell[key] for cell in cells)) for key in SIZE_KEYS}
     return study_spec(args, name="model_scaling", space=space, cells=cells, grid=True)
+
+
+# The joint search (studies/joint_search.py): the attention variant with the representatives,
+# their pooling and the step sizes, as a conditional space. Which config fields each variant
+# reads (cbtlab.models.build_model hands every attention the same options and
+# cbtlab.attention.create_attention drops those its class does not take):
+#   cbsa    rep_grid, rep_pool, rep_pool_kernel/rep_pool_stride, step_init/step_scale (eta_rep,
+#           eta_x), rep_init, contraction, ...
+#   agent   rep_grid and rep_pool (its agents; adaptive pooling only: no kernel or stride)
+#   linear  step_init/step_scale (its eta) and linear_eps
+#   mssa, tssa, softmax: none of them.
+# A key is sampled only for the variants that read it, so that TPE never learns from a dead one.
+REP_VARIANTS = ("cbsa", "agent")
+POOL_VARIANTS = ("cbsa",)
+STEP_VARIANTS = ("cbsa", "linear")
+JOINT_PRESETS = ("digits", "smoke", "imagenet")
+# The representative grids searched: counts 1..64 on the digits' 8 x 8 patch grid, grids that
+# fit the 14 x 14 patch grid of 224 px images with patch 16 (1 to 64 representatives).
+JOINT_GRIDS = {"digits": "1x1,2x2,4x2,4x4,8x4,8x8", "imagenet": "1x1,2x2,4x4,7x7,8x8"}
+JOINT_STEP_INITS = "normal,constant,zero"
+JOINT_STEP_SCALES = "0.1,1"
+# Pooling: 0 = adaptive pooling (equal tiles where the grid divides the patch grid), 1 =
+# overlapping k x k windows every patch, k = side - g + 1 for a g x g grid on a side x side
+# patch grid. Sampled for CBSA's square grids 1 < g < side only (elsewhere both are the same).
+JOINT_POOL_STRIDES = (0, 1)
+# Per preset: trials, epochs (None: the preset's), ASHA's grace period, config overrides before
+# --set (the smoke preset's small model: one worker, one layer, 24 wide), and the variants of
+# the first trials (those in --variants; TPE samples the rest of each, and the later trials):
+# every variant once; the smoke's 6 trials give CBSA three, so that its own parameters get
+# importances.
+JOINT_SETTINGS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "num_samples": 6,
+        "epochs": 2,
+        "grace_period": 1,
+        "overrides": {"model.depth": 1, "model.embed_dim": 24, "train.num_workers": 1},
+        "first": ("cbsa", "mssa", "agent", "linear", "cbsa", "cbsa"),
+    },
+    "digits": {
+        "num_samples": 20,
+        "epochs": 12,
+        "grace_period": 3,
+        "overrides": {},
+        "first": VARIANTS,
+    },
+    "imagenet": {
+        "num_samples": 30,
+        "epochs": None,
+        "grace_period": 15,
+        "overrides": {},
+        "first": VARIANTS,
+    },
+}
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(flag, f"expected numbers separated by commas, got {text!r}") from None
+    if not values:
+        raise ConfigError(flag, "give at least one value")
+    return values
+
+
+def joint_rules(
+    base: ExperimentConfig,
+    variants: Sequence[str],
+    grids: Sequence[str],
+    step_inits: Sequence[str],
+    step_scales: Sequence[float],
+    pool_strides: Sequence[int] = JOINT_POOL_STRIDES,
+) -> list[dict[str, Any]]:
+    """The conditional rules (`StudySpec.conditional`) of the joint search: representative
+    grids for the variants with representatives, the pooling for CBSA's square grids where
+    windows differ from adaptive pooling, the step-size initialisation (and, but for zero, its
+    scale) for the variants with learnable step sizes."""
+    side = base.model.img_size // base.model.patch_size
+    rules: list[dict[str, Any]] = []
+    has = [v for v in variants if v in REP_VARIANTS]
+    if has:
+        rules.append({"when": {"model.attention": has}, "sample": {"model.rep_grid": list(grids)}})
+    pooled = [v for v in variants if v in POOL_VARIANTS]
+    # Square grids strictly between one representative and one per patch.
+    square = [
+        g for g in grids if parse_grid(g)[0] == parse_grid(g)[1] and 1 < parse_grid(g)[0] < side
+    ]
+    strides = [s for s in pool_strides if s]
+    if pooled and square and strides:
+        rules.append(
+            {
+                "when": {"model.attention": pooled, "model.rep_grid": square},
+                "sample": {"model.rep_pool_stride": list(pool_strides)},
+            }
+        )
+        for grid in square:
+            g = parse_grid(grid)[0]
+            for stride in strides:
+                rules.append(
+                    {
+                        "when": {
+                            "model.attention": pooled,
+                            "model.rep_grid": [grid],
+                            "model.rep_pool_stride": [stride],
+                        },
+                        "set": {"model.rep_pool_kernel": side - (g - 1) * stride},
+                    }
+                )
+    stepped = [v for v in variants if v in STEP_VARIANTS]
+    if stepped:
+        rules.append(
+            {"when": {"model.attention": stepped}, "sample": {"model.step_init": list(step_inits)}}
+        )
+        scaled = [init for init in step_inits if init != "zero"]
+        if scaled:
+            rules.append(
+                {
+                    "when": {"model.attention": stepped, "model.step_init": scaled},
+                    "sample": {"model.step_scale": list(step_scales)},
+                }
+            )
+    return rules
+
+
+def joint_spec(args: argparse.Namespace) -> StudySpec:
+    """The joint search: Optuna TPE + ASHA over the attention variant and, where the variant
+    has them, the representative grid, its pooling and the step-size initialisation."""
+    from cbtlab.attention.common import STEP_INITS
+
+    if study_mode(args) == "grid":
+        raise ConfigError(
+            "--grid" if args.grid else "--seeds",
+            "the joint search is one Optuna search with one seed per trial",
+        )
+    if args.preset not in JOINT_PRESETS:
+        raise ConfigError("--preset", f"{args.preset!r} is not one of {', '.join(JOINT_PRESETS)}")
+    settings = JOINT_SETTINGS[args.preset]
+    preset_sets = [f"{key}={value}" for key, value in settings["overrides"].items()]
+    args = argparse.Namespace(
+        **{
+            **vars(args),
+            "preset": "imagenet" if args.preset == "imagenet" else "smoke",
+            "overrides": preset_sets + list(args.overrides),
+            "epochs": args.epochs if args.epochs is not None else settings["epochs"],
+            "num_samples": args.num_samples or settings["num_samples"],
+            "grace_period": (
+                args.grace_period if args.grace_period is not None else settings["grace_period"]
+            ),
+        }
+    )
+    base = base_config(args)
+    for variant in args.variants:
+        try:
+            base.with_overrides({"model.attention": variant})
+        except ConfigError as exc:
+            raise ConfigError("--variants", str(exc)) from None
+    grids = _grid_list(
+        args.grids or JOINT_GRIDS["imagenet" if args.preset == "imagenet" else "digits"]
+    )
+    for grid in grids:
+        try:
+            base.with_overrides({"model.rep_grid": grid, "model.rep_pool_kernel": 0})
+        except ConfigError as exc:
+            raise ConfigError("--grids", str(exc)) from None
+    inits = [v.strip() for v in args.step_inits.split(",") if v.strip()]
+    bad = [v for v in inits if v not in STEP_INITS] or ([] if inits else [""])
+    if bad:
+        raise ConfigError("--step-inits", f"{bad[0]!r} is not one of {', '.join(STEP_INITS)}")
+    scales = _float_list(args.step_scales, "--step-scales")
+    if "normal" in inits and min(scales) < 0:
+        raise ConfigError("--step-scales", "normal takes a standard deviation: give scales >= 0")
+    spec = study_spec(args, name="joint_search", space={"model.attention": list(args.variants)})
+    spec.conditional = joint_rules(base, args.variants, grids, inits, scales)
+    first = [v for v in settings["first"] if v in args.variants][: spec.num_samples]
+    spec.initial_points = [{"model.attention": variant} for variant in first]
+    return spec

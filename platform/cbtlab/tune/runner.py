@@ -56,6 +56,7 @@ from cbtlab.tune.driver import dataset_hash, run_tags, trial_trainable
 from cbtlab.tune.resources import ResourcePlan, plan_resources
 from cbtlab.tune.spec import (
     MLFLOW_PARAM_CHARS,
+    ConditionalSpace,
     StudySpec,
     grid_trials,
     spec_from_dict,
@@ -87,6 +88,8 @@ class StudyResult:
     stats: Any = None
     stats_text: str = ""
     stats_path: str = ""
+    # A conditional search's parameter importances at the budget (cbtlab.tune.importance).
+    importances_text: str = ""
 
 
 def run_study(spec: StudySpec) -> StudyResult:
@@ -122,6 +125,8 @@ def run_study(spec: StudySpec) -> StudyResult:
     )
     if spec.grid:
         tracker.log_text(parent_run_id, json.dumps(spec.cells), "cells.json")
+    if spec.conditional:  # the rules of a conditional space (StudySpec.conditional)
+        tracker.log_text(parent_run_id, json.dumps(spec.conditional, indent=2), "conditional.json")
 
     def fit() -> None:
         _fit_new_study(spec, plan, trials, tracker, logger, parent_run_id, run_name)
@@ -185,6 +190,8 @@ def _fit_new_study(
         )
         num_samples = spec.num_samples
         param_space = {key: tune.choice(values) for key, values in spec.space.items()}
+        if spec.conditional:  # the searcher's define-by-run function holds the space
+            param_space = {}
     state = StudyState(
         run_name,
         parent_run_id,
@@ -250,11 +257,14 @@ def _grid_searcher(
 
 
 def _optuna_searcher(spec: StudySpec, run_name: str, storage_url: str) -> Any:
-    """A search's seeded TPE searcher, its Optuna study `run_name` kept at `storage_url`."""
+    """A search's seeded TPE searcher, its Optuna study `run_name` kept at `storage_url`; a
+    conditional space (`spec.conditional`) searched define-by-run (`ConditionalSpace`), Tune's
+    param space then being empty."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(
+        space=ConditionalSpace(spec.space, spec.conditional) if spec.conditional else None,
         metric=spec.metric,
         mode=spec.mode,
         points_to_evaluate=spec.initial_points or None,
@@ -382,6 +392,8 @@ def _summarise(
             step=0,
         )
         tracker.set_tags(parent_run_id, {BEST_CELL_TAG: answer.best_label})
+    if spec.conditional:
+        _log_importances(result, spec, tracker)
     return result
 
 
@@ -466,3 +478,27 @@ def mlflow_ui_command(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser (the tracking server's UI)"
     return f"{program} ui --backend-store-uri {tracking_uri}"
+
+
+def _log_importances(result: StudyResult, spec: StudySpec, tracker: Any) -> None:
+    """A conditional search's parameter importances at the budget (`cbtlab.tune.importance`),
+    logged as importances.txt/json on the parent run; a failure is reported, never raised."""
+    from cbtlab.tune.importance import study_importances
+
+    try:
+        importances = study_importances(
+            result.rows,
+            spec.space,
+            spec.conditional,
+            metric=spec.metric,
+            mode=spec.mode,
+            kind=spec.stats_on,
+            budget=result.answer.budget,
+        )
+    except Exception as exc:  # the study's own results are logged already
+        result.importances_text = f"no parameter importances: {exc!r}"
+        log.warning(result.importances_text)
+        return
+    result.importances_text = importances.text()
+    tracker.log_text(result.parent_run_id, result.importances_text, "importances.txt")
+    tracker.log_text(result.parent_run_id, importances.to_json(), "importances.json")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cbtlab.cluster import NODE_SIZED_KEYS
-from cbtlab.config import ConfigError, ExperimentConfig
+from cbtlab.config import ConfigError, ExperimentConfig, format_grid, parse_grid
 from cbtlab.paths import default_tracking_uri, ray_results_home, redact_url
 from cbtlab.tune.stats import TESTS, cell_label
 
@@ -35,7 +35,8 @@ class StudySpec:
     base: ExperimentConfig
     # Dotted config key -> the values to search (categorical).
     space: dict[str, list[Any]]
-    # Trials to run first, in order (each a full assignment of `space`), before the sampler.
+    # Trials to run first, in order (each a full assignment of `space`; with `conditional`, any
+    # keys of one branch, the sampler picking the rest), before the sampler.
     initial_points: list[dict[str, Any]] = field(default_factory=list)
     num_samples: int = 6
     search_seed: int = 0
@@ -81,6 +82,13 @@ class StudySpec:
     storage_path: str = ""
     tracking_uri: str = ""
     experiment_name: str = ""
+    # A conditional search space (an Optuna define-by-run search, `ConditionalSpace`): rules,
+    # in order, each {"when": {key: [values]}, "sample": {key: [values]}, "set": {key: value}};
+    # a rule whose `when` holds on the keys assigned so far samples its keys and sets its
+    # constants. The space's other keys are sampled first, in every trial. validate() adds the
+    # rules' keys to `space` (the table's columns; a trial that does not sample one keeps the
+    # base value). Empty: every key of `space` is sampled in every trial.
+    conditional: list[dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> StudySpec:
         """Check every field (a ConfigError names the first bad one) and fill in the defaults:
@@ -89,6 +97,7 @@ class StudySpec:
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ConfigError("study.name", f"must be a non-empty word, got {self.name!r}")
         self.base.validate()
+        self._check_conditional()
         self._check_space()
         self._apply_scaling()
         self._check_grid()
@@ -112,10 +121,14 @@ class StudySpec:
                 raise ConfigError(key, f"not a config field; fields: {', '.join(sorted(known))}")
             if not values:
                 raise ConfigError(key, "no values to search")
-            if not self.cells:  # explicit cells are checked whole below (values may pair up)
+            # explicit cells are checked whole below (values may pair up), a conditional
+            # space's keys with their branches (_check_conditional)
+            if not self.cells and key not in conditional_keys(self.conditional):
                 for value in values:  # each value must give a valid config on its own
                     self.base.with_overrides({key: value})
         for point in self.initial_points:
+            if self.conditional:  # partial points, checked by _check_conditional
+                continue
             if set(point) != set(self.space):
                 raise ConfigError(
                     "study.initial_points", f"{point} does not assign {set(self.space)}"
@@ -191,6 +204,46 @@ class StudySpec:
                 "study.reduction_factor", f"must be >= 2, got {self.reduction_factor}"
             )
 
+    def _check_conditional(self) -> None:
+        """A conditional space: rules on config fields (`normalise_rules`), searched by Optuna
+        (no grid), each trial it can give a valid config; its keys join `space`; initial
+        points may be partial (`_conditional_point`)."""
+        if not self.conditional:
+            return
+        if self.grid or self.seeds > 1 or self.cells:
+            raise ConfigError(
+                "study.conditional", "a conditional space is searched by Optuna, not run as a grid"
+            )
+        self.conditional = normalise_rules(self.base, self.space, self.conditional)
+        self.space.update(conditional_keys(self.conditional))
+        self.initial_points = [self._conditional_point(point) for point in self.initial_points]
+        for assigned, _ in conditional_trials(self.space, self.conditional):
+            try:
+                self.base.with_overrides(assigned)
+            except ConfigError as exc:
+                raise ConfigError(
+                    "study.conditional", f"the trial {cell_label(assigned)} is not valid: {exc}"
+                ) from None
+
+    def _conditional_point(self, point: Mapping[str, Any]) -> dict[str, Any]:
+        """An initial point of a conditional space, spelled as the flat config: any of the keys
+        its branch samples (Optuna's enqueued trial; the sampler picks the others)."""
+        flat = self.base.flat()
+        unknown = [key for key in point if key not in flat]
+        if unknown:
+            raise ConfigError("study.initial_points", f"{unknown[0]!r} is not a config field")
+        point = {key: _rule_value(flat, key, value) for key, value in point.items()}
+        _, sampled = assign_conditional(
+            self.space, self.conditional, lambda key, values: point.get(key, values[0])
+        )
+        wrong = [k for k, v in point.items() if k not in sampled or v not in self.space[k]]
+        if wrong:
+            raise ConfigError(
+                "study.initial_points",
+                f"{cell_label(point)}: {wrong[0]} is not sampled there with that value",
+            )
+        return point
+
     @property
     def seed_values(self) -> list[int]:
         """The seeds every cell of a grid runs with."""
@@ -242,3 +295,154 @@ def spec_from_dict(data: Mapping[str, Any]) -> StudySpec:
     values = {key: value for key, value in data.items() if key in known}
     values["base"] = ExperimentConfig.from_dict(values["base"])
     return StudySpec(**values)
+
+
+# A conditional space's rules: their parts, and how many trials validate() checks at most.
+RULE_PARTS = ("when", "sample", "set")
+MAX_CONDITIONAL_TRIALS = 100_000
+
+
+def conditional_keys(rules: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The keys a conditional space's rules sample or set, each with its values (a set key's:
+    the constants it is set to), in the rules' order."""
+    keys: dict[str, list[Any]] = {}
+    for rule in rules:
+        if not isinstance(rule, Mapping):  # normalise_rules names it
+            continue
+        for key, values in (rule.get("sample") or {}).items():
+            keys[key] = list(values)
+        for key, value in (rule.get("set") or {}).items():
+            keys.setdefault(key, [])
+            if value not in keys[key]:
+                keys[key].append(value)
+    return keys
+
+
+def _rule_value(base_flat: Mapping[str, Any], key: str, value: Any) -> Any:
+    """A rule's value as the flat config spells it (grids 'HxW', a float field's int as float);
+    Optuna's categorical choices must be None, bool, int, float or str."""
+    if key.endswith("_grid"):
+        return format_grid(parse_grid(value, key))
+    if value is not None and not isinstance(value, (bool, int, float, str)):
+        raise ConfigError(key, f"a searched value is None, bool, int, float or str, got {value!r}")
+    if isinstance(base_flat[key], float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def normalise_rules(
+    base: ExperimentConfig, space: Mapping[str, list[Any]], rules: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """A conditional space's rules checked and spelled as the flat config: each part's keys are
+    config fields, a key is sampled in one place only (the space's own keys or one rule) and
+    never both sampled and set, a `when` names keys assigned before it (by the space's own keys
+    or an earlier rule). Raises ConfigError naming the first bad rule."""
+    flat = base.flat()
+    conditional = set(conditional_keys(rules))
+    assigned = {key for key in space if key not in conditional}
+    sampled = set(assigned)
+    fixed_keys: set[str] = set()
+    normalised = []
+    for i, rule in enumerate(rules):
+        where = f"study.conditional[{i}]"
+        if not isinstance(rule, Mapping) or not set(rule) <= set(RULE_PARTS):
+            raise ConfigError(where, f"a rule is a mapping of {', '.join(RULE_PARTS)}: {rule!r}")
+        parts = {part: dict(rule.get(part) or {}) for part in RULE_PARTS}
+        for key in (k for part in parts.values() for k in part):
+            if key not in flat:
+                raise ConfigError(where, f"{key!r} is not a config field")
+        if not parts["sample"] and not parts["set"]:
+            raise ConfigError(where, "samples and sets nothing")
+        when = {}
+        for key, values in parts["when"].items():
+            if key not in assigned:
+                raise ConfigError(where, f"its condition on {key} comes before {key} is assigned")
+            values = values if isinstance(values, list) else [values]
+            when[key] = [_rule_value(flat, key, v) for v in values]
+        sample = {}
+        for key, values in parts["sample"].items():
+            if key in sampled | fixed_keys or key in parts["set"]:
+                raise ConfigError(where, f"{key} is sampled or set elsewhere: sample it once")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(where, f"{key}: give a non-empty list of values")
+            sample[key] = list(dict.fromkeys(_rule_value(flat, key, v) for v in values))
+            sampled.add(key)
+        fixed = {key: _rule_value(flat, key, v) for key, v in parts["set"].items()}
+        if sampled & set(fixed):
+            raise ConfigError(where, f"sets {sorted(sampled & set(fixed))}, which are sampled")
+        assigned |= set(sample) | set(fixed)
+        fixed_keys |= set(fixed)
+        normalised.append({"when": when, "sample": sample, "set": fixed})
+    return normalised
+
+
+def assign_conditional(
+    space: Mapping[str, list[Any]],
+    rules: list[dict[str, Any]],
+    choose: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Walk a conditional space: `choose(key, values)` picks each sampled key's value (the
+    space's own keys first, then each rule whose `when` holds on what is assigned so far).
+    Returns (every key assigned, the sampled ones)."""
+    conditional = conditional_keys(rules)
+    assigned: dict[str, Any] = {}
+    sampled: dict[str, Any] = {}
+    for key, values in space.items():
+        if key not in conditional:
+            assigned[key] = sampled[key] = choose(key, list(values))
+    for rule in rules:
+        if all(k in assigned and assigned[k] in v for k, v in rule["when"].items()):
+            for key, values in rule["sample"].items():
+                assigned[key] = sampled[key] = choose(key, list(values))
+            assigned.update(rule["set"])
+    return assigned, sampled
+
+
+def conditional_trials(
+    space: Mapping[str, list[Any]], rules: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Every distinct trial of a conditional space, as `assign_conditional` gives it (each
+    branch once, depth first)."""
+    trials = []
+    paths: list[list[int]] = [[]]
+    while paths:
+        path = paths.pop()
+        sizes: list[int] = []
+
+        def choose(key: str, values: list[Any], path: list[int] = path, sizes: list[int] = sizes):
+            depth = len(sizes)
+            sizes.append(len(values))
+            return values[path[depth] if depth < len(path) else 0]
+
+        trials.append(assign_conditional(space, rules, choose))
+        if len(trials) > MAX_CONDITIONAL_TRIALS:
+            raise ConfigError(
+                "study.conditional", f"more than {MAX_CONDITIONAL_TRIALS} distinct trials"
+            )
+        full = path + [0] * (len(sizes) - len(path))
+        for depth in range(len(path), len(sizes)):
+            paths += [[*full[:depth], j] for j in range(1, sizes[depth])]
+    return trials
+
+
+def sampled_params(
+    space: Mapping[str, list[Any]], rules: list[dict[str, Any]], row: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The keys a trial of a conditional space sampled, with their values, from its summary
+    row (every space key's config value): the walk replayed with the row's choices."""
+    return assign_conditional(space, rules, lambda key, values: row[key])[1]
+
+
+class ConditionalSpace:
+    """The define-by-run function of a conditional space for Ray Tune's `OptunaSearch`: samples
+    each key with `trial.suggest_categorical` where its rule holds and returns the rules'
+    constants (Tune adds the sampled values). A plain class, so that it pickles with the
+    searcher's state (a resumed study restores it)."""
+
+    def __init__(self, space: Mapping[str, list[Any]], rules: list[dict[str, Any]]) -> None:
+        self.space = {key: list(values) for key, values in space.items()}
+        self.rules = rules
+
+    def __call__(self, trial: Any) -> dict[str, Any] | None:
+        assigned, sampled = assign_conditional(self.space, self.rules, trial.suggest_categorical)
+        return {key: v for key, v in assigned.items() if key not in sampled} or None
