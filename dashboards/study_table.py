@@ -7,6 +7,7 @@ The store is MLFLOW_TRACKING_URI, else ~/.cbtlab/mlflow.db (see `cbtlab where`).
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ except ImportError:
 
 from cbtlab.paths import default_tracking_uri
 from cbtlab.tables import format_table
-from cbtlab.tracking.schema import study_from_mlflow
+from cbtlab.tracking.schema import STATS_PARAM, study_from_mlflow
+from cbtlab.tune.budget import common_budget, with_budget_values
 
 
 def main() -> int:
@@ -37,7 +39,14 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"study {args.experiment!r}, parent run {parent.info.run_id} ({parent.info.status})")
-    print(format_table(rows, keys, metric, mode))
+    # Ranked at the study's budget (the epoch every finished trial reached), on the value its
+    # statistics use; a search logged before study.stats was logged for searches: its best.
+    kind = parent.data.params.get(STATS_PARAM, "auto:best").rpartition(":")[2]
+    budget = common_budget(rows)
+    with_budget_values(rows, budget, kind, mode)
+    print(format_table(rows, keys, metric, mode, budget=budget))
+    for row in rows:  # one CSV cell: the per-epoch history as JSON
+        row["history"] = json.dumps(row["history"])
     if args.csv is not None:
         with args.csv.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial"])
