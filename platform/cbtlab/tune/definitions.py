@@ -10,6 +10,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from cbtlab.attention.common import STEP_INITS
 from cbtlab.config import ConfigError, ExperimentConfig, format_grid, parse_grid
 from cbtlab.models.zoo import architecture
 from cbtlab.overrides import parse_override
@@ -367,8 +368,6 @@ def joint_rules(
 def joint_spec(args: argparse.Namespace) -> StudySpec:
     """The joint search: Optuna TPE + ASHA over the attention variant and, where the variant
     has them, the representative grid, its pooling and the step-size initialisation."""
-    from cbtlab.attention.common import STEP_INITS
-
     if study_mode(args) == "grid":
         raise ConfigError(
             "--grid" if args.grid else "--seeds",

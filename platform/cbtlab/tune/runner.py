@@ -53,7 +53,9 @@ from cbtlab.tracking.schema import (
 from cbtlab.tune.budget import Answer, common_budget, study_answer, with_budget_values
 from cbtlab.tune.callbacks import MLflowTrialLogger
 from cbtlab.tune.driver import dataset_hash, run_tags, trial_trainable
+from cbtlab.tune.importance import study_importances
 from cbtlab.tune.resources import ResourcePlan, plan_resources
+from cbtlab.tune.scheduler import StudyScheduler
 from cbtlab.tune.spec import (
     MLFLOW_PARAM_CHARS,
     ConditionalSpace,
@@ -173,8 +175,6 @@ def _fit_new_study(
 ) -> None:
     """Set up the study's searcher, write its resume state, then run its Tune experiment."""
     from ray import tune
-
-    from cbtlab.tune.scheduler import StudyScheduler
 
     storage_url = ""
     if spec.grid:
@@ -483,8 +483,6 @@ def mlflow_ui_command(tracking_uri: str) -> str:
 def _log_importances(result: StudyResult, spec: StudySpec, tracker: Any) -> None:
     """A conditional search's parameter importances at the budget (`cbtlab.tune.importance`),
     logged as importances.txt/json on the parent run; a failure is reported, never raised."""
-    from cbtlab.tune.importance import study_importances
-
     try:
         importances = study_importances(
             result.rows,
