@@ -209,17 +209,18 @@ def scaling_rows(
     pretrain: ExperimentConfig,
     stats_on: str,
 ) -> list[ScalingRow]:
-    """The scaling table's rows from each stage's trial rows (finished trials only)."""
+    """The scaling table's rows from each stage's trial rows (finished trials only), each at
+    its stage's budget (`at_budget`, set by the study's answer) where the rows have it."""
     out = []
     for name, cell in zip(names, cells, strict=True):
         params, flops = model_cost(pretrain.with_overrides(dict(cell)))
         top1: dict[str, list[float]] = {}
         for stage, rows in stage_rows.items():
             top1[stage] = [
-                float(r[stats_on])
+                float(r.get("at_budget", r[stats_on]))
                 for r in sorted(rows, key=lambda r: r["train.seed"])
                 if r["status"] == "FINISHED"
-                and r[stats_on] is not None
+                and r.get("at_budget", r[stats_on]) is not None
                 and size_name(r, names, cells) == name
             ]
         out.append(ScalingRow(name, params, flops, top1))
