@@ -7,6 +7,8 @@ cbtlab config [--set k=v ...]   print the default experiment config, flattened, 
 cbtlab where                    print where cbtlab keeps data, MLflow and Ray results
 cbtlab study variants|step-init|scaling [flags]   the attention-variant / step-size / model-
                                  scaling studies (studies/*.py)
+cbtlab study es-check [flags]   does ASHA find the grid's best cell, with how much compute?
+                                 (= studies/early_stopping_check.py)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ STUDIES = {
     "variants": "cbtlab.tune.cli:variant_comparison_main",
     "step-init": "cbtlab.tune.cli:step_size_init_main",
     "scaling": "cbtlab.tune.cli:model_scaling_main",
+    "es-check": "cbtlab.tune.cli:early_stopping_check_main",
 }
 
 
