@@ -190,3 +190,45 @@ def test_the_fractions_are_nan_without_grid_compute() -> None:
     check = compare_studies([], grid, [], search)
     assert math.isnan(check.epochs_fraction) and not check.within_target
     assert "n/a" in "\n".join(check.lines())
+
+
+@pytest.mark.ray
+def test_a_tiny_check_logs_its_run_beside_the_grid_and_the_search(
+    ray_session: None, tmp_path, capsys
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from cbtlab.tune.cli import early_stopping_check_main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = early_stopping_check_main(
+        [
+            "--preset", "smoke",
+            "--grids", "1x1,4x4",
+            "--epochs", "1",
+            "--workers", "1",
+            "--name", "tiny_check",
+            "--tracking-uri", uri,
+            "--storage-path", str(tmp_path / "ray"),
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "early-stopping check (final val/top1):" in out and "verdict: " in out
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny_check")
+    runs = client.search_runs([experiment.experiment_id], "tags.`cbtlab.role` = 'check'")
+    assert len(runs) == 1
+    check = runs[0]
+    assert check.info.status == "FINISHED"
+    params, metrics = check.data.params, check.data.metrics
+    assert set(metrics) == {"check/agree", "check/epochs_fraction", "check/seconds_fraction"}
+    assert metrics["check/epochs_fraction"] == pytest.approx(2 / 4)  # 2 search trials, 1 epoch
+    artifacts = {a.path for a in client.list_artifacts(check.info.run_id)}
+    assert {"check.txt", "check.json"} <= artifacts
+    for param, name in (("check.grid_run", "rep_count_ablation-grid"),
+                        ("check.search_run", "rep_count_ablation-search")):  # fmt: skip
+        parent = client.get_run(params[param])
+        assert parent.data.tags["cbtlab.check_run"] == check.info.run_id
+        assert parent.data.tags["cbtlab.study"] == name
+        assert parent.info.experiment_id == experiment.experiment_id

@@ -256,7 +256,8 @@ ES_DEFAULT_SEEDS = 3
 def es_check_grid_spec(args: argparse.Namespace) -> StudySpec:
     """The ground-truth grid of the early-stopping check: `--study rep-count` (the default
     rep-count cells, or --grids) or `variants` (the six attentions, or --variants), every cell
-    x --seeds, all to --epochs (smoke: 3, digits: DEFAULT_GRID_EPOCHS, imagenet: its recipe's)."""
+    x --seeds, all to --epochs (smoke: 3, digits: DEFAULT_GRID_EPOCHS, imagenet: its recipe's).
+    Named `<study>-grid`, apart from the study's own runs (a lookup by study name finds those)."""
     if args.study not in ES_STUDIES:
         raise ConfigError("--study", f"{args.study!r} is not one of {', '.join(ES_STUDIES)}")
     if args.preset not in ES_PRESETS:
@@ -289,9 +290,8 @@ def es_check_grid_spec(args: argparse.Namespace) -> StudySpec:
         default = ES_SMOKE_CELLS["rep-count"] if smoke else DEFAULT_REP_GRIDS
         grids = _grid_list(args.grids or default)
         return study_spec(
-            spec_args, name="rep_count_ablation", space={"model.rep_grid": grids}, grid=True
+            spec_args, name="rep_count_ablation-grid", space={"model.rep_grid": grids}, grid=True
         )
     variants = args.variants or (ES_SMOKE_CELLS["variants"].split(",") if smoke else VARIANTS)
-    return study_spec(
-        spec_args, name="variant_comparison", space={"model.attention": list(variants)}, grid=True
-    )
+    space = {"model.attention": list(variants)}
+    return study_spec(spec_args, name="variant_comparison-grid", space=space, grid=True)

@@ -72,7 +72,7 @@ def search_spec_for(
         raise ConfigError("--num-samples", f"must be >= 1, got {samples}")
     return dataclasses.replace(
         grid,
-        name=name or f"{grid.name}-search",
+        name=name or f"{grid.name.removesuffix('-grid')}-search",
         base=grid.base.with_overrides({"train.seed": grid.seed_values[0]}),
         space=space,
         initial_points=[dict(cell) for cell in grid.cells],
