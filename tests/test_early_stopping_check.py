@@ -110,6 +110,8 @@ def test_ashas_pick_among_the_indistinguishable_cells_agrees() -> None:
     text = "\n".join(check.lines())
     assert "verdict: agree: ASHA's pick model.rep_grid=2x2 is not distinguishable" in text
     assert "8 of 36 trial epochs = 22% (target <= 40%: met)" in text
+    assert check.grid_first_seed_epochs == 12 and check.first_seed_fraction == pytest.approx(8 / 12)
+    assert "of the grid's first seed alone (12 epochs): 67%" in text
     assert "the claim (the right cell with at most 40% of the grid's epochs): holds" in text
     data = check.to_dict()
     assert data["agree"] is True and data["epochs_fraction"] == pytest.approx(8 / 36)
