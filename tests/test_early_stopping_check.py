@@ -234,3 +234,13 @@ def test_a_tiny_check_logs_its_run_beside_the_grid_and_the_search(
         assert parent.data.tags["cbtlab.check_run"] == check.info.run_id
         assert parent.data.tags["cbtlab.study"] == name
         assert parent.info.experiment_id == experiment.experiment_id
+
+
+def test_a_pick_of_the_grids_best_cell_says_so() -> None:
+    grid_rows = _grid_rows()
+    search_rows = [_row("s1", "4x4", 0, [0.5, 0.7, 0.8, 0.9]), _row("s2", "1x1", 0, [0.2])]
+    grid, search = _answers(grid_rows, search_rows)
+    check = compare_studies(grid_rows, grid, search_rows, search)
+    assert (
+        check.agree and check.verdict == "agree: ASHA's pick model.rep_grid=4x4 is the grid's best"
+    )

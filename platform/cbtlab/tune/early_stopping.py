@@ -174,11 +174,12 @@ class CheckResult:
             return "undecided: the grid has no answer (no trial finished)"
         if not self.pick:
             return "disagree: the search has no pick (no trial finished)"
+        if self.agree and self.pick == self.grid_best:
+            return f"agree: ASHA's pick {self.pick} is the grid's best"
         if self.agree:
             return (
-                f"agree: ASHA's pick {self.pick} is "
-                + ("the grid's best" if self.pick == self.grid_best else "not distinguishable")
-                + f" from the grid's best {self.grid_best}"
+                f"agree: ASHA's pick {self.pick} is not distinguishable from the grid's best "
+                f"{self.grid_best}"
             )
         where = (
             f"below it (Holm p {self.pick_grid_p:.3g})"
