@@ -7,10 +7,11 @@ import json
 import math
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from cbtlab.config import ConfigError
 from cbtlab.tune.budget import study_answer
-from cbtlab.tune.cli import early_stopping_check_parser
+from cbtlab.tune.cli import early_stopping_check_main, early_stopping_check_parser
 from cbtlab.tune.definitions import es_check_grid_spec
 from cbtlab.tune.early_stopping import compare_studies, search_spec_for
 
@@ -179,8 +180,6 @@ def test_no_grid_answer_is_undecided() -> None:
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(argv, message, capsys, tmp_path) -> None:
-    from cbtlab.tune.cli import early_stopping_check_main
-
     with pytest.raises(SystemExit) as exit_info:
         early_stopping_check_main([*argv, "--storage-path", str(tmp_path)])
     assert exit_info.value.code == 2
@@ -198,16 +197,13 @@ def test_the_fractions_are_nan_without_grid_compute() -> None:
 def test_a_tiny_check_logs_its_run_beside_the_grid_and_the_search(
     ray_session: None, tmp_path, capsys
 ) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from cbtlab.tune.cli import early_stopping_check_main
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = early_stopping_check_main(
         [
             "--preset", "smoke",
             "--grids", "1x1,4x4",
             "--epochs", "1",
+            "--num-samples", "1",
             "--workers", "1",
             "--name", "tiny_check",
             "--tracking-uri", uri,
@@ -225,7 +221,7 @@ def test_a_tiny_check_logs_its_run_beside_the_grid_and_the_search(
     assert check.info.status == "FINISHED"
     params, metrics = check.data.params, check.data.metrics
     assert set(metrics) == {"check/agree", "check/epochs_fraction", "check/seconds_fraction"}
-    assert metrics["check/epochs_fraction"] == pytest.approx(2 / 4)  # 2 search trials, 1 epoch
+    assert metrics["check/epochs_fraction"] == pytest.approx(1 / 4)  # 1 search trial, 1 epoch
     artifacts = {a.path for a in client.list_artifacts(check.info.run_id)}
     assert {"check.txt", "check.json"} <= artifacts
     for param, name in (("check.grid_run", "rep_count_ablation-grid"),

@@ -19,15 +19,19 @@ from cbtlab.tracking import StudyTracker
 from cbtlab.tune.definitions import (
     DEFAULT_GRID_EPOCHS,
     DEFAULT_REP_GRIDS,
+    ES_PRESETS,
+    ES_STUDIES,
     PRESETS,
     REP_GRIDS,
     STEP_CELLS,
     VARIANTS,
+    es_check_grid_spec,
     model_scaling_spec,
     rep_count_spec,
     step_init_spec,
     variant_spec,
 )
+from cbtlab.tune.early_stopping import TARGET_FRACTION, run_check, search_spec_for
 from cbtlab.tune.runner import StudyResult, mlflow_ui_command, resume_study, run_study
 from cbtlab.tune.scaling import (
     SIZE_KEYS,
@@ -475,9 +479,6 @@ def _report_scaling(
 
 
 def early_stopping_check_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from cbtlab.tune.definitions import ES_PRESETS, ES_STUDIES
-    from cbtlab.tune.early_stopping import TARGET_FRACTION
-
     parser = study_parser(
         "Does early stopping find the right answer? Runs the study's grid (every cell x "
         "--seeds, all to --epochs: the ground truth) and the Optuna TPE + ASHA search over the "
@@ -529,9 +530,6 @@ def early_stopping_check_main(argv: Sequence[str] | None = None, prog: str | Non
     """Build both studies (a bad flag: one message naming it, exit 2), run the grid then the
     search, print each, then the check. Exit 0 when the check ran (whatever its verdict), 1
     when Ray or MLflow cannot be reached or every trial of a study failed."""
-    from cbtlab.tune.definitions import es_check_grid_spec
-    from cbtlab.tune.early_stopping import run_check, search_spec_for
-
     parser = early_stopping_check_parser(prog)
     args = parser.parse_args(argv)
     if args.resume is not None:

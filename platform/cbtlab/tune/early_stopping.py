@@ -28,7 +28,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cbtlab.config import ConfigError
+from cbtlab.tracking import StudyTracker, provenance_tags
+from cbtlab.tracking.schema import (
+    CHECK_AGREE_METRIC,
+    CHECK_EPOCHS_METRIC,
+    CHECK_GRID_RUN_PARAM,
+    CHECK_JSON,
+    CHECK_RUN_TAG,
+    CHECK_SEARCH_RUN_PARAM,
+    CHECK_SECONDS_METRIC,
+    CHECK_STUDY_PARAM,
+    CHECK_TARGET_PARAM,
+    CHECK_TEXT,
+    ROLE_CHECK,
+    ROLE_TAG,
+    STUDY_TAG,
+)
 from cbtlab.tune.budget import ALPHA, Answer
+from cbtlab.tune.runner import StudyResult, run_study
 from cbtlab.tune.spec import StudySpec
 from cbtlab.tune.stats import cell_label
 
@@ -345,14 +362,12 @@ class CheckOutcome:
 
     check: CheckResult
     check_run_id: str
-    grid: Any  # cbtlab.tune.runner.StudyResult
-    search: Any
+    grid: StudyResult
+    search: StudyResult
 
 
 def check_params(study: str, grid: StudySpec, search: StudySpec, target: float) -> dict[str, Any]:
     """The check run's params (besides the two parent runs, logged as they end)."""
-    from cbtlab.tracking.schema import CHECK_STUDY_PARAM, CHECK_TARGET_PARAM
-
     return {
         CHECK_STUDY_PARAM: study,
         CHECK_TARGET_PARAM: target,
@@ -380,22 +395,6 @@ def run_check(
     """Run the grid, then the search, as studies of the MLflow experiment `name` (the grid's
     tracking store), each parent run tagged with the check's run; log the check on its run.
     `on_study(result, spec)` is called after each study (the command prints it)."""
-    from cbtlab.tracking import StudyTracker, provenance_tags
-    from cbtlab.tracking.schema import (
-        CHECK_AGREE_METRIC,
-        CHECK_EPOCHS_METRIC,
-        CHECK_GRID_RUN_PARAM,
-        CHECK_JSON,
-        CHECK_RUN_TAG,
-        CHECK_SEARCH_RUN_PARAM,
-        CHECK_SECONDS_METRIC,
-        CHECK_TEXT,
-        ROLE_CHECK,
-        ROLE_TAG,
-        STUDY_TAG,
-    )
-    from cbtlab.tune.runner import run_study
-
     grid.validate()
     search.validate()
     for spec in (grid, search):
