@@ -9,6 +9,8 @@ cbtlab study variants|step-init|scaling [flags]   the attention-variant / step-s
                                  scaling studies (studies/*.py)
 cbtlab study joint [flags]      the joint search: variant x representatives x pooling x step
                                  sizes, conditional (= studies/joint_search.py)
+cbtlab study es-check [flags]   does ASHA find the grid's best cell, with how much compute?
+                                 (= studies/early_stopping_check.py)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ STUDIES = {
     "step-init": "cbtlab.tune.cli:step_size_init_main",
     "scaling": "cbtlab.tune.cli:model_scaling_main",
     "joint": "cbtlab.tune.cli:joint_search_main",
+    "es-check": "cbtlab.tune.cli:early_stopping_check_main",
 }
 
 

@@ -439,3 +439,18 @@ def study_from_mlflow(
             }
         )
     return parent, keys, metric, mode, rows
+
+
+# The early-stopping check (cbtlab.tune.early_stopping): a run of its own (role ROLE_CHECK) in
+# the experiment of the grid and the search it runs, whose parent runs carry CHECK_RUN_TAG.
+ROLE_CHECK = "check"
+CHECK_RUN_TAG = f"{TAG_PREFIX}check_run"  # a study's parent run: the check it ran for
+CHECK_STUDY_PARAM = "check.study"  # the space checked: "rep-count" | "variants"
+CHECK_GRID_RUN_PARAM = "check.grid_run"  # the grid's parent run id
+CHECK_SEARCH_RUN_PARAM = "check.search_run"  # the search's parent run id
+CHECK_TARGET_PARAM = "check.target_fraction"  # the epochs fraction the claim allows
+CHECK_AGREE_METRIC = "check/agree"  # 1: ASHA's pick is among the grid's indistinguishable cells
+CHECK_EPOCHS_METRIC = "check/epochs_fraction"  # the search's trained epochs / the grid's
+CHECK_SECONDS_METRIC = "check/seconds_fraction"  # the search's trial seconds / the grid's
+CHECK_TEXT = "check.txt"
+CHECK_JSON = "check.json"

@@ -19,6 +19,8 @@ from cbtlab.tracking import StudyTracker
 from cbtlab.tune.definitions import (
     DEFAULT_GRID_EPOCHS,
     DEFAULT_REP_GRIDS,
+    ES_PRESETS,
+    ES_STUDIES,
     JOINT_GRIDS,
     JOINT_SETTINGS,
     JOINT_STEP_INITS,
@@ -27,12 +29,14 @@ from cbtlab.tune.definitions import (
     REP_GRIDS,
     STEP_CELLS,
     VARIANTS,
+    es_check_grid_spec,
     joint_spec,
     model_scaling_spec,
     rep_count_spec,
     step_init_spec,
     variant_spec,
 )
+from cbtlab.tune.early_stopping import TARGET_FRACTION, run_check, search_spec_for
 from cbtlab.tune.runner import StudyResult, mlflow_ui_command, resume_study, run_study
 from cbtlab.tune.scaling import (
     SIZE_KEYS,
@@ -527,5 +531,102 @@ def joint_search_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def early_stopping_check_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = study_parser(
+        "Does early stopping find the right answer? Runs the study's grid (every cell x "
+        "--seeds, all to --epochs: the ground truth) and the Optuna TPE + ASHA search over the "
+        "same cells (one seed, every cell tried once first), then reports whether ASHA's pick "
+        "is statistically indistinguishable from the grid's best cell and at what share of the "
+        f"grid's compute (the claim: at most {TARGET_FRACTION:.0%} of its epochs). Logs the "
+        "grid, the search and the check's own run to one MLflow experiment.",
+        prog=prog,
+        search=False,
+    )
+    # The check's presets: digits (the full digits model) by default; smoke a quick tiny run.
+    preset = parser._option_string_actions["--preset"]
+    preset.choices, preset.default = ES_PRESETS, "digits"
+    preset.help = (
+        "digits: the digits model, 3 seeds, 8 epochs; smoke: a tiny model, 3 cells, 2 seeds, "
+        "3 epochs (a few minutes on 2 CPUs); imagenet: the paper's recipe on --data-root"
+    )
+    parser.set_defaults(seeds=None)
+    seeds = parser._option_string_actions["--seeds"]
+    seeds.help = "seeds per cell of the grid (default: 3; smoke: 2); the search runs the first"
+    parser.add_argument("--study", choices=ES_STUDIES, default="rep-count", help="the space")
+    parser.add_argument(
+        "--grids", default=None, help="--study rep-count: its grids (default 1x1,2x2,4x4,8x8)"
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help="--study variants: its attentions"
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="trials of the search (default: the cells)"
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="ASHA: epochs every search trial runs before it may be stopped (default: a "
+        "quarter of the epochs, at least 1)",
+    )
+    parser.add_argument("--search-seed", type=int, default=0, help="seed of the Optuna sampler")
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=TARGET_FRACTION,
+        help="the share of the grid's epochs the search may use for the claim to hold",
+    )
+    return parser
+
+
 def joint_search_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     return run_study_main(joint_search_parser(prog), joint_spec, argv)
+
+
+def early_stopping_check_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Build both studies (a bad flag: one message naming it, exit 2), run the grid then the
+    search, print each, then the check. Exit 0 when the check ran (whatever its verdict), 1
+    when Ray or MLflow cannot be reached or every trial of a study failed."""
+    parser = early_stopping_check_parser(prog)
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        parser.error("--resume: the check runs two studies; resume either with its own study")
+    if args.baseline is not None:
+        parser.error("--baseline: the check compares every cell with the grid's best")
+    if not 0 < args.target <= 1:
+        parser.error(f"--target: a share of the grid's epochs in (0, 1], got {args.target}")
+    try:
+        grid = es_check_grid_spec(args).validate()
+        search = search_spec_for(
+            grid,
+            num_samples=args.num_samples,
+            grace_period=args.grace_period,
+            search_seed=args.search_seed,
+        ).validate()
+    except ConfigError as exc:
+        parser.error(str(exc))
+    name = args.name or "early_stopping_check"
+    print(
+        f"early-stopping check {name}: a grid of {len(grid.cells)} cells x {grid.seeds} seeds "
+        f"x {grid.base.train.epochs} epochs, then a TPE + ASHA search of {search.num_samples} "
+        f"trials (seed {search.base.train.seed}, grace {search.grace_period}, reduction "
+        f"factor {search.reduction_factor})",
+        flush=True,
+    )
+    try:
+        outcome = run_check(
+            grid, search, study=args.study, name=name, target=args.target,
+            on_study=print_study_result,
+        )  # fmt: skip
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print()
+    for line in outcome.check.lines():
+        print(line)
+    print(
+        f"MLflow: experiment {name!r}, check run {outcome.check_run_id} (grid "
+        f"{outcome.grid.parent_run_id}, search {outcome.search.parent_run_id})"
+    )
+    failed = any(r.failed == len(r.rows) for r in (outcome.grid, outcome.search))
+    return 1 if failed else 0

@@ -415,3 +415,58 @@ def joint_spec(args: argparse.Namespace) -> StudySpec:
     first = [v for v in settings["first"] if v in args.variants][: spec.num_samples]
     spec.initial_points = [{"model.attention": variant} for variant in first]
     return spec
+
+
+# The early-stopping check (cbtlab.tune.early_stopping): the spaces it checks and its presets.
+# "digits" is the smoke preset's full digits model (the real measurement); "smoke" shrinks it to
+# a quick run on 2 CPU cores: a tiny model, ES_SMOKE_CELLS cells, 2 seeds, 3 epochs.
+ES_STUDIES = ("rep-count", "variants")
+ES_PRESETS = ("smoke", "digits", "imagenet")
+ES_SMOKE_MODEL: dict[str, Any] = {"model.depth": 1, "model.embed_dim": 24}
+ES_SMOKE_CELLS = {"rep-count": "1x1,2x2,4x4", "variants": "cbsa,softmax,linear"}
+ES_SMOKE_SEEDS, ES_SMOKE_EPOCHS = 2, 3
+ES_DEFAULT_SEEDS = 3
+
+
+def es_check_grid_spec(args: argparse.Namespace) -> StudySpec:
+    """The ground-truth grid of the early-stopping check: `--study rep-count` (the default
+    rep-count cells, or --grids) or `variants` (the six attentions, or --variants), every cell
+    x --seeds, all to --epochs (smoke: 3, digits: DEFAULT_GRID_EPOCHS, imagenet: its recipe's).
+    Named `<study>-grid`, apart from the study's own runs (a lookup by study name finds those)."""
+    if args.study not in ES_STUDIES:
+        raise ConfigError("--study", f"{args.study!r} is not one of {', '.join(ES_STUDIES)}")
+    if args.preset not in ES_PRESETS:
+        raise ConfigError("--preset", f"{args.preset!r} is not one of {', '.join(ES_PRESETS)}")
+    smoke = args.preset == "smoke"
+    wrong = "--variants" if args.study == "rep-count" else "--grids"
+    if getattr(args, wrong.lstrip("-")) is not None:
+        raise ConfigError(wrong, f"does not apply to --study {args.study}")
+    epochs = args.epochs
+    if epochs is None and args.preset != "imagenet":
+        epochs = ES_SMOKE_EPOCHS if smoke else DEFAULT_GRID_EPOCHS
+    seeds = args.seeds
+    if seeds is None:
+        seeds = ES_SMOKE_SEEDS if smoke else ES_DEFAULT_SEEDS
+    if seeds < 2:
+        raise ConfigError("--seeds", "the grid's answer needs a paired test: give 2 or more")
+    given = [parse_override(text)[0] for text in args.overrides]
+    model = [f"{k}={v}" for k, v in ES_SMOKE_MODEL.items() if smoke and k not in given]
+    spec_args = argparse.Namespace(
+        **{
+            **vars(args),
+            "preset": "imagenet" if args.preset == "imagenet" else "smoke",
+            "epochs": epochs,
+            "seeds": seeds,
+            "name": None,
+            "overrides": [*model, *args.overrides],
+        }
+    )
+    if args.study == "rep-count":
+        default = ES_SMOKE_CELLS["rep-count"] if smoke else DEFAULT_REP_GRIDS
+        grids = _grid_list(args.grids or default)
+        return study_spec(
+            spec_args, name="rep_count_ablation-grid", space={"model.rep_grid": grids}, grid=True
+        )
+    variants = args.variants or (ES_SMOKE_CELLS["variants"].split(",") if smoke else VARIANTS)
+    space = {"model.attention": list(variants)}
+    return study_spec(spec_args, name="variant_comparison-grid", space=space, grid=True)
