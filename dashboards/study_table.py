@@ -18,7 +18,7 @@ except ImportError:
 
 from cbtlab.paths import default_tracking_uri
 from cbtlab.tables import format_table
-from cbtlab.tracking.schema import STATS_PARAM, study_from_mlflow
+from cbtlab.tracking.schema import parse_value_kind, study_from_mlflow
 from cbtlab.tune.budget import common_budget, with_budget_values
 
 
@@ -40,8 +40,8 @@ def main() -> int:
         return 1
     print(f"study {args.experiment!r}, parent run {parent.info.run_id} ({parent.info.status})")
     # Ranked at the study's budget (the epoch every finished trial reached), on the value its
-    # statistics use; a search logged before study.stats was logged for searches: its best.
-    kind = parent.data.params.get(STATS_PARAM, "auto:best").rpartition(":")[2]
+    # statistics use.
+    kind = parse_value_kind(parent.data.params)
     budget = common_budget(rows)
     with_budget_values(rows, budget, kind, mode)
     print(format_table(rows, keys, metric, mode, budget=budget))

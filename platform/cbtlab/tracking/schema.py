@@ -68,7 +68,7 @@ REPRESENTATIVES_PARAM = "model.num_representatives"
 SPACE_PARAM = "study.space"  # JSON: the searched keys and their domains
 METRIC_PARAM = "study.metric"  # "<metric>:<max|min>"
 SEARCHER_PARAM = "study.searcher"  # "grid" | "optuna-tpe"
-STATS_PARAM = "study.stats"  # a grid's "<test>:<final|best>"
+STATS_PARAM = "study.stats"  # "<test>:<final|best>" (searches too since issue 21)
 BASELINE_PARAM = "study.baseline"  # a grid's baseline cell
 CELLS_PARAM = "study.cells"  # a grid's cells, JSON (when short enough for a param)
 NUM_SAMPLES_PARAM = "study.num_samples"
@@ -126,6 +126,15 @@ def parse_metric(params: dict[str, str]) -> tuple[str, str]:
     """(metric, mode) of a study's parent run params; val/top1 and max when not logged."""
     metric, _, mode = params.get(METRIC_PARAM, "val/top1:max").rpartition(":")
     return (metric or "val/top1"), (mode if mode in ("max", "min") else "max")
+
+
+def parse_value_kind(params: dict[str, str]) -> str:
+    """Which value of the metric a study's parent run params compare its trials on ("final"
+    or "best", from `study.stats`): a grid's default "final"; a search logged before
+    `study.stats` was logged for searches, its trials' "best"."""
+    grid = params.get(SEARCHER_PARAM) == "grid"
+    kind = params.get(STATS_PARAM, "auto:final" if grid else "auto:best").rpartition(":")[2]
+    return kind if kind in ("final", "best") else "final"
 
 
 def child_runs(
@@ -320,8 +329,7 @@ def load_study(
         )
     metric, mode = parse_metric(params)
     grid = params.get(SEARCHER_PARAM) == "grid"
-    value_kind = params.get(STATS_PARAM, "auto:final" if grid else "auto:best").rpartition(":")[2]
-    value_kind = value_kind if value_kind in ("final", "best") else "final"
+    value_kind = parse_value_kind(params)
     trials = _trial_runs(client, experiment.experiment_id, parent.info.run_id)
     try:
         factors = list(json.loads(params[SPACE_PARAM]))
