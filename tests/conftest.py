@@ -7,6 +7,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -92,3 +93,48 @@ def tiny_variant_study(ray_session: None, tmp_path_factory: pytest.TempPathFacto
             ]
         )  # fmt: skip
     return FinishedStudy(uri, root / "ray", "tiny_grid", code, out.getvalue())
+
+
+@dataclass(frozen=True)
+class ClusterServices:
+    """The services of a cluster, on 127.0.0.1 (tests/services.py), and their secrets."""
+
+    postgres: Any
+    s3: Any
+    mlflow: Any
+    bucket: str
+
+    def secrets(self) -> list[str]:
+        return [self.postgres.password, self.s3.secret_key, self.mlflow.password]
+
+
+@pytest.fixture(scope="session")
+def cluster_services(tmp_path_factory: pytest.TempPathFactory):
+    """PostgreSQL (role with a password; databases mlflow, mlflow_auth, optuna), moto's S3 server
+    (bucket `cbtlab`) and an MLflow server with basic auth on both, started once per session
+    for the tests that need them and stopped after the last. Skipped where PostgreSQL's server
+    is not installed, unless CBTLAB_REQUIRE_SERVICES is set (CI), which fails instead."""
+    import secrets
+
+    from services import mlflow_server, postgres, postgres_bin, s3_server
+
+    if postgres_bin("postgres") is None:
+        message = "PostgreSQL's server is not installed (make services installs it)"
+        if os.environ.get("CBTLAB_REQUIRE_SERVICES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("services")
+    pg_password, ml_password = secrets.token_hex(12), secrets.token_hex(12)
+    with (
+        postgres(root / "pg", ["mlflow", "mlflow_auth", "optuna"], pg_password) as pg,
+        s3_server(root / "s3", ["cbtlab"]) as s3,
+        mlflow_server(
+            root / "mlflow",
+            pg.url("mlflow"),
+            pg.url("mlflow_auth"),
+            "s3://cbtlab/mlartifacts",
+            s3,
+            ml_password,
+        ) as ml,
+    ):
+        yield ClusterServices(pg, s3, ml, "cbtlab")

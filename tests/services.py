@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -90,22 +91,30 @@ def postgres(folder: Path, databases: list[str], password: str) -> Iterator[Post
     initdb, server = postgres_bin("initdb"), postgres_bin("postgres")
     if not (initdb and server):
         raise RuntimeError("PostgreSQL's server is not installed (apt install postgresql)")
+    # As root the server runs as `postgres`, which cannot enter pytest's private temp folders:
+    # its cluster lives in a folder of its own under /tmp, removed afterwards; the log stays.
     folder.mkdir(parents=True, exist_ok=True)
-    data, pwfile, log = folder / "data", folder / "pw", folder / "postgres.log"
+    log = folder / "postgres.log"
+    home = Path(tempfile.mkdtemp(prefix="cbtpg"))
+    data, pwfile = home / "data", home / "pw"
     pwfile.write_text(password + "\n")
     runas: dict = {}
     if os.geteuid() == 0:
         account = pwd.getpwnam("postgres")
-        for path in (folder, pwfile):
+        for path in (home, pwfile):
             os.chown(path, account.pw_uid, account.pw_gid)
         runas = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
-    subprocess.run(
+    init = subprocess.run(
         [initdb, "-D", str(data), "-U", "cbtlab", "--pwfile", str(pwfile),
          "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8"],
-        check=True, capture_output=True, **runas,
+        capture_output=True, text=True, **runas,
     )  # fmt: skip
+    pwfile.unlink()
+    if init.returncode:
+        shutil.rmtree(home, ignore_errors=True)
+        raise RuntimeError(f"initdb failed:\n{init.stdout}{init.stderr}")
     port = free_port()
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+    options = f"-p {port} -k {home} -c listen_addresses=127.0.0.1"
     process = subprocess.Popen(
         [server, "-D", str(data), *options.split()],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, **runas,
@@ -117,6 +126,7 @@ def postgres(folder: Path, databases: list[str], password: str) -> Iterator[Post
         yield service
     finally:
         stop(process)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _create_databases(service: Postgres, databases: list[str]) -> None:
@@ -175,7 +185,7 @@ def s3_server(folder: Path, buckets: list[str]) -> Iterator[S3]:
     )  # fmt: skip
     try:
         wait_for(lambda: port_open(port), "the S3 server", 60, log)
-        service = S3(f"http://127.0.0.1:{port}", "cbtlab-test-key", "cbtlab-test-secret")
+        service = S3(f"http://127.0.0.1:{port}", "cbtlab-test-key", secrets.token_hex(12))
         for bucket in buckets:
             service.client().create_bucket(Bucket=bucket)
         yield service

@@ -87,7 +87,8 @@ def test_default_rep_count_study_is_a_grid_at_one_budget_and_search_is_a_flag() 
             "1x1", "2x2", "4x2", "4x4", "8x4", "8x8"
         ]  # fmt: skip
         assert search.max_concurrent is None
-        assert plan_resources(search, {"CPU": 64.0}).max_concurrent == 1  # one at a time
+        plan = plan_resources(search, {"CPU": 64.0})  # as many at once as fit, as a grid
+        assert plan.max_concurrent == plan.fits > 1
     with pytest.raises(ConfigError, match="--seeds: a search runs one seed per trial"):
         rep_count("--search", "--seeds", "2")
 

@@ -93,7 +93,8 @@ def test_a_killed_study_resumes_with_one_run_per_trial(
             [
                 sys.executable, str(REPO / "studies" / "rep_count_ablation.py"), *flags,
                 "--num-samples", "2", "--grids", "2x2,4x2", "--epochs", "3", "--no-asha",
-                "--workers", "1", "--set", "model.depth=1", "--set", "model.embed_dim=24",
+                "--max-concurrent", "1", "--workers", "1", "--set", "model.depth=1",
+                "--set", "model.embed_dim=24",
                 "--address", ray.get_runtime_context().gcs_address,
             ],
             cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -209,7 +210,7 @@ def test_a_resumed_search_stops_the_trials_that_asha_stopped(
     search = [
         "--num-samples", "2", "--grids", "2x2,4x4", "--epochs", "4", "--grace-period", "3",
         "--search-seed", "0", "--workers", "1", "--set", "model.depth=1",
-        "--set", "model.embed_dim=24",
+        "--set", "model.embed_dim=24", "--max-concurrent", "1",  # results in a fixed order
     ]  # fmt: skip
 
     def flags(name: str) -> tuple[str, list[str]]:

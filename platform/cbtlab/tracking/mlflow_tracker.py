@@ -20,6 +20,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from cbtlab.paths import redact_url
 from cbtlab.tracking.schema import PARENT_TAG, every_child_run
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,21 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
             response.read()
     except (urllib.error.URLError, OSError) as exc:
         raise ConnectionError(
-            f"cannot reach the MLflow tracking server {tracking_uri!r}: {exc}"
+            f"cannot reach the MLflow tracking server {redact_url(tracking_uri)!r}: {exc}"
         ) from exc
+
+
+def _store_problem(tracking_uri: str, exc: Exception) -> str:
+    """One line on why the tracking store at `tracking_uri` refused to answer."""
+    where = redact_url(tracking_uri)
+    code = str(getattr(exc, "error_code", ""))
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or " 401" in text or " 403" in text:
+        return (
+            f"the MLflow tracking server {where} refused this client ({text}): set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account it knows"
+        )
+    return f"cannot reach the MLflow tracking store {where}: {text}"
 
 
 def _is_local_sqlite(uri: str) -> Path | None:
@@ -57,9 +71,7 @@ class StudyTracker:
         try:
             experiment = self.client.get_experiment_by_name(experiment_name)
         except Exception as exc:
-            raise ConnectionError(
-                f"cannot reach the MLflow tracking store {tracking_uri!r}: {exc}"
-            ) from exc
+            raise ConnectionError(_store_problem(tracking_uri, exc)) from None
         if experiment is None:
             artifact_location = None
             if db is not None:

@@ -190,8 +190,8 @@ def _add_resource_flags(parser: argparse.ArgumentParser) -> None:
         "--max-concurrent",
         type=int,
         default=None,
-        help="trials at once (default: 1 for an Optuna search, as many as the cluster holds "
-        "for a grid)",
+        help="trials at once (default: as many as the cluster holds; 1 makes a search's "
+        "decisions independent of timing)",
     )
 
 

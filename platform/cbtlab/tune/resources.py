@@ -35,8 +35,8 @@ def plan_resources(
     A GPU per worker as train.use_gpu says (set by `spec.gpus_per_worker`), its "auto" resolved
     by `cbtlab.cluster.resolve_use_gpu`: where the cluster has a GPU. On GPUs, the keys of
     `spec.node_sized` are sized for the GPU node (`cbtlab.cluster.size_from_node`).
-    `max_concurrent` (unless given): 1 for a search, for a grid as many trials as the cluster's
-    CPUs and GPUs hold (at least 1; more wait for resources)."""
+    `max_concurrent` (unless given): as many trials as the cluster's CPUs and GPUs hold (at
+    least 1; more wait for resources), for a grid and a search alike."""
     base = resolve_use_gpu(spec.base, cluster)
     base, sized = size_from_node(
         base,
@@ -48,10 +48,7 @@ def plan_resources(
     trial_cpus = spec.trial_driver_cpus + train.num_workers * train.cpus_per_worker
     trial_gpus = train.num_workers if train.use_gpu else 0
     fits = trials_that_fit(cluster, trial_cpus, trial_gpus)
-    if spec.max_concurrent is not None:
-        concurrent = spec.max_concurrent
-    else:
-        concurrent = max(1, fits) if spec.grid else 1
+    concurrent = spec.max_concurrent if spec.max_concurrent is not None else max(1, fits)
     worker = f"{train.cpus_per_worker:g} CPU" + (", 1 GPU" if train.use_gpu else "")
     summary = (
         f"each trial: {train.num_workers} workers x ({worker}) + {spec.trial_driver_cpus:g} CPU "

@@ -72,6 +72,7 @@ from cbtlab.tune.state import (
     write_study_state,
 )
 from cbtlab.tune.stats import Observation, cell_label, compare_cells, format_stats, write_stats
+from cbtlab.tune.stores import check_study_stores, move_secrets
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def run_study(spec: StudySpec) -> StudyResult:
     import ray
 
     spec.validate()
+    _check_stores(spec)
     tracker = StudyTracker(spec.tracking_uri, spec.experiment_name)
     tags = run_tags(spec.name, dataset_hash(spec.base.data))
     connect_ray(spec.ray_address, worker_logs=spec.worker_logs)
@@ -134,6 +136,15 @@ def run_study(spec: StudySpec) -> StudyResult:
         _fit_new_study(spec, plan, trials, tracker, logger, parent_run_id, run_name)
 
     return _drive(fit, spec, tracker, logger, parent_run_id, run_name, reload=False)
+
+
+def _check_stores(spec: StudySpec) -> None:
+    """Before the study writes anything: passwords out of its URLs (into the environment that
+    their clients read, `cbtlab.tune.stores.move_secrets`), and its results storage and Optuna
+    database answering (the MLflow store is checked by `StudyTracker`)."""
+    spec.tracking_uri = move_secrets(spec.tracking_uri)
+    spec.optuna_storage = move_secrets(spec.optuna_storage)
+    check_study_stores(spec.storage_path, "" if spec.grid else spec.optuna_storage)
 
 
 def _parent_params(
@@ -233,6 +244,9 @@ def _fit_new_study(
             storage_path=spec.storage_path,
             callbacks=[logger],
             verbose=0,
+            # A trial whose driver died (its node lost) runs again; its Train run goes on
+            # from its latest checkpoint (Ray Train restarts lost workers by itself).
+            failure_config=tune.FailureConfig(max_failures=base.train.max_failures),
         ),
     )
     tuner.fit()
@@ -270,7 +284,7 @@ def _optuna_searcher(spec: StudySpec, run_name: str, storage_url: str) -> Any:
         points_to_evaluate=spec.initial_points or None,
         sampler=optuna.samplers.TPESampler(seed=spec.search_seed),
         study_name=run_name,
-        storage=optuna.storages.RDBStorage(storage_url),
+        storage=optuna.storages.RDBStorage(move_secrets(storage_url)),
     )
 
 
@@ -293,7 +307,10 @@ def resume_study(
     spec.ray_address, spec.worker_logs = ray_address, worker_logs
     # Tune resumes from where the folder is now; the trials' Train runs are its neighbours.
     spec.storage_path = folder.rpartition("/")[0]
+    spec.tracking_uri = state.tracking_uri
+    spec.optuna_storage = "" if spec.grid else _unredacted(state.optuna_storage)
     spec.validate()
+    _check_stores(spec)
     base = ExperimentConfig.from_dict(state.trial_base)
     tracker = StudyTracker(state.tracking_uri, state.experiment_name)
     parent = tracker.client.get_run(state.parent_run_id)
@@ -321,6 +338,12 @@ def resume_study(
         tune.Tuner.restore(folder, trainable=trainable, resume_errored=True).fit()
 
     return _drive(fit, spec, tracker, logger, state.parent_run_id, state.run_name, reload=True)
+
+
+def _unredacted(url: str) -> str:
+    """A stored URL whose password was hidden, without it (its client reads the environment:
+    PGPASSWORD)."""
+    return url.replace(":***@", "@")
 
 
 def _drive(

@@ -20,6 +20,7 @@ from cbtlab.cluster import NODE_SIZED_KEYS
 from cbtlab.config import ConfigError, ExperimentConfig, format_grid, parse_grid
 from cbtlab.paths import default_tracking_uri, ray_results_home, redact_url
 from cbtlab.tune.stats import TESTS, cell_label
+from cbtlab.tune.stores import check_shared_stores
 
 # MLflow's limit on a param value's length.
 MLFLOW_PARAM_CHARS = 6000
@@ -68,13 +69,15 @@ class StudySpec:
     # Config keys sized from the GPU node when the trials get GPUs (cbtlab.cluster.size_from_node:
     # train.cpus_per_worker, data.loader_workers); the imagenet preset's, unless --set.
     node_sized: list[str] = field(default_factory=list)
-    # Trials at once; None: 1 for a search (ASHA's and TPE's decisions then do not depend on
-    # timing), as many as the cluster's resources fit for a grid.
+    # Trials at once; None: as many as the cluster's resources fit (asynchronous ASHA stops a
+    # search's trials as their results come). 1 makes a search's decisions (TPE's, ASHA's)
+    # independent of timing, so that a resumed search repeats an uninterrupted one.
     max_concurrent: int | None = None
     # CPUs held by each trial's driver process (the TorchTrainer's workers hold their own).
     trial_driver_cpus: float = TRIAL_DRIVER_CPUS
     # Where a search keeps its Optuna study: an RDB URL (sqlite:///..., postgresql://...);
-    # empty: a SQLite file in the study's results folder (under CBTLAB_HOME for remote storage).
+    # empty: a SQLite file in the study's results folder. A remote storage_path needs a shared
+    # database here (cbtlab.tune.stores.check_shared_stores).
     optuna_storage: str = ""
     ray_address: str | None = None
     # Stream the training workers' own logs to this console (Tune's error files keep them anyway).
@@ -108,6 +111,9 @@ class StudySpec:
             self.storage_path = str(Path(self.storage_path).expanduser().resolve())
         self.tracking_uri = self.tracking_uri or default_tracking_uri()
         self.experiment_name = self.experiment_name or self.name
+        check_shared_stores(
+            self.storage_path, self.tracking_uri, self.optuna_storage, search=not self.grid
+        )
         return self
 
     def _check_space(self) -> None:
@@ -286,6 +292,7 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
     data = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
     data["base"] = spec.base.to_dict()
     data["optuna_storage"] = redact_url(spec.optuna_storage)
+    data["tracking_uri"] = redact_url(spec.tracking_uri)
     return json.loads(json.dumps(data, default=list))
 
 

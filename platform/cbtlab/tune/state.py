@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cbtlab.paths import cbtlab_home
 from cbtlab.tune.spec import StudySpec
 
 # What a resumed driver needs, beside the study's Tune results (cbtlab.tune.runner.resume_study).
@@ -95,13 +94,12 @@ def latest_study_path(storage_path: str, name: str) -> str:
 
 
 def optuna_storage_url(spec: StudySpec, run_name: str) -> str:
-    """`spec.optuna_storage`, else a SQLite file in the study's results folder (under
-    CBTLAB_HOME when the Ray storage is remote: SQLite needs a local file)."""
+    """`spec.optuna_storage`, else a SQLite file in the study's (local) results folder; a
+    remote results folder needs a shared database (`StudySpec.validate` refuses one without)."""
     if spec.optuna_storage:
         return spec.optuna_storage
     if "://" in spec.storage_path:
-        folder = cbtlab_home() / "optuna" / run_name
-    else:
-        folder = Path(spec.storage_path) / run_name
+        raise ValueError(f"{spec.storage_path} is remote: give the study an Optuna database")
+    folder = Path(spec.storage_path) / run_name
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / OPTUNA_FILE}"
