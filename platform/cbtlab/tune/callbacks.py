@@ -196,6 +196,12 @@ class MLflowTrialLogger(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "FINISHED")
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A trial that failed (its driver lost with its node, say) and that Tune runs again:
+        its Train run goes on from its latest checkpoint, its MLflow run stays open."""
+        retries = getattr(trial, "num_failures", "?")
+        self._say(f"[{trial}] failed (failure {retries}): running it again from its checkpoint")
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = ""
         path = getattr(trial, "error_file", None)

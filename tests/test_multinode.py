@@ -1,0 +1,230 @@
+"""A study across two Ray nodes with the services of a real cluster (docs/cluster.md), all on
+127.0.0.1 and started by the tests: PostgreSQL (MLflow's runs and users, the Optuna study),
+moto's S3 server (Ray results and checkpoints, MLflow's artifacts) and MLflow's tracking server
+with basic auth.
+
+A 4-trial search runs its trials on both nodes at once; the second node's raylet is killed
+while one of its trials trains; the study finishes on the head node. Then MLflow holds exactly
+one parent and 4 children, each with its per-epoch history once per epoch, Optuna holds 4
+complete trials, and no secret appears in what the study wrote or printed.
+
+The nodes run with `--block` as children of this test and are stopped by signalling their
+process groups (never `ray stop`, which would stop every Ray instance of this user).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from services import free_port, stop
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+EPOCHS = 4
+# A node is declared dead after a few missed health checks (Ray's default takes ~30 s).
+HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
+
+
+def _node(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
+    """`ray start --block` with ports of its own, in a process group of its own; and its
+    raylet's port."""
+    ports = [free_port() for _ in range(6)]
+    flags = [
+        "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
+        "--dashboard-agent-listen-port", str(ports[2]),
+        "--dashboard-agent-grpc-port", str(ports[3]),
+        "--runtime-env-agent-port", str(ports[4]), "--metrics-export-port", str(ports[5]),
+    ]  # fmt: skip
+    with log.open("w") as out:
+        node = subprocess.Popen(
+            [RAY, "start", "--block", "--disable-usage-stats", *args, *flags],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    return node, ports[0]
+
+
+def _wait_started(node: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log.read_text():
+        assert node.poll() is None, f"ray start failed:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"ray start timed out:\n{log.read_text()[-3000:]}"
+        time.sleep(1)
+
+
+def _ray_list(kind: str, dashboard: str, env: dict[str, str]) -> list[dict]:
+    out = subprocess.run(
+        [RAY, "list", kind, "--address", dashboard, "--format", "json", "--limit", "1000",
+         "--detail"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    text = out.stdout.strip()  # "No resource in the cluster" when there is none
+    return json.loads(text) if out.returncode == 0 and text.startswith("[") else []
+
+
+def _raylet_pid(port: int) -> int:
+    """The pid of the raylet listening on `port`."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True)
+    for line in out.stdout.splitlines()[1:]:
+        pid, args = line.split(maxsplit=1)
+        if args.split()[0].endswith("/raylet") and f"--node_manager_port={port} " in args:
+            return int(pid)
+    raylets = [line[:300] for line in out.stdout.splitlines() if "raylet" in line]
+    raise LookupError(f"no raylet on port {port}:\n" + "\n".join(raylets))
+
+
+@pytest.mark.ray
+@pytest.mark.cluster
+@pytest.mark.skipif(
+    not os.environ.get("CBTLAB_MULTINODE"),
+    reason="work in progress (issue 22): on 2 cores the study after the node loss has not yet "
+    "been seen to finish; run with CBTLAB_MULTINODE=1",
+)
+def test_a_study_survives_losing_a_node(cluster_services, tmp_path: Path) -> None:
+    services = cluster_services
+    gcs, dashboard = free_port(), free_port()
+    dashboard_url = f"http://127.0.0.1:{dashboard}"
+    temp_dir = tempfile.mkdtemp(prefix="cbtray", dir="/tmp")  # socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API"))}
+    env.update({**services.s3.env(), **HEALTH, "RAY_AUTH_MODE": "token"})
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    head_log, second_log = tmp_path / "head.log", tmp_path / "second.log"
+    head, _ = _node(
+        ["--head", "--num-cpus", "2", "--port", str(gcs), "--temp-dir", temp_dir,
+         "--include-dashboard", "true", "--dashboard-port", str(dashboard),
+         "--ray-client-server-port", str(free_port())],
+        env, head_log,
+    )  # fmt: skip
+    second = None
+    try:
+        _wait_started(head, head_log)
+        second, second_port = _node(
+            ["--address", f"127.0.0.1:{gcs}", "--num-cpus", "2"], env, second_log
+        )
+        _wait_started(second, second_log)
+        nodes = {n["node_id"]: n for n in _ray_list("nodes", dashboard_url, env)}
+        assert len(nodes) == 2, nodes
+        head_id = next(i for i, n in nodes.items() if n.get("is_head_node"))
+        second_id = next(i for i in nodes if i != head_id)
+
+        driver, output = _start_study(services, env, gcs, tmp_path)
+        killed = _kill_second_node_mid_trial(
+            second_port, driver, output, dashboard_url, env, head_id, second_id
+        )
+        driver.wait(timeout=900)
+        text = output.read_text()
+        assert driver.returncode == 0, text[-6000:]
+    finally:
+        for node in (second, head):
+            if node is not None:
+                stop(node, timeout_s=60)
+    assert killed, "the second node was never killed mid-trial"
+    _check_the_study(services, text, tmp_path)
+
+
+def _start_study(services, env: dict[str, str], gcs: int, tmp_path: Path):
+    """The study's driver on the head node: a 4-trial search, 1 worker of 1 CPU per trial (2
+    nodes x 2 CPUs hold 3 at once: the head 1 worker and trial drivers, the second node 2)."""
+    pg, ml = services.postgres, services.mlflow
+    driver_env = {
+        **env,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), *sys.path]),
+        "MLFLOW_TRACKING_USERNAME": ml.username,
+        "MLFLOW_TRACKING_PASSWORD": ml.password,
+    }
+    output = tmp_path / "driver.log"
+    with output.open("w") as out:
+        driver = subprocess.Popen(
+            [
+                sys.executable, str(REPO / "studies" / "rep_count_ablation.py"),
+                "--address", f"127.0.0.1:{gcs}", "--name", "two_nodes",
+                "--tracking-uri", ml.uri, "--storage-path", f"s3://{services.bucket}/ray",
+                "--optuna-storage", pg.url("optuna"),  # its password leaves the URL
+                "--num-samples", "4", "--grids", "2x2,4x4", "--epochs", str(EPOCHS),
+                "--grace-period", str(EPOCHS), "--workers", "1",
+                "--set", "train.cpus_per_worker=1", "--set", "model.depth=1",
+                "--set", "model.embed_dim=24", "--set", "train.max_failures=3",
+            ],
+            cwd=tmp_path, env=driver_env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return driver, output
+
+
+def _kill_second_node_mid_trial(
+    raylet_port: int, driver, output: Path, dashboard: str, env, head_id: str, second_id: str
+) -> bool:
+    """Once training workers run on both nodes and a trial has finished an epoch, SIGKILL the
+    second node's raylet; whether it was killed so."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and driver.poll() is None:
+        workers = [
+            a
+            for a in _ray_list("actors", dashboard, env)
+            if a.get("state") == "ALIVE" and "TrainWorker" in a.get("class_name", "")
+        ]
+        where = {a.get("node_id") for a in workers}
+        if {head_id, second_id} <= where and "epoch 1/" in output.read_text():
+            os.kill(_raylet_pid(raylet_port), 9)
+            return True
+        time.sleep(1)
+    return False
+
+
+def _check_the_study(services, text: str, tmp_path: Path) -> None:
+    ml, pg = services.mlflow, services.postgres
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = (
+        ml.username,
+        ml.password,
+    )
+    try:
+        client = MlflowClient(ml.uri)
+        experiment = client.get_experiment_by_name("two_nodes")
+        runs = client.search_runs([experiment.experiment_id])
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_USERNAME")
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4, [r.info.run_name for r in runs]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    histories = {}
+    for child in children:
+        assert child.info.status == "FINISHED", child.data.tags.get("cbtlab.error", "")
+        epochs = int(child.data.tags["cbtlab.epochs"])
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/top1")]
+        histories[child.info.run_name] = steps
+        assert steps == list(range(1, epochs + 1)), histories
+    study_name = parent.data.params["study.optuna_study"]
+    study = optuna.load_study(study_name=study_name, storage=pg.url("optuna"))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+
+    # No secret in what the study wrote or printed: params, tags, artifacts, the console and
+    # every object under its results folder (Tune's pickled searcher among them).
+    written = [text]
+    for run in runs:
+        written += [json.dumps(run.data.params), json.dumps(run.data.tags)]
+    for artifact in client.list_artifacts(parent.info.run_id):
+        if not artifact.is_dir:
+            written.append(
+                Path(
+                    client.download_artifacts(parent.info.run_id, artifact.path, str(tmp_path))
+                ).read_text()
+            )
+    s3 = services.s3.client()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=services.bucket):
+        for obj in page.get("Contents", []):
+            body = s3.get_object(Bucket=services.bucket, Key=obj["Key"])["Body"].read()
+            written.append(body.decode("latin-1"))
+    for secret in services.secrets():
+        assert not [w[:200] for w in written if secret in w], "a secret was written down"
