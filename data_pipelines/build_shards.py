@@ -17,6 +17,10 @@ On a Ray cluster (input and output on storage every node sees, or an s3:// / gs:
         --val-labels /shared/imagenet/LOC_val_solution.csv --max-shard-bytes 500M \\
         --resize 256 --jpeg-quality 90
 (`ray job submit` sets RAY_ADDRESS for the job; --address HOST:PORT joins a cluster from outside.)
+Into S3 or an S3-compatible store (`pip install 'cbtlab[s3]'`; credentials from AWS_ACCESS_KEY_ID
+and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, AWS_ENDPOINT_URL for MinIO, Ceph, ...; docs/data.md):
+    python data_pipelines/build_shards.py --source imagefolder --input /data/imagenet \\
+        --output s3://bucket/imagenet-wds --val-labels /data/imagenet/LOC_val_solution.csv
 """
 
 import sys

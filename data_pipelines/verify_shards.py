@@ -4,6 +4,9 @@ manifest (sha256, label), every image decoded. Exit 0 when clean, 1 with a list 
 
     python data_pipelines/verify_shards.py /data/imagenet-wds
     python data_pipelines/verify_shards.py s3://bucket/imagenet-wds --workers 16
+
+s3:// needs `pip install 'cbtlab[s3]'` and the AWS environment (docs/data.md, "Shards on object
+storage"); a missing bucket or denied credentials are named as such.
 """
 
 import sys

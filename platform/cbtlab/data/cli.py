@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from cbtlab.data.build import BuildError, Encoding, build_shards
+from cbtlab.data.remote import explain
 from cbtlab.data.sources import SOURCES, SourceError, open_source
 from cbtlab.data.verify import verify_shards
 
@@ -85,6 +86,12 @@ def build_main(argv: Sequence[str] | None = None, *, prog: str | None = None) ->
             file=sys.stderr,
         )
         return 1
+    except OSError as exc:  # the output's storage: a missing bucket, denied credentials, ...
+        print(
+            f"{parser.prog}: cannot write {args.output}: {explain(args.output, exc)}",
+            file=sys.stderr,
+        )
+        return 1
     counts = ", ".join(f"{split} {n:,}" for split, n in result.num_samples.items())
     print(
         f"{result.location}: {len(result.written)} shards written, {len(result.skipped)} "
@@ -103,6 +110,15 @@ def verify_main(argv: Sequence[str] | None = None, *, prog: str | None = None) -
     parser.add_argument("--limit", type=int, default=50, help="problems listed at most")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
-    report = verify_shards(args.location, workers=args.workers, progress=not args.quiet)
+    try:
+        report = verify_shards(args.location, workers=args.workers, progress=not args.quiet)
+    except ImportError as exc:
+        parser.error(str(exc))
+    except OSError as exc:  # the storage: a missing bucket, denied credentials, ...
+        print(
+            f"{parser.prog}: cannot read {args.location}: {explain(args.location, exc)}",
+            file=sys.stderr,
+        )
+        return 1
     print(report.summary(limit=args.limit))
     return 0 if report.ok else 1

@@ -2,7 +2,8 @@
 
 Streams. An epoch's shard order is shuffled with (seed, epoch); rank r of R takes shards
 r, r + R, ...; loader worker w of its W takes every W-th of those. Each (rank, worker) stream
-reads its tars in order (asking the kernel to read the next local shard ahead), shuffles samples
+reads its tars in order (reading the next shard ahead: a local one through the kernel, a remote
+one downloaded in the background, remote.py's `ReadAhead`), shuffles samples
 in a buffer seeded by (seed, epoch, rank, worker), decodes them, applies the transform (the
 global random/NumPy/torch generators seeded from the same four) and forms its own batches; the
 rank takes its workers' batches round-robin, in order. An epoch's batches on a rank are thus a
@@ -44,6 +45,7 @@ card says, raises `ShardReadError` naming it: never a silently short epoch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -59,7 +61,7 @@ from PIL import Image
 from torch import Tensor
 from webdataset.tariterators import base_plus_ext
 
-from cbtlab.data.remote import open_url, prefetch
+from cbtlab.data.remote import ReadAhead, close_early, explain, open_url, prefetch
 from cbtlab.data.shards import ShardInfo, ShardSet
 from cbtlab.data.tarstream import tar_members
 from cbtlab.data.transforms import SplitTransform
@@ -368,26 +370,29 @@ class _RankStreams:
         pending: list[tuple[Tensor, int]] = []
         while True:
             decoded = 0
-            samples: Iterator[dict[str, Any]] = _read_shards(stream.shards)
+            reading = _read_shards(stream.shards)
+            samples: Iterator[dict[str, Any]] = reading
             if rng is not None:
                 samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
                     samples
                 )
-            for sample in samples:
-                item = self._decode(sample, logged=len(corrupt) < LOGGED_CORRUPT)
-                if item is None:
-                    where = (sample["__url__"], sample["__key__"])
-                    if where not in corrupt:
-                        corrupt.add(where)
-                        skipped += 1
-                    continue
-                decoded += 1
-                pending.append((self.transform(item[0]), item[1]))
-                if len(pending) == self.batch_size:
-                    yield (*_collate(pending), skipped)
-                    made, skipped, pending = made + 1, 0, []
-                    if made == stream.batches:
-                        return
+            # Closed on leaving (quota reached, an error): stops a shard's download.
+            with contextlib.closing(reading):
+                for sample in samples:
+                    item = self._decode(sample, logged=len(corrupt) < LOGGED_CORRUPT)
+                    if item is None:
+                        where = (sample["__url__"], sample["__key__"])
+                        if where not in corrupt:
+                            corrupt.add(where)
+                            skipped += 1
+                        continue
+                    decoded += 1
+                    pending.append((self.transform(item[0]), item[1]))
+                    if len(pending) == self.batch_size:
+                        yield (*_collate(pending), skipped)
+                        made, skipped, pending = made + 1, 0, []
+                        if made == stream.batches:
+                            return
             if stream.batches is None:
                 if pending or skipped:
                     yield (*_collate(pending), skipped)
@@ -430,24 +435,27 @@ def _seed_global_generators(key: str) -> None:
 
 
 def _read_shards(shards: Sequence[ShardInfo]) -> Iterator[dict[str, Any]]:
-    """The samples of `shards` in order, each local shard read from the disk in the background
-    while its predecessor is decoded (the first: while the stream starts)."""
+    """The samples of `shards` in order, each shard read ahead (from the disk, or downloaded)
+    while its predecessor is decoded; a local first shard while the stream starts. Closing
+    the iterator early stops the download of the next shard."""
     if shards:
         prefetch(shards[0].path)
-    for i, shard in enumerate(shards):
-        if i + 1 < len(shards):
-            prefetch(shards[i + 1].path)
-        yield from _read_shard(shard)
+    with ReadAhead() as ahead:
+        for i, shard in enumerate(shards):
+            then = shards[i + 1].path if i + 1 < len(shards) else None
+            yield from _read_shard(shard, functools.partial(ahead.open, then=then))
 
 
-def _read_shard(shard: ShardInfo) -> Iterator[dict[str, Any]]:
+def _read_shard(
+    shard: ShardInfo, open_shard: Callable[[str], IO[bytes]] = open_url
+) -> Iterator[dict[str, Any]]:
     """The samples of one tar shard ({"__key__", "__url__", ext: bytes, ...}), checked against
     its card's count when read to the end."""
     url = shard.path
     try:
-        stream = open_url(url)
+        stream = open_shard(url)
     except Exception as exc:
-        raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
+        raise ShardReadError(f"cannot open shard {url}: {explain(url, exc)}") from exc
     count, finished = 0, False
     try:
         for sample in _group(tar_members(stream), url):
@@ -481,13 +489,8 @@ def _group(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str,
 
 
 def _close(stream: IO[bytes], url: str, *, early: bool) -> None:
-    if early:
-        # Stopped early (quota reached, or an error): a pipe's command is killed, not awaited.
-        proc = getattr(stream, "proc", None)
-        if proc is not None:
-            proc.kill()
-        with contextlib.suppress(Exception):
-            stream.close()
+    if early:  # stopped early (quota reached, or an error)
+        close_early(stream)
         return
     try:
         stream.close()  # a pipe reports its command's exit status here

@@ -6,13 +6,25 @@ read here: its `card.json` is fetched and its shards are named `<root>/<path in 
   `pipe:aws s3 cp s3://bucket/imagenet/{} -`;
 - http(s), gs, ais and the other schemes webdataset opens itself (with curl, gsutil, ...);
 - any other scheme (s3://, gcs://, hf://, memory://, ...) through fsspec, when it is installed
-  with the filesystem's package.
+  with the filesystem's package (s3://: `pip install 'cbtlab[s3]'`; S3-compatible stores such
+  as MinIO or Ceph are named by AWS_ENDPOINT_URL).
+
+Read-ahead (`ReadAhead`): while a stream reads one shard, the next is read ahead. A local file
+is handed to the kernel's read-ahead (`prefetch`); anything else is downloaded by a thread into
+a spooled temporary file, in memory up to `READ_AHEAD_MEMORY` and on the local disk (TMPDIR)
+beyond, so that shards of hundreds of MB never sit in RAM, and opening that shard takes the
+copy. A failed download raises, when its shard is opened, what opening it would have raised.
+Closing the read-ahead (a stream stopped early) stops its download and drops the copy; the
+temporary file has no name on disk, so not even a killed process leaves it behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+import threading
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse
@@ -21,6 +33,12 @@ from urllib.request import url2pathname
 from webdataset.gopen import gopen, gopen_schemes
 
 from cbtlab.data.shards import CARD_NAME, ShardInfo, ShardSet, read_split
+from cbtlab.data.storage import url_filesystem
+
+# A shard read ahead stays in memory up to this size, the rest spills to a temporary file.
+READ_AHEAD_MEMORY = 32 * 2**20
+# The download copies this much at a time and looks, between copies, whether it was stopped.
+READ_AHEAD_CHUNK = 2**20
 
 
 def is_url(root: str | Path) -> bool:
@@ -53,14 +71,40 @@ def open_url(url: str) -> IO[bytes]:
     scheme = urlparse(url).scheme if not url.startswith("pipe:") else "pipe"
     if scheme in gopen_schemes:
         return gopen(url, "rb")
-    try:
-        import fsspec
-    except ImportError:
-        raise OSError(
-            f"cannot open {url}: the {scheme}:// scheme needs fsspec (pip install fsspec and the "
-            "filesystem's package, e.g. s3fs)"
-        ) from None
-    return fsspec.open(url, "rb").open()
+    fs, path = url_filesystem(url)
+    return fs.open(path, "rb")
+
+
+def close_early(stream: IO[bytes]) -> None:
+    """Close a stream not read to its end: a pipe's command is killed, not awaited, and what
+    closing raises is of no interest."""
+    proc = getattr(stream, "proc", None)
+    if proc is not None:
+        proc.kill()
+    with contextlib.suppress(Exception):
+        stream.close()
+
+
+def explain(url: str, exc: BaseException) -> str:
+    """Why using `url` failed, in words that say what to check: S3's own errors name neither
+    the bucket, nor the endpoint, nor the credentials."""
+    parts = urlparse(url)
+    if parts.scheme not in ("s3", "s3a") or not isinstance(exc, OSError):
+        return str(exc) or repr(exc)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    at = f" at {endpoint}" if endpoint else ""
+    if isinstance(exc, PermissionError):
+        return (
+            f"access denied{at} ({exc}): check the credentials (AWS_ACCESS_KEY_ID and "
+            f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and what they may do in bucket "
+            f"{parts.netloc!r}; S3 also denies a missing object to credentials that may not "
+            "list the bucket"
+        )
+    if isinstance(exc, FileNotFoundError):
+        if "bucket" in str(exc).lower():
+            return f"there is no bucket {parts.netloc!r}{at}"
+        return f"no such object in bucket {parts.netloc!r}{at}"
+    return str(exc) or repr(exc)
 
 
 def prefetch(url: str) -> None:
@@ -80,6 +124,96 @@ def prefetch(url: str) -> None:
         os.close(fd)
 
 
+class _Download:
+    """One remote file copied by a thread into a spooled temporary file."""
+
+    def __init__(self, url: str, memory: int) -> None:
+        self.url = url
+        # Handed to the reader (or closed by `stop`), so no `with`.
+        self.copy = tempfile.SpooledTemporaryFile(max_size=memory)  # noqa: SIM115
+        self.error: BaseException | None = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"cbtlab-read-ahead {url}")
+        self.thread.daemon = True  # an exiting process does not wait for a download
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            source = open_url(self.url)
+            finished = False
+            try:
+                while not self.stopped.is_set():
+                    chunk = source.read(READ_AHEAD_CHUNK)
+                    if not chunk:
+                        finished = True
+                        break
+                    self.copy.write(chunk)
+            finally:
+                if finished:
+                    source.close()  # a pipe reports its command's exit status here
+                else:
+                    close_early(source)
+        except BaseException as exc:  # raised by `result`, in the reading thread
+            self.error = exc
+
+    def result(self) -> IO[bytes]:
+        """The downloaded copy, from its start, once the download is done; or what it raised."""
+        self.thread.join()
+        if self.error is not None:
+            self.copy.close()
+            raise self.error
+        self.copy.seek(0)
+        return self.copy
+
+    def stop(self) -> None:
+        """Stop the download (within one chunk) and drop the copy."""
+        self.stopped.set()
+        self.thread.join()
+        self.copy.close()
+
+
+class ReadAhead:
+    """The next shard of a stream, read ahead while the current one is read (see the module
+    docstring): `open(url, then=next_url)` opens a file, from its downloaded copy when it was
+    read ahead, and starts reading the next ahead (`start` does the latter alone); `close()` (or
+    leaving a `with` block) stops a download not opened.
+    `memory`: the bytes of a download kept in memory, beyond which it spills to disk."""
+
+    def __init__(self, memory: int | None = None) -> None:
+        self.memory = READ_AHEAD_MEMORY if memory is None else memory
+        self.pending: _Download | None = None
+
+    def start(self, url: str) -> None:
+        if _local_path(url) is not None:
+            prefetch(url)
+            return
+        self.close()  # one shard ahead at most
+        self.pending = _Download(url, self.memory)
+
+    def open(self, url: str, *, then: str | None = None) -> IO[bytes]:
+        """`url`, from its downloaded copy when it was read ahead; `then` (the file to be read
+        after it) starts being read ahead."""
+        if self.pending is not None and self.pending.url == url:
+            pending, self.pending = self.pending, None
+            stream = pending.result()
+        else:
+            stream = open_url(url)
+        if then is not None:
+            self.start(then)
+        return stream
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending.stop()
+            self.pending = None
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def open_split(root: str | Path, split: str) -> ShardSet:
     """The shards of `split` from the card at `root`, a local folder or a URL.
 
@@ -92,8 +226,14 @@ def open_split(root: str | Path, split: str) -> ShardSet:
     try:
         with open_url(card_url) as stream:
             card = json.loads(stream.read())
+    except PermissionError as exc:
+        raise PermissionError(
+            f"cannot read the dataset card {card_url}: {explain(card_url, exc)}"
+        ) from exc
     except (OSError, ValueError) as exc:
-        raise FileNotFoundError(f"cannot read the dataset card {card_url}: {exc}") from exc
+        raise FileNotFoundError(
+            f"cannot read the dataset card {card_url}: {explain(card_url, exc)}"
+        ) from exc
     if split not in card["splits"]:
         raise KeyError(f"split {split!r} not in {card_url}; has {sorted(card['splits'])}")
     shards = tuple(

@@ -16,11 +16,29 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+# What to install for a scheme whose fsspec filesystem comes with one of cbtlab's extras.
+INSTALL_HINTS = {"s3": "pip install 'cbtlab[s3]'", "s3a": "pip install 'cbtlab[s3]'"}
 
 
 def is_url(location: str | Path) -> bool:
     return "://" in str(location)
+
+
+def url_filesystem(url: str) -> tuple[Any, str]:
+    """fsspec's filesystem for `url`, and the path in it; when fsspec or the scheme's package
+    (s3fs for s3://) is missing, an ImportError that says what to install."""
+    scheme = url.partition("://")[0]
+    hint = INSTALL_HINTS.get(
+        scheme, f"pip install fsspec and the package of its {scheme}:// filesystem (gcsfs, ...)"
+    )
+    try:
+        import fsspec
+
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        raise ImportError(f"{url} needs the {scheme}:// filesystem: {hint} ({exc})") from None
 
 
 class Storage(ABC):
@@ -102,15 +120,8 @@ class LocalStorage(Storage):
 
 class FsspecStorage(Storage):
     def __init__(self, url: str) -> None:
-        try:
-            import fsspec
-        except ImportError as exc:
-            raise ImportError(
-                f"writing to {url} needs fsspec (pip install fsspec, plus s3fs/gcsfs for "
-                "s3:// or gs://); or write to a local folder"
-            ) from exc
         self.location = url.rstrip("/")
-        self.fs, self.base = fsspec.core.url_to_fs(self.location)
+        self.fs, self.base = url_filesystem(self.location)
 
     def _path(self, name: str) -> str:
         return f"{self.base.rstrip('/')}/{name}"
@@ -137,12 +148,10 @@ class FsspecStorage(Storage):
         return Path(path)
 
     def commit(self, temp: Path, name: str) -> None:
-        import fsspec
-
         try:
             parent = self._path(name).rpartition("/")[0]
             self.fs.makedirs(parent, exist_ok=True)
-            with open(temp, "rb") as src, fsspec.open(self.url(name), "wb") as dst:
+            with open(temp, "rb") as src, self.fs.open(self._path(name), "wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 22)
         finally:
             temp.unlink(missing_ok=True)

@@ -185,7 +185,11 @@ def verify_shards(
     raw = storage.read_bytes(CARD_NAME)
     if raw is None:
         report.problems.append(
-            Problem("missing card", CARD_NAME, "no card: the build is incomplete")
+            Problem(
+                "missing card",
+                CARD_NAME,
+                "no card: the build is incomplete, or nothing was built at this location",
+            )
         )
         return report
     card = json.loads(raw)
