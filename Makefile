@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cbtlab-installed
 
-.PHONY: install study test lint browser clean
+.PHONY: install study test lint browser services clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,17 @@ browser:
 	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
 	  echo "warning: could not install chromium: the browser test will be skipped"
 
-test: lint browser
+# The store tests (tests/test_stores.py) start PostgreSQL themselves (tests/services.py): install
+# Debian's server when missing; without it they are skipped (CI, which sets
+# CBTLAB_REQUIRE_SERVICES=1, fails them instead).
+services:
+	@test -x "$$(ls -d /usr/lib/postgresql/*/bin/postgres 2>/dev/null | tail -1)" || \
+	  { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	    $$SUDO apt-get update -q && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } || \
+	  echo "warning: could not install postgresql: the store tests will be skipped"
+
+test: lint browser services
 	$(BIN)/python -m pytest $(ARGS)
 
 clean:
