@@ -54,6 +54,7 @@ from cbtlab.tune.budget import Answer, common_budget, study_answer, with_budget_
 from cbtlab.tune.callbacks import MLflowTrialLogger
 from cbtlab.tune.driver import dataset_hash, run_tags, trial_trainable
 from cbtlab.tune.importance import study_importances
+from cbtlab.tune.orphans import PlacementGroupSweeper
 from cbtlab.tune.resources import ResourcePlan, plan_resources
 from cbtlab.tune.scheduler import StudyScheduler
 from cbtlab.tune.spec import (
@@ -242,7 +243,7 @@ def _fit_new_study(
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=spec.storage_path,
-            callbacks=[logger],
+            callbacks=[logger, PlacementGroupSweeper()],
             verbose=0,
             # A trial whose driver died (its node lost) runs again; its Train run goes on
             # from its latest checkpoint (Ray Train restarts lost workers by itself).
@@ -271,7 +272,8 @@ def _grid_searcher(
 
 
 def _optuna_searcher(spec: StudySpec, run_name: str, storage_url: str) -> Any:
-    """A search's seeded TPE searcher, its Optuna study `run_name` kept at `storage_url`; a
+    """A search's seeded TPE searcher, its Optuna study `run_name` kept at `storage_url` (its
+    password already moved out by `_check_stores`: Tune pickles the searcher's storage); a
     conditional space (`spec.conditional`) searched define-by-run (`ConditionalSpace`), Tune's
     param space then being empty."""
     import optuna
@@ -284,7 +286,7 @@ def _optuna_searcher(spec: StudySpec, run_name: str, storage_url: str) -> Any:
         points_to_evaluate=spec.initial_points or None,
         sampler=optuna.samplers.TPESampler(seed=spec.search_seed),
         study_name=run_name,
-        storage=optuna.storages.RDBStorage(move_secrets(storage_url)),
+        storage=optuna.storages.RDBStorage(storage_url),
     )
 
 

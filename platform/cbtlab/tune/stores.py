@@ -116,7 +116,7 @@ def check_database(url: str, what: str) -> None:
         return
     args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
     try:
-        engine = sqlalchemy.create_engine(move_secrets(url), connect_args=args)
+        engine = sqlalchemy.create_engine(url, connect_args=args)
         with engine.connect():
             pass
         engine.dispose()
