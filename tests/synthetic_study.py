@@ -49,6 +49,7 @@ class Outcome:
     stopped_after: int | None = None  # epochs reported before the scheduler stops it
     drop_metric: bool = False  # never reports the study metric
     rc: bool = False  # reports rc/layer_XX every epoch (train.probe_every=1)
+    restarted_after: int | None = None  # restarted after this epoch, which it reports again
 
 
 @dataclass
@@ -175,6 +176,8 @@ def write_study(
                 for layer in range(base.model.depth):
                     result[f"rc/layer_{layer:02d}"] = 10.0 - layer - 0.1 * epoch
             logger.on_trial_result(0, [], trial, result)
+            if epoch == outcome.restarted_after:  # from its checkpoint: that epoch again
+                logger.on_trial_result(0, [], trial, dict(result))
         if outcome.fail_after is not None:
             error = tmp / f"error_{i}.txt"
             error.write_text("Traceback ...\nRuntimeError: synthetic failure")

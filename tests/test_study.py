@@ -12,6 +12,7 @@ from cbtlab.tracking.schema import study_from_mlflow
 from cbtlab.tune.cli import rep_count_main
 from cbtlab.tune.runner import run_study
 from cbtlab.tune.spec import StudySpec
+from synthetic_study import Outcome, write_study
 
 
 @pytest.mark.ray
@@ -154,3 +155,13 @@ def test_a_diverging_trial_fails_at_once_with_the_reason(ray_session: None, tmp_
     assert child.info.status == "FAILED"
     error = child.data.tags["cbtlab.error"]
     assert "non-finite training loss at epoch 0, step 1" in error
+
+
+def test_a_restarted_trial_logs_each_epoch_once(tmp_path: Path) -> None:
+    study = write_study(tmp_path, seeds=1, outcomes={0: Outcome(restarted_after=1)}, probes=False)
+    run_id = study.trials[0]["run_id"]
+    client = MlflowClient(study.uri)
+    epochs = len(client.get_metric_history(study.trials[1]["run_id"], "val/top1"))
+    for key in ("val/top1", "train/loss"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert steps == list(range(1, epochs + 1)), (key, steps)

@@ -65,14 +65,21 @@ def test_resuming_from_a_checkpoint_continues_exactly(digits_root: Path, tmp_pat
     final = run_training(cfg, report=lambda m, s: (straight.append(m), states.append(s)))
     assert all(s is not None for s in states)  # checkpoint_every = 1
     save_state(states[0], tmp_path / "ckpt")  # through the disk format, weights_only loading
-    resumed: list[dict[str, float]] = []
+    resumed: list[tuple[dict[str, float], dict | None]] = []
     again = run_training(
-        cfg, report=lambda m, s: resumed.append(m), resume=load_state(tmp_path / "ckpt")
+        cfg, report=lambda m, s: resumed.append((m, s)), resume=load_state(tmp_path / "ckpt")
     )
-    assert [r["epoch"] for r in resumed] == [2, 3]
-    assert _numbers(resumed) == _numbers(straight[1:])
+    # First the checkpoint's own epoch again (its report may have been lost with the run's
+    # driver), as it was and without a new checkpoint; then the epochs after it.
+    assert [r["epoch"] for r, _ in resumed] == [1, 2, 3]
+    assert resumed[0] == (straight[0], None)
+    assert _numbers([r for r, _ in resumed[1:]]) == _numbers(straight[1:])
     for (name, a), b in zip(final.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    # A restart from the last epoch's checkpoint trains nothing and ends with its result.
+    ended: list[tuple[dict[str, float], dict | None]] = []
+    run_training(cfg, report=lambda m, s: ended.append((m, s)), resume=states[-1])
+    assert ended == [(straight[-1], None)]
 
 
 def test_an_incompatible_checkpoint_is_refused(digits_root: Path, tmp_path: Path) -> None:

@@ -197,8 +197,9 @@ class TrialRecord:
     status: str = "RUNNING"
     stopped_early: bool = False
     error: str = ""
-    # A run re-attached from MLflow (a resumed study): the epochs it had logged (not logged
-    # again when a restarted trial reports them anew) and the trial time it had recorded.
+    # The epochs logged so far (a run re-attached from MLflow by a resumed study: those it had
+    # logged), not logged again when a restarted trial reports them anew; and, re-attached, the
+    # trial time it had recorded.
     logged_through: int = 0
     prior_seconds: float = 0.0
     reattached: bool = False

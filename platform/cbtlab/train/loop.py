@@ -139,6 +139,12 @@ def run_training(
     learner = Learner.build(cfg, data, prepare_model=prepare_model, resume=resume)
     first_epoch, position = learner.resume_from(resume, cfg, world_size)
     fail_at = fail_at if resume is None else None  # a restart goes on past the failure
+    if resume is not None and position is None and resume.get("metrics"):
+        # The epoch this checkpoint ended, reported again: its first report may have died
+        # with the run's driver (a lost node) after the checkpoint was written, and a run
+        # restarted from its last epoch would otherwise end without its final result. Tune's
+        # scheduler and the MLflow logger take an epoch they already hold once.
+        report(dict(resume["metrics"]), None)
     try:
         for epoch in range(first_epoch, cfg.train.epochs):
             meter, corrupt = train_epoch(cfg, learner, data, epoch, position, report, fail_at)

@@ -138,8 +138,12 @@ class MLflowTrialLogger(Callback):
             if k.startswith(TRIAL_METRIC_PREFIXES) and isinstance(v, (int, float))
         }
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        if epoch > record.logged_through:  # a restored trial re-reports what it had logged
+        # A restarted trial first reports again the epoch of its checkpoint (that report may
+        # have died with the trial's driver): each epoch is logged and said once.
+        again = epoch <= record.logged_through
+        if not again:
             self.tracker.log_metrics(record.run_id, metrics, step=epoch)
+            record.logged_through = epoch
         if result.get("checkpoint_path"):
             # Where the trial's latest checkpoint lives (the probes and re-runs load it).
             self.tracker.set_tags(record.run_id, {CHECKPOINT_TAG: str(result["checkpoint_path"])})
@@ -153,6 +157,8 @@ class MLflowTrialLogger(Callback):
             value, best = metrics[key], record.best.get(key)
             if best is None or (value < best if key.endswith("loss") else value > best):
                 record.best[key] = value
+        if again:
+            return
         self._say(
             f"[{trial}] epoch {epoch}/{record.config.train.epochs} "
             f"train/loss {metrics.get('train/loss', float('nan')):.4f} "
