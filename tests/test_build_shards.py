@@ -30,6 +30,7 @@ from cbtlab.data.sources import (
     open_source,
 )
 from cbtlab.data.verify import verify_shards
+from faults import DISK_GONE, fail_read_number
 
 CLASSES = ("cat", "dog", "fish")
 
@@ -189,18 +190,8 @@ def test_interrupted_build_resumes_to_identical_shards(
     _build(ImageFolderSource(data), reference)
 
     out = tmp_path / "out"
-    read = ImageFolderSource.read
-    calls = 0
-
-    def crashing_read(self, record):
-        nonlocal calls
-        calls += 1
-        if calls == 10:  # two shards of 4 are complete, the third is one sample in
-            raise RuntimeError("disk went away")
-        return read(self, record)
-
-    monkeypatch.setattr(ImageFolderSource, "read", crashing_read)
-    with pytest.raises(BuildError, match=r"train-00002.tar failed: disk went away"):
+    fail_read_number(monkeypatch, 10)  # two shards of 4 are complete, the third is one sample in
+    with pytest.raises(BuildError, match=rf"train-00002.tar failed: {DISK_GONE}"):
         _build(ImageFolderSource(data), out)
     monkeypatch.undo()
     assert sorted(_tars(out)) == ["train-00000.tar", "train-00001.tar"]

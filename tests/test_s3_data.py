@@ -28,7 +28,7 @@ from cbtlab.data import TrainEpoch, eval_batches, open_split, remote
 from cbtlab.data.cli import build_main, verify_main
 from cbtlab.data.loader import ShardReadError, _read_shard, _read_shards
 from cbtlab.data.shards import ShardInfo, ShardSet
-from cbtlab.data.sources import ImageFolderSource
+from faults import DISK_GONE, fail_read_number
 from services import S3, s3_server
 from test_build_shards import _damage_member, _imagefolder, _tars
 
@@ -108,18 +108,9 @@ def test_build_to_s3_resumes_and_verify_catches_a_corrupted_object(
 ) -> None:
     s3, log = server
     url = f"s3://{BUCKET}/resumed"
-    read, calls = ImageFolderSource.read, 0
-
-    def crashing_read(self, record):
-        nonlocal calls
-        calls += 1
-        if calls == 10:  # two shards of 4 are uploaded, the third is one sample in
-            raise RuntimeError("disk went away")
-        return read(self, record)
-
-    monkeypatch.setattr(ImageFolderSource, "read", crashing_read)
+    fail_read_number(monkeypatch, 10)  # two shards of 4 are uploaded, the third is one sample in
     assert build_main(_argv(dataset.input, url)) == 1
-    assert "train-00002.tar failed: disk went away" in capsys.readouterr().err
+    assert f"train-00002.tar failed: {DISK_GONE}" in capsys.readouterr().err
     monkeypatch.undo()
     resumed = _script("build_shards.py", *_argv(dataset.input, url))
     assert resumed.returncode == 0, resumed.stderr
