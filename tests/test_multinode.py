@@ -92,7 +92,9 @@ def test_a_study_survives_losing_a_node(
     services = cluster_services
     gcs, dashboard = free_port(), free_port()
     dashboard_url = f"http://127.0.0.1:{dashboard}"
-    temp_dir = tempfile.mkdtemp(prefix="cbtray", dir="/tmp")  # socket paths must stay short
+    # Socket paths must stay short; each node has its own (docs/cluster.md, section 7).
+    temp_dir = tempfile.mkdtemp(prefix="cbtray", dir="/tmp")
+    second_dir = tempfile.mkdtemp(prefix="cbtray", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API"))}
     # The cluster's token (`ray get-auth-token --generate` on a real one), for every node, the
     # driver and the State API calls here.
@@ -115,7 +117,9 @@ def test_a_study_survives_losing_a_node(
     try:
         _wait_started(head, head_log)
         second, second_port = _node(
-            ["--address", f"127.0.0.1:{gcs}", "--num-cpus", "2"], env, second_log
+            ["--address", f"127.0.0.1:{gcs}", "--num-cpus", "2", "--temp-dir", second_dir],
+            env,
+            second_log,
         )
         _wait_started(second, second_log)
         nodes = {n["node_id"]: n for n in _ray_list("nodes", dashboard_url, env)}

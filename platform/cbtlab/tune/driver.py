@@ -34,6 +34,36 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_path: st
         callbacks=[EpochReportCallback()],
     )
     fit(trainer)
+    _hand_over_last_report()
+
+
+# Seconds a finished trial waits for Tune to take its last epoch's result.
+HANDOVER_TIMEOUT_S = 600.0
+
+
+def _hand_over_last_report(timeout_s: float = HANDOVER_TIMEOUT_S) -> None:
+    """Return only once Tune's trial actor has taken the Train run's last report.
+
+    Ray 2.60's Tune session passes a Train controller's reports through a one-slot actor queue
+    that the trial actor's main thread empties, checking it before its own one-slot result
+    queue. When the trial function returns while the last report still waits in the actor
+    queue, the function's end fills the result queue first, and the main thread then blocks
+    forever putting that report into it (`_TrainSession._get_result_from_queues`): the trial,
+    and so the study, hangs after its last epoch. Seen on the two-node drill of
+    docs/cluster.md with two of four trials, stack traced with py-spy. Two empty items put
+    after the run (which the main thread skips) return only once it has come back for the
+    second, that is, after it handed the last report over."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    queue = getattr(session, "_inter_actor_queue", None) if session is not None else None
+    if queue is None:  # no controller reported through it
+        return
+    try:
+        for _ in range(2):
+            queue.put({}, block=True, timeout=timeout_s)
+    except Exception:  # the queue gone with a stopping trial, or the wait too long: go on
+        return
 
 
 def trial_trainable(
