@@ -82,7 +82,8 @@ def test_the_check_passes_on_cpu_processes_and_prints_every_check(cpu_run) -> No
     # What the checks read: two ranks, both runs' epochs, rank 0's weights and checkpoint.
     assert [r.rank for r in results] == [0, 1]
     assert [m["epoch"] for m in results[1].straight] == [1, 2]
-    assert [m["epoch"] for m in results[1].resumed] == [2]
+    # Resumed from epoch 1: that epoch reported again (cbtlab.train.loop), then epoch 2.
+    assert [m["epoch"] for m in results[1].resumed] == [1, 2]
     assert results[0].state_devices == ["cpu"] and results[0].roundtrip == ""
     assert set(results[0].weights) == {"straight", "resumed"}
 
@@ -114,6 +115,8 @@ def _ranks_disagree(results: list[RankResult]) -> None:
 def _loss_rises(results: list[RankResult]) -> None:
     for result in results:
         result.straight[0]["train/loss"] = result.straight[-1]["train/loss"] - 0.5
+        if result.resumed[0]["epoch"] == 1:  # the resumed run's report of its checkpoint's epoch
+            result.resumed[0]["train/loss"] = result.straight[0]["train/loss"]
 
 
 def _non_finite(results: list[RankResult]) -> None:
@@ -175,7 +178,10 @@ def test_a_rank_that_crashes_fails_the_run(digits_root: Path) -> None:
 
 
 def test_a_resume_on_cuda_may_differ_by_rounding_only() -> None:
-    reports = [{"epoch": 1, "train/loss": 2.0}, {"epoch": 2, "train/loss": 1.0}]
+    reports = [
+        {"epoch": 1, "train/loss": 2.0, "time/epoch_s": 3.0},
+        {"epoch": 2, "train/loss": 1.0, "time/epoch_s": 3.0},
+    ]
     weights = {"w": torch.ones(100)}
 
     def check(delta: float, exact: bool, resumed=reports[1:]):
@@ -189,8 +195,10 @@ def test_a_resume_on_cuda_may_differ_by_rounding_only() -> None:
     assert check(1e-7, exact=False).status == "PASS"  # CUDA: rounding
     assert check(1e-2, exact=False).status == "FAIL"
     # A run that started over instead of resuming fails even with equal weights.
-    restarted = check(0.0, exact=True, resumed=reports)
+    restarted = check(0.0, exact=True, resumed=[{**reports[0], "time/epoch_s": 2.9}, reports[1]])
     assert restarted.status == "FAIL" and "did not continue" in restarted.detail
+    # A resumed run reports its checkpoint's epoch again, as saved: that passes.
+    assert check(0.0, exact=True, resumed=reports).status == "PASS"
 
 
 def test_no_gpu_and_no_data_stop_the_check_with_a_reason(tmp_path: Path) -> None:

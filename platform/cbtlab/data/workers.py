@@ -192,7 +192,9 @@ class WorkerPool:
             mine, theirs = context.Pipe()
             process = context.Process(
                 target=_worker_main,
-                args=(index, theirs),
+                # A forkserver's children inherit its environment, fixed when it started: they
+                # get this process's, as it is now (S3 credentials set since, for one).
+                args=(index, theirs, dict(os.environ)),
                 name=f"cbtlab-loader-{index}",
                 daemon=True,
             )
@@ -354,7 +356,10 @@ class _Stop(Exception):
     """The main process asked this worker to exit."""
 
 
-def _worker_main(index: int, conn: Connection) -> None:
+def _worker_main(index: int, conn: Connection, environ: dict[str, str] | None = None) -> None:
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which stops us
     torch.set_num_threads(1)  # the workers take the cores between them
     # Our parent: the main process, or the forkserver, which exits when the main process does.
