@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,8 @@ def test_a_study_survives_losing_a_node(
         for node in (second, head):
             if node is not None:
                 stop(node, timeout_s=60)
+        for folder in (temp_dir, second_dir):
+            shutil.rmtree(folder, ignore_errors=True)
     assert killed, "the second node was never killed mid-trial"
     _check_the_study(services, text, tmp_path, token, monkeypatch)
 

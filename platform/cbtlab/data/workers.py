@@ -356,10 +356,9 @@ class _Stop(Exception):
     """The main process asked this worker to exit."""
 
 
-def _worker_main(index: int, conn: Connection, environ: dict[str, str] | None = None) -> None:
-    if environ is not None:
-        os.environ.clear()
-        os.environ.update(environ)
+def _worker_main(index: int, conn: Connection, environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which stops us
     torch.set_num_threads(1)  # the workers take the cores between them
     # Our parent: the main process, or the forkserver, which exits when the main process does.
