@@ -1,9 +1,10 @@
 """A study across two Ray nodes with the services of a real cluster (docs/cluster.md), all on
 127.0.0.1 and started by the tests: PostgreSQL (MLflow's runs and users, the Optuna study),
-moto's S3 server (Ray results and checkpoints, MLflow's artifacts) and MLflow's tracking server
-with basic auth.
+moto's S3 server (the dataset's shards, Ray results and checkpoints, MLflow's artifacts) and
+MLflow's tracking server with basic auth.
 
-A 4-trial search runs its trials on both nodes at once; the second node's raylet is killed
+The test builds a dataset into s3:// with build_shards.py, then a 4-trial search reads it and runs
+its trials on both nodes at once; the second node's raylet is killed
 while one of its trials trains; the study finishes on the head node. Then MLflow holds exactly
 one parent and 4 children, each with its per-epoch history once per epoch, Optuna holds 4
 complete trials, and no secret appears in what the study wrote or printed.
@@ -24,9 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
+from sklearn.datasets import load_digits
 
 from cbtlab.tracking.schema import EPOCHS_TAG
 from services import free_port, stop
@@ -128,7 +132,8 @@ def test_a_study_survives_losing_a_node(
         head_id = next(i for i, n in nodes.items() if n.get("is_head_node"))
         second_id = next(i for i in nodes if i != head_id)
 
-        driver, output = _start_study(services, env, gcs, tmp_path)
+        shards = _build_shards_on_s3(services, env, tmp_path)
+        driver, output = _start_study(services, env, gcs, shards, tmp_path)
         killed = _kill_second_node_mid_trial(
             second_port, driver, output, dashboard_url, env, head_id, second_id
         )
@@ -147,9 +152,31 @@ def test_a_study_survives_losing_a_node(
     _check_the_study(services, text, tmp_path, token, monkeypatch)
 
 
-def _start_study(services, env: dict[str, str], gcs: int, tmp_path: Path):
-    """The study's driver on the head node: a 4-trial search, 1 worker of 1 CPU per trial (2
-    nodes x 2 CPUs hold 3 at once: the head 1 worker and trial drivers, the second node 2)."""
+def _build_shards_on_s3(services, env: dict[str, str], tmp_path: Path) -> str:
+    """The first 400 of scikit-learn's digits as an ImageFolder of PNGs, built into s3:// by
+    data_pipelines/build_shards.py as a user would; the shards' URL."""
+    digits = load_digits()
+    folder = tmp_path / "digits"
+    for i, (pixels, label) in enumerate(zip(digits.images[:400], digits.target[:400], strict=True)):
+        split = "val" if i % 5 == 0 else "train"
+        path = folder / split / f"digit{label}" / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((pixels * 255 / 16).astype(np.uint8)).save(path)
+    url = f"s3://{services.bucket}/digits"
+    build = subprocess.run(
+        [sys.executable, str(REPO / "data_pipelines" / "build_shards.py"), "--source",
+         "imagefolder", "--input", str(folder), "--output", url, "--samples-per-shard", "64",
+         "--local", "--quiet"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    return url
+
+
+def _start_study(services, env: dict[str, str], gcs: int, shards: str, tmp_path: Path):
+    """The study's driver on the head node: a 4-trial search on the shards at `shards`, 1
+    worker of 1 CPU per trial (2 nodes x 2 CPUs hold 3 at once: the head 1 worker and trial
+    drivers, the second node 2)."""
     pg, ml = services.postgres, services.mlflow
     driver_env = {
         **env,
@@ -167,6 +194,8 @@ def _start_study(services, env: dict[str, str], gcs: int, tmp_path: Path):
                 "--optuna-storage", pg.url("optuna"),  # its password leaves the URL
                 "--num-samples", "4", "--grids", "2x2,4x4", "--epochs", str(EPOCHS),
                 "--grace-period", str(EPOCHS), "--workers", "1",
+                "--set", "data.dataset=shards", "--set", f"data.root={shards}",
+                "--set", "data.augment=digits", "--set", "model.in_chans=3",
                 "--set", "train.cpus_per_worker=1", "--set", "model.depth=1",
                 "--set", "model.embed_dim=24", "--set", "train.max_failures=3",
             ],
@@ -216,6 +245,7 @@ def _check_the_study(services, text: str, tmp_path: Path, token: str, monkeypatc
         histories[child.info.run_name] = steps
         assert steps == list(range(1, EPOCHS + 1)), histories
         assert child.data.tags[EPOCHS_TAG] == str(EPOCHS), child.data.tags
+        assert child.data.params["data.root"].startswith("s3://"), child.data.params
     study_name = parent.data.params["study.optuna_study"]
     study = optuna.load_study(study_name=study_name, storage=pg.url("optuna"))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
