@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,14 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from cbtlab.checkpoint import FORMAT, STATE_FILE, CheckpointError
-from cbtlab.models.reference import convert_reference_state_dict, unwrap_checkpoint
+from cbtlab.models.reference import (
+    convert_reference_state_dict,
+    is_reference_layout,
+    unwrap_checkpoint,
+)
 from cbtlab.models.transformer import resample_pos_embed
 from cbtlab.train.recipe import HEAD_PREFIX
 
 log = logging.getLogger(__name__)
-
-# Keys only the reference layout has.
-_REFERENCE_KEY = re.compile(r"^(to_patch_embedding|transformer\.layers|mlp_head|pos_embedding)")
 
 
 def read_weights(path: str | Path) -> dict[str, Tensor]:
@@ -59,7 +59,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     if raw.get("format") == FORMAT and "model" in raw:  # a cbtlab checkpoint
         return dict(raw["model"])
     state = unwrap_checkpoint(raw)
-    if any(_REFERENCE_KEY.match(key) for key in state):
+    if is_reference_layout(state):
         try:
             return convert_reference_state_dict(state)
         except KeyError as exc:
