@@ -1,5 +1,6 @@
 """Fine-tuning (`train.init_from`): a digits model's backbone under a new head, at another image
-size; the authors' checkpoint layout; weights that do not fit."""
+size, normalised as the digits were; the authors' checkpoint layout (ImageNet's normalisation);
+weights that do not fit."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from PIL import Image
 
 from cbtlab.checkpoint import CheckpointError, save_state
 from cbtlab.config import ExperimentConfig
+from cbtlab.data import open_split, prepare_dataset
 from cbtlab.data.shards import Sample, write_card, write_split
+from cbtlab.data.transforms import image_stats
 from cbtlab.models import build_model
 from cbtlab.models.transformer import resample_pos_embed
 from cbtlab.train import run_training
-from cbtlab.train.finetune import init_from
+from cbtlab.train.finetune import init_from, normalisation, read_start
 
 TINY = {
     "model.embed_dim": 24,
@@ -94,6 +97,17 @@ def test_fine_tuning_keeps_the_backbone_under_a_new_head(digits_root: Path, tmp_
     final, metrics = tuned[1][1]["model"], tuned[1][0]
     assert not torch.equal(final["blocks.0.mlp.weight"], source["blocks.0.mlp.weight"])
     assert math.isfinite(metrics["val/loss"]) and metrics["val/samples"] == 50
+    # Normalised as the digits were (the weights' record), not with the new card's 0.2 / 0.3.
+    _, digits_mean, digits_std = image_stats(open_split(prepare_dataset(digits.data), "train"))
+    assert states[-1]["data_config"] == {"mean": digits_mean, "std": digits_std}
+    assert digits_mean != [0.2] and digits_std != [0.3]
+    for _, state in tuned:
+        assert state["data_config"] == {"mean": digits_mean, "std": digits_std}
+    # A resumed run keeps its recorded normalisation; a start without a record, the card's.
+    resumed = {**tuned[0][1], "data_config": {"mean": [0.7], "std": [0.1]}}
+    assert normalisation(cfg, read_start(tmp_path / "digits"), resumed) == ([0.7], [0.1])
+    torch.save(source, tmp_path / "bare.pt")
+    assert normalisation(cfg, read_start(tmp_path / "bare.pt"), None) is None
 
 
 # Our names -> the reference code's (the inverse of cbtlab.models.reference's rules).
@@ -136,6 +150,14 @@ def test_the_authors_checkpoint_layout_loads_with_a_new_head(tmp_path: Path) -> 
     ours = build_model(ExperimentConfig().with_overrides({**conv, "model.num_classes": 5}).model)
     notes = init_from(ours, tmp_path / "model_best.pth.tar")
     assert notes == ["a new head: 5 classes (the checkpoint's has 10)"]
+    # The authors trained on ImageNet: a fine-tune from their weights normalises as they did,
+    # and a model of another channel count is refused before any data is read.
+    start = read_start(tmp_path / "model_best.pth.tar")
+    rgb = ExperimentConfig().with_overrides({**conv, "model.in_chans": 3})
+    assert normalisation(rgb, start, None) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    grey = ExperimentConfig().with_overrides(conv)
+    with pytest.raises(CheckpointError, match="3-channel images"):
+        normalisation(grey, start, None)
     for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
         assert key.startswith("head.") or torch.equal(a, b), key
 

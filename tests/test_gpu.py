@@ -82,7 +82,13 @@ def test_a_checkpoint_state_made_on_the_gpu_lives_on_the_cpu() -> None:
     optimizer.step()  # the optimiser's state (Adam's moments) exists now, on the GPU
     scheduler.step()
     state = make_state(
-        cfg, epoch=1, model=model, optimizer=optimizer, scheduler=scheduler, metrics={}
+        cfg,
+        epoch=1,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        metrics={},
+        normalisation=([0.5], [0.25]),
     )
     tensors = list(iter_tensors(state))
     assert tensors and {t.device.type for t in tensors} == {"cpu"}

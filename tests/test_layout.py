@@ -30,6 +30,8 @@ LAYERS: list[set[str]] = [
 
 # (module, imported module): why the import waits until the function runs.
 LAZY_IMPORTS: dict[tuple[str, str], str] = {
+    # `import cbtlab` registers the zoo with timm once timm is imported, never torch before.
+    ("cbtlab", "cbtlab.models.zoo"): "import cbtlab loads no torch",
     ("cbtlab.attention.cbsa", "cbtlab.attention.cbsa_triton"): "triton is optional",
     # `cbtlab --help` and `cbtlab where` must answer at once: config, data and train load torch.
     ("cbtlab.cli", "cbtlab.config"): "start-up of the cbtlab command",

@@ -1,10 +1,12 @@
 """Training checkpoints: what is saved, how it is loaded, and what makes one incompatible.
 
 A checkpoint holds everything an epoch boundary needs to continue exactly: the model, the
-optimiser and the schedule, the number of finished epochs, the metrics of the last one, and the
-model config it was made with. Data order and augmentation are seeded from (seed, epoch, rank)
-at the start of every epoch, so resuming at an epoch boundary replays the same batches and the
-same random augmentations as an uninterrupted run. Loading uses `torch.load(weights_only=True)`.
+optimiser and the schedule, the number of finished epochs, the metrics of the last one, the
+model config it was made with, and the normalisation its images had (`data_config`: mean and
+std, as timm's data configs name them; what a fine-tune from it normalises with). Data order
+and augmentation are seeded from (seed, epoch, rank) at the start of every epoch, so resuming
+at an epoch boundary replays the same batches and the same random augmentations as an
+uninterrupted run. Loading uses `torch.load(weights_only=True)`.
 
 A mid-epoch checkpoint (`train.checkpoint_every_steps`) adds the data position: the batches of
 the unfinished epoch already trained on, and for every rank its random generators (Python,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +47,18 @@ def make_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     metrics: dict[str, float],
+    normalisation: tuple[Sequence[float], Sequence[float]],
     position: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint after `epoch` finished epochs; `position` (from `data_position`) marks a
-    mid-epoch one."""
+    """The checkpoint after `epoch` finished epochs of images normalised with
+    `normalisation` (mean, std); `position` (from `data_position`) marks a mid-epoch one."""
     return snapshot(
         {
             "format": FORMAT,
             "epochs_done": epoch,
             "model_config": {k: v for k, v in cfg.flat().items() if k.startswith("model.")},
             "seed": cfg.train.seed,
+            "data_config": {"mean": list(normalisation[0]), "std": list(normalisation[1])},
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -63,6 +68,15 @@ def make_state(
             "position": position,
         }
     )
+
+
+def recorded_normalisation(state: Mapping[str, Any]) -> tuple[list[float], list[float]] | None:
+    """The (mean, std) a checkpoint's images were normalised with; None for a checkpoint made
+    before they were recorded."""
+    data_config = state.get("data_config")
+    if not data_config:
+        return None
+    return list(data_config["mean"]), list(data_config["std"])
 
 
 def snapshot(obj: Any) -> Any:

@@ -56,10 +56,15 @@ from cbtlab.analysis.segmentation import (
     VOCSegmentation,
     zero_shot_segmentation,
 )
-from cbtlab.checkpoint import STATE_FILE, CheckpointError, check_compatible, load_state
+from cbtlab.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    check_compatible,
+    load_state,
+    recorded_normalisation,
+)
 from cbtlab.config import ExperimentConfig
 from cbtlab.data import eval_batches, open_split, prepare_dataset, transforms_for
-from cbtlab.data.transforms import image_stats
 from cbtlab.models import CBTransformer, build_model
 from cbtlab.overrides import ConfigError, add_override_argument, parse_override
 from cbtlab.paths import cbtlab_home, default_tracking_uri, ray_results_home
@@ -131,14 +136,18 @@ def coding_rate_metrics(rates: Sequence[HeadCodingRates]) -> dict[str, float]:
 
 
 def validation_data(
-    cfg: ExperimentConfig, *, max_images: int
+    cfg: ExperimentConfig,
+    *,
+    max_images: int,
+    normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> tuple[list[tuple[Tensor, Tensor]], list[float], list[float]]:
     """The first `max_images` validation images of the run's dataset in batches of the run's
-    `data.batch_size`, with the evaluation transform, and the (mean, std) they were
-    normalised with. (The one place that knows the data API.)"""
+    `data.batch_size`, with the evaluation transform normalising with `normalisation` (mean,
+    std: the checkpoint's record; None: the dataset card's statistics), and the (mean, std)
+    they were normalised with. (The one place that knows the data API.)"""
     val = open_split(prepare_dataset(cfg.data), "val")
-    _, mean, std = image_stats(val)
-    eval_tf = transforms_for(cfg.data, cfg.model.img_size, val).eval
+    tf = transforms_for(cfg.data, cfg.model.img_size, val, normalisation)
+    eval_tf, mean, std = tf.eval, tf.mean, tf.std
     batches, count = [], 0
     for images, labels in eval_batches(
         val, rank=0, world_size=1, batch_size=cfg.data.batch_size, transform=eval_tf
@@ -221,13 +230,16 @@ def run_probes(
     cfg: ExperimentConfig,
     out_dir: Path,
     settings: ProbeSettings | None = None,
+    *,
+    normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> ProbeResult:
-    """Run every probe on `model` (trained with `cfg`) and write the figures to `out_dir`."""
+    """Run every probe on `model` (trained with `cfg`, its images normalised with
+    `normalisation`: see `validation_data`); write the figures to `out_dir`."""
     settings = settings or ProbeSettings()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     need = max(settings.samples, settings.robustness_images, settings.overlay_images)
-    batches, mean, std = validation_data(cfg, max_images=need)
+    batches, mean, std = validation_data(cfg, max_images=need, normalisation=normalisation)
     few = max(settings.samples, settings.overlay_images)
     images = torch.cat([b[0] for b in _first_images(batches, few)])
     probe_images = images[: settings.samples]
@@ -282,15 +294,9 @@ def run_probes(
         voc = VOCSegmentation(settings.voc_root, settings.voc_split)
         count = settings.voc_images or len(voc)
         samples = (voc[i] for i in range(min(count, len(voc))))
+        inputs = {"img_size": cfg.model.img_size, "mean": mean, "std": std}
         metrics.update(
-            zero_shot_segmentation(
-                model,
-                samples,
-                img_size=cfg.model.img_size,
-                mean=mean,
-                std=std,
-                settings=settings.segmentation,
-            )
+            zero_shot_segmentation(model, samples, settings=settings.segmentation, **inputs)
         )
 
     (out_dir / "probe_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -411,7 +417,7 @@ def probe_run(
 
     if out_dir is None:
         out_dir = cbtlab_home() / "probes" / (run_id or Path(where).name)
-    result = run_probes(model, cfg, out_dir, settings)
+    result = run_probes(model, cfg, out_dir, settings, normalisation=recorded_normalisation(state))
     tracker = StudyTracker(tracking_uri, experiment)
     tags.update({f"{TAG_PREFIX}{k}": v for k, v in git_state().items()})
     tags[CONFIG_HASH_TAG] = cfg.config_hash()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from cbtlab.config import DataConfig, ModelConfig
@@ -45,9 +46,16 @@ def prepare_dataset(cfg: DataConfig) -> Path | str:
     raise ValueError(f"unknown dataset {cfg.dataset!r}")
 
 
-def transforms_for(cfg: DataConfig, img_size: int, shardset: ShardSet) -> Transforms:
-    """The configured recipe, normalised with the dataset card's statistics."""
-    _, mean, std = image_stats(shardset)
+def transforms_for(
+    cfg: DataConfig,
+    img_size: int,
+    shardset: ShardSet,
+    stats: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> Transforms:
+    """The configured recipe, normalised with `stats` (mean, std): those of the weights the
+    model starts from (timm's convention; `cbtlab.train.finetune.normalisation`), or where
+    None, the dataset card's statistics."""
+    mean, std = stats if stats is not None else image_stats(shardset)[1:]
     return build_transforms(
         img_size=img_size,
         mean=mean,

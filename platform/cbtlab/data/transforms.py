@@ -55,11 +55,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Transforms:
-    """The (train, eval) transforms of a recipe, and how small a JPEG may be decoded for each:
-    `*_decode_size` is the side both image dimensions must keep (None: always decode whole)."""
+    """The (train, eval) transforms of a recipe, the (mean, std) both normalise with, and how
+    small a JPEG may be decoded for each: `*_decode_size` is the side both image dimensions
+    must keep (None: always decode whole)."""
 
     train: Transform
     eval: Transform
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     train_decode_size: int | None = None
     eval_decode_size: int | None = None
 
@@ -203,6 +206,7 @@ def build_transforms(
     otherwise evaluation is the ImageNet resize + centre crop."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; expected one of {AUGMENTATIONS}")
+    stats = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
     if crop_pct is None:
         to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
         resize = [T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BILINEAR)]
@@ -214,14 +218,14 @@ def build_transforms(
         evaluate = split_eval = SplitTransform(ResizeCenterCrop(resize_to, img_size), mean, std)
         eval_decode = resize_to
     if augment == "none":
-        return Transforms(evaluate, evaluate, eval_decode, eval_decode)
+        return Transforms(evaluate, evaluate, *stats, eval_decode, eval_decode)
     if augment == "digits":
         warp = T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
         if crop_pct is None:
             train: Transform = T.Compose([*resize, warp, *to_tensor])
         else:  # the warp works on the uint8 crop, before normalisation
             train = T.Compose([split_eval.per_image, warp, split_eval.per_batch])
-        return Transforms(train, evaluate, eval_decode, eval_decode)
+        return Transforms(train, evaluate, *stats, eval_decode, eval_decode)
     # The smallest crop (area share 0.08 at aspect 3/4) still covers img_size pixels on its
     # shorter side when both image sides are at least this long, so decoding down to it keeps
     # every crop at or above the output's resolution.
@@ -241,6 +245,6 @@ def build_transforms(
             mean=tuple(mean),
             std=tuple(std),
         )
-        return Transforms(train, evaluate, train_decode, eval_decode)
+        return Transforms(train, evaluate, *stats, train_decode, eval_decode)
     train = SplitTransform(RandomResizedCropFlip(img_size), mean, std)
-    return Transforms(train, evaluate, train_decode, eval_decode)
+    return Transforms(train, evaluate, *stats, train_decode, eval_decode)

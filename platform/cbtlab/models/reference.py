@@ -16,19 +16,24 @@ The reference layout names, and ours:
 The reference CBSA pools the CLS token and drops the last patch (see CBSA_MATH.md); loading
 turns on `legacy_pool` so that the logits are the reference's. Pass `legacy_pool=False` to
 get the corrected pooling (the weights then no longer reproduce the published numbers exactly).
+
+`checkpoint_filter_fn` is the zoo's timm filter: `timm.create_model(name, pretrained=True,
+pretrained_cfg_overlay=dict(file=PATH))` loads a cbtlab checkpoint (`state.pt`, whose `model`
+timm takes), a bare state dict of ours, or an authors' checkpoint through it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import timm
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from cbtlab.models.transformer import CBTransformer
+from cbtlab.models.transformer import CBTransformer, resample_pos_embed
 
 _RULES: list[tuple[str, str]] = [
     (r"^to_patch_embedding\.proj\.", "patch_embed.proj."),
@@ -43,6 +48,8 @@ _RULES: list[tuple[str, str]] = [
     (r"^mlp_head\.0\.", "norm."),
     (r"^mlp_head\.1\.", "head."),
 ]
+# Keys only the reference layout has.
+_REFERENCE_KEY = re.compile(r"^(to_patch_embedding|transformer\.layers|mlp_head|pos_embedding)")
 
 
 def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -53,6 +60,11 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
         if key in state and isinstance(state[key], Mapping):
             state = state[key]
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def is_reference_layout(state: Mapping[str, Any]) -> bool:
+    """Whether `state` (unwrapped) names its tensors as the reference code does."""
+    return any(_REFERENCE_KEY.match(key) for key in state)
 
 
 def convert_reference_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -100,3 +112,26 @@ def from_reference(
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
     return model
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Tensor]:
+    """timm's `pretrained_filter_fn` for the zoo: `state_dict` (as timm read it, wrappers and
+    `module.` already removed) under our names, fitted to `model`: reference keys renamed,
+    the reference's (K, 1, 1) step sizes reshaped to (K,), and a position embedding of another
+    square patch grid resampled (bicubic) to the model's. Anything else is left for timm's
+    loading to judge (a head of another class count is dropped there)."""
+    state = {k: v for k, v in unwrap_checkpoint(state_dict).items() if isinstance(v, Tensor)}
+    if is_reference_layout(state):
+        state = convert_reference_state_dict(state)
+    target = model.state_dict()
+    for key, value in state.items():
+        ours = target.get(key)
+        if ours is None or value.shape == ours.shape:
+            continue
+        if key.endswith(("step_x", "step_rep")) and value.numel() == ours.numel():
+            state[key] = value.reshape(ours.shape)
+        elif key == "pos_embed" and value.shape[-1] == ours.shape[-1]:
+            side = math.isqrt(value.shape[1] - 1)  # (1, 1 + side * side, d)
+            if side * side == value.shape[1] - 1:
+                state[key] = resample_pos_embed(value, (side, side), tuple(model.grid_size))
+    return state

@@ -1,4 +1,9 @@
-"""Patch stems: image (B, C, H, W) -> patch feature map (B, d, H/p, W/p)."""
+"""Patch stems: image (B, C, H, W) -> patch feature map (B, d, H/p, W/p).
+
+Each stem names its first convolution (`first_conv`, relative to the stem), the layer timm
+adapts when pretrained weights meet another number of input channels; None where there is no
+convolution to adapt.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from torch import Tensor, nn
 
 class PatchStem(nn.Module):
     """ViT's stem: one p x p convolution with stride p."""
+
+    first_conv: str | None = "proj"
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
         super().__init__()
@@ -22,6 +29,8 @@ class ConvStem(nn.Module):
     """CBT's stem: log2(p) 3x3 stride-2 convolutions, each with BatchNorm, GELU between them;
     widths d / 2^(n-1), ..., d / 2, d. Layer indices match the reference code's
     `to_patch_embedding.proj.{0,2,4,6}.{0,1}` (conv, norm) so checkpoints map one to one."""
+
+    first_conv: str | None = "proj.0.0"
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
         super().__init__()
@@ -50,6 +59,9 @@ class ConvStem(nn.Module):
 class LinearStem(nn.Module):
     """The original CRATE stem: flatten each p x p patch (order p1, p2, c), LayerNorm, Linear,
     LayerNorm."""
+
+    # The linear layer and the LayerNorm before it both depend on the channel count.
+    first_conv: str | None = None
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
         super().__init__()

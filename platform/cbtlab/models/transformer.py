@@ -11,10 +11,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models import checkpoint
 from torch import Tensor, nn
 
 from cbtlab.models.blocks import Block
 from cbtlab.models.stems import STEMS
+
+GLOBAL_POOLS = ("token", "avg")
 
 
 def layer_attentions(attention: str | Sequence[str], depth: int) -> list[str]:
@@ -52,6 +55,10 @@ class CBTransformer(nn.Module):
     pools them (CLS token or mean of the patch tokens), normalises the pooled vector (as the
     reference code's `mlp_head`) and classifies. Any input size whose sides are multiples of the
     patch size works: the position embedding is resampled (bicubic) to the input's grid.
+
+    timm's model surface: `reset_classifier`, `get_classifier`, `group_matcher` (for timm's
+    layer-decay optimisers), `set_grad_checkpointing` (blocks recomputed in the backward pass),
+    `no_weight_decay`, `num_features` and `head_hidden_size` (the width `forward_head` pools).
     """
 
     def __init__(
@@ -78,13 +85,15 @@ class CBTransformer(nn.Module):
         img_h, img_w = _pair(img_size)
         if img_h % patch_size or img_w % patch_size:
             raise ValueError(f"patch_size={patch_size} does not divide img_size={img_size}")
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"unknown global_pool {global_pool!r}; known: token, avg")
+        _check_pool(global_pool)
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; known: {', '.join(STEMS)}")
         self.num_classes = num_classes
         self.global_pool = global_pool
+        self.in_chans = in_chans
         self.patch_size = patch_size
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.grad_checkpointing = False
         self.num_prefix_tokens = 1
         self.grid_size = (img_h // patch_size, img_w // patch_size)
         num_patches = self.grid_size[0] * self.grid_size[1]
@@ -108,7 +117,7 @@ class CBTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.head: nn.Module = _classifier(embed_dim, num_classes)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -118,6 +127,33 @@ class CBTransformer(nn.Module):
             if module is not self and hasattr(module, "no_weight_decay"):
                 skip |= {f"{name}.{param}" for param in module.no_weight_decay()}
         return skip
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, freshly initialised head for `num_classes` (0: none, `forward` returns the
+        pooled features); `global_pool` ("token" or "avg") changes the pooling too."""
+        if global_pool is not None:
+            _check_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = _classifier(self.embed_dim, num_classes)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups by depth, for timm's layer-wise learning-rate decay: the stem and
+        embeddings, each block, then the head (the pooled vector's norm and the classifier).
+        `coarse` changes nothing: a block is already the coarsest unit."""
+        return {
+            "stem": r"^cls_token|^pos_embed|^patch_embed",
+            "blocks": [(r"^blocks\.(\d+)", None)],
+            "head": r"^norm|^head",
+        }
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them
+        (less memory, one more forward pass of the blocks), while gradients are recorded."""
+        self.grad_checkpointing = enable
 
     def _pos_embed(self, grid_size: tuple[int, int]) -> Tensor:
         if grid_size == self.grid_size:
@@ -163,8 +199,9 @@ class CBTransformer(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         x, grid_size = self._embed(x)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, grid_size)
+            x = checkpoint(block, x, grid_size) if recompute else block(x, grid_size)
         return x  # (B, 1 + H*W, d)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -174,3 +211,13 @@ class CBTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"unknown global_pool {global_pool!r}; known: {', '.join(GLOBAL_POOLS)}")
+
+
+def _classifier(embed_dim: int, num_classes: int) -> nn.Module:
+    """timm's convention: 0 classes means no classifier at all."""
+    return nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()

@@ -8,33 +8,60 @@ the model does for other input sizes) when `model.img_size` gives another patch 
 head (`head.*`) is kept fresh when its shape differs (another `model.num_classes`). Any other
 missing, extra or differently shaped tensor is refused, naming it. The reference checkpoints'
 (K, 1, 1) step sizes are reshaped to ours.
+
+A fine-tune normalises its images as the starting weights were trained (timm's convention: the
+pretrained model's data config, not the new dataset's statistics): a cbtlab checkpoint's
+recorded mean and std, the authors' checkpoints the zoo's `pretrained_cfg` (ImageNet's). Where
+the weights do not say (a bare state dict, a checkpoint older than the record), the dataset
+card's statistics, as before.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from cbtlab.checkpoint import FORMAT, STATE_FILE, CheckpointError
-from cbtlab.models.reference import convert_reference_state_dict, unwrap_checkpoint
+from cbtlab.checkpoint import FORMAT, STATE_FILE, CheckpointError, recorded_normalisation
+from cbtlab.config import ExperimentConfig
+from cbtlab.models import zoo
+from cbtlab.models.reference import (
+    convert_reference_state_dict,
+    is_reference_layout,
+    unwrap_checkpoint,
+)
 from cbtlab.models.transformer import resample_pos_embed
 from cbtlab.train.recipe import HEAD_PREFIX
 
 log = logging.getLogger(__name__)
 
-# Keys only the reference layout has.
-_REFERENCE_KEY = re.compile(r"^(to_patch_embedding|transformer\.layers|mlp_head|pos_embedding)")
+
+Normalisation = tuple[list[float], list[float]]  # (mean, std), one value per channel
+
+
+@dataclass(frozen=True)
+class StartingWeights:
+    """The weights a fine-tune starts from, under our names, and the (mean, std) they were
+    trained with (None where the weights do not say)."""
+
+    weights: dict[str, Tensor]
+    normalisation: Normalisation | None
 
 
 def read_weights(path: str | Path) -> dict[str, Tensor]:
-    """The model weights of `path`, under our parameter names (see the module docstring).
-    A URI (s3://, gs://, ...: a checkpoint a study wrote to cluster storage) is fetched first."""
+    """The model weights of `path`, under our parameter names (see the module docstring)."""
+    return read_start(path).weights
+
+
+def read_start(path: str | Path) -> StartingWeights:
+    """The weights of `path` and their normalisation (see the module docstring). A URI
+    (s3://, gs://, ...: a checkpoint a study wrote to cluster storage) is fetched first."""
     if "://" in str(path):
         from ray.train import Checkpoint
 
@@ -57,14 +84,15 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"train.init_from: {path} holds no state dict")
     if raw.get("format") == FORMAT and "model" in raw:  # a cbtlab checkpoint
-        return dict(raw["model"])
+        return StartingWeights(dict(raw["model"]), recorded_normalisation(raw))
     state = unwrap_checkpoint(raw)
-    if any(_REFERENCE_KEY.match(key) for key in state):
+    if is_reference_layout(state):
         try:
-            return convert_reference_state_dict(state)
+            weights = convert_reference_state_dict(state)
         except KeyError as exc:
             raise CheckpointError(f"train.init_from: {path}: {exc.args[0]}") from None
-    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+        return StartingWeights(weights, (list(zoo.CFG["mean"]), list(zoo.CFG["std"])))
+    return StartingWeights({k: v for k, v in state.items() if isinstance(v, Tensor)}, None)
 
 
 def load_backbone(model: nn.Module, weights: Mapping[str, Tensor]) -> list[str]:
@@ -112,6 +140,23 @@ def load_backbone(model: nn.Module, weights: Mapping[str, Tensor]) -> list[str]:
 def init_from(model: nn.Module, path: str | Path) -> list[str]:
     """Start `model` from the weights at `path`; returns what was adapted."""
     return load_backbone(model, read_weights(path))
+
+
+def normalisation(
+    cfg: ExperimentConfig, start: StartingWeights | None, resume: Mapping[str, Any] | None
+) -> Normalisation | None:
+    """The (mean, std) a run normalises with where the weights decide it: a resumed run's
+    recorded one (it continues as it began), else the starting weights'; None: the dataset
+    card's statistics (`cbtlab.data.transforms_for`)."""
+    stats = recorded_normalisation(resume) if resume is not None else None
+    if stats is None and start is not None:
+        stats = start.normalisation
+    if stats is not None and not len(stats[0]) == len(stats[1]) == cfg.model.in_chans:
+        raise CheckpointError(
+            f"train.init_from: the weights were trained on {len(stats[0])}-channel images "
+            f"(mean {stats[0]}), model.in_chans is {cfg.model.in_chans}"
+        )
+    return stats
 
 
 def _grid(pos_embed: Tensor, key: str) -> tuple[int, int]:

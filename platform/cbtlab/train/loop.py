@@ -53,7 +53,13 @@ from cbtlab.data.loader import plan_train_epoch, usable_workers
 from cbtlab.models import build_model
 from cbtlab.train.collectives import all_reduce, gather_objects, reduction_device
 from cbtlab.train.faults import FailAt
-from cbtlab.train.finetune import init_from
+from cbtlab.train.finetune import (
+    Normalisation,
+    StartingWeights,
+    load_backbone,
+    normalisation,
+    read_start,
+)
 from cbtlab.train.messages import MID_EPOCH_KEY, Diverged
 from cbtlab.train.metrics import DivergenceGuard, EpochMeter
 from cbtlab.train.recipe import (
@@ -135,8 +141,11 @@ def run_training(
     device = device or torch.device("cpu")
     reduction_device(device)  # a process group that cannot reduce this rank's tensors fails now
     _set_threads_and_seed(cfg)
-    data = RankData.open(cfg, rank=rank, world_size=world_size, device=device)
-    learner = Learner.build(cfg, data, prepare_model=prepare_model, resume=resume)
+    # A restart continues from its checkpoint, not from the weights it first started from.
+    start = read_start(cfg.train.init_from) if cfg.train.init_from and resume is None else None
+    stats = normalisation(cfg, start, resume)
+    data = RankData.open(cfg, rank=rank, world_size=world_size, device=device, stats=stats)
+    learner = Learner.build(cfg, data, prepare_model=prepare_model, start=start)
     first_epoch, position = learner.resume_from(resume, cfg, world_size)
     fail_at = fail_at if resume is None else None  # a restart goes on past the failure
     if resume is not None and position is None and resume.get("metrics"):
@@ -150,7 +159,7 @@ def run_training(
             meter, corrupt = train_epoch(cfg, learner, data, epoch, position, report, fail_at)
             position = None
             metrics = epoch_metrics(cfg, learner, data, epoch, meter, corrupt)
-            report(metrics, epoch_checkpoint(cfg, learner, data.rank, epoch, metrics))
+            report(metrics, epoch_checkpoint(cfg, learner, data, epoch, metrics))
     finally:  # however the run ends: the loader's workers stop with it
         data.close()
     return learner.model
@@ -185,13 +194,23 @@ class RankData:
 
     @classmethod
     def open(
-        cls, cfg: ExperimentConfig, *, rank: int, world_size: int, device: torch.device
+        cls,
+        cfg: ExperimentConfig,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        stats: Normalisation | None,
     ) -> RankData:
+        """`stats`: the (mean, std) of the weights the model starts from (None: the dataset
+        card's)."""
         batch_size = _rank_batch(cfg, world_size)
         root = prepare_dataset(cfg.data)
         train_set, val_set = open_split(root, "train"), open_split(root, "val")
         check_dataset_fits(cfg.model, train_set)
-        tf = transforms_for(cfg.data, cfg.model.img_size, train_set)
+        tf = transforms_for(cfg.data, cfg.model.img_size, train_set, stats)
+        if rank == 0 and stats is not None:
+            log.info("normalising with the starting weights' mean %s, std %s", tf.mean, tf.std)
         workers = cfg.data.loader_workers
         usable = usable_workers(len(train_set.shards), world_size, workers)
         if rank == 0 and workers > usable:
@@ -280,13 +299,13 @@ class Learner:
         data: RankData,
         *,
         prepare_model: Callable[[nn.Module], nn.Module],
-        resume: dict[str, Any] | None,
+        start: StartingWeights | None,
     ) -> Learner:
         device, train = data.device, cfg.train
         amp = autocast(resolve_precision(train.precision, device), device)
         model = build_model(cfg.model)
-        if train.init_from and resume is None:  # a restart continues from its checkpoint
-            for note in init_from(model, train.init_from):
+        if start is not None:
+            for note in load_backbone(model, start.weights):
                 if data.rank == 0:
                     log.info("train.init_from=%s: %s", train.init_from, note)
         # channels_last: NHWC images and convolution weights (the stems' convolutions run
@@ -443,13 +462,13 @@ def epoch_metrics(
 
 
 def epoch_checkpoint(
-    cfg: ExperimentConfig, learner: Learner, rank: int, epoch: int, metrics: dict[str, Any]
+    cfg: ExperimentConfig, learner: Learner, data: RankData, epoch: int, metrics: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The checkpoint state at the end of `epoch`, on rank 0 where one is due (every
     `train.checkpoint_every` epochs, and the last), else None."""
     every = cfg.train.checkpoint_every
     last = epoch + 1 == cfg.train.epochs
-    if rank != 0 or not every or not ((epoch + 1) % every == 0 or last):
+    if data.rank != 0 or not every or not ((epoch + 1) % every == 0 or last):
         return None
     return make_state(
         cfg,
@@ -458,6 +477,7 @@ def epoch_checkpoint(
         optimizer=learner.optimizer,
         scheduler=learner.scheduler,
         metrics=metrics,
+        normalisation=(data.tf.mean, data.tf.std),
     )
 
 
@@ -524,6 +544,7 @@ def _mid_epoch_checkpoint(
             optimizer=learner.optimizer,
             scheduler=learner.scheduler,
             metrics=metrics,
+            normalisation=(data.tf.mean, data.tf.std),
             position=data_position(
                 cfg, world_size=data.world_size, batches_done=batches_done, ranks=ranks
             ),
