@@ -240,7 +240,7 @@ def _check_the_study(services, text: str, tmp_path: Path, token: str, monkeypatc
     for child in children:
         assert child.info.status == "FINISHED", child.data.tags.get("cbtlab.error", "")
         # --grace-period EPOCHS: no trial is stopped early, each has every epoch, once (a trial
-        # restarted from a checkpoint reports that checkpoint's epoch again).
+        # restarted from a checkpoint reports every epoch the checkpoint finished again).
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/top1")]
         histories[child.info.run_name] = steps
         assert steps == list(range(1, EPOCHS + 1)), histories

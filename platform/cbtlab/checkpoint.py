@@ -48,10 +48,12 @@ def make_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     metrics: dict[str, float],
     normalisation: tuple[Sequence[float], Sequence[float]],
+    history: Sequence[Mapping[str, Any]] = (),
     position: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint after `epoch` finished epochs of images normalised with
-    `normalisation` (mean, std); `position` (from `data_position`) marks a mid-epoch one."""
+    `normalisation` (mean, std), whose metrics were `history` (one per finished epoch);
+    `position` (from `data_position`) marks a mid-epoch one."""
     return snapshot(
         {
             "format": FORMAT,
@@ -65,9 +67,20 @@ def make_state(
             # A loss scaler's state would go here; bf16 and fp32 need none (no fp16 offered).
             "scaler": None,
             "metrics": dict(metrics),
+            "history": [dict(m) for m in history],
             "position": position,
         }
     )
+
+
+def finished_epochs(state: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The metrics of every epoch a checkpoint's run finished, in order. A checkpoint made
+    before they were recorded gives its own epoch's (an epoch-end one) or none (mid-epoch)."""
+    if "history" in state:
+        return [dict(m) for m in state["history"]]
+    if state.get("position") or not state.get("metrics"):
+        return []
+    return [dict(state["metrics"])]
 
 
 def recorded_normalisation(state: Mapping[str, Any]) -> tuple[list[float], list[float]] | None:

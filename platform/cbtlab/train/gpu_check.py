@@ -499,8 +499,9 @@ def resume_check(
     run's epoch metrics and final (straight, resumed) `weights`: it reports the epochs after the
     first, and ends with the same weights, identical where `exact` (and then with the same
     metrics), else within a relative L2 difference of `rtol`. A run resumed in process first
-    reports the checkpoint's own epoch again (`cbtlab.train.loop.run_training`): that report is
-    the uninterrupted run's as saved, timings included (a run started over differs there)."""
+    reports the epochs its checkpoint finished again (`cbtlab.train.loop.run_training`): the
+    epoch-1 checkpoint's report is the uninterrupted run's as saved, timings included (a run
+    started over differs there)."""
     if resumed and straight and resumed[0] == straight[0]:
         resumed = resumed[1:]
     epochs, expected = [r.get("epoch") for r in resumed], [r.get("epoch") for r in straight[1:]]

@@ -17,7 +17,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from cbtlab.checkpoint import (
     check_compatible,
     check_position,
     data_position,
+    finished_epochs,
     load_state,
     make_state,
     mark_diverged,
@@ -148,17 +149,18 @@ def run_training(
     learner = Learner.build(cfg, data, prepare_model=prepare_model, start=start)
     first_epoch, position = learner.resume_from(resume, cfg, world_size)
     fail_at = fail_at if resume is None else None  # a restart goes on past the failure
-    if resume is not None and position is None and resume.get("metrics"):
-        # The epoch this checkpoint ended, reported again: its first report may have died
-        # with the run's driver (a lost node) after the checkpoint was written, and a run
-        # restarted from its last epoch would otherwise end without its final result. Tune's
-        # scheduler and the MLflow logger take an epoch they already hold once.
-        report(dict(resume["metrics"]), None)
+    # Every finished epoch reported again, as it was: a run goes on after its trial's driver
+    # is lost with a node (its workers elsewhere), so the checkpoint it restarts from may be
+    # several epochs past the last report that reached Tune. Tune's scheduler and the MLflow
+    # logger take an epoch they already hold once.
+    for finished in learner.history:
+        report(dict(finished), None)
     try:
         for epoch in range(first_epoch, cfg.train.epochs):
             meter, corrupt = train_epoch(cfg, learner, data, epoch, position, report, fail_at)
             position = None
             metrics = epoch_metrics(cfg, learner, data, epoch, meter, corrupt)
+            learner.history.append(metrics)
             report(metrics, epoch_checkpoint(cfg, learner, data, epoch, metrics))
     finally:  # however the run ends: the loader's workers stop with it
         data.close()
@@ -291,6 +293,8 @@ class Learner:
     amp: Callable[[], Any]
     memory_format: torch.memory_format
     probe_images: Tensor | None
+    # The metrics of every finished epoch (checkpoints carry them: see `run_training`).
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -344,6 +348,7 @@ class Learner:
         self.model.load_state_dict(resume["model"])
         self.optimizer.load_state_dict(resume["optimizer"])
         self.scheduler.load_state_dict(resume["scheduler"])
+        self.history = finished_epochs(resume)
         return resume["epochs_done"], resume.get("position")
 
 
@@ -478,6 +483,7 @@ def epoch_checkpoint(
         scheduler=learner.scheduler,
         metrics=metrics,
         normalisation=(data.tf.mean, data.tf.std),
+        history=learner.history,
     )
 
 
@@ -545,6 +551,7 @@ def _mid_epoch_checkpoint(
             scheduler=learner.scheduler,
             metrics=metrics,
             normalisation=(data.tf.mean, data.tf.std),
+            history=learner.history,
             position=data_position(
                 cfg, world_size=data.world_size, batches_done=batches_done, ranks=ranks
             ),

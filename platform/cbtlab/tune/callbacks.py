@@ -138,8 +138,9 @@ class MLflowTrialLogger(Callback):
             if k.startswith(TRIAL_METRIC_PREFIXES) and isinstance(v, (int, float))
         }
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        # A restarted trial first reports again the epoch of its checkpoint (that report may
-        # have died with the trial's driver): each epoch is logged and said once.
+        # A restarted trial first reports again every epoch its checkpoint finished (reports
+        # may have died with the trial's driver while its workers trained on): each epoch is
+        # logged and said once.
         again = epoch <= record.logged_through
         if not again:
             self.tracker.log_metrics(record.run_id, metrics, step=epoch)

@@ -347,7 +347,7 @@ def _rerun_tuner(
             storage_path=storage,
             callbacks=[logger, PlacementGroupSweeper()],
             # The epoch, not Tune's count of results: a restarted trial reports its
-            # checkpoint's epoch again.
+            # checkpoint's epochs again.
             stop={EPOCH_KEY: run.stop_at} if run.stop_at else None,
             verbose=0,
         ),
