@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +280,11 @@ def _optuna_searcher(spec: StudySpec, run_name: str, storage_url: str) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    # A restarted trial reports its finished epochs again (cbtlab.train.loop.run_training);
+    # Optuna keeps each step's first value, as it should, and would warn for every repeat.
+    warnings.filterwarnings(
+        "ignore", message="The reported value is ignored because this `step", category=UserWarning
+    )
     return OptunaSearch(
         space=ConditionalSpace(spec.space, spec.conditional) if spec.conditional else None,
         metric=spec.metric,
