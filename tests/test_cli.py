@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cbtlab.cli import main
+from cbtlab.cli import COMMANDS, main
 from cbtlab.config import ExperimentConfig
 
 
@@ -49,3 +49,40 @@ def test_where_names_every_place(capsys: pytest.CaptureFixture[str], tmp_path, m
     out = capsys.readouterr().out
     assert str(tmp_path) in out.splitlines()[0]
     assert [line.split()[0] for line in out.splitlines()] == ["home", "data", "MLflow", "Ray"]
+
+
+def test_help_lists_every_command_with_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for group, commands in COMMANDS.items():
+        for name, command in commands.items():
+            title = f"{group} {name}".strip()
+            assert f"  {title:<18}{command.summary}" in out, title
+            assert f"e.g. {command.example}" in out, title
+            assert command.example.startswith(f"cbtlab {title}"), (title, command.example)
+
+
+@pytest.mark.parametrize(
+    "words", [[group, *([name] if name else [])] for group in COMMANDS for name in COMMANDS[group]]
+)
+def test_every_command_answers_its_help(words: list[str], capsys) -> None:
+    # Each command's own parser, under its `cbtlab ...` name: the function is found and takes
+    # (argv, prog).
+    with pytest.raises(SystemExit) as stop:
+        main([*words, "--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: cbtlab {' '.join(words)} ")
+
+
+def test_a_mistyped_command_names_the_closest(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stdy"]) == 2
+    assert "'stdy' is not a command; did you mean 'study'?" in capsys.readouterr().err
+    assert main(["study", "reprodce"]) == 2
+    assert "did you mean 'reproduce'?" in capsys.readouterr().err
+    assert main(["study"]) == 2  # a group alone: its commands
+    assert "study rep-count" in capsys.readouterr().out
+
+
+def test_resume_without_a_study_says_what_it_expected(tmp_path, capsys) -> None:
+    assert main(["study", "resume", str(tmp_path)]) == 1
+    assert "expected cbtlab_study.json" in capsys.readouterr().err

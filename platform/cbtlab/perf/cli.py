@@ -72,9 +72,9 @@ def _setup(args: argparse.Namespace) -> None:
         raise SystemExit("error: --device cuda but no CUDA device is visible")
 
 
-def scaling_main(argv: Sequence[str] | None = None) -> int:
+def scaling_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="attention_scaling.py",
+        prog=prog,
         description="Forward+backward time and peak memory of every attention mechanism "
         "against the token count, side by side.",
     )
@@ -172,9 +172,9 @@ def _log(
     print(f"logged to MLflow {uri}, run {run_id}")
 
 
-def throughput_main(argv: Sequence[str] | None = None) -> int:
+def throughput_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="throughput.py",
+        prog=prog,
         description="Training and inference images/s of CBT, ViT, CRATE and ToST, side by side.",
     )
     parser.add_argument("--models", type=_names, default=list(MODELS))

@@ -12,13 +12,15 @@ breakdown (one process, one torch thread) names each loader's steps.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import io
 import math
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -409,3 +411,28 @@ def _shared_stack(images: list[torch.Tensor]) -> torch.Tensor:
     storage = torch.UntypedStorage._new_shared(len(images) * first.nbytes)
     out = torch.empty(0, dtype=first.dtype).set_(storage).view(len(images), *first.shape)
     return torch.stack(images, out=out)
+
+
+def bench_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """`cbtlab data bench`: flags from `BenchConfig`'s fields, then the bench's lines; the last
+    is `webdataset/imagefolder images/s ratio: X.XX`."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Benchmark our WebDataset loader against torchvision's ImageFolder on the "
+        "same JPEGs (an ImageNet-like tree made in a temporary folder, or under --root).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--root", type=Path, default=None, help="keep the data here")
+    for option in dataclasses.fields(BenchConfig):
+        parser.add_argument(
+            "--" + option.name.replace("_", "-"),
+            type=type(option.default),
+            default=option.default,
+            choices=CACHE_MODES if option.name == "cache" else None,
+            help=option.name,
+        )
+    args = parser.parse_args(argv)
+    cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
+    for line in run_bench(cfg, args.root).lines():
+        print(line, flush=True)
+    return 0

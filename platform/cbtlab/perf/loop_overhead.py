@@ -148,8 +148,9 @@ def measure_loop_overhead(
     )
 
 
-def loop_overhead_main(argv: Sequence[str] | None = None) -> int:
+def loop_overhead_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
+        prog=prog,
         description="Per-step cost of the platform's training loop over a bare PyTorch loop.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -251,6 +251,32 @@ def run_study_main(
     return 0 if result.failed < len(result.rows) else 1
 
 
+def resume_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """`cbtlab study resume FOLDER`: any study, from its results folder alone (the study's
+    own `--resume FOLDER` does the same)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Go on with a study whose driver stopped (killed, crashed, interrupted): "
+        "finished trials are kept, the others go on from their checkpoints, under the same "
+        "MLflow parent run. Everything but the Ray address comes from the folder.",
+    )
+    parser.add_argument(
+        "folder", help="the study's results folder, <storage path>/<name>-<run id> (printed as "
+        "it started; the parent run's tag cbtlab.study_path)"
+    )  # fmt: skip
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    parser.add_argument("--worker-logs", action="store_true", help="show training workers' logs")
+    args = parser.parse_args(argv)
+    try:
+        spec = spec_from_dict(read_study_state(args.folder).spec).validate()
+        result = resume_study(args.folder, ray_address=args.address, worker_logs=args.worker_logs)
+    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_study_result(result, spec)
+    return 0 if result.failed < len(result.rows) else 1
+
+
 def print_study_result(result: StudyResult, spec: StudySpec) -> None:
     """The trial table, a grid's statistics, the best trial and where MLflow keeps it all."""
     print()
