@@ -49,3 +49,16 @@ def test_where_names_every_place(capsys: pytest.CaptureFixture[str], tmp_path, m
     out = capsys.readouterr().out
     assert str(tmp_path) in out.splitlines()[0]
     assert [line.split()[0] for line in out.splitlines()] == ["home", "data", "MLflow", "Ray"]
+
+
+def test_train_refuses_a_nan_learning_rate_before_ray(capsys: pytest.CaptureFixture[str]) -> None:
+    """`cbtlab train --set train.lr=nan` stops at the config, naming the field: before, the
+    workers failed in the optimiser and Ray retried them for a minute, ending in a traceback."""
+    from cbtlab.train.cli import train_main
+
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--set", "train.lr=nan"], prog="cbtlab train")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "train.lr: must be a finite number, got nan" in err
+    assert "Traceback" not in err

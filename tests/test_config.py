@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
+
 import pytest
 
 from cbtlab.config import ConfigError, ExperimentConfig, parse_grid
@@ -71,6 +75,35 @@ def test_bad_values_name_the_field(override: dict, field: str, hint: str) -> Non
         ExperimentConfig().with_overrides(override)
     assert err.value.field_name == field
     assert hint in str(err.value)
+
+
+FLOAT_FIELDS = [
+    f"{section.name}.{name}"
+    for section in dataclasses.fields(ExperimentConfig)
+    for name, hint in typing.get_type_hints(
+        typing.get_type_hints(ExperimentConfig)[section.name]
+    ).items()
+    if hint is float
+]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "Infinity", math.nan, -math.inf])
+@pytest.mark.parametrize("key", FLOAT_FIELDS)
+def test_every_float_field_refuses_nan_and_infinity(key: str, value: object) -> None:
+    """NaN passes every range check (it compares false) and inf passes `> 0`: each float field
+    refuses both by name, whether set by flag (text), file or code (a float)."""
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig().with_overrides({key: value})
+    assert err.value.field_name == key
+    assert "must be a finite number" in str(err.value)
+
+
+def test_a_config_built_in_code_refuses_nan_when_validated() -> None:
+    from cbtlab.config import TrainConfig
+
+    assert "train.lr" in FLOAT_FIELDS and len(FLOAT_FIELDS) >= 15
+    with pytest.raises(ConfigError, match=r"train\.lr: must be a finite number, got nan"):
+        ExperimentConfig(train=TrainConfig(lr=math.nan)).validate()
 
 
 def test_parse_override_reads_json_values() -> None:
