@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -128,6 +130,27 @@ def test_config_files(tmp_path) -> None:
         load_config_file(tmp_path / "c.json")
     with pytest.raises(ConfigError, match="no such file"):
         load_config_file(tmp_path / "missing.toml")
+
+
+def test_toml_configs_read_without_tomllib(tmp_path) -> None:
+    """Python 3.10 has no tomllib: the config reader takes tomli there (a dependency on 3.10
+    only, and in the dev extra so that this runs on any Python)."""
+    (tmp_path / "a.toml").write_text('[model]\nrep_grid = "2x4"\n\n[train]\nlr = nan\n')
+    code = (
+        "import sys\n"
+        "sys.modules['tomllib'] = None  # as on Python 3.10: `import tomllib` fails\n"
+        "from cbtlab import config\n"
+        "print(config.tomllib.__name__)\n"
+        f"(path := {str(tmp_path / 'a.toml')!r})\n"
+        "try:\n"
+        "    config.load_config_file(path)\n"
+        "except config.ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == ["tomli", "train.lr: must be a finite number, got nan"]
 
 
 def test_train_command_refuses_a_bad_checkpoint_before_starting(tmp_path, capsys) -> None:

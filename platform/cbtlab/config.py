@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package (pyproject.toml)
+    import tomli as tomllib
+
 from cbtlab.attention import ATTENTION_REGISTRY
 from cbtlab.attention.common import window_grid
 from cbtlab.models.stems import STEMS
@@ -470,14 +475,12 @@ def load_config_file(path: str | Path) -> ExperimentConfig:
     text = path.read_text()
     try:
         if path.suffix == ".toml":
-            import tomllib
-
             data = tomllib.loads(text)
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
             raise ConfigError("--config", f"{path}: expected a .json or .toml file")
-    except (ValueError, ImportError) as exc:
+    except ValueError as exc:  # tomllib's and json's decode errors are ValueErrors
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError("--config", f"cannot parse {path}: {exc}") from exc
