@@ -108,6 +108,16 @@ def test_a_config_built_in_code_refuses_nan_when_validated() -> None:
         ExperimentConfig(train=TrainConfig(lr=math.nan)).validate()
 
 
+def test_a_config_error_pickles_as_itself() -> None:
+    """Raised in a Ray worker, it travels to the driver pickled (unpickling it used to fail,
+    which Ray took for a crashed worker and retried)."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ConfigError("train.lr", "must be a finite number")))
+    assert isinstance(error, ConfigError) and error.field_name == "train.lr"
+    assert str(error) == "train.lr: must be a finite number"
+
+
 def test_parse_override_reads_json_values() -> None:
     assert parse_override("train.lr=0.01") == ("train.lr", 0.01)
     assert parse_override("data.augment=true") == ("data.augment", True)
