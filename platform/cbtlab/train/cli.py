@@ -16,7 +16,7 @@ from cbtlab.overrides import add_override_argument, parse_override
 from cbtlab.paths import ray_results_home
 from cbtlab.train.finetune import init_from
 from cbtlab.train.loop import check_training_data
-from cbtlab.train.messages import Diverged
+from cbtlab.train.messages import DeterministicFailure, Diverged
 from cbtlab.train.trainer import build_trainer, fit
 
 
@@ -99,6 +99,9 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
         result = fit(trainer)
     except Diverged as exc:
         print(f"error: the run diverged: {exc}", file=sys.stderr)
+        return 1
+    except DeterministicFailure as exc:
+        print(f"error: the run failed: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result.metrics, indent=2, default=str))
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
