@@ -5,6 +5,8 @@ Sources: imagefolder (ImageNet's train/<wnid>/*.JPEG; val/ in class folders, or 
 image bytes are kept unless --resize / --jpeg-quality ask for re-encoding. Each shard is a Ray
 task; --local writes in this process instead. Run the same command again to resume: complete
 shards are kept, missing or partial ones rebuilt. Check the result with verify_shards.py.
+Every image is decoded: images that do not are all listed and the build stops (exit 1), or,
+with --skip-bad, they are left out and listed in the card (extra.skipped_images).
 
 On one machine (local Ray, or no Ray with --local):
     python data_pipelines/build_shards.py --source imagefolder --input /data/imagenet \\

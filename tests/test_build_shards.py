@@ -17,7 +17,13 @@ import torch
 from PIL import Image
 
 from cbtlab.data import eval_batches, read_split
-from cbtlab.data.build import BuildError, Encoding, build_shards, plan_shards
+from cbtlab.data.build import (
+    BuildError,
+    Encoding,
+    UndecodableImages,
+    build_shards,
+    plan_shards,
+)
 from cbtlab.data.cli import build_main, verify_main
 from cbtlab.data.progress import Progress
 from cbtlab.data.shards import content_hash
@@ -451,6 +457,60 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         build_main(["--source", "pets", "--input", str(tmp_path / "nowhere"), "--output", "x"])
     assert exit_info.value.code == 2
+
+
+def _spoil(data: Path) -> dict[str, str]:
+    """Three images of the folder made undecodable, in different shards and splits."""
+    truncated = data / "train" / "cat" / "cat_1.JPEG"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    (data / "train" / "fish" / "fish_4.JPEG").write_bytes(b"not an image at all")
+    (data / "val" / "dog" / "dog_0.JPEG").write_bytes(b"")
+    return {
+        "train/cat/cat_1.JPEG": "OSError: Truncated File Read",
+        "train/fish/fish_4.JPEG": "UnidentifiedImageError: cannot identify image file",
+        "val/dog/dog_0.JPEG": "UnidentifiedImageError: cannot identify image file",
+    }
+
+
+def test_undecodable_images_are_all_listed_and_stop_the_build(tmp_path: Path) -> None:
+    data = _imagefolder(tmp_path / "in")
+    bad = _spoil(data)
+    with pytest.raises(UndecodableImages) as stop:
+        _build(ImageFolderSource(data), tmp_path / "out")
+    assert [ref for ref, _ in stop.value.images] == sorted(bad)
+    for ref, reason in stop.value.images:
+        assert reason.startswith(bad[ref]), ref
+        assert f"  {ref}: {bad[ref]}" in str(stop.value)
+    assert "--skip-bad" in str(stop.value)
+    # No card (the dataset is not complete); the shards without a bad image are kept.
+    assert not (tmp_path / "out" / "card.json").exists()
+    written = _tars(tmp_path / "out")
+    assert 0 < len(written) < 6
+
+
+def test_skip_bad_leaves_them_out_and_lists_them_in_the_card(tmp_path: Path, capsys) -> None:
+    data = _imagefolder(tmp_path / "in")
+    bad = _spoil(data)
+    flags = ["--source", "imagefolder", "--input", str(data), "--output", str(tmp_path / "out")]
+    flags += ["--samples-per-shard", "4", "--local", "--quiet"]
+    assert build_main(flags) == 1
+    err = capsys.readouterr().err
+    assert all(f"  {ref}: {reason}" in err for ref, reason in bad.items())
+    assert "Traceback" not in err
+
+    assert build_main([*flags, "--skip-bad"]) == 0
+    assert "left out 3 images that do not decode" in capsys.readouterr().out
+    card = json.loads((tmp_path / "out" / "card.json").read_text())
+    skipped = card["extra"]["skipped_images"]
+    assert [s["file"] for s in skipped] == sorted(bad)
+    assert all(s["error"].startswith(bad[s["file"]]) for s in skipped)
+    assert card["num_samples"] == {"train": 13, "val": 5}
+    keys = set(pq.read_table(tmp_path / "out" / "manifest.parquet").column("key").to_pylist())
+    assert len(keys) == 18 and not {"train_cat_cat_1", "train_fish_fish_4"} & keys
+    assert verify_shards(tmp_path / "out").ok
+    # A build that does not skip them does not take the shards that left them out.
+    with pytest.raises(UndecodableImages):
+        _build(ImageFolderSource(data), tmp_path / "out")
 
 
 @pytest.mark.ray

@@ -86,3 +86,14 @@ def test_a_mistyped_command_names_the_closest(capsys: pytest.CaptureFixture[str]
 def test_resume_without_a_study_says_what_it_expected(tmp_path, capsys) -> None:
     assert main(["study", "resume", str(tmp_path)]) == 1
     assert "expected cbtlab_study.json" in capsys.readouterr().err
+
+
+def test_train_refuses_a_nan_learning_rate_before_ray(capsys: pytest.CaptureFixture[str]) -> None:
+    """`cbtlab train --set train.lr=nan` stops at the config, naming the field: before, the
+    workers failed in the optimiser and Ray retried them for a minute, ending in a traceback."""
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--set", "train.lr=nan"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "train.lr: must be a finite number, got nan" in err
+    assert "Traceback" not in err

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import subprocess
+import sys
+import typing
+
 import pytest
 
 from cbtlab.config import ConfigError, ExperimentConfig, parse_grid
@@ -73,6 +79,45 @@ def test_bad_values_name_the_field(override: dict, field: str, hint: str) -> Non
     assert hint in str(err.value)
 
 
+FLOAT_FIELDS = [
+    f"{section.name}.{name}"
+    for section in dataclasses.fields(ExperimentConfig)
+    for name, hint in typing.get_type_hints(
+        typing.get_type_hints(ExperimentConfig)[section.name]
+    ).items()
+    if hint is float
+]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "Infinity", math.nan, -math.inf])
+@pytest.mark.parametrize("key", FLOAT_FIELDS)
+def test_every_float_field_refuses_nan_and_infinity(key: str, value: object) -> None:
+    """NaN passes every range check (it compares false) and inf passes `> 0`: each float field
+    refuses both by name, whether set by flag (text), file or code (a float)."""
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig().with_overrides({key: value})
+    assert err.value.field_name == key
+    assert "must be a finite number" in str(err.value)
+
+
+def test_a_config_built_in_code_refuses_nan_when_validated() -> None:
+    from cbtlab.config import TrainConfig
+
+    assert "train.lr" in FLOAT_FIELDS and len(FLOAT_FIELDS) >= 15
+    with pytest.raises(ConfigError, match=r"train\.lr: must be a finite number, got nan"):
+        ExperimentConfig(train=TrainConfig(lr=math.nan)).validate()
+
+
+def test_a_config_error_pickles_as_itself() -> None:
+    """Raised in a Ray worker, it travels to the driver pickled (unpickling it used to fail,
+    which Ray took for a crashed worker and retried)."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ConfigError("train.lr", "must be a finite number")))
+    assert isinstance(error, ConfigError) and error.field_name == "train.lr"
+    assert str(error) == "train.lr: must be a finite number"
+
+
 def test_parse_override_reads_json_values() -> None:
     assert parse_override("train.lr=0.01") == ("train.lr", 0.01)
     assert parse_override("data.augment=true") == ("data.augment", True)
@@ -95,6 +140,27 @@ def test_config_files(tmp_path) -> None:
         load_config_file(tmp_path / "c.json")
     with pytest.raises(ConfigError, match="no such file"):
         load_config_file(tmp_path / "missing.toml")
+
+
+def test_toml_configs_read_without_tomllib(tmp_path) -> None:
+    """Python 3.10 has no tomllib: the config reader takes tomli there (a dependency on 3.10
+    only, and in the dev extra so that this runs on any Python)."""
+    (tmp_path / "a.toml").write_text('[model]\nrep_grid = "2x4"\n\n[train]\nlr = nan\n')
+    code = (
+        "import sys\n"
+        "sys.modules['tomllib'] = None  # as on Python 3.10: `import tomllib` fails\n"
+        "from cbtlab import config\n"
+        "print(config.tomllib.__name__)\n"
+        f"(path := {str(tmp_path / 'a.toml')!r})\n"
+        "try:\n"
+        "    config.load_config_file(path)\n"
+        "except config.ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == ["tomli", "train.lr: must be a finite number, got nan"]
 
 
 def test_train_command_refuses_a_bad_checkpoint_before_starting(tmp_path, capsys) -> None:

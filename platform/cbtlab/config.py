@@ -11,10 +11,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package (pyproject.toml)
+    import tomli as tomllib
 
 from cbtlab.attention import ATTENTION_REGISTRY
 from cbtlab.attention.common import window_grid
@@ -90,6 +96,15 @@ def _choice(field_name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
         raise ConfigError(field_name, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
+def _finite_floats(section: str, values: Any) -> None:
+    """Refuse NaN and +/-infinity in every float field of a config section: they pass every
+    range check (NaN compares false, inf is positive) and would fail only inside the workers."""
+    for name, hint in typing.get_type_hints(type(values)).items():
+        value = getattr(values, name)
+        if hint is float and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{name}", f"must be a finite number, got {value!r}")
+
+
 def _positive(field_name: str, value: float, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
@@ -135,6 +150,7 @@ class ModelConfig:
     drop_rate: float = 0.0
 
     def validate(self) -> None:
+        _finite_floats("model", self)
         for name in self.attention.split(","):
             _choice("model.attention", name.strip(), sorted(ATTENTION_REGISTRY))
         try:
@@ -245,6 +261,7 @@ class DataConfig:
     jpeg_draft: bool = True
 
     def validate(self) -> None:
+        _finite_floats("data", self)
         _choice("data.dataset", self.dataset, ("digits", "shards"))
         if self.dataset == "shards" and not self.root:
             raise ConfigError("data.root", 'set the shard folder or URL for data.dataset="shards"')
@@ -341,6 +358,7 @@ class TrainConfig:
     max_failures: int = 2
 
     def validate(self) -> None:
+        _finite_floats("train", self)
         _positive("train.epochs", self.epochs)
         _choice("train.optimizer", self.optimizer, ("adamw", "sgd", "lion"))
         _positive("train.lr", self.lr)
@@ -457,14 +475,12 @@ def load_config_file(path: str | Path) -> ExperimentConfig:
     text = path.read_text()
     try:
         if path.suffix == ".toml":
-            import tomllib
-
             data = tomllib.loads(text)
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
             raise ConfigError("--config", f"{path}: expected a .json or .toml file")
-    except (ValueError, ImportError) as exc:
+    except ValueError as exc:  # tomllib's and json's decode errors are ValueErrors
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError("--config", f"cannot parse {path}: {exc}") from exc

@@ -12,7 +12,12 @@ class ConfigError(ValueError):
 
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
-        self.field_name = field_name
+        self.field_name, self.message = field_name, message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with its two arguments: raised in a Ray worker, it reaches the driver as
+        # itself (the default pickling passes one argument, and unpickling it failed).
+        return (type(self), (self.field_name, self.message))
 
 
 def add_override_argument(parser: Any) -> None:

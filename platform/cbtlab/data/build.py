@@ -23,6 +23,10 @@ The build runs in four steps:
 
 Images are stored as the source gives them (original JPEG bytes, PNG for CIFAR) unless an
 `Encoding` asks to downscale (shorter side to `resize`) or re-encode as JPEG (`jpeg_quality`).
+Every image is decoded whole as its shard is written (`decode_error`): a shard holding images
+that do not decode is not committed, every shard is still checked, and the build stops with
+`UndecodableImages`, which lists them all; with `skip_bad` they are left out instead, and the
+card lists them (`extra.skipped_images`).
 """
 
 from __future__ import annotations
@@ -72,6 +76,36 @@ TRAIN_SPLIT = "train"
 
 class BuildError(RuntimeError):
     """A shard could not be written; shards finished before it are kept for a resume."""
+
+
+class UndecodableImages(BuildError):
+    """Images of the source do not decode; `images` holds (file, reason) for every one."""
+
+    def __init__(self, root: str, images: list[tuple[str, str]]) -> None:
+        listing = "\n".join(f"  {ref}: {reason}" for ref, reason in images)
+        super().__init__(
+            f"{len(images)} images in {root} do not decode:\n{listing}\nremove or replace them, "
+            "or leave them out with --skip-bad (the card lists them as extra.skipped_images)"
+        )
+        self.root, self.images = root, images
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.root, self.images))
+
+
+# What PIL raises on bytes it cannot decode as an image: UnidentifiedImageError and "image
+# file is truncated" are OSErrors; some broken PNG chunks raise SyntaxError.
+UNDECODABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def decode_error(image: bytes) -> str | None:
+    """Why `image` does not decode (every pixel is decoded), or None when it does."""
+    try:
+        with Image.open(io.BytesIO(image)) as img:
+            img.load()
+    except UNDECODABLE as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -237,6 +271,9 @@ class ShardResult:
     # and the sum of squares, then the pixel count.
     pixel_sums: list[float] = field(default_factory=lambda: [0.0] * 7)
     stats_images: int = 0
+    # [file, reason] of each image that did not decode: left out (skip_bad), or, when not
+    # skipped, the shard was not written.
+    undecodable: list[list[str]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -259,6 +296,42 @@ def _pixel_sums(image: bytes, where: str) -> np.ndarray:
     return np.concatenate([pixels.sum(0), (pixels**2).sum(0), [len(pixels)]])
 
 
+def _write_records(
+    source: Source,
+    plan: ShardPlan,
+    writer: Any,
+    *,
+    encoding: Encoding,
+    image_ext: str,
+    skip_bad: bool,
+    on_sample: Callable[[], None] | None,
+) -> tuple[list[dict[str, Any]], np.ndarray, int, list[list[str]]]:
+    """Decode and write the plan's records: its manifest rows, pixel sums, statistics images
+    and undecodable images. Once an image fails and `skip_bad` is off, the rest are only
+    decoded (the shard will not be committed), so that every failing image is found."""
+    rows: list[dict[str, Any]] = []
+    sums, stats_images, bad = np.zeros(7), 0, []
+    for i, record in enumerate(plan.records):
+        where = f"{record.ref} in {source.root}"
+        raw = source.read(record)
+        reason = decode_error(raw)
+        if reason is not None:
+            bad.append([record.ref, reason])
+        if reason is None and (skip_bad or not bad):
+            image = encoding.apply(raw, record.ext, where=where)
+            sample = Sample(record.key, image, image_ext, record.label)
+            write_sample(writer, sample)
+            row = manifest_row(sample, plan.split, plan.name)
+            class_name = source.class_names[record.label]
+            rows.append({"key": row["key"], "label": row["label"], "class_name": class_name} | row)
+            if i < plan.stats_count:
+                sums += _pixel_sums(image, where)
+                stats_images += 1
+        if on_sample is not None:
+            on_sample()
+    return rows, sums, stats_images, bad
+
+
 def write_shard(
     source: Source,
     plan: ShardPlan,
@@ -266,35 +339,33 @@ def write_shard(
     *,
     encoding: Encoding,
     image_ext: str,
+    skip_bad: bool = False,
     on_sample: Callable[[], None] | None = None,
 ) -> ShardResult:
-    """Write one planned shard atomically to `location`, then its build record."""
+    """Write one planned shard atomically to `location`, then its build record. Images that
+    do not decode are left out with `skip_bad`; without it, the shard is neither committed nor
+    recorded, and its result lists them (`undecodable`)."""
     storage = open_storage(location)
     storage.clean_temp(plan.name)
     temp = storage.temp_path(plan.name)
-    rows: list[dict[str, Any]] = []
-    sums = np.zeros(7)
     try:
         with open(temp, "wb") as f:
             writer = open_tar_writer(f)
             try:
-                for i, record in enumerate(plan.records):
-                    where = f"{record.ref} in {source.root}"
-                    image = encoding.apply(source.read(record), record.ext, where=where)
-                    sample = Sample(record.key, image, image_ext, record.label)
-                    write_sample(writer, sample)
-                    row = manifest_row(sample, plan.split, plan.name)
-                    class_name = source.class_names[record.label]
-                    rows.append(
-                        {"key": row["key"], "label": row["label"], "class_name": class_name} | row
-                    )
-                    if i < plan.stats_count:
-                        sums += _pixel_sums(image, where)
-                    if on_sample is not None:
-                        on_sample()
+                rows, sums, stats_images, bad = _write_records(
+                    source,
+                    plan,
+                    writer,
+                    encoding=encoding,
+                    image_ext=image_ext,
+                    skip_bad=skip_bad,
+                    on_sample=on_sample,
+                )
             finally:  # also on errors: a tar stream left open fails when collected
                 writer.close()
         num_bytes = temp.stat().st_size
+        if bad and not skip_bad:
+            return ShardResult(plan.name, plan.split, "", 0, 0, [], undecodable=bad)
         storage.commit(temp, plan.name)
     finally:
         temp.unlink(missing_ok=True)
@@ -302,11 +373,12 @@ def write_shard(
         name=plan.name,
         split=plan.split,
         digest=plan.digest(encoding, image_ext),
-        num_samples=plan.num_samples,
+        num_samples=len(rows),
         num_bytes=num_bytes,
         rows=rows,
         pixel_sums=sums.tolist(),
-        stats_images=plan.stats_count,
+        stats_images=stats_images,
+        undecodable=bad,
     )
     storage.write_bytes(record_name(plan.name), result.to_json().encode())
     return result
@@ -353,13 +425,15 @@ def _resume(
     encoding: Encoding,
     image_ext: str,
     keep: Callable[[ShardResult], None],
+    skip_bad: bool = False,
 ) -> list[ShardPlan]:
     """The shards still to write, in plan order; the result of each complete one goes to `keep`
-    as it is read (so only one shard's manifest rows are held as Python objects at a time)."""
+    as it is read (so only one shard's manifest rows are held as Python objects at a time).
+    A shard that left out undecodable images is complete only for a build that skips them."""
     todo: list[ShardPlan] = []
     for plan in plans:
         result = _finished(storage, plan, plan.digest(encoding, image_ext))
-        if result is None:
+        if result is None or (result.undecodable and not skip_bad):
             todo.append(plan)
         else:
             keep(result)
@@ -384,8 +458,12 @@ def build_shards(
     address: str | None = None,
     cpus_per_task: float = 0.5,
     progress: bool = True,
+    skip_bad: bool = False,
 ) -> BuildResult:
-    """Build (or finish building) the shards, manifest and card of `source` at `output`."""
+    """Build (or finish building) the shards, manifest and card of `source` at `output`.
+
+    Raises `UndecodableImages` listing every image that does not decode, after writing the
+    shards without any; `skip_bad` leaves those images out and lists them in the card."""
     encoding = encoding or Encoding()
     records = source.records()
     image_ext = _image_ext(records, encoding)
@@ -408,25 +486,24 @@ def build_shards(
         result.rows = []
         done[result.name] = result
 
-    todo = _resume(storage, plans, encoding, image_ext, keep)
+    todo = _resume(storage, plans, encoding, image_ext, keep, skip_bad)
     skipped = [p.name for p in plans if p.name in done]
     if skipped:
         log.info("resuming: %d of %d shards are complete", len(skipped), len(plans))
     meter = _progress(plans, (done[n] for n in skipped)) if progress else None
     run = _run_local if local else _run_ray
-    for result in run(
+    results = run(
         source,
         todo,
         storage.location,
         encoding=encoding,
         image_ext=image_ext,
+        skip_bad=skip_bad,
         meter=meter,
         address=address,
         cpus_per_task=cpus_per_task,
-    ):
-        keep(result)
-    if meter is not None:
-        meter.close()
+    )
+    _keep_decodable(source, results, keep, skip_bad, meter)
 
     ordered = [done[p.name] for p in plans]
     card = _describe(
@@ -439,12 +516,45 @@ def build_shards(
         seed=seed,
         samples_per_shard=samples_per_shard,
         max_shard_bytes=max_shard_bytes,
+        **({"skipped_images": _skipped(ordered)} if skip_bad else {}),
     )
     _warn_stale(storage, plans)
     counts: dict[str, int] = {}
     for r in ordered:
         counts[r.split] = counts.get(r.split, 0) + r.num_samples
     return BuildResult(storage.location, [p.name for p in todo], skipped, counts, card)
+
+
+def _keep_decodable(
+    source: Source,
+    results: Iterable[ShardResult],
+    keep: Callable[[ShardResult], None],
+    skip_bad: bool,
+    meter: Progress | None,
+) -> None:
+    """`keep` each written shard; then raise UndecodableImages listing every image that did
+    not decode in the shards that were not written for it (all of them, not just the first).
+    The progress line ends either way."""
+    undecodable: list[tuple[str, str]] = []
+    try:
+        for result in results:
+            if result.undecodable and not skip_bad:
+                undecodable += [(ref, reason) for ref, reason in result.undecodable]
+            else:
+                keep(result)
+    finally:
+        if meter is not None:
+            meter.close()
+    if undecodable:
+        raise UndecodableImages(str(source.root), sorted(undecodable))
+
+
+def _skipped(results: list[ShardResult]) -> list[dict[str, str]]:
+    """The card's `extra.skipped_images`: each image left out, with why it did not decode."""
+    return [
+        {"file": ref, "error": reason}
+        for ref, reason in sorted(item for r in results for item in r.undecodable)
+    ]
 
 
 def _run_local(
@@ -454,6 +564,7 @@ def _run_local(
     *,
     encoding: Encoding,
     image_ext: str,
+    skip_bad: bool,
     meter: Progress | None,
     **_: Any,
 ) -> Iterator[ShardResult]:
@@ -466,6 +577,7 @@ def _run_local(
                 location,
                 encoding=encoding,
                 image_ext=image_ext,
+                skip_bad=skip_bad,
                 on_sample=on_sample,
             )
         except SourceError:
@@ -482,6 +594,7 @@ def _run_ray(
     *,
     encoding: Encoding,
     image_ext: str,
+    skip_bad: bool,
     meter: Progress | None,
     address: str | None,
     cpus_per_task: float,
@@ -507,7 +620,12 @@ def _run_ray(
             plan = next(queue, None)
             if plan is not None:
                 ref = task.remote(
-                    source_ref, plan, location, encoding=encoding, image_ext=image_ext
+                    source_ref,
+                    plan,
+                    location,
+                    encoding=encoding,
+                    image_ext=image_ext,
+                    skip_bad=skip_bad,
                 )
                 pending[ref] = plan
 

@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from cbtlab.data.build import BuildError, Encoding, build_shards
+from cbtlab.data.build import BuildError, Encoding, UndecodableImages, build_shards
 from cbtlab.data.remote import explain
 from cbtlab.data.sources import SOURCES, SourceError, open_source
 from cbtlab.data.verify import verify_shards
@@ -55,6 +55,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     where.add_argument("--address", default=None, help="Ray cluster address (else $RAY_ADDRESS)")
     where.add_argument("--local", action="store_true", help="write in this process, no Ray")
     parser.add_argument("--cpus-per-task", type=float, default=0.5, help="Ray CPUs per shard")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out the images that do not decode, listing them in the card "
+        "(extra.skipped_images); without it, the build lists them all and stops",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser
 
@@ -77,9 +83,13 @@ def build_main(argv: Sequence[str] | None = None, *, prog: str | None = None) ->
             address=args.address,
             cpus_per_task=args.cpus_per_task,
             progress=not args.quiet,
+            skip_bad=args.skip_bad,
         )
     except (SourceError, ValueError, ImportError) as exc:
         parser.error(str(exc))
+    except UndecodableImages as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 1
     except BuildError as exc:
         print(
             f"{parser.prog}: {exc}\nfinished shards are kept: run the same command to resume",
@@ -97,6 +107,12 @@ def build_main(argv: Sequence[str] | None = None, *, prog: str | None = None) ->
         f"{result.location}: {len(result.written)} shards written, {len(result.skipped)} "
         f"already complete; {counts} samples, {result.card['num_classes']} classes"
     )
+    skipped = result.card["extra"].get("skipped_images", [])
+    if skipped:
+        print(
+            f"left out {len(skipped)} images that do not decode (the card's "
+            f"extra.skipped_images): {', '.join(item['file'] for item in skipped)}"
+        )
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -16,7 +17,18 @@ from cbtlab.overrides import add_override_argument, parse_override
 from cbtlab.paths import ray_results_home
 from cbtlab.train.finetune import init_from
 from cbtlab.train.loop import check_training_data
-from cbtlab.train.messages import Diverged
+from cbtlab.train.messages import DeterministicFailure, Diverged
+from cbtlab.train.runs import (
+    FAILED,
+    FINISHED,
+    RUNNING,
+    RunChoice,
+    RunRecord,
+    choose_run,
+    continue_note,
+    end_run,
+    write_run,
+)
 from cbtlab.train.trainer import build_trainer, fit
 
 
@@ -36,7 +48,7 @@ def gpu_note(cfg: ExperimentConfig, cluster: dict[str, float]) -> str:
     return note
 
 
-def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+def _parser(prog: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Train one model with Ray Train (DDP) and report its final metrics.",
@@ -53,10 +65,28 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
         help="1: a GPU per worker (NCCL); 0: CPU only (gloo), even where the cluster has GPUs; "
         "default: train.use_gpu, whose 'auto' takes a GPU per worker where the cluster has one",
     )
-    parser.add_argument("--resume", default=None, help="a checkpoint directory to start from")
-    parser.add_argument("--name", default="train", help="the run's name under --storage-path")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CHECKPOINT",
+        help="a checkpoint directory for a new run to start from; alone (no CHECKPOINT): "
+        "continue the unfinished run started last (or the one --name names)",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="the run's name under --storage-path: a new run, or an unfinished one to continue "
+        "(a finished one is refused); default: a new train-YYYYmmdd-HHMMSS-xxxxxx",
+    )
     parser.add_argument("--storage-path", default=None, help="Ray results folder or URI")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    return parser
+
+
+def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     try:
         cfg = load_config_file(args.config) if args.config else ExperimentConfig()
@@ -66,6 +96,8 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
         if args.gpus_per_worker is not None:
             overrides["train.use_gpu"] = bool(args.gpus_per_worker)
         cfg = cfg.with_overrides(overrides)
+        storage_path = args.storage_path or str(ray_results_home())
+        choice = _choose_run(args, storage_path)
         if args.resume and "://" not in args.resume:  # a local checkpoint: check it here
             state = load_state(Path(args.resume))
             check_compatible(state, cfg)
@@ -89,17 +121,49 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     cluster = ray.cluster_resources()
     cfg = resolve_use_gpu(cfg, cluster)
     print(f"train: {gpu_note(cfg, cluster)}", flush=True)
+    record = _record_start(choice, cfg, storage_path, args.resume or None)
     trainer = build_trainer(
-        cfg,
-        name=args.name,
-        storage_path=args.storage_path or str(ray_results_home()),
-        resume_from=args.resume,
+        cfg, name=choice.name, storage_path=storage_path, resume_from=record.resume_from
     )
     try:
         result = fit(trainer)
-    except Diverged as exc:
-        print(f"error: the run diverged: {exc}", file=sys.stderr)
+    except (Diverged, DeterministicFailure) as exc:
+        end_run(record, FAILED, str(exc))
+        what = "diverged" if isinstance(exc, Diverged) else "failed"
+        print(f"error: the run {what}: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        end_run(record, FAILED, str(exc).strip().partition("\n")[0])
+        raise
+    end_run(record, FINISHED)
     print(json.dumps(result.metrics, indent=2, default=str))
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     return 0
+
+
+def _choose_run(args: argparse.Namespace, storage_path: str) -> RunChoice:
+    """The run to start (`cbtlab.train.runs.choose_run`) from --name and --resume; a
+    checkpoint to start from goes with a new run only."""
+    choice = choose_run(storage_path, args.name, resume_latest=args.resume == "")
+    if choice.continues and args.resume:
+        raise ValueError(
+            f"the run {choice.name!r} is unfinished and would continue from its own checkpoint, "
+            "not from --resume CHECKPOINT: choose another --name for a new run from it"
+        )
+    return choice
+
+
+def _record_start(
+    choice: RunChoice, cfg: ExperimentConfig, storage_path: str, resume_from: str | None
+) -> RunRecord:
+    """Say which run starts (a continued one with the config fields that changed), and write
+    its record (`cbtlab_run.json`) in its folder."""
+    flat = cfg.flat()
+    if choice.previous is not None:
+        print(f"train: {continue_note(choice, flat)}", flush=True)
+        record = dataclasses.replace(choice.previous, config=flat, status=RUNNING, error="")
+    else:
+        print(f"train: a new run {choice.name} under {storage_path}", flush=True)
+        record = RunRecord(choice.name, storage_path, flat, resume_from)
+    write_run(record)
+    return record

@@ -1,7 +1,9 @@
 """What the workers tell the driver through their reported metrics: a divergence (`Diverged`,
 whose metrics carry DIVERGED_KEY and the worst values DIVERGED_WORST) and a mid-epoch
 checkpoint (metrics carrying MID_EPOCH_KEY). The worker loop writes them; the trainer's `fit`
-and the driver's callbacks read them."""
+and the driver's callbacks read them. And what the driver makes of a worker's error: a bad
+value (`DeterministicFailure`), which no restart would cure, or a crash, which Ray Train
+retries."""
 
 from __future__ import annotations
 
@@ -40,3 +42,43 @@ class Diverged(FloatingPointError):
         if not metrics or not metrics.get(DIVERGED_KEY):
             return None
         return cls(int(metrics["diverged/epoch"]), int(metrics["diverged/step"]))
+
+
+# Errors that code raises on a bad value: a restart from a checkpoint runs the same code on the
+# same config and data and raises them again. Anything else (a killed worker, a lost node, a
+# collective torn down with it, an OSError) may pass on a restart.
+DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    LookupError,
+    AttributeError,
+    NotImplementedError,
+)
+
+
+class DeterministicFailure(RuntimeError):
+    """A training worker raised one of DETERMINISTIC_ERRORS: the run fails at once, without
+    Ray Train's restarts (`cbtlab.train.retries`), and says which rank raised what."""
+
+    def __init__(self, rank: int, error_type: str, message: str) -> None:
+        first_line = message.strip().splitlines()[0] if message.strip() else ""
+        super().__init__(
+            f"rank {rank} raised {error_type}: {first_line} (a bad value, raised again by any "
+            "restart: not retried)"
+        )
+        self.rank, self.error_type, self.message = rank, error_type, message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.rank, self.error_type, self.message))
+
+    @classmethod
+    def from_worker_errors(cls, errors: dict[int, BaseException]) -> DeterministicFailure | None:
+        """The lowest rank's deterministic error among the workers' errors, or None (a crash).
+
+        Ray Train hands a worker's own exception over wrapped (its UserExceptionWithTraceback
+        keeps it as `_base_exc`); a dead worker's error is Ray's own, never one of these."""
+        for rank in sorted(errors):
+            error = getattr(errors[rank], "_base_exc", errors[rank])
+            if isinstance(error, DETERMINISTIC_ERRORS):
+                return cls(rank, type(error).__name__, str(error))
+        return None

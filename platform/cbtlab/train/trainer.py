@@ -9,7 +9,7 @@ from cbtlab.cluster import resolve_use_gpu
 from cbtlab.config import AUTO, ExperimentConfig
 from cbtlab.train.faults import FailAt
 from cbtlab.train.loop import check_training_data, train_loop_per_worker
-from cbtlab.train.messages import Diverged
+from cbtlab.train.messages import DeterministicFailure, Diverged
 
 
 def build_trainer(
@@ -23,8 +23,9 @@ def build_trainer(
 ) -> Any:
     """A TorchTrainer running `cfg` on `cfg.train.num_workers` DDP workers (gloo on CPU).
 
-    Workers report a checkpoint every `train.checkpoint_every` epochs; after a worker failure
-    the run restarts from the latest one (up to `train.max_failures` times). `resume_from` is a
+    Workers report a checkpoint every `train.checkpoint_every` epochs; after a worker crash
+    the run restarts from the latest one (up to `train.max_failures` times); a bad value
+    raised in a worker (`DeterministicFailure`) fails the run at once. `resume_from` is a
     checkpoint directory (or URI) to start from; `fail_at` a test's injected failure
     (`cbtlab.train.faults`). Data that cannot train on these workers (see
     `check_training_data`) raises ValueError here, not in every worker at every restart.
@@ -35,6 +36,8 @@ def build_trainer(
     # Ray here, not at the top: `cbtlab.train` imports on a bare machine without Ray.
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from cbtlab.train.retries import StopOnDeterministicError  # imports Ray
 
     if cfg.train.use_gpu == AUTO:
         import ray
@@ -61,7 +64,7 @@ def build_trainer(
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            callbacks=list(callbacks),
+            callbacks=[StopOnDeterministicError(), *callbacks],
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
@@ -73,8 +76,15 @@ def build_trainer(
 
 
 def fit(trainer: Any) -> Any:
-    """Run `trainer.fit()`; raise `Diverged` if the workers stopped on a non-finite loss."""
-    result = trainer.fit()
+    """Run `trainer.fit()`; raise `Diverged` if the workers stopped on a non-finite loss, and
+    `DeterministicFailure` if one raised a bad value."""
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray Train's ControllerError carries the callback's failure
+        failure = getattr(exc, "controller_failure", None)
+        if isinstance(failure, DeterministicFailure):
+            raise failure from None
+        raise
     diverged = Diverged.from_metrics(result.metrics)
     if diverged is not None:
         raise diverged
