@@ -155,6 +155,8 @@ def test_a_diverging_trial_fails_at_once_with_the_reason(ray_session: None, tmp_
     assert child.info.status == "FAILED"
     error = child.data.tags["cbtlab.error"]
     assert "non-finite training loss at epoch 0, step 1" in error
+    # Not run again (each restart would fail the same way, on the checkpoint it marked).
+    assert "marks a diverged run" not in error, error
 
 
 def test_a_restarted_trial_logs_each_epoch_once(tmp_path: Path) -> None:

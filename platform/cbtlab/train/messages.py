@@ -27,6 +27,9 @@ class Diverged(FloatingPointError):
         super().__init__(f"non-finite training loss at epoch {epoch}, step {step}")
         self.epoch, self.step = epoch, step
 
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in a trial, unpickled in the study driver
+        return (type(self), (self.epoch, self.step))
+
     def as_metrics(self) -> dict[str, float]:
         # The worst values of the usual metrics go along: Tune's searcher and scheduler need
         # the study metric in every result, and the trial is failed right after.

@@ -32,6 +32,10 @@ from cbtlab.tracking.schema import (
 from cbtlab.train.messages import MID_EPOCH_KEY, Diverged
 from cbtlab.tune.stats import cell_label
 
+# A trial's last result before it raises a bad value's error (`Diverged`,
+# `DeterministicFailure`): every restart would fail the same way, so Tune must not run it again.
+NO_RETRY_KEY = "cbtlab/no_retry"
+
 
 class EpochReportCallback(TuneReportCallback):
     """Ray Train -> Tune, one result per epoch: the mid-epoch checkpoints' reports
@@ -44,6 +48,18 @@ class EpochReportCallback(TuneReportCallback):
         if metrics and metrics[0].get(MID_EPOCH_KEY):
             return
         super().after_report(run_context, metrics, checkpoint)
+
+
+class NoRetry(Callback):
+    """Trials that failed on a bad value (they said so with `NO_RETRY_KEY`) are not run again:
+    Tune's FailureConfig retries any failure up to max_failures, and has no per-error choice;
+    the trial's own limit is read when its error arrives, after this result."""
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        if result.get(NO_RETRY_KEY):
+            trial.max_failures = 0
 
 
 class MLflowTrialLogger(Callback):
@@ -126,8 +142,8 @@ class MLflowTrialLogger(Callback):
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         record = self.records[trial.trial_id]
-        if record.ended is not None:  # a finished trial that Tune restored as unfinished
-            return
+        if record.ended is not None or result.get(NO_RETRY_KEY):
+            return  # a finished trial that Tune restored as unfinished; a failing trial's note
         diverged = Diverged.from_metrics(result)
         if diverged is not None:
             self._say(f"[{trial}] diverged: {diverged}")

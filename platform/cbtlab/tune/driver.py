@@ -18,12 +18,21 @@ from cbtlab.tracking.schema import (
     STUDY_TAG,
 )
 from cbtlab.train import build_trainer, fit
-from cbtlab.tune.callbacks import EpochReportCallback
+from cbtlab.train.messages import DeterministicFailure, Diverged
+from cbtlab.tune.callbacks import NO_RETRY_KEY, EpochReportCallback
 from cbtlab.tune.spec import TRIAL_DRIVER_CPUS
 
 
-def _run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_path: str) -> None:
-    """A Tune trial: build the trial's config and fit a TorchTrainer on it."""
+def _run_trial(
+    params: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    storage_path: str,
+    failed_result: dict[str, float] | None = None,
+) -> None:
+    """A Tune trial: build the trial's config and fit a TorchTrainer on it. `failed_result`
+    goes with the note that a failing trial must not run again (Tune wants the study's metric
+    in every result: its worst value)."""
     from ray import tune
 
     cfg = ExperimentConfig.from_dict(base).with_overrides(params)
@@ -33,7 +42,13 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_path: st
         storage_path=storage_path,
         callbacks=[EpochReportCallback()],
     )
-    fit(trainer)
+    try:
+        fit(trainer)
+    except (Diverged, DeterministicFailure):
+        # A bad value fails every restart the same way: the study's driver is told not to run
+        # this trial again (`NoRetry`) before the error reaches it.
+        tune.report({**(failed_result or {}), NO_RETRY_KEY: 1.0})
+        raise
     _hand_over_last_report()
 
 
@@ -67,16 +82,20 @@ def _hand_over_last_report(timeout_s: float = HANDOVER_TIMEOUT_S) -> None:
 
 
 def trial_trainable(
-    base: ExperimentConfig, storage_path: str, driver_cpus: float = TRIAL_DRIVER_CPUS
+    base: ExperimentConfig,
+    storage_path: str,
+    driver_cpus: float = TRIAL_DRIVER_CPUS,
+    failed_result: dict[str, float] | None = None,
 ) -> Any:
     """The Tune trainable of a study's trials: `_run_trial` bound to the trials' base config and
-    the storage of their Train runs, holding `driver_cpus` CPUs for each trial's driver."""
+    the storage of their Train runs, holding `driver_cpus` CPUs for each trial's driver;
+    `failed_result` as `_run_trial` takes it."""
     from ray import tune
 
-    return tune.with_resources(
-        tune.with_parameters(_run_trial, base=base.to_dict(), storage_path=storage_path),
-        {"cpu": driver_cpus},
+    trial = tune.with_parameters(
+        _run_trial, base=base.to_dict(), storage_path=storage_path, failed_result=failed_result
     )
+    return tune.with_resources(trial, {"cpu": driver_cpus})
 
 
 def dataset_hash(data: DataConfig) -> str:

@@ -38,7 +38,7 @@ from cbtlab.tracking.schema import (
     config_from_params,
     run_params,
 )
-from cbtlab.tune.callbacks import MLflowTrialLogger
+from cbtlab.tune.callbacks import MLflowTrialLogger, NoRetry
 from cbtlab.tune.driver import dataset_hash, run_tags, trial_trainable
 from cbtlab.tune.orphans import PlacementGroupSweeper
 from cbtlab.tune.resources import trials_that_fit
@@ -345,7 +345,7 @@ def _rerun_tuner(
         run_config=tune.RunConfig(
             name=f"reproduce-{run.run_id[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage,
-            callbacks=[logger, PlacementGroupSweeper()],
+            callbacks=[NoRetry(), logger, PlacementGroupSweeper()],
             # The epoch, not Tune's count of results: a restarted trial reports its
             # checkpoint's epochs again.
             stop={EPOCH_KEY: run.stop_at} if run.stop_at else None,

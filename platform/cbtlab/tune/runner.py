@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import tempfile
 import warnings
@@ -52,10 +53,11 @@ from cbtlab.tracking.schema import (
     TRIALS_TAG,
 )
 from cbtlab.tune.budget import Answer, common_budget, study_answer, with_budget_values
-from cbtlab.tune.callbacks import MLflowTrialLogger
+from cbtlab.tune.callbacks import MLflowTrialLogger, NoRetry
 from cbtlab.tune.driver import dataset_hash, run_tags, trial_trainable
 from cbtlab.tune.importance import study_importances
 from cbtlab.tune.orphans import PlacementGroupSweeper
+from cbtlab.tune.progress import StudyProgress
 from cbtlab.tune.resources import ResourcePlan, plan_resources
 from cbtlab.tune.scheduler import StudyScheduler
 from cbtlab.tune.spec import (
@@ -229,7 +231,7 @@ def _fit_new_study(
             reduction_factor=spec.reduction_factor,
         )
     tuner = tune.Tuner(
-        trial_trainable(base, spec.storage_path, spec.trial_driver_cpus),
+        trial_trainable(base, spec.storage_path, spec.trial_driver_cpus, worst_result(spec)),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=spec.metric,
@@ -244,7 +246,12 @@ def _fit_new_study(
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=spec.storage_path,
-            callbacks=[logger, PlacementGroupSweeper()],
+            callbacks=[
+                NoRetry(),
+                logger,
+                StudyProgress(num_samples, spec.metric, spec.mode),
+                PlacementGroupSweeper(),
+            ],
             verbose=0,
             # A trial whose driver died (its node lost) runs again; its Train run goes on
             # from its latest checkpoint (Ray Train restarts lost workers by itself).
@@ -342,10 +349,17 @@ def resume_study(
     )
 
     def fit() -> None:
-        trainable = trial_trainable(base, spec.storage_path, spec.trial_driver_cpus)
+        trainable = trial_trainable(
+            base, spec.storage_path, spec.trial_driver_cpus, worst_result(spec)
+        )
         tune.Tuner.restore(folder, trainable=trainable, resume_errored=True).fit()
 
     return _drive(fit, spec, tracker, logger, state.parent_run_id, state.run_name, reload=True)
+
+
+def worst_result(spec: StudySpec) -> dict[str, float]:
+    """The study's metric at its worst value, as a failing trial's last result carries it."""
+    return {spec.metric: -math.inf if spec.mode == "max" else math.inf}
 
 
 def _unredacted(url: str) -> str:
