@@ -266,16 +266,36 @@ def find_parent(client: MlflowClient, study: str | None, parent_run_id: str | No
         found = client.search_runs([named.experiment_id], query, order_by=order, max_results=1)
         if found:
             return found[0]
+    ids = every_experiment_id(client)
+    found = client.search_runs(ids, query, order_by=order, max_results=1) if ids else []
+    if not found:
+        raise LookupError(f"no study run named {study!r} at {client.tracking_uri}")
+    return found[0]
+
+
+def every_experiment_id(client: MlflowClient) -> list[str]:
+    """The ids of every experiment in the store, page by page (a tracking server caps a page)."""
     ids, token = [], None
-    while True:  # every experiment, page by page (a tracking server caps a page)
+    while True:
         page = client.search_experiments(max_results=1000, page_token=token)
         ids += [e.experiment_id for e in page]
         token = page.token
         if not token:
-            break
+            return ids
+
+
+def find_search_parent(client: MlflowClient, study: str | None = None) -> Run:
+    """The parent run of the latest Optuna search (`study.searcher` = optuna-tpe) of the study
+    `study`, or of any study when None: the run whose params name its Optuna storage."""
+    query = f"tags.`{ROLE_TAG}` = '{ROLE_STUDY}' and params.`{SEARCHER_PARAM}` = 'optuna-tpe'"
+    if study:
+        query += f" and tags.`{STUDY_TAG}` = '{study}'"
+    ids = every_experiment_id(client)
+    order = ["attributes.start_time DESC"]
     found = client.search_runs(ids, query, order_by=order, max_results=1) if ids else []
     if not found:
-        raise LookupError(f"no study run named {study!r} at {client.tracking_uri}")
+        named = f" named {study!r}" if study else ""
+        raise LookupError(f"no Optuna search{named} at {client.tracking_uri}")
     return found[0]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from cbtlab.cluster import connect_ray, node_resources
 from cbtlab.config import ExperimentConfig
-from cbtlab.paths import redact_url
+from cbtlab.paths import redact_url, unredact_url
 from cbtlab.tables import format_table
 from cbtlab.tracking import StudyTracker, provenance_differences
 from cbtlab.tracking.schema import (
@@ -310,7 +310,7 @@ def resume_study(
     # Tune resumes from where the folder is now; the trials' Train runs are its neighbours.
     spec.storage_path = folder.rpartition("/")[0]
     spec.tracking_uri = state.tracking_uri
-    spec.optuna_storage = "" if spec.grid else _unredacted(state.optuna_storage)
+    spec.optuna_storage = "" if spec.grid else unredact_url(state.optuna_storage)
     spec.validate()
     _check_stores(spec)
     base = ExperimentConfig.from_dict(state.trial_base)
@@ -340,12 +340,6 @@ def resume_study(
         tune.Tuner.restore(folder, trainable=trainable, resume_errored=True).fit()
 
     return _drive(fit, spec, tracker, logger, state.parent_run_id, state.run_name, reload=True)
-
-
-def _unredacted(url: str) -> str:
-    """A stored URL whose password was hidden, without it (its client reads the environment:
-    PGPASSWORD)."""
-    return url.replace(":***@", "@")
 
 
 def _drive(
