@@ -50,6 +50,13 @@ RESUMED_TAG = f"{TAG_PREFIX}resumed"  # how many times a study was resumed
 TRIALS_TAG = f"{TAG_PREFIX}trials"  # a study's trial count, set as it ends
 FAILED_TAG = f"{TAG_PREFIX}failed"  # a study's failed trial count, set as it ends
 BEST_CELL_TAG = f"{TAG_PREFIX}best_cell"  # a study's answer: its best cell at the budget
+# The registered MLflow model of a study's best trial (cbtlab.tune.best_model), on its parent
+# run: models:/<study>/<version>; the model version's tags name the trial run, the checkpoint
+# and the epoch it was saved after.
+BEST_MODEL_TAG = f"{TAG_PREFIX}best_model"
+MODEL_TRIAL_RUN_TAG = f"{TAG_PREFIX}trial_run"
+MODEL_CHECKPOINT_TAG = CHECKPOINT_TAG
+MODEL_EPOCH_TAG = f"{TAG_PREFIX}checkpoint_epoch"
 PROBED_RUN_TAG = f"{TAG_PREFIX}probed_run"  # a probe run's probed trial run
 REPRODUCES_TAG = f"{TAG_PREFIX}reproduces"  # a re-run's original run
 REPRODUCED_TAG = f"{TAG_PREFIX}reproduced"  # an exact re-run's verdict

@@ -50,6 +50,7 @@ from cbtlab.tracking.schema import (
     STUDY_PATH_TAG,
     TRIALS_TAG,
 )
+from cbtlab.tune.best_model import best_trial_row, log_best_model
 from cbtlab.tune.budget import Answer, common_budget, study_answer, with_budget_values
 from cbtlab.tune.callbacks import MLflowTrialLogger
 from cbtlab.tune.driver import dataset_hash, run_tags, trial_trainable
@@ -94,6 +95,9 @@ class StudyResult:
     stats_path: str = ""
     # A conditional search's parameter importances at the budget (cbtlab.tune.importance).
     importances_text: str = ""
+    # The best trial's registered MLflow model (models:/<study>/<version>), or why there is none.
+    best_model: str = ""
+    best_model_note: str = ""
 
 
 def run_study(spec: StudySpec) -> StudyResult:
@@ -370,6 +374,8 @@ def _drive(
         if rows and failed == len(rows):
             status = "FAILED"
         result = _summarise(rows, failed, spec, tracker, parent_run_id, run_name)
+        if status == "FINISHED":
+            _register_best_model(result, spec)
         tracker.set_tags(parent_run_id, {TRIALS_TAG: str(len(rows)), FAILED_TAG: str(failed)})
         tracker.end_run(parent_run_id, status)
     return result
@@ -418,6 +424,32 @@ def _summarise(
 
 def _say(text: str) -> None:
     print(text, file=sys.stdout, flush=True)
+
+
+def _register_best_model(result: StudyResult, spec: StudySpec) -> None:
+    """Log the answer's trial as an MLflow model on the parent run, registered under the
+    study's name (`cbtlab.tune.best_model`); a failure is reported, never raised."""
+    row = best_trial_row(result.answer, result.rows, list(spec.space), spec.mode)
+    if row is None:
+        result.best_model_note = "no best model: no trial was compared at the budget"
+        return
+    try:
+        best = log_best_model(
+            spec.tracking_uri,
+            result.parent_run_id,
+            row["run_id"],
+            name=spec.name,
+            storage_path=spec.storage_path,
+        )
+    except Exception as exc:  # no checkpoint (train.checkpoint_every=0), a store refusing
+        result.best_model_note = f"no best model registered: {type(exc).__name__}: {exc}"
+        log.warning(result.best_model_note)
+        return
+    result.best_model = best.uri
+    _say(
+        f"study {spec.name}: the best trial's model ({row['trial']}, checkpoint of epoch "
+        f"{best.epoch}) is registered as {best.uri}"
+    )
 
 
 def study_statistics(rows: list[dict[str, Any]], spec: StudySpec) -> Any:
