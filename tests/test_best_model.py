@@ -1,7 +1,8 @@
 """A study's best trial as a registered MLflow model (`cbtlab.tune.best_model`): logged with a
 signature and an input example, registered under the study's name in a SQLite store and on a
 tracking server, and loaded back (`mlflow.pytorch`, `mlflow.pyfunc`) with the checkpoint's own
-logits; and a finished grid study registers its best cell's best seed."""
+logits; and a finished grid study registers its best cell's best seed (its trial runs with
+MLflow's system metrics)."""
 
 from __future__ import annotations
 
@@ -148,5 +149,7 @@ def test_a_finished_grid_registers_its_best_cells_best_seed(
     }  # fmt: skip
     assert at_budget[best.info.run_id] == max(at_budget.values())
     assert version.tags[MODEL_EPOCH_TAG] == str(budget)
+    # The trial runs carry MLflow's system metrics, sampled while they were open.
+    assert "system/cpu_utilization_percentage" in best.data.metrics
     cfg = config_from_params(best.data.params)
     _check_reloads(uri, model_uri, version.tags[MODEL_CHECKPOINT_TAG], cfg)

@@ -454,11 +454,16 @@ def _draw_search(report: StudyReport, rows: list[dict[str, Any]]) -> None:
         + ("; with one parameter its importance is 1 by definition" if len(params) == 1 else ""),
     )
     if len(params) > 1:
+        try:
+            path = fig.parallel_coordinate(
+                study, target_name=target, path=out / "parallel_coordinate.png"
+            )
+        except (ValueError, RuntimeError) as exc:
+            report.notes.append(f"no parallel coordinates: Optuna could not draw them: {exc}")
+            return
         report.add(
             "parallel_coordinate.png",
-            fig.parallel_coordinate(
-                study, target_name=target, path=out / "parallel_coordinate.png"
-            ),
+            path,
             f"every complete trial of {source} as a line through its parameters to its {target}",
         )
 
