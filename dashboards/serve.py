@@ -3,7 +3,8 @@
     python dashboards/serve.py                        # http://127.0.0.1:5000, the default store
     python dashboards/serve.py --port 0               # any free port (printed)
     python dashboards/serve.py --tracking-uri sqlite:////data/mlflow.db --host 0.0.0.0
-    python dashboards/serve.py --optuna --optuna-storage sqlite:///optuna.db
+    python dashboards/serve.py --optuna               # + optuna-dashboard on the latest search
+    python dashboards/serve.py --optuna --study rep_count_ablation   # that study's latest search
 The store is MLFLOW_TRACKING_URI, else <CBTLAB_HOME>/mlflow.db (see `cbtlab where`); a study's
 report (python dashboards/study_report.py) is under report/ on its parent run's Artifacts tab.
 """

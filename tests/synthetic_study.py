@@ -3,8 +3,11 @@ Tune driver's `MLflowTrialLogger` fed with stand-in trials, `summary_rows` and t
 `_summarise`: the table, the answer at the budget, a grid's `stats.parquet`) produce the parent
 run, the nested trial runs with their per-epoch metrics, tags and end-of-trial metrics, and the
 parent's artifacts, exactly as `cbtlab.tune.runner.run_study` does; only the metric values are
-made up. `legacy=True` writes a search as the driver did before studies compared their trials
-at one budget (no `study.stats` param, no answer). Probe runs are written
+made up. A search keeps its Optuna study as the runner does: Ray Tune's `OptunaSearch` (the
+runner's `_optuna_searcher`, its storage `optuna.db` in the study's results folder, named in the
+parent's params) suggests each trial and is told its results. `legacy=True` writes a search as
+the driver did before studies compared their trials at one budget (no `study.stats` param, no
+answer, no Optuna storage). Probe runs are written
 as `cbtlab.analysis.interpretability.probe_run` writes them (role, nesting, rc/layer_XX and
 probes/attention_layer_XX.png)."""
 
@@ -18,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from cbtlab.config import ExperimentConfig
+from cbtlab.paths import redact_url
 from cbtlab.tables import format_table
 from cbtlab.tracking import StudyTracker
-from cbtlab.tune.runner import _summarise, summary_rows
+from cbtlab.tune.runner import _optuna_searcher, _summarise, summary_rows
 from cbtlab.tune.spec import StudySpec, grid_trials
+from cbtlab.tune.state import optuna_storage_url
 from cbtlab.tune.stats import cell_label
 
 TINY = {"model.depth": 2, "model.embed_dim": 24, "train.epochs": 3}
@@ -144,10 +149,13 @@ def write_study(
     )
     if spec.grid:
         tracker.log_text(parent, json.dumps(spec.cells), "cells.json")
+    searcher = None if spec.grid or legacy else _searcher(spec, tracker, parent, points)
     written = []
     for i, point in enumerate(points):
         outcome = outcomes.get(i, Outcome())
         trial = FakeTrial(f"{i:05d}abc", dict(point))
+        if searcher is not None:
+            assert searcher.suggest(trial.trial_id) == point
         logger.on_trial_start(0, [], trial)
         cell = {k: v for k, v in point.items() if k != "train.seed"}
         seed = point.get("train.seed", 0)
@@ -176,8 +184,14 @@ def write_study(
                 for layer in range(base.model.depth):
                     result[f"rc/layer_{layer:02d}"] = 10.0 - layer - 0.1 * epoch
             logger.on_trial_result(0, [], trial, result)
+            if searcher is not None and spec.metric in result:
+                searcher.on_trial_result(trial.trial_id, result)
             if epoch == outcome.restarted_after:  # from its checkpoint: that epoch again
                 logger.on_trial_result(0, [], trial, dict(result))
+        if searcher is not None and outcome.running_after is None:  # as Tune tells it
+            failed = outcome.fail_after is not None
+            last = None if failed or outcome.drop_metric else result
+            searcher.on_trial_complete(trial.trial_id, result=last, error=failed)
         if outcome.fail_after is not None:
             error = tmp / f"error_{i}.txt"
             error.write_text("Traceback ...\nRuntimeError: synthetic failure")
@@ -202,6 +216,23 @@ def write_study(
     if probes:
         study.probe_run_ids = write_probes(tracker, tmp, study, depth=base.model.depth)
     return study
+
+
+def _searcher(spec: StudySpec, tracker: StudyTracker, parent: str, points: list) -> Any:
+    """The search's Optuna searcher as the runner makes it (its study in `optuna.db` in the
+    results folder, named in the parent's params), set to suggest `points` in order."""
+    from ray import tune
+
+    run_name = f"{spec.name}-{parent[:8]}"
+    storage = optuna_storage_url(spec, run_name)
+    tracker.log_params(
+        parent, {"study.optuna_storage": redact_url(storage), "study.optuna_study": run_name}
+    )
+    spec.initial_points = [dict(p) for p in points]
+    searcher = _optuna_searcher(spec, run_name, storage)
+    space = {key: tune.choice(values) for key, values in spec.space.items()}
+    searcher.set_search_properties(spec.metric, spec.mode, space)
+    return searcher
 
 
 def _search_points(spec: StudySpec) -> list[dict[str, Any]]:

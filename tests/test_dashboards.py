@@ -24,7 +24,8 @@ from cbtlab.dashboards.report import (
     report_main,
 )
 from cbtlab.dashboards.runs import TABLE_COLUMNS, study_notes, trial_rows
-from cbtlab.dashboards.serve import artifact_root, mlflow_command, serve_main
+from cbtlab.dashboards.search import complete_values
+from cbtlab.dashboards.serve import artifact_root, mlflow_command, optuna_storage, serve_main
 from cbtlab.tables import format_table
 from cbtlab.tracking.schema import load_study, study_from_mlflow
 from cbtlab.tune.budget import common_budget, with_budget_values
@@ -56,6 +57,33 @@ def assert_report_files(report, client: MlflowClient) -> None:
     page = report.html_path.read_text()
     assert page.count("data:image/png;base64,") == len(report.figures)
     assert "<h2>Notes</h2>" in page and "http" not in page.split("<body>")[1].split("<h2>")[0]
+
+
+OPTUNA_PLOTS = {
+    "optimisation_history.png": "plot_optimization_history",
+    "param_importances.png": "plot_param_importances",
+    "parallel_coordinate.png": "plot_parallel_coordinate",
+}
+
+
+def spy_on_optuna_plots(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """Optuna's plot functions, each recording the studies it drew."""
+    import optuna.visualization.matplotlib as plots
+
+    drawn: dict[str, list] = {}
+
+    def spy_on(name: str) -> None:
+        real = getattr(plots, name)
+
+        def spy(study, *args, **kwargs):
+            drawn.setdefault(name, []).append(study)
+            return real(study, *args, **kwargs)
+
+        monkeypatch.setattr(plots, name, spy)
+
+    for name in OPTUNA_PLOTS.values():
+        spy_on(name)
+    return drawn
 
 
 def check_table_against_runs(report, client: MlflowClient, metric: str = "val/top1") -> None:
@@ -103,7 +131,10 @@ def check_table_against_runs(report, client: MlflowClient, metric: str = "val/to
     assert all(len(v) == 1 for v in flops.values())
 
 
-def test_grid_report_matches_the_runs_and_lands_on_the_parent_run(tmp_path: Path) -> None:
+def test_grid_report_matches_the_runs_and_lands_on_the_parent_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drawn = spy_on_optuna_plots(monkeypatch)
     study = write_study(
         tmp_path,
         space={"model.attention": ["cbsa", "softmax", "mssa"]},
@@ -138,6 +169,14 @@ def test_grid_report_matches_the_runs_and_lands_on_the_parent_run(tmp_path: Path
     by_attention = {r["attention"]: r["flops"] for r in rows.values()}
     assert by_attention["softmax"] > by_attention["cbsa"]
     assert report.notes == []  # nothing missing: every trial finished, 2 seeds per cell
+    # A grid has no Optuna study: Optuna drew one rebuilt from the runs, valued as the table.
+    [history] = drawn["plot_optimization_history"]
+    assert complete_values(history) == [r["value"] for r in report.table.to_pylist()]
+    assert drawn["plot_param_importances"] == [history]
+    assert (
+        "rebuilt in memory from the MLflow trial runs"
+        in report.captions["optimisation_history.png"]
+    )
 
 
 def test_partial_data_is_reported_not_fatal(tmp_path: Path) -> None:
@@ -297,6 +336,53 @@ def test_search_report_has_one_figure_per_factor_and_optuna_importances(tmp_path
     assert_report_files(report, MlflowClient(study.uri))
 
 
+def test_search_figures_are_optunas_own_plots_of_the_stored_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search's figures are Optuna's plots of the study its searcher stored, valued at the
+    budget (epoch 1: ASHA stopped two trials there and at 2), as the table is; a storage that
+    cannot be read is said, and a study rebuilt from the runs drawn instead."""
+    import optuna
+
+    study = write_study(
+        tmp_path,
+        name="search",
+        space={"model.rep_grid": ["1x1", "2x2", "4x4"], "model.depth": [1, 2]},
+        grid=False,
+        seeds=1,
+        outcomes={1: Outcome(stopped_after=1), 2: Outcome(stopped_after=2)},
+        probes=False,
+    )
+    params = MlflowClient(study.uri).get_run(study.parent_run_id).data.params
+    storage, name = params["study.optuna_storage"], params["study.optuna_study"]
+    stored = optuna.load_study(study_name=name, storage=storage)
+    drawn = spy_on_optuna_plots(monkeypatch)
+    report = build_report(study.uri, "search", out_dir=tmp_path / "r")
+    values = [r["value"] for r in report.table.to_pylist()]  # in start order: Optuna's order
+    for figure, plot in OPTUNA_PLOTS.items():
+        assert_valid_png(report.figures[figure])
+        [seen] = drawn[plot]
+        assert seen.study_name == name
+        assert [(t.number, t.params) for t in seen.trials] == [
+            (t.number, t.params) for t in stored.trials
+        ]
+        assert complete_values(seen) == values
+        assert f"stored Optuna study {name!r}" in report.captions[figure]
+    assert [t.value for t in stored.trials] != values  # Optuna stored each trial's last value
+    assert_report_files(report, MlflowClient(study.uri))
+    # Served by optuna-dashboard: the storage of that study's latest search, or the store's.
+    assert optuna_storage(None, "search", study.uri) == (storage, name)
+    assert optuna_storage(None, None, study.uri) == (storage, name)
+    assert optuna_storage("sqlite:///x.db", "search", study.uri) == ("sqlite:///x.db", None)
+
+    Path(storage.removeprefix("sqlite:///")).unlink()
+    drawn.clear()
+    again = build_report(study.uri, "search", out_dir=tmp_path / "r2", log=False)
+    assert any(f"Optuna study {name!r}" in n and "cannot be read" in n for n in again.notes)
+    [seen] = drawn["plot_optimization_history"]
+    assert seen.study_name != name and complete_values(seen) == values
+
+
 def test_a_search_logged_before_the_budget_keeps_its_best_and_says_so(tmp_path: Path) -> None:
     """No study.stats on the parent (the driver before budgets): each finished trial's best
     over its own epochs, and a note that those budgets may differ."""
@@ -359,7 +445,9 @@ def test_pareto_front_and_level_order() -> None:
     assert level_order(["cbsa", "mssa", "cbsa"]) == (["cbsa", "mssa"], False)
 
 
-def test_serve_uses_the_stores_artifact_folder(capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_uses_the_stores_artifact_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     command = mlflow_command("sqlite:////data/x/mlflow.db", "127.0.0.1", 5001)
     assert command[command.index("--default-artifact-root") + 1] == "file:///data/x/mlartifacts"
     assert artifact_root("http://server:5000") is None
@@ -370,6 +458,9 @@ def test_serve_uses_the_stores_artifact_folder(capsys: pytest.CaptureFixture[str
     )  # fmt: skip
     out = capsys.readouterr().out
     assert code == 1 and "is a tracking server" in out and "no Optuna storage" in out
+    # No search in the store: said, with the flag to give.
+    with pytest.raises(LookupError, match="no Optuna search named 'grid'"):
+        optuna_storage(None, "grid", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 @pytest.mark.ray

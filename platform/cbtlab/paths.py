@@ -31,6 +31,12 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{cbtlab_home() / 'mlflow.db'}"
 
 
+def unredact_url(url: str) -> str:
+    """A URL whose password `redact_url` hid, without it: its client then reads the password
+    from the environment (PostgreSQL's PGPASSWORD, say)."""
+    return url.replace(":***@", "@")
+
+
 def redact_url(url: str) -> str:
     """A database URL with its password hidden (as it may be logged or written to disk)."""
     if "://" not in url:

@@ -1,16 +1,21 @@
 """The report's figures, drawn with matplotlib (Agg) from the trial rows and cell summaries of
-`cbtlab.dashboards.runs`. Each function writes one PNG and returns its path; a cell keeps its
-colour in every figure (`cell_colours`)."""
+`cbtlab.dashboards.runs`, and the search's figures drawn by Optuna's own
+`optuna.visualization.matplotlib` from an Optuna study (`cbtlab.dashboards.search`). Each
+function writes one PNG and returns its path; a cell keeps its colour in every figure
+(`cell_colours`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.ticker import EngFormatter, MaxNLocator
+from optuna.exceptions import ExperimentalWarning
 
 from cbtlab.dashboards.runs import CellSummary
 
@@ -387,62 +392,66 @@ def image_grid(
     return _save(fig, path)
 
 
-def optimisation_history(
-    points: Sequence[tuple[int, float | None, str]],
-    *,
-    metric: str,
-    value_kind: str,
-    mode: str,
-    path: Path,
-) -> Path:
-    """Each trial's value in trial order (failed trials as crosses on the axis) and the best
-    so far, as Optuna's optimisation-history plot draws it."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    done = [(n, v) for n, v, state in points if state == "COMPLETE" and v is not None]
-    ax.scatter(
-        [n for n, _ in done],
-        [v for _, v in done],
-        color="tab:blue",
-        s=22,
-        label=f"{value_kind} {metric}",
-        zorder=3,
-    )
-    best, line = None, []
-    for n, v in done:
-        better = best is None or (v > best if mode == "max" else v < best)
-        best = v if better else best
-        line.append((n, best))
-    if line:
-        ax.step(
-            [n for n, _ in line],
-            [b for _, b in line],
-            where="post",
-            color="tab:red",
-            label="best so far",
+def _optuna_axes(ax: Any) -> Any:
+    """The figure of the axes an Optuna plot returned, sized for the page."""
+    fig = ax.figure
+    fig.set_size_inches(7.5, 4.6)
+    ax.title.set_fontsize(10)
+    return fig
+
+
+def optuna_figures() -> Any:
+    """`optuna.visualization.matplotlib` (the Agg backend set first)."""
+    import optuna.visualization.matplotlib as plots
+
+    _plt()
+    return plots
+
+
+@contextlib.contextmanager
+def optuna_style() -> Iterator[None]:
+    """Optuna's plots set matplotlib's style for the whole process (ggplot): kept to them; and
+    no warnings that they are experimental."""
+    with _plt().rc_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        yield
+
+
+def optimisation_history(study: Any, *, target_name: str, path: Path) -> Path:
+    """Optuna's optimisation-history plot of `study`: each complete trial's value by trial
+    number and the best so far."""
+    with optuna_style():
+        ax = optuna_figures().plot_optimization_history(study, target_name=target_name)
+        return _save(_optuna_axes(ax), path)
+
+
+def param_importances(
+    study: Any, *, params: Sequence[str], target_name: str, path: Path
+) -> tuple[Path, list[str]]:
+    """Optuna's parameter-importance plot of `params` over the complete trials (fANOVA, seed
+    0), and the warnings Optuna gave (too few trials, ...)."""
+    from optuna.importance import FanovaImportanceEvaluator
+
+    with optuna_style(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ax = optuna_figures().plot_param_importances(
+            study,
+            evaluator=FanovaImportanceEvaluator(seed=0),
+            params=list(params),
+            target_name=target_name,
         )
-    failed = [n for n, _, state in points if state == "FAIL"]
-    if failed:
-        bottom = min((v for _, v in done), default=0.0)
-        ax.scatter(failed, [bottom] * len(failed), marker="x", color="grey", label="failed")
-    ax.set_xlabel("trial (in start order)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"{value_kind} {metric}")
-    ax.set_title("optimisation history")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+        path = _save(_optuna_axes(ax), path)
+    said = [
+        str(w.message)
+        for w in caught
+        if not issubclass(w.category, (ExperimentalWarning, DeprecationWarning))
+    ]
+    return path, list(dict.fromkeys(said))
 
 
-def importances(values: Mapping[str, float], *, evaluator: str, path: Path) -> Path:
-    """Horizontal bars: each searched parameter's importance (they sum to 1)."""
-    plt = _plt()
-    items = sorted(values.items(), key=lambda kv: kv[1])
-    fig, ax = plt.subplots(figsize=(6.5, 0.5 * len(items) + 1.6))
-    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
-    for y, (_, v) in enumerate(items):
-        ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
-    ax.set_xlim(0, 1.1)
-    ax.set_xlabel("importance")
-    ax.set_title(f"parameter importances ({evaluator})", fontsize=10)
-    return _save(fig, path)
+def parallel_coordinate(study: Any, *, target_name: str, path: Path) -> Path:
+    """Optuna's parallel-coordinate plot: every complete trial as a line through its
+    parameters' values to its value."""
+    with optuna_style():
+        ax = optuna_figures().plot_parallel_coordinate(study, target_name=target_name)
+        return _save(_optuna_axes(ax), path)

@@ -17,8 +17,12 @@ Files (those whose data is missing are skipped, and the notes say why):
   rc_layers.png                 rc/layer_XX per cell (probe runs, else the trials' own)
   learning_curves.png           the metric and train/loss per epoch, a line per trial
   attention_maps.png            the probe runs' attention_layer_XX.png, a row per cell
-  optimisation_history.png      the values in trial order and the best so far (Optuna's view)
-  param_importances.png         Optuna's fANOVA importances of the searched parameters
+  optimisation_history.png      Optuna's plot of the values by trial and the best so far
+  param_importances.png         Optuna's plot of the searched parameters' fANOVA importances
+  parallel_coordinate.png       Optuna's parallel-coordinate plot (two or more parameters)
+The last three are drawn by `optuna.visualization.matplotlib` from the search's stored Optuna
+study (its values at the budget), or for a grid from one rebuilt from the runs
+(`cbtlab.dashboards.search`).
   study_report.html             all of the above embedded (base64), the notes, the tables
 """
 
@@ -55,8 +59,16 @@ from cbtlab.dashboards.runs import (
     trial_rows,
     trial_table,
 )
-from cbtlab.dashboards.search import EVALUATOR, history_points, param_importances, rebuild_study
-from cbtlab.paths import cbtlab_home, default_tracking_uri
+from cbtlab.dashboards.search import (
+    EVALUATOR,
+    at_budget,
+    complete_values,
+    importance_params,
+    rebuild_study,
+    storage_of,
+    stored_study,
+)
+from cbtlab.paths import cbtlab_home, default_tracking_uri, redact_url
 from cbtlab.tracking.schema import ANSWER_TEXT, GIT_COMMIT_TAG, StudyRuns, load_study
 
 REPORT_DIR = "report"
@@ -380,40 +392,80 @@ def _draw_attention(report: StudyReport, rows: list[dict[str, Any]], client: Mlf
         )
 
 
-def _draw_search(report: StudyReport, rows: list[dict[str, Any]]) -> None:
-    """Optuna's view of the runs: the optimisation history and the parameter importances."""
-    runs, out = report.runs, report.out_dir
-    kind, metric, what = _what(report.compare)
+def _search_study(report: StudyReport, rows: list[dict[str, Any]]) -> tuple[Any, str]:
+    """The Optuna study the search figures are drawn from, and where it came from: a search's
+    stored study (its values at the budget, `cbtlab.dashboards.search.at_budget`), else one
+    rebuilt from the runs (a grid, or a storage that cannot be read: the notes say why)."""
+    runs, compare = report.runs, report.compare
+    found = storage_of(runs.parent.data.params)
+    if found is not None:
+        storage, name = found
+        try:
+            stored = stored_study(storage, name)
+        except Exception as exc:  # a file moved, a database down or without the password
+            report.notes.append(
+                f"the search's Optuna study {name!r} in {redact_url(storage)} cannot be read "
+                f"({type(exc).__name__}: {exc}); its figures are drawn from a study rebuilt "
+                "from the MLflow runs"
+            )
+        else:
+            budget = compare.budget if compare.equal else None
+            view = at_budget(stored, budget=budget, kind=compare.kind, mode=runs.mode)
+            return view, f"the search's stored Optuna study {name!r} ({redact_url(storage)})"
     study = rebuild_study(rows, runs.factors, runs.histories, metric=runs.metric, mode=runs.mode)
-    points = history_points(study)
-    if not any(state == "COMPLETE" for _, _, state in points):
+    return study, "an Optuna study rebuilt in memory from the MLflow trial runs"
+
+
+def _draw_search(report: StudyReport, rows: list[dict[str, Any]]) -> None:
+    """Optuna's own figures of the search (`optuna.visualization.matplotlib`): the
+    optimisation history, the parameter importances and, for two or more parameters, the
+    parallel coordinates."""
+    out = report.out_dir
+    _, _, what = _what(report.compare)
+    study, source = _search_study(report, rows)
+    values = complete_values(study)
+    if not values:
         report.notes.append("no complete trial with a value: no optimisation history")
         return
+    target = what if report.compare.budget is not None else f"{what} (Optuna's stored values)"
     report.add(
         "optimisation_history.png",
-        fig.optimisation_history(
-            points,
-            metric=metric,
-            value_kind=kind,
-            mode=runs.mode,
-            path=out / "optimisation_history.png",
-        ),
-        f"each trial's {what} in start order and the best so far (an Optuna study rebuilt "
-        "from the runs; failed trials as crosses)",
+        fig.optimisation_history(study, target_name=target, path=out / "optimisation_history.png"),
+        f"each trial's {target} by Optuna trial number, and the best so far; drawn by "
+        f"optuna.visualization.matplotlib from {source}",
     )
-    values, reason = param_importances(study)
-    if values:
-        report.add(
-            "param_importances.png",
-            fig.importances(values, evaluator=EVALUATOR, path=out / "param_importances.png"),
-            f"importance of each searched parameter for {what} ({EVALUATOR}, seed 0, on "
-            "the rebuilt study's complete trials)"
-            + (
-                "; with one parameter its importance is 1 by definition" if len(values) == 1 else ""
-            ),
-        )
-    else:
+    params, reason = importance_params(study)
+    if not params:
         report.notes.append(f"no parameter importances: {reason}")
+        return
+    try:
+        path, said = fig.param_importances(
+            study, params=params, target_name=target, path=out / "param_importances.png"
+        )
+    except (ValueError, RuntimeError) as exc:
+        report.notes.append(f"no parameter importances: Optuna could not compute them: {exc}")
+        return
+    report.notes.extend(f"parameter importances: {line}" for line in said)
+    report.add(
+        "param_importances.png",
+        path,
+        f"importance of each searched parameter for {target} ({EVALUATOR}, over the complete "
+        f"trials of {source})"
+        + ("; with one parameter its importance is 1 by definition" if len(params) == 1 else ""),
+    )
+    if len(params) > 1:
+        try:
+            path = fig.parallel_coordinate(
+                study, target_name=target, path=out / "parallel_coordinate.png"
+            )
+        except (ValueError, RuntimeError) as exc:
+            report.notes.append(f"no parallel coordinates: Optuna could not draw them: {exc}")
+            return
+        report.add(
+            "parallel_coordinate.png",
+            path,
+            f"every complete trial of {source} as a line through its parameters to its {target}",
+        )
 
 
 def _attention_maps(

@@ -1,5 +1,10 @@
 """Serve the project's MLflow store in the MLflow UI (and, if asked, optuna-dashboard).
 
+optuna-dashboard (`--optuna`) serves a search's Optuna storage: `--optuna-storage URL`, else
+that of `--study NAME`'s latest search, else that of the latest search in the MLflow store; a
+search's storage is its parent run's `study.optuna_storage` (by default `optuna.db` in the
+study's results folder, `cbtlab.tune.state.optuna_storage_url`).
+
 The MLflow UI runs as `mlflow server` on the store studies write to
 (`cbtlab.paths.default_tracking_uri()`: `MLFLOW_TRACKING_URI`, else `<CBTLAB_HOME>/mlflow.db`).
 For a local SQLite store its default artifact root is the `mlartifacts/` folder beside the
@@ -28,8 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
 from cbtlab.cluster import free_port
-from cbtlab.paths import cbtlab_home, default_tracking_uri
+from cbtlab.dashboards.search import storage_of
+from cbtlab.paths import default_tracking_uri, redact_url
+from cbtlab.tracking.schema import find_search_parent
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -50,9 +60,28 @@ def artifact_root(tracking_uri: str) -> str | None:
     return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
 
 
-def default_optuna_storage() -> str:
-    """`OPTUNA_STORAGE` if set, else a SQLite file under `CBTLAB_HOME`."""
-    return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{cbtlab_home() / 'optuna.db'}"
+def study_optuna_storage(tracking_uri: str, study: str | None = None) -> tuple[str, str]:
+    """(storage URL, Optuna study name) of the latest Optuna search of `study` (of any study
+    when None) in the MLflow store: its parent run's `study.optuna_storage`, by default the
+    `optuna.db` in the study's results folder, its password taken from the environment
+    (PGPASSWORD)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    parent = find_search_parent(client, study)
+    found = storage_of(parent.data.params)
+    if found is None:
+        raise LookupError(f"the search run {parent.info.run_id} names no Optuna storage")
+    return found
+
+
+def optuna_storage(
+    given: str | None, study: str | None, tracking_uri: str
+) -> tuple[str, str | None]:
+    """The storage optuna-dashboard serves and the study name it holds (None: not known):
+    `given` (--optuna-storage), else the storage of the search `study` (--study), else that
+    of the latest search in the MLflow store."""
+    if given:
+        return given, None
+    return study_optuna_storage(tracking_uri, study)
 
 
 def _program(name: str) -> str | None:
@@ -199,7 +228,14 @@ def serve_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--optuna-storage",
         default=None,
-        help="an Optuna RDB storage URL (default: OPTUNA_STORAGE or <CBTLAB_HOME>/optuna.db)",
+        help="an Optuna RDB storage URL (default: the storage of the --study search, else that "
+        "of the latest search in the MLflow store)",
+    )
+    parser.add_argument(
+        "--study",
+        default=None,
+        help="serve the Optuna storage of this study's latest search (its parent run's "
+        "study.optuna_storage)",
     )
     parser.add_argument(
         "--optuna-port", type=int, default=DEFAULT_OPTUNA_PORT, help="0: any free port"
@@ -226,7 +262,7 @@ def serve_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     if mlflow_plan is not None:
         plans.append(mlflow_plan)
     if args.optuna:
-        optuna_plan = _plan_optuna_dashboard(args, browse)
+        optuna_plan = _plan_optuna_dashboard(args, uri, browse)
         if optuna_plan is not None:
             plans.append(optuna_plan)
     if not plans:
@@ -253,16 +289,18 @@ def _plan_mlflow_ui(args: argparse.Namespace, uri: str, browse: str) -> Plan | N
     )
 
 
-def _plan_optuna_dashboard(args: argparse.Namespace, browse: str) -> Plan | None:
+def _plan_optuna_dashboard(args: argparse.Namespace, uri: str, browse: str) -> Plan | None:
     """optuna-dashboard on the Optuna storage, when there is one and it is installed."""
-    storage = args.optuna_storage or default_optuna_storage()
+    try:
+        storage, name = optuna_storage(args.optuna_storage, args.study, uri)
+    except (LookupError, MlflowException) as exc:
+        _say(f"optuna-dashboard: no Optuna storage found ({exc}); pass --optuna-storage URL")
+        return None
     db = local_sqlite(storage)
     if db is not None and not db.exists():
-        _say(
-            f"optuna-dashboard: no Optuna storage at {db} (cbtlab's studies keep Optuna's "
-            "state inside Ray Tune and write no storage yet); pass --optuna-storage URL"
-        )
+        _say(f"optuna-dashboard: no Optuna storage at {db}; pass --optuna-storage URL")
         return None
+    _say(f"optuna-dashboard: {redact_url(storage)}" + (f", study {name}" if name else ""))
     port = args.optuna_port or free_port(args.host if args.host != "::" else DEFAULT_HOST)
     command = optuna_dashboard_command(storage, args.host, port)
     if command is None:

@@ -8,8 +8,10 @@ SQLite store.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +40,37 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
         raise ConnectionError(
             f"cannot reach the MLflow tracking server {redact_url(tracking_uri)!r}: {exc}"
         ) from exc
+
+
+# Set to false (or 0) to log no system metrics (MLflow's own switch, whose default is off for
+# MLflow's fluent runs; a study's trial runs log them unless it says false).
+SYSTEM_METRICS_SWITCH = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
+
+
+def start_system_metrics(tracking_uri: str, run_id: str, *, resume: bool = False) -> Any | None:
+    """MLflow's system-metrics monitor on the run, started: a thread sampling this machine
+    (CPU, memory, disk, network; NVIDIA GPUs when nvidia-ml-py is installed, `cbtlab[gpu]`)
+    into the run's `system/...` metrics every `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`
+    seconds (MLflow's default, 10), a step per sample (`resume`: after the run's last). None
+    when `SYSTEM_METRICS_SWITCH` says false, or without psutil (said once)."""
+    if os.environ.get(SYSTEM_METRICS_SWITCH, "").strip().lower() in ("false", "0"):
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as exc:  # psutil missing
+        _no_system_metrics(str(exc))
+        return None
+    # Its start and stop are said at INFO for every run: not in a study's output.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
+@functools.cache
+def _no_system_metrics(reason: str) -> None:
+    """Say once per process why the trial runs get no system metrics."""
+    log.warning("no system metrics in the trial runs: %s (pip install psutil)", reason)
 
 
 def _store_problem(tracking_uri: str, exc: Exception) -> str:

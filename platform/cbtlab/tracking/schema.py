@@ -50,6 +50,13 @@ RESUMED_TAG = f"{TAG_PREFIX}resumed"  # how many times a study was resumed
 TRIALS_TAG = f"{TAG_PREFIX}trials"  # a study's trial count, set as it ends
 FAILED_TAG = f"{TAG_PREFIX}failed"  # a study's failed trial count, set as it ends
 BEST_CELL_TAG = f"{TAG_PREFIX}best_cell"  # a study's answer: its best cell at the budget
+# The registered MLflow model of a study's best trial (cbtlab.tune.best_model), on its parent
+# run: models:/<study>/<version>; the model version's tags name the trial run, the checkpoint
+# and the epoch it was saved after.
+BEST_MODEL_TAG = f"{TAG_PREFIX}best_model"
+MODEL_TRIAL_RUN_TAG = f"{TAG_PREFIX}trial_run"
+MODEL_CHECKPOINT_TAG = CHECKPOINT_TAG
+MODEL_EPOCH_TAG = f"{TAG_PREFIX}checkpoint_epoch"
 PROBED_RUN_TAG = f"{TAG_PREFIX}probed_run"  # a probe run's probed trial run
 REPRODUCES_TAG = f"{TAG_PREFIX}reproduces"  # a re-run's original run
 REPRODUCED_TAG = f"{TAG_PREFIX}reproduced"  # an exact re-run's verdict
@@ -266,16 +273,36 @@ def find_parent(client: MlflowClient, study: str | None, parent_run_id: str | No
         found = client.search_runs([named.experiment_id], query, order_by=order, max_results=1)
         if found:
             return found[0]
+    ids = every_experiment_id(client)
+    found = client.search_runs(ids, query, order_by=order, max_results=1) if ids else []
+    if not found:
+        raise LookupError(f"no study run named {study!r} at {client.tracking_uri}")
+    return found[0]
+
+
+def every_experiment_id(client: MlflowClient) -> list[str]:
+    """The ids of every experiment in the store, page by page (a tracking server caps a page)."""
     ids, token = [], None
-    while True:  # every experiment, page by page (a tracking server caps a page)
+    while True:
         page = client.search_experiments(max_results=1000, page_token=token)
         ids += [e.experiment_id for e in page]
         token = page.token
         if not token:
-            break
+            return ids
+
+
+def find_search_parent(client: MlflowClient, study: str | None = None) -> Run:
+    """The parent run of the latest Optuna search (`study.searcher` = optuna-tpe) of the study
+    `study`, or of any study when None: the run whose params name its Optuna storage."""
+    query = f"tags.`{ROLE_TAG}` = '{ROLE_STUDY}' and params.`{SEARCHER_PARAM}` = 'optuna-tpe'"
+    if study:
+        query += f" and tags.`{STUDY_TAG}` = '{study}'"
+    ids = every_experiment_id(client)
+    order = ["attributes.start_time DESC"]
     found = client.search_runs(ids, query, order_by=order, max_results=1) if ids else []
     if not found:
-        raise LookupError(f"no study run named {study!r} at {client.tracking_uri}")
+        named = f" named {study!r}" if study else ""
+        raise LookupError(f"no Optuna search{named} at {client.tracking_uri}")
     return found[0]
 
 

@@ -12,6 +12,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from cbtlab.config import ExperimentConfig
 from cbtlab.tracking import StudyTracker
+from cbtlab.tracking.mlflow_tracker import start_system_metrics
 from cbtlab.tracking.schema import (
     BEST_TRACKED,
     CELL_TAG,
@@ -93,6 +94,25 @@ class MLflowTrialLogger(Callback):
         self.cell_keys = list(cell_keys)
         self.verbose = verbose
         self.records: dict[str, TrialRecord] = {}
+        # MLflow's system-metrics monitor of each open trial run (threads: never pickled).
+        self._monitors: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; a resumed study starts anew.
+        state = self.__dict__.copy()
+        state.pop("_monitors", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._monitors = {}
+
+    def _watch(self, run_id: str, *, resume: bool = False) -> None:
+        """Log this machine's system metrics (MLflow's monitor) into the run while it is open."""
+        if run_id not in self._monitors:
+            monitor = start_system_metrics(self.tracker.tracking_uri, run_id, resume=resume)
+            if monitor is not None:
+                self._monitors[run_id] = monitor
 
     def _say(self, text: str) -> None:
         # Look sys.stdout up at call time: Tune pickles its callbacks with the experiment state.
@@ -118,6 +138,7 @@ class MLflowTrialLogger(Callback):
                 if record.ended is not None:
                     self.tracker.reopen(record.run_id)
                 record.ended, record.status, record.started = None, "RUNNING", time.monotonic()
+                self._watch(record.run_id, resume=True)
                 self._say(f"[{trial}] restored: continues its run after {record.epochs} epochs")
             record.reattached = False
             return
@@ -135,6 +156,7 @@ class MLflowTrialLogger(Callback):
             str(trial), params=run_params(cfg), tags=tags, parent_run_id=self.parent_run_id
         )
         self.records[trial.trial_id] = TrialRecord(trial.trial_id, str(trial), cfg, run_id)
+        self._watch(run_id)
         settings = ", ".join(f"{k}={v}" for k, v in sorted(trial.config.items()))
         self._say(f"[{trial}] started: {settings}")
 
@@ -212,6 +234,9 @@ class MLflowTrialLogger(Callback):
             {f"best/{k}": v for k, v in record.best.items()} | {TIME_KEY: record.seconds},
             step=record.epochs,
         )
+        monitor = self._monitors.pop(record.run_id, None)
+        if monitor is not None:  # its last samples logged before the run ends
+            monitor.finish()
         self.tracker.end_run(record.run_id, status)
         note = " (stopped early by the scheduler)" if stopped_early else ""
         self._say(f"[{record.name}] {status.lower()} after {record.epochs} epochs{note}")

@@ -21,7 +21,7 @@ from typing import Any
 
 from cbtlab.cluster import connect_ray, node_resources
 from cbtlab.config import ExperimentConfig
-from cbtlab.paths import redact_url
+from cbtlab.paths import redact_url, unredact_url
 from cbtlab.tables import format_table
 from cbtlab.tracking import StudyTracker, provenance_differences
 from cbtlab.tracking.schema import (
@@ -52,6 +52,7 @@ from cbtlab.tracking.schema import (
     STUDY_PATH_TAG,
     TRIALS_TAG,
 )
+from cbtlab.tune.best_model import best_trial_row, log_best_model
 from cbtlab.tune.budget import Answer, common_budget, study_answer, with_budget_values
 from cbtlab.tune.callbacks import MLflowTrialLogger, NoRetry
 from cbtlab.tune.driver import dataset_hash, run_tags, trial_trainable
@@ -97,6 +98,9 @@ class StudyResult:
     stats_path: str = ""
     # A conditional search's parameter importances at the budget (cbtlab.tune.importance).
     importances_text: str = ""
+    # The best trial's registered MLflow model (models:/<study>/<version>), or why there is none.
+    best_model: str = ""
+    best_model_note: str = ""
 
 
 def run_study(spec: StudySpec) -> StudyResult:
@@ -323,7 +327,7 @@ def resume_study(
     # Tune resumes from where the folder is now; the trials' Train runs are its neighbours.
     spec.storage_path = folder.rpartition("/")[0]
     spec.tracking_uri = state.tracking_uri
-    spec.optuna_storage = "" if spec.grid else _unredacted(state.optuna_storage)
+    spec.optuna_storage = "" if spec.grid else unredact_url(state.optuna_storage)
     spec.validate()
     _check_stores(spec)
     base = ExperimentConfig.from_dict(state.trial_base)
@@ -362,12 +366,6 @@ def worst_result(spec: StudySpec) -> dict[str, float]:
     return {spec.metric: -math.inf if spec.mode == "max" else math.inf}
 
 
-def _unredacted(url: str) -> str:
-    """A stored URL whose password was hidden, without it (its client reads the environment:
-    PGPASSWORD)."""
-    return url.replace(":***@", "@")
-
-
 def _drive(
     fit: Callable[[], None],
     spec: StudySpec,
@@ -396,6 +394,8 @@ def _drive(
         if rows and failed == len(rows):
             status = "FAILED"
         result = _summarise(rows, failed, spec, tracker, parent_run_id, run_name)
+        if status == "FINISHED":
+            _register_best_model(result, spec)
         tracker.set_tags(parent_run_id, {TRIALS_TAG: str(len(rows)), FAILED_TAG: str(failed)})
         tracker.end_run(parent_run_id, status)
     return result
@@ -444,6 +444,32 @@ def _summarise(
 
 def _say(text: str) -> None:
     print(text, file=sys.stdout, flush=True)
+
+
+def _register_best_model(result: StudyResult, spec: StudySpec) -> None:
+    """Log the answer's trial as an MLflow model on the parent run, registered under the
+    study's name (`cbtlab.tune.best_model`); a failure is reported, never raised."""
+    row = best_trial_row(result.answer, result.rows, list(spec.space), spec.mode)
+    if row is None:
+        result.best_model_note = "no best model: no trial was compared at the budget"
+        return
+    try:
+        best = log_best_model(
+            spec.tracking_uri,
+            result.parent_run_id,
+            row["run_id"],
+            name=spec.name,
+            storage_path=spec.storage_path,
+        )
+    except Exception as exc:  # no checkpoint (train.checkpoint_every=0), a store refusing
+        result.best_model_note = f"no best model registered: {type(exc).__name__}: {exc}"
+        log.warning(result.best_model_note)
+        return
+    result.best_model = best.uri
+    _say(
+        f"study {spec.name}: the best trial's model ({row['trial']}, checkpoint of epoch "
+        f"{best.epoch}) is registered as {best.uri}"
+    )
 
 
 def study_statistics(rows: list[dict[str, Any]], spec: StudySpec) -> Any:
