@@ -310,9 +310,9 @@ def test_values_and_cells_are_at_the_common_budget(tmp_path: Path) -> None:
     assert "val/top1 @ epoch 2" in format_table(summary, keys, metric, mode, 2)
 
 
-def test_search_report_has_one_figure_per_factor_and_optuna_importances(tmp_path: Path) -> None:
-    """A search whose ASHA stopped trials after 1 and 2 of 3 epochs: compared at epoch 1."""
-    study = write_study(
+def _asha_search(tmp_path: Path):
+    """A search over two factors whose ASHA stopped trials after 1 and 2 of 3 epochs."""
+    return write_study(
         tmp_path,
         name="search",
         space={"model.rep_grid": ["1x1", "2x2", "4x4"], "model.depth": [1, 2]},
@@ -321,6 +321,11 @@ def test_search_report_has_one_figure_per_factor_and_optuna_importances(tmp_path
         outcomes={1: Outcome(stopped_after=1), 2: Outcome(stopped_after=2)},
         probes=False,
     )
+
+
+def test_search_report_has_one_figure_per_factor_and_optuna_importances(tmp_path: Path) -> None:
+    """A search whose ASHA stopped trials after 1 and 2 of 3 epochs: compared at epoch 1."""
+    study = _asha_search(tmp_path)
     report = build_report(study.uri, "search", out_dir=tmp_path / "r")
     assert report.runs.value_kind == "final" and not report.runs.grid  # study.stats's
     assert {"metric_vs_model_rep_grid.png", "metric_vs_model_depth.png",
@@ -344,15 +349,7 @@ def test_search_figures_are_optunas_own_plots_of_the_stored_study(
     cannot be read is said, and a study rebuilt from the runs drawn instead."""
     import optuna
 
-    study = write_study(
-        tmp_path,
-        name="search",
-        space={"model.rep_grid": ["1x1", "2x2", "4x4"], "model.depth": [1, 2]},
-        grid=False,
-        seeds=1,
-        outcomes={1: Outcome(stopped_after=1), 2: Outcome(stopped_after=2)},
-        probes=False,
-    )
+    study = _asha_search(tmp_path)
     params = MlflowClient(study.uri).get_run(study.parent_run_id).data.params
     storage, name = params["study.optuna_storage"], params["study.optuna_study"]
     stored = optuna.load_study(study_name=name, storage=storage)

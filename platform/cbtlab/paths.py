@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 def cbtlab_home() -> Path:
@@ -48,3 +49,14 @@ def redact_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return url
+
+
+def filesystem_of(path: str) -> tuple[Any, str]:
+    """pyarrow's filesystem for a local path or a URI (Ray's storage paths), and the path in
+    it (a local one made absolute): where the platform keeps its own small records beside Ray's
+    results (`cbtlab_study.json`, `cbtlab_run.json`)."""
+    import pyarrow.fs
+
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cbtlab.paths import filesystem_of
+
 RUN_FILE = "cbtlab_run.json"
 RUN_VERSION = 1
 RUNNING, FAILED, FINISHED = "running", "failed", "finished"
@@ -75,17 +77,9 @@ def run_folder(storage_path: str, name: str) -> str:
     return f"{storage_path.rstrip('/')}/{name}"
 
 
-def _filesystem(path: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
-
-
 def write_run(record: RunRecord) -> str:
     """Write `record` into its run's folder (local or a URI); return the file's path."""
-    fs, inner = _filesystem(record.path)
+    fs, inner = filesystem_of(record.path)
     fs.create_dir(inner.rpartition("/")[0], recursive=True)
     with fs.open_output_stream(inner) as out:
         out.write(json.dumps(dataclasses.asdict(record), indent=2).encode())
@@ -94,7 +88,7 @@ def write_run(record: RunRecord) -> str:
 
 def read_run(storage_path: str, name: str) -> RunRecord | None:
     """The record of the run `name`, None where its folder holds none."""
-    fs, inner = _filesystem(f"{run_folder(storage_path, name)}/{RUN_FILE}")
+    fs, inner = filesystem_of(f"{run_folder(storage_path, name)}/{RUN_FILE}")
     try:
         with fs.open_input_stream(inner) as handle:
             data = json.loads(handle.read().decode())
@@ -107,7 +101,7 @@ def read_run(storage_path: str, name: str) -> RunRecord | None:
 def _folder_exists(storage_path: str, name: str) -> bool:
     import pyarrow.fs
 
-    fs, inner = _filesystem(run_folder(storage_path, name))
+    fs, inner = filesystem_of(run_folder(storage_path, name))
     return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
 
 

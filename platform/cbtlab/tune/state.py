@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cbtlab.paths import filesystem_of
 from cbtlab.tune.spec import StudySpec
 
 # What a resumed driver needs, beside the study's Tune results (cbtlab.tune.runner.resume_study).
@@ -42,18 +43,10 @@ def study_path(storage_path: str, run_name: str) -> str:
     return f"{storage_path.rstrip('/')}/{run_name}"
 
 
-def _filesystem(path: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
-
-
 def write_study_state(state: StudyState) -> str:
     """Write `state` to its study's results folder (local or a URI); return the file's path."""
     path = f"{state.path}/{STATE_FILE}"
-    fs, inner = _filesystem(path)
+    fs, inner = filesystem_of(path)
     fs.create_dir(inner.rpartition("/")[0], recursive=True)
     with fs.open_output_stream(inner) as out:
         out.write(json.dumps(dataclasses.asdict(state), indent=2).encode())
@@ -65,7 +58,7 @@ def read_study_state(path: str) -> StudyState:
     text = path.rstrip("/")
     if not text.endswith(STATE_FILE):
         text = f"{text}/{STATE_FILE}"
-    fs, inner = _filesystem(text)
+    fs, inner = filesystem_of(text)
     try:
         with fs.open_input_stream(inner) as handle:
             data = json.loads(handle.read().decode())
