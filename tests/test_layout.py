@@ -36,6 +36,9 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     # `cbtlab --help` and `cbtlab where` must answer at once: config, data and train load torch.
     ("cbtlab.cli", "cbtlab.config"): "start-up of the cbtlab command",
     ("cbtlab.cli", "cbtlab.data"): "start-up of the cbtlab command",
+    # `cbtlab train`'s flag errors come before Ray's and MLflow's imports (and MLflow is
+    # optional on a bare GPU machine).
+    ("cbtlab.train.cli", "cbtlab.train.mlflow_run"): "after the flags; MLflow optional",
     # `cbtlab.train` imports on a bare GPU machine without Ray; the callback subclasses Ray's.
     ("cbtlab.train.trainer", "cbtlab.train.retries"): "Ray is optional there",
     # The benchmarks run on bare GPU machines without MLflow; cbtlab.tracking imports it.

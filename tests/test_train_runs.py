@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from cbtlab.train.cli import train_main
 from cbtlab.train.runs import (
@@ -102,19 +103,21 @@ def test_a_second_run_is_new_and_only_a_named_unfinished_run_continues(
 ) -> None:
     """The issue's case: after `--set train.epochs=1`, a plain `--set train.epochs=2` trained
     only epoch 2, from the first run's checkpoint, as both took the name `train`."""
-    flags = [*TINY, "--storage-path", str(tmp_path)]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = tmp_path / "runs"
+    flags = [*TINY, "--storage-path", str(runs), "--tracking-uri", uri]
     _run([*flags, "--set", "train.epochs=1"], capsys)
-    first = {p.name for p in tmp_path.iterdir()}
+    first = {p.name for p in runs.iterdir()}
     _run([*flags, "--set", "train.epochs=2"], capsys)
-    second = {p.name for p in tmp_path.iterdir()} - first
+    second = {p.name for p in runs.iterdir()} - first
     assert len(first) == len(second) == 1
     (a,), (b,) = first, second
     # The second run trained both of its epochs itself: two checkpoints of its own.
-    assert len(_checkpoints(tmp_path / b)) == 2
-    assert read_run(str(tmp_path), b).status == FINISHED
+    assert len(_checkpoints(runs / b)) == 2
+    assert read_run(str(runs), b).status == FINISHED
 
     # The first run, as a killed driver leaves it, continued by name to a second epoch.
-    record = read_run(str(tmp_path), a)
+    record = read_run(str(runs), a)
     record.status = "running"
     write_run(record)
     out, metrics = _run([*flags, "--set", "train.epochs=2", "--name", a], capsys)
@@ -122,6 +125,34 @@ def test_a_second_run_is_new_and_only_a_named_unfinished_run_continues(
     assert "config fields changed: train.epochs: 1 -> 2" in out
     assert metrics["epoch"] == 2
     # One new checkpoint beside the first run's: it trained epoch 2 only.
-    assert len(_checkpoints(tmp_path / a)) == 2
-    assert {p.name for p in tmp_path.iterdir()} == {a, b}
-    assert read_run(str(tmp_path), a).config["train.epochs"] == 2
+    assert len(_checkpoints(runs / a)) == 2
+    assert {p.name for p in runs.iterdir()} == {a, b}
+    assert read_run(str(runs), a).config["train.epochs"] == 2
+
+    # MLflow: one run per training run, named as it, each epoch logged once (the continued
+    # run's restart reported epoch 1 again), ended FINISHED, with its checkpoint.
+    client = MlflowClient(uri)
+    logged = {r.info.run_name: r for r in client.search_runs([_experiment_id(client, "train")])}
+    assert set(logged) == {a, b}
+    for name in (a, b):
+        run = logged[name]
+        assert run.info.run_id == read_run(str(runs), name).mlflow_run_id
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")]
+        assert steps == [1, 2], (name, steps)
+        assert run.data.tags["cbtlab.epochs_completed"] == "2"
+        assert run.data.tags["cbtlab.checkpoint"].startswith(str(runs / name))
+        assert run.data.params["model.embed_dim"] == "24"
+    assert logged[a].data.tags["cbtlab.continued_with"] == "train.epochs: 1 -> 2"
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    return client.get_experiment_by_name(name).experiment_id
+
+
+def test_an_unreachable_mlflow_server_stops_train_before_anything(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        train_main([*TINY, "--storage-path", str(tmp_path), "--tracking-uri", "http://127.0.0.1:9"])
+    assert stop.value.code == 2
+    assert "cannot reach the MLflow tracking server 'http://127.0.0.1:9'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no run, no record

@@ -8,13 +8,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cbtlab.checkpoint import CheckpointError, check_compatible, check_position, load_state
 from cbtlab.cluster import connect_ray, resolve_use_gpu
 from cbtlab.config import ConfigError, ExperimentConfig, load_config_file
 from cbtlab.models import build_model
 from cbtlab.overrides import add_override_argument, parse_override
-from cbtlab.paths import ray_results_home
+from cbtlab.paths import default_tracking_uri, ray_results_home
 from cbtlab.train.finetune import init_from
 from cbtlab.train.loop import check_training_data
 from cbtlab.train.messages import DeterministicFailure, Diverged
@@ -25,11 +26,15 @@ from cbtlab.train.runs import (
     RunChoice,
     RunRecord,
     choose_run,
+    config_changes,
     continue_note,
     end_run,
     write_run,
 )
 from cbtlab.train.trainer import build_trainer, fit
+
+if TYPE_CHECKING:
+    from cbtlab.train.mlflow_run import TrainRun
 
 
 def gpu_note(cfg: ExperimentConfig, cluster: dict[str, float]) -> str:
@@ -82,6 +87,12 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--storage-path", default=None, help="Ray results folder or URI")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else "
+        "the platform's SQLite file: `cbtlab where`)"
+    )  # fmt: skip
+    parser.add_argument("--experiment", default="train", help="the MLflow experiment")
+    parser.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
     return parser
 
 
@@ -108,7 +119,8 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
                 print(f"train.init_from: {note}")
         # Data that cannot train on these workers fails here, naming why.
         check_training_data(cfg, cfg.train.num_workers)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        _check_mlflow_store(args)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, ConnectionError) as exc:
         parser.error(str(exc))
 
     import ray  # here: the flags are checked, and their errors said, before Ray's import
@@ -122,20 +134,34 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     cfg = resolve_use_gpu(cfg, cluster)
     print(f"train: {gpu_note(cfg, cluster)}", flush=True)
     record = _record_start(choice, cfg, storage_path, args.resume or None)
+    try:
+        tracked = _open_mlflow(args, cfg, choice, record)
+    except ConnectionError as exc:
+        end_run(record, FAILED, str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     trainer = build_trainer(
-        cfg, name=choice.name, storage_path=storage_path, resume_from=record.resume_from
+        cfg,
+        name=choice.name,
+        storage_path=storage_path,
+        resume_from=record.resume_from,
+        callbacks=[tracked.callback()] if tracked else [],
     )
     try:
         result = fit(trainer)
     except (Diverged, DeterministicFailure) as exc:
-        end_run(record, FAILED, str(exc))
+        _end(record, tracked, FAILED, str(exc))
         what = "diverged" if isinstance(exc, Diverged) else "failed"
         print(f"error: the run {what}: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:
-        end_run(record, FAILED, str(exc).strip().partition("\n")[0])
+    except KeyboardInterrupt:  # the record stays unfinished: `--name` continues it
+        if tracked is not None:
+            tracked.end("KILLED")
         raise
-    end_run(record, FINISHED)
+    except Exception as exc:
+        _end(record, tracked, FAILED, str(exc).strip().partition("\n")[0])
+        raise
+    _end(record, tracked, FINISHED)
     print(json.dumps(result.metrics, indent=2, default=str))
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     return 0
@@ -167,3 +193,48 @@ def _record_start(
         record = RunRecord(choice.name, storage_path, flat, resume_from)
     write_run(record)
     return record
+
+
+def _open_mlflow(
+    args: argparse.Namespace, cfg: ExperimentConfig, choice: RunChoice, record: RunRecord
+) -> TrainRun | None:
+    """The run's MLflow run (a continued run's own, reopened), its id kept in the record; None
+    with --no-mlflow or where MLflow is not installed (said)."""
+    if args.no_mlflow:
+        return None
+    try:
+        from cbtlab.train.mlflow_run import open_train_run  # Ray and MLflow: after the flags
+    except ImportError as exc:
+        print(f"train: not logged to MLflow ({exc}); pip install mlflow", flush=True)
+        return None
+    previous = choice.previous
+    tracked = open_train_run(
+        cfg,
+        name=choice.name,
+        tracking_uri=args.tracking_uri or default_tracking_uri(),
+        experiment=args.experiment,
+        previous_run_id=previous.mlflow_run_id if previous else "",
+        changes="; ".join(config_changes(previous.config, cfg.flat())) if previous else "",
+    )
+    record.mlflow_run_id = tracked.run_id
+    write_run(record)
+    return tracked
+
+
+def _end(record: RunRecord, tracked: TrainRun | None, status: str, error: str = "") -> None:
+    """The run's record and its MLflow run, ended alike."""
+    end_run(record, status, error)
+    if tracked is not None:
+        tracked.end("FINISHED" if status == FINISHED else "FAILED", error)
+
+
+def _check_mlflow_store(args: argparse.Namespace) -> None:
+    """An unreachable MLflow server stops the command before Ray starts (ConnectionError); a
+    refused login is said when the run opens."""
+    if args.no_mlflow:
+        return
+    try:
+        from cbtlab.train.mlflow_run import check_reachable  # as in _open_mlflow
+    except ImportError:  # said by _open_mlflow
+        return
+    check_reachable(args.tracking_uri or default_tracking_uri())

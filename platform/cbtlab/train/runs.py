@@ -43,6 +43,7 @@ class RunRecord:
     started: str = field(default_factory=lambda: _now().isoformat(timespec="seconds"))
     ended: str = ""
     error: str = ""
+    mlflow_run_id: str = ""  # its MLflow run (cbtlab.train.mlflow_run), reopened by a continuation
     version: int = RUN_VERSION
 
     @property
