@@ -44,7 +44,9 @@ class EpochLogger(UserCallback):
     and the latest checkpoint as a tag. Runs in the Train controller; the MLflow client is made
     there on first use."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_id: str, logged_through: int):
+    def __init__(
+        self, tracking_uri: str, experiment: str, run_id: str, logged_through: int
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_id = run_id
@@ -54,7 +56,9 @@ class EpochLogger(UserCallback):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tracker": None}
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+    ) -> None:
         if not metrics or metrics[0].get(MID_EPOCH_KEY):
             return
         result = metrics[0]
