@@ -52,8 +52,15 @@ def _checkpoint(folder: Path) -> tuple[ExperimentConfig, Path]:
             p.add_(0.1 * torch.randn_like(p))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    channels = cfg.model.in_chans
     state = make_state(
-        cfg, epoch=3, model=model, optimizer=optimizer, scheduler=scheduler, metrics={}
+        cfg,
+        epoch=3,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        metrics={},
+        normalisation=([0.5] * channels, [0.25] * channels),
     )
     return cfg, save_state(state, folder).parent
 
