@@ -22,6 +22,7 @@ __all__ = [
     "Transforms",
     "WorkerPool",
     "check_dataset_fits",
+    "dataset_hash",
     "eval_batches",
     "open_split",
     "prepare_dataset",
@@ -44,6 +45,12 @@ def prepare_dataset(cfg: DataConfig) -> Path | str:
             samples_per_shard=cfg.samples_per_shard,
         )
     raise ValueError(f"unknown dataset {cfg.dataset!r}")
+
+
+def dataset_hash(cfg: DataConfig) -> str:
+    """The content hash of a config's dataset (the tag `cbtlab.data_hash`). Builds a built-in
+    dataset on first use, so that workers on this machine then find it cached."""
+    return open_split(prepare_dataset(cfg), "train").content_hash
 
 
 def transforms_for(

@@ -19,7 +19,7 @@ from typing import Any
 from ray.train.v2.api.callback import UserCallback
 
 from cbtlab.config import ExperimentConfig
-from cbtlab.data import open_split, prepare_dataset
+from cbtlab.data import dataset_hash
 from cbtlab.tracking import StudyTracker, provenance_tags
 from cbtlab.tracking.mlflow_tracker import check_reachable, start_system_metrics
 from cbtlab.tracking.schema import (
@@ -119,7 +119,7 @@ def open_train_run(
         tags = {
             MLFLOW_SOURCE_NAME_TAG: sys.argv[0] or "cbtlab",
             MLFLOW_SOURCE_TYPE_TAG: "LOCAL",
-            DATA_HASH_TAG: open_split(prepare_dataset(cfg.data), "train").content_hash,
+            DATA_HASH_TAG: dataset_hash(cfg.data),
             **provenance_tags(),
         }
         run_id = tracker.start_run(name, params=run_params(cfg), tags=tags)

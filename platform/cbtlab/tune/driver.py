@@ -6,8 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from cbtlab.config import DataConfig, ExperimentConfig
-from cbtlab.data import open_split, prepare_dataset
+from cbtlab.config import ExperimentConfig
 from cbtlab.tracking import provenance_tags
 from cbtlab.tracking.schema import (
     DATA_HASH_TAG,
@@ -96,12 +95,6 @@ def trial_trainable(
         _run_trial, base=base.to_dict(), storage_path=storage_path, failed_result=failed_result
     )
     return tune.with_resources(trial, {"cpu": driver_cpus})
-
-
-def dataset_hash(data: DataConfig) -> str:
-    """The content hash of a config's dataset (the tag `cbtlab.data_hash`). Builds a built-in
-    dataset on first use, so that workers on this machine then find it cached."""
-    return open_split(prepare_dataset(data), "train").content_hash
 
 
 def run_tags(study: str, data_hash: str) -> dict[str, str]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from cbtlab.cluster import connect_ray, resolve_use_gpu
 from cbtlab.config import ExperimentConfig
+from cbtlab.data import dataset_hash
 from cbtlab.paths import default_tracking_uri, ray_results_home
 from cbtlab.tables import render_table
 from cbtlab.tracking import StudyTracker, provenance_differences
@@ -39,7 +40,7 @@ from cbtlab.tracking.schema import (
     run_params,
 )
 from cbtlab.tune.callbacks import MLflowTrialLogger, NoRetry
-from cbtlab.tune.driver import dataset_hash, run_tags, trial_trainable
+from cbtlab.tune.driver import run_tags, trial_trainable
 from cbtlab.tune.orphans import PlacementGroupSweeper
 from cbtlab.tune.resources import trials_that_fit
 from cbtlab.tune.scheduler import EPOCH_KEY

@@ -21,6 +21,7 @@ from typing import Any
 
 from cbtlab.cluster import connect_ray, node_resources
 from cbtlab.config import ExperimentConfig
+from cbtlab.data import dataset_hash
 from cbtlab.paths import redact_url, unredact_url
 from cbtlab.tables import format_table
 from cbtlab.tracking import StudyTracker, provenance_differences
@@ -55,7 +56,7 @@ from cbtlab.tracking.schema import (
 from cbtlab.tune.best_model import best_trial_row, log_best_model
 from cbtlab.tune.budget import Answer, common_budget, study_answer, with_budget_values
 from cbtlab.tune.callbacks import MLflowTrialLogger, NoRetry
-from cbtlab.tune.driver import dataset_hash, run_tags, trial_trainable
+from cbtlab.tune.driver import run_tags, trial_trainable
 from cbtlab.tune.importance import study_importances
 from cbtlab.tune.orphans import PlacementGroupSweeper
 from cbtlab.tune.progress import StudyProgress
