@@ -24,16 +24,19 @@ from cbtlab.analysis.probes import (
     noisy_attention_accuracy,
 )
 from cbtlab.analysis.segmentation import (
+    ConfusionMatrix,
     SegmentationSettings,
     VOCSegmentation,
     boundary_band,
     mass_threshold,
     segmentation_ious,
+    sliding_window_logits,
     zero_shot_segmentation,
 )
 from cbtlab.analysis.similarities import count_pairwise_similarities
 
 __all__ = [
+    "ConfusionMatrix",
     "HeadCodingRates",
     "SegmentationSettings",
     "VOCSegmentation",
@@ -55,6 +58,7 @@ __all__ = [
     "noisy_attention_accuracy",
     "plot_attention_overlays",
     "segmentation_ious",
+    "sliding_window_logits",
     "subspace_bases",
     "zero_shot_segmentation",
 ]

@@ -18,19 +18,25 @@ difficult regions). Void pixels are never scored; when the ground truth's band i
 count as outside the object (VOC draws its void outlines over the object edges). An IoU whose
 union is empty (both masks empty there) is 1. Dataset scores are the mean over images of the
 per-image IoU (DINO's Jaccard).
+
+The second part serves supervised semantic segmentation (ADE20K, Fig. 8): `ConfusionMatrix`
+(mIoU, per-class IoU, pixel accuracy, summed over ranks), `sliding_window_logits` and the
+decoder noise of Fig. 8 right (`add_projection_noise`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from cbtlab.analysis.attention_maps import cls_attention_maps, upsample_maps
 from cbtlab.models import CBTransformer
@@ -215,3 +221,122 @@ def zero_shot_segmentation(
             metrics[f"seg/layer_{layer:02d}/{kind}/head_{h:02d}"] = values[h]
         metrics[f"seg/layer_{layer:02d}/{kind}/combined"] = values[heads]
     return metrics
+
+
+# Supervised semantic segmentation (ADE20K, the paper's Fig. 8): a confusion matrix over the
+# dataset, mIoU, per-class IoU and pixel accuracy as mmseg and Segmenter report them, and the
+# sliding-window inference at the training crop. Label maps hold classes 0..n-1 and VOID (255,
+# ADE20K's label 0) for pixels never scored.
+
+
+class ConfusionMatrix:
+    """Counts of (true class, predicted class) over the scored pixels, (n, n) int64.
+
+    `update` adds a batch; `reduce` sums the matrices of every rank (pass an all-reduce over
+    a tensor, e.g. `cbtlab.train.collectives.all_reduce`). Per-class IoU is
+    `TP / (TP + FP + FN)`, NaN for a class in neither the truth nor the predictions; mIoU is
+    the mean over the classes that are not NaN (mmseg's `nanmean`); pixel accuracy is the share
+    of scored pixels predicted right."""
+
+    def __init__(self, num_classes: int, *, ignore_index: int = VOID, device: Any = None) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add predicted classes `pred` and labels `target` of the same shape (..., H, W).
+        Raises ValueError for a label that is neither a class nor the ignore index."""
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(target.shape)}")
+        valid = target != self.ignore_index
+        truth = target[valid].long()
+        outside = (truth < 0) | (truth >= self.num_classes)
+        if bool(outside.any()):
+            bad = int(truth[outside][0])
+            raise ValueError(
+                f"label {bad} is outside the {self.num_classes} classes (ignore index "
+                f"{self.ignore_index})"
+            )
+        index = truth * self.num_classes + pred[valid].long().to(truth.device)
+        counts = torch.bincount(index, minlength=self.num_classes**2)
+        self.matrix += counts.view(self.num_classes, self.num_classes).to(self.matrix.device)
+
+    def reduce(self, all_reduce: Callable[[Tensor], Any]) -> None:
+        """Replace the matrix by its sum over ranks: `all_reduce` sums a float64 tensor and
+        returns it or its values (`cbtlab.train.collectives.all_reduce` with the device)."""
+        total = torch.as_tensor(all_reduce(self.matrix.double()), dtype=torch.float64)
+        self.matrix = total.round().to(torch.int64).view_as(self.matrix).to(self.matrix.device)
+
+    def class_iou(self) -> Tensor:
+        """(n,) float64: IoU per class, NaN where the class is in neither truth nor prediction."""
+        m = self.matrix.double()
+        tp = m.diagonal()
+        union = m.sum(0) + m.sum(1) - tp
+        return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+
+    def miou(self) -> float:
+        ious = self.class_iou()
+        present = ~ious.isnan()
+        return float(ious[present].mean()) if bool(present.any()) else math.nan
+
+    def pixel_accuracy(self) -> float:
+        total = self.matrix.sum()
+        return float(self.matrix.diagonal().sum() / total) if int(total) else math.nan
+
+    def metrics(self, prefix: str = "val/") -> dict[str, float]:
+        """`{prefix}miou`, `{prefix}pixel_acc` and `{prefix}iou/XXX` per class seen."""
+        out = {f"{prefix}miou": self.miou(), f"{prefix}pixel_acc": self.pixel_accuracy()}
+        for index, value in enumerate(self.class_iou().tolist()):
+            if not math.isnan(value):  # a class in neither truth nor prediction: no value
+                out[f"{prefix}iou/{index:03d}"] = value
+        return out
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows of `window` every `stride` along `size`, the last one flush
+    with the end (mmseg's slide inference), covering every position."""
+    if window >= size:
+        return [0]
+    starts = list(range(0, size - window, stride))
+    return [*starts, size - window]
+
+
+@torch.no_grad()
+def sliding_window_logits(
+    model: Callable[[Tensor], Tensor],
+    images: Tensor,
+    *,
+    window: int,
+    stride: int,
+    num_classes: int,
+) -> Tensor:
+    """Logits (B, n, H, W) of images (B, C, H, W) from overlapping `window` x `window` crops
+    every `stride` pixels, averaged where windows overlap. A side shorter than the window is
+    padded (zeros, at the bottom / right) for the model and cropped back."""
+    if stride < 1 or stride > window:
+        raise ValueError(f"stride {stride} must be in [1, window={window}]")
+    b, _, h, w = images.shape
+    ph, pw = max(h, window), max(w, window)
+    padded = F.pad(images, (0, pw - w, 0, ph - h)) if (ph, pw) != (h, w) else images
+    logits = images.new_zeros(b, num_classes, ph, pw, dtype=torch.float32)
+    counts = images.new_zeros(1, 1, ph, pw, dtype=torch.float32)
+    for top in window_starts(ph, window, stride):
+        for left in window_starts(pw, window, stride):
+            crop = padded[:, :, top : top + window, left : left + window]
+            logits[:, :, top : top + window, left : left + window] += model(crop).float()
+            counts[:, :, top : top + window, left : left + window] += 1
+    return (logits / counts)[:, :, :h, :w]
+
+
+def add_projection_noise(
+    attention_layers: Iterable[nn.Module], scale: float, generator: torch.Generator
+) -> None:
+    """In place: every layer's input projection W (`qkv.weight`: U of MSSA and CBSA, q/k/v of
+    softmax attention) becomes `W + scale * rms(W) * G`, G ~ N(0, 1) elementwise (the
+    convention of `cbtlab.analysis.probes.noisy_attention_accuracy`)."""
+    with torch.no_grad():
+        for layer in attention_layers:
+            weight = layer.qkv.weight
+            rms = weight.square().mean().sqrt()
+            noise = torch.randn(weight.shape, generator=generator, dtype=weight.dtype)
+            weight.add_(scale * rms * noise.to(weight.device))

@@ -11,9 +11,29 @@ from typing import Any
 from cbtlab.models import zoo
 from cbtlab.models.blocks import ISTA, MLP, Block
 from cbtlab.models.reference import from_reference
+from cbtlab.models.segmenter import (
+    SEGMENTERS,
+    MaskDecoder,
+    Segmenter,
+    build_segmenter,
+    create_segmenter,
+)
 from cbtlab.models.transformer import CBTransformer
 
-__all__ = ["ISTA", "MLP", "Block", "CBTransformer", "build_model", "from_reference", "zoo"]
+__all__ = [
+    "ISTA",
+    "MLP",
+    "SEGMENTERS",
+    "Block",
+    "CBTransformer",
+    "MaskDecoder",
+    "Segmenter",
+    "build_model",
+    "build_segmenter",
+    "create_segmenter",
+    "from_reference",
+    "zoo",
+]
 
 
 def build_model(cfg: Any) -> CBTransformer:
