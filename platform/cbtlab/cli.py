@@ -71,6 +71,16 @@ COMMANDS: dict[str, dict[str, Command]] = {
             "does ASHA find the grid's best cell, and with how much compute?",
             "cbtlab study es-check --preset smoke",
         ),
+        "seg-decoders": Command(
+            "cbtlab.tune.cli:seg_decoders_main",
+            "Fig. 8 left: segmentation decoders' attention x depth, mIoU against decoder FLOPs",
+            "cbtlab study seg-decoders --preset smoke",
+        ),
+        "decoder-robustness": Command(
+            "cbtlab.tune.cli:decoder_robustness_main",
+            "Fig. 8 right: trained decoders' mIoU under noise on their projection matrices",
+            "cbtlab study decoder-robustness --preset smoke --scales 0 0.5 1",
+        ),
         "synthetic": Command(
             "cbtlab.analysis.synthetic:synthetic_main",
             "Fig. 4: the parameter-free linear variant compresses each class onto a line",
@@ -113,6 +123,11 @@ COMMANDS: dict[str, dict[str, Command]] = {
             "write WebDataset shards from ImageNet, CIFAR, Flowers, Pets or an image folder",
             "cbtlab data build --source imagefolder --input /data/imagenet "
             "--output s3://bucket/imagenet-wds",
+        ),
+        "ade20k": Command(
+            "cbtlab.data.segmentation:ade20k_main",
+            "shard ADE20K (ADEChallengeData2016 layout) as image + mask for segmentation",
+            "cbtlab data ade20k --input /data/ade --output /data/ade20k-wds",
         ),
         "verify": Command(
             "cbtlab.data.cli:verify_main",

@@ -228,8 +228,9 @@ class ModelConfig:
 class DataConfig:
     """Which dataset, where its shards live, how images are augmented and batches formed."""
 
-    # "digits": the built-in dataset, sharded on first use; "shards": a prebuilt shard folder or
-    # URL (data.root) holding a dataset card (card.json).
+    # "digits": the built-in dataset, sharded on first use; "shapes": the generated segmentation
+    # dataset (cbtlab.data.segmentation; model.num_classes of 2..6 classes); "shards": a prebuilt
+    # shard folder or URL (data.root) holding a dataset card (card.json).
     dataset: str = "digits"
     # The prebuilt shards (data.dataset="shards"): a folder, a URL (http(s)://, s3://, ... read
     # through webdataset or fsspec) or a "pipe:" command with "{}" for the file name.
@@ -262,7 +263,7 @@ class DataConfig:
 
     def validate(self) -> None:
         _finite_floats("data", self)
-        _choice("data.dataset", self.dataset, ("digits", "shards"))
+        _choice("data.dataset", self.dataset, ("digits", "shapes", "shards"))
         if self.dataset == "shards" and not self.root:
             raise ConfigError("data.root", 'set the shard folder or URL for data.dataset="shards"')
         if not 0 < self.val_fraction < 1:
@@ -397,18 +398,96 @@ class TrainConfig:
         _positive("train.max_failures", self.max_failures, allow_zero=True)
 
 
+TASKS = ("classification", "segmentation")
+
+
+@dataclass
+class TaskConfig:
+    """What the run learns: image classification (the default; the model section's backbone
+    and head) or semantic segmentation (an encoder and a mask-transformer decoder,
+    `cbtlab.models.segmenter`, on segmentation shards; docs/models.md). Every other field is
+    read for segmentation only; a classification config holds none of them (`flat` leaves
+    the section out), so its params and hash are those it had before the section existed."""
+
+    kind: str = "classification"
+    # The encoder: "" for the model section's backbone (its head dropped), or a timm model
+    # name (e.g. "vit_tiny_patch16_224", "cbt_tiny_patch16_224") at model.img_size.
+    encoder: str = ""
+    # Weights for a timm encoder: a file (timm's pretrained_cfg_overlay); empty: random.
+    encoder_weights: str = ""
+    # Any attention name of cbtlab.attention; its options (rep_grid, ...) are the model
+    # section's.
+    decoder_attention: str = "cbsa"
+    decoder_depth: int = 2
+    # 0: the encoder's width and heads.
+    decoder_dim: int = 0
+    decoder_heads: int = 0
+    # A feed-forward module in every decoder layer; "auto": only for softmax (Segmenter's).
+    decoder_ffn: AutoBool = AUTO
+    # The training crop is model.img_size. Images are resized to a shorter side of
+    # base_size x r, r uniform in [scale_min, scale_max], then cropped; evaluation resizes the
+    # shorter side to base_size and slides windows of the crop every eval_stride pixels
+    # (0: base_size 4/3 of the crop, stride 2/3 of it, as ADE20K's 512 crop on 2048x512).
+    base_size: int = 0
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    # A crop is redrawn (up to 10 times) while one category holds more than this share of it.
+    cat_max_ratio: float = 0.75
+    flip: bool = True
+    photometric: bool = True
+    eval_stride: int = 0
+    # The learning rate after warm-up: (1 - t / T) ** poly_power of its peak (Segmenter).
+    poly_power: float = 0.9
+
+    def validate(self) -> None:
+        _finite_floats("task", self)
+        _choice("task.kind", self.kind, TASKS)
+        _choice("task.decoder_attention", self.decoder_attention, sorted(ATTENTION_REGISTRY))
+        _positive("task.decoder_depth", self.decoder_depth)
+        for name in ("decoder_dim", "decoder_heads", "base_size", "eval_stride"):
+            _positive(f"task.{name}", getattr(self, name), allow_zero=True)
+        self.decoder_ffn = parse_auto_bool(self.decoder_ffn, "task.decoder_ffn")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ConfigError(
+                "task.scale_min",
+                f"need 0 < scale_min <= scale_max, got {self.scale_min} and {self.scale_max}",
+            )
+        if not 0 < self.cat_max_ratio <= 1:
+            raise ConfigError("task.cat_max_ratio", f"must be in (0, 1], got {self.cat_max_ratio}")
+        _positive("task.poly_power", self.poly_power, allow_zero=True)
+
+    @property
+    def segmentation(self) -> bool:
+        return self.kind == "segmentation"
+
+    def eval_size(self, crop: int) -> int:
+        """The shorter side images are evaluated at (and scaled around in training)."""
+        return self.base_size or crop * 4 // 3
+
+    def stride(self, crop: int) -> int:
+        return min(crop, self.eval_stride or max(1, crop * 2 // 3))
+
+
 @dataclass
 class ExperimentConfig:
-    """One training run: model, data and recipe."""
+    """One training run: model, data and recipe (and, for segmentation, the task)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def validate(self) -> ExperimentConfig:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        self.task.validate()
+        if self.data.dataset == "shapes" and not self.task.segmentation:
+            raise ConfigError("data.dataset", '"shapes" is a segmentation dataset: set task.kind')
+        if self.task.segmentation and self.train.checkpoint_every_steps:
+            raise ConfigError(
+                "train.checkpoint_every_steps", "segmentation runs checkpoint at epoch ends only"
+            )
         if self.data.batch_size % self.train.num_workers:
             raise ConfigError(
                 "data.batch_size",
@@ -418,9 +497,11 @@ class ExperimentConfig:
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Every section; the task section only for segmentation (see `TaskConfig`)."""
         return {
             section.name: _jsonable(dataclasses.asdict(getattr(self, section.name)))
             for section in dataclasses.fields(self)
+            if section.name != "task" or self.task.segmentation
         }
 
     def flat(self) -> dict[str, Any]:

@@ -79,6 +79,7 @@ FLOPS_SOURCES = {
     frozenset({"config"}): "counted from each run's config by cbtlab.analysis.count_flops",
     frozenset({"logged"}): "as the runs logged them",
     frozenset({"config", "logged"}): "as logged, else counted from the run's config",
+    frozenset({"decoder"}): "the decoder's share, as the segmentation runs logged it",
 }
 RC_SOURCES = {frozenset({"probe"}): "probe runs", frozenset({"training"}): "training runs"}
 
@@ -297,6 +298,7 @@ def _draw_paretos(report: StudyReport, rows: list[dict[str, Any]], colours: dict
     kind, metric, what = _what(report.compare)
     if any(math.isfinite(c.flops) and math.isfinite(c.mean) for c in cells):
         source = {r["flops_source"] for r in rows if r["flops_source"]}
+        flops_of = "decoder FLOPs" if source == {"decoder"} else "forward FLOPs"
         report.add(
             "pareto_flops.png",
             fig.pareto(
@@ -304,7 +306,7 @@ def _draw_paretos(report: StudyReport, rows: list[dict[str, Any]], colours: dict
                 cells,
                 x_of_row="flops",
                 x_of_cell="flops",
-                x_label="forward FLOPs per image",
+                x_label=f"{flops_of} per image",
                 maximize_x=False,
                 metric=metric,
                 value_kind=kind,
@@ -313,7 +315,7 @@ def _draw_paretos(report: StudyReport, rows: list[dict[str, Any]], colours: dict
                 path=out / "pareto_flops.png",
                 log_x=True,
             ),
-            f"{what} against forward FLOPs per image ({FLOPS_SOURCES.get(frozenset(source))}); "
+            f"{what} against {flops_of} per image ({FLOPS_SOURCES.get(frozenset(source))}); "
             "the Pareto front of the cells' means is dashed and ringed",
         )
     if any(math.isfinite(c.throughput) and math.isfinite(c.mean) for c in cells):

@@ -55,6 +55,9 @@ LATEST_METRICS = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1"
 BEST_METRICS = ("best/val/top1", "best/val/top5", "best/val/loss")
 # A FLOP count some writer may log (metric or param); otherwise counted from the run's config.
 LOGGED_FLOPS = ("flops", "model/flops", "model.flops")
+# A segmentation run logs its decoder's share (cbtlab.train.segmentation): the x of its Pareto
+# figure, as the paper's Fig. 8 plots mIoU against decoder FLOPs.
+DECODER_FLOPS = "model/decoder_flops"
 RC_PATTERN = re.compile(r"^rc/layer_(\d+)$")
 
 # The table's fixed columns and their types; the factors follow `cell`, `rc/layer_XX` come last.
@@ -247,6 +250,8 @@ def trial_rows(runs: StudyRuns, flops: FlopCounter | None = None) -> list[dict[s
         )
         counted, n_params, flops_error = flops(params)
         flops_source = "logged" if logged is not None else ("" if flops_error else "config")
+        if DECODER_FLOPS in metrics:
+            logged, flops_source = _float(metrics[DECODER_FLOPS]), "decoder"
         seed = _int(params.get("train.seed", tags.get(SEED_TAG)))
         factor_values = {key: params.get(key) for key in runs.factors}
         probe = runs.probes.get(run_id)

@@ -98,7 +98,7 @@ TRIAL_METRIC_PREFIXES = (
     "rc_norm/",
 )
 # Metrics whose best value over the epochs is kept (lower is better for losses), as best/<key>.
-BEST_TRACKED = ("val/top1", "val/top5", "val/loss")
+BEST_TRACKED = ("val/top1", "val/top5", "val/loss", "val/miou", "val/pixel_acc")
 BEST_PREFIX = "best/"
 # A study's answer (cbtlab.tune.budget) on its parent run: the epoch its trials were compared
 # at, beside best/<metric> (a grid's best cell's mean there, a search's best trial's value).

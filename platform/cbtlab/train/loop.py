@@ -71,6 +71,7 @@ from cbtlab.train.recipe import (
     resolve_precision,
     warmup_cosine,
 )
+from cbtlab.train.segmentation import check_segmentation_data, run_segmentation
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def check_training_data(cfg: ExperimentConfig, world_size: int) -> None:
     or classes differ from the model's, or a first epoch in which some rank's stream holds no
     full batch. Workers would meet the same error, and Ray Train would restart them for it
     `train.max_failures` times."""
+    if cfg.task.segmentation:
+        return check_segmentation_data(cfg, world_size)
     batch_size = _rank_batch(cfg, world_size)
     train_set = open_split(prepare_dataset(cfg.data), "train")
     check_dataset_fits(cfg.model, train_set)
@@ -591,8 +594,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             report_with_checkpoint(metrics, lambda directory: save_state(state, directory))
 
+    # A segmentation config trains in its own worker, under the same report contract.
+    run = run_segmentation if cfg.task.segmentation else run_training
+    extra = {} if cfg.task.segmentation else {"fail_at": config.get("fail_at")}
     try:
-        run_training(
+        run(
             cfg,
             rank=ctx.get_world_rank(),
             world_size=ctx.get_world_size(),
@@ -600,7 +606,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             prepare_model=ray.train.torch.prepare_model,
             device=ray.train.torch.get_device(),
             resume=resume,
-            fail_at=config.get("fail_at"),
+            **extra,
         )
     except Diverged as exc:
         # Not a worker failure to retry: end the run normally and let the driver fail it

@@ -12,7 +12,14 @@ from typing import Any
 
 MID_EPOCH_KEY = "checkpoint/mid_epoch"
 DIVERGED_KEY = "train/diverged"
-DIVERGED_WORST = {"val/top1": 0.0, "val/top5": 0.0, "val/loss": math.inf, "train/loss": math.inf}
+DIVERGED_WORST = {
+    "val/top1": 0.0,
+    "val/top5": 0.0,
+    "val/miou": 0.0,
+    "val/pixel_acc": 0.0,
+    "val/loss": math.inf,
+    "train/loss": math.inf,
+}
 
 
 class Diverged(FloatingPointError):

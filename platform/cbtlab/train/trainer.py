@@ -68,7 +68,7 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
-                checkpoint_score_attribute="val/top1",
+                checkpoint_score_attribute="val/miou" if cfg.task.segmentation else "val/top1",
                 checkpoint_score_order="max",
             ),
         ),

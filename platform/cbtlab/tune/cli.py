@@ -27,12 +27,16 @@ from cbtlab.tune.definitions import (
     JOINT_STEP_SCALES,
     PRESETS,
     REP_GRIDS,
+    SEG_DECODERS,
+    SEG_DEPTHS,
     STEP_CELLS,
     VARIANTS,
+    decoder_robustness_spec,
     es_check_grid_spec,
     joint_spec,
     model_scaling_spec,
     rep_count_spec,
+    seg_decoders_spec,
     step_init_spec,
     variant_spec,
 )
@@ -48,6 +52,7 @@ from cbtlab.tune.scaling import (
     scaling_json,
     scaling_rows,
 )
+from cbtlab.tune.segmentation import NOISE_SCALES, evaluate_robustness
 from cbtlab.tune.spec import StudySpec, spec_from_dict
 from cbtlab.tune.state import latest_study_path, read_study_state
 from cbtlab.tune.stats import TESTS
@@ -656,3 +661,100 @@ def early_stopping_check_main(argv: Sequence[str] | None = None, prog: str | Non
     )
     failed = any(r.failed == len(r.rows) for r in (outcome.grid, outcome.search))
     return 1 if failed else 0
+
+
+# The segmentation studies (the paper's Fig. 8): presets of their own.
+SEG_PRESET_HELP = {
+    "smoke": "generated shapes in the ADE20K layout, a tiny encoder, on CPU in minutes",
+    "ade20k": "Segmenter's ADE20K recipe on prebuilt shards (--data-root), ViT-T encoder",
+}
+
+
+def _seg_parser(description: str, prog: str | None, seeds: int) -> argparse.ArgumentParser:
+    parser = study_parser(
+        description, prog=prog, search=False, seeds=seeds, presets=SEG_PRESET_HELP
+    )
+    parser.add_argument(
+        "--decoders",
+        nargs="+",
+        default=list(SEG_DECODERS),
+        help="decoder attention names (any of cbtlab.attention); the first is the baseline",
+    )
+    return parser
+
+
+def seg_decoders_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = _seg_parser(
+        "Segmentation decoders (the paper's Fig. 8 left): a mask-transformer decoder on a ViT "
+        "encoder, its attention x its depth, each cell with the same --seeds; val/miou with "
+        "paired statistics vs the baseline; the report plots mIoU against decoder FLOPs.",
+        prog,
+        seeds=2,
+    )
+    parser.add_argument(
+        "--depths", nargs="+", type=int, default=list(SEG_DEPTHS), help="decoder depths"
+    )
+    return parser
+
+
+def seg_decoders_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return run_study_main(seg_decoders_parser(prog), seg_decoders_spec, argv)
+
+
+def decoder_robustness_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = _seg_parser(
+        "Decoder robustness (the paper's Fig. 8 right): each decoder trained with the same "
+        "--seeds, then its last checkpoint evaluated with Gaussian noise of every --scales "
+        "(times the weights' rms) added to the decoder's projection matrices; mIoU against "
+        "the scale per decoder, with 95%% intervals over seeds.",
+        prog,
+        seeds=2,
+    )
+    parser.add_argument("--depth", type=int, default=1, help="decoder depth (task.decoder_depth)")
+    parser.add_argument(
+        "--scales",
+        nargs="+",
+        type=float,
+        default=list(NOISE_SCALES),
+        help="noise scales (0: the clean decoder)",
+    )
+    parser.add_argument("--noise-seed", type=int, default=0, help="seed of the noise draws")
+    return parser
+
+
+def decoder_robustness_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Train the decoders (a grid), then evaluate each under noise and log the curves."""
+    parser = decoder_robustness_parser(prog)
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        parser.error("--resume: re-run the study (the noise runs after its training)")
+    if min(args.scales) < 0:
+        parser.error("--scales: noise scales must be >= 0")
+    try:
+        spec = decoder_robustness_spec(args).validate()
+    except ConfigError as exc:
+        parser.error(str(exc))
+    try:
+        result = run_study(spec)
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_study_result(result, spec)
+    tracker = StudyTracker(result.tracking_uri, result.experiment_name)
+    summary = evaluate_robustness(
+        spec.base,
+        result.rows,
+        keys=list(spec.space),
+        scales=args.scales,
+        tracker=tracker,
+        parent_run_id=result.parent_run_id,
+        seed=args.noise_seed,
+    )
+    print("\nval mIoU under noise on the decoder's projections (mean [95% CI] over seeds):")
+    for row in summary:
+        print(
+            f"  {row['decoder']:>10}  scale {row['scale']:<5g} {row['miou']:.4f} "
+            f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]  ({row['seeds']} seeds)"
+        )
+    print(f"logged as noise_robustness.json and .png on the parent run {result.parent_run_id}")
+    return 0 if result.failed < len(result.rows) else 1

@@ -470,3 +470,118 @@ def es_check_grid_spec(args: argparse.Namespace) -> StudySpec:
     variants = args.variants or (ES_SMOKE_CELLS["variants"].split(",") if smoke else VARIANTS)
     space = {"model.attention": list(variants)}
     return study_spec(spec_args, name="variant_comparison-grid", space=space, grid=True)
+
+
+# Segmentation decoders (the paper's Fig. 8; studies/segmentation_decoders.py and
+# studies/decoder_robustness.py): a ViT encoder with a mask-transformer decoder whose attention
+# and depth vary (cbtlab.models.segmenter), scored by val/miou.
+SEG_DECODERS = ("cbsa", "mssa", "softmax")
+SEG_DEPTHS = (1, 2)
+SEG_PRESETS = ("smoke", "ade20k")
+SEG_METRIC = "val/miou"
+# The smoke preset: the generated shapes (4 classes, 64 px, cbtlab.data.segmentation) with
+# crops of 32 px, a one-layer encoder of width 48 on 4-pixel patches, one training worker.
+SEG_SMOKE: dict[str, Any] = {
+    "task.kind": "segmentation",
+    "task.photometric": False,
+    "data.dataset": "shapes",
+    "data.batch_size": 16,
+    "data.shuffle_buffer": 32,
+    "model.in_chans": 3,
+    "model.num_classes": 4,
+    "model.img_size": 32,
+    "model.patch_size": 4,
+    "model.embed_dim": 48,
+    "model.num_heads": 3,
+    "model.depth": 1,
+    "model.block": "mlp",
+    "model.attention": "softmax",
+    "model.rep_grid": "4x4",
+    "train.epochs": 6,
+    "train.lr": 2e-3,
+    "train.warmup_epochs": 0.5,
+    "train.num_workers": 1,
+    "train.cpus_per_worker": 1,
+}
+# Segmenter's ADE20K recipe (Strudel et al., 2021; the CBSA repository's segm/config.yml): a
+# ViT-T/16 encoder (ImageNet weights from a file: --set task.encoder_weights=PATH), 512 crops
+# of images whose shorter side is 512 x [0.5, 2], SGD lr 1e-3, momentum 0.9, no weight decay,
+# poly 0.9 decay, batch 8, 160k iterations (64 epochs of the 20,210 training images), sliding
+# windows of 512 every 512 at evaluation as Segmenter (--set task.eval_stride=341 for
+# mmseg's). The decoder pools its representatives to 8 x 8 on the 32 x 32 patch grid.
+SEG_ADE20K: dict[str, Any] = {
+    "task.kind": "segmentation",
+    "task.encoder": "vit_tiny_patch16_224",
+    "task.base_size": 512,
+    "task.eval_stride": 512,
+    "data.dataset": "shards",
+    "data.batch_size": 8,
+    "data.loader_workers": 4,
+    "model.in_chans": 3,
+    "model.num_classes": 150,
+    "model.img_size": 512,
+    "model.patch_size": 16,
+    "model.rep_grid": "8x8",
+    "train.epochs": 64,
+    "train.optimizer": "sgd",
+    "train.lr": 1e-3,
+    "train.weight_decay": 0.0,
+    "train.warmup_epochs": 0,
+    "train.grad_clip": 0.0,
+    "train.num_workers": 1,
+}
+
+
+def seg_overrides(args: argparse.Namespace) -> list[str]:
+    """The segmentation preset as `--set` overrides before the user's own; ConfigError for
+    the ade20k preset without --data-root."""
+    if args.preset not in SEG_PRESETS:
+        raise ConfigError("--preset", f"{args.preset!r} is not one of {', '.join(SEG_PRESETS)}")
+    preset = dict(SEG_SMOKE if args.preset == "smoke" else SEG_ADE20K)
+    if args.preset == "ade20k":
+        if not args.data_root:
+            raise ConfigError("--data-root", "give the ADE20K shards (`cbtlab data ade20k`)")
+        preset["data.root"] = args.data_root
+    return [f"{key}={value}" for key, value in preset.items()] + list(args.overrides)
+
+
+def _seg_args(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
+    return argparse.Namespace(
+        **{**vars(args), "preset": "smoke", "overrides": seg_overrides(args), **changes}
+    )
+
+
+def _check_values(base: ExperimentConfig, key: str, values: Sequence[Any], flag: str) -> None:
+    for value in values:
+        try:
+            base.with_overrides({key: value})
+        except ConfigError as exc:
+            raise ConfigError(flag, str(exc)) from None
+
+
+def seg_decoders_spec(args: argparse.Namespace) -> StudySpec:
+    """Decoder attention x decoder depth, every cell with the same --seeds, scored by
+    val/miou (the first attention at the first depth is the baseline)."""
+    seg_args = _seg_args(args)
+    base = base_config(seg_args)
+    _check_values(base, "task.decoder_attention", args.decoders, "--decoders")
+    _check_values(base, "task.decoder_depth", args.depths, "--depths")
+    space = {"task.decoder_attention": list(args.decoders), "task.decoder_depth": list(args.depths)}
+    spec = study_spec(seg_args, name="segmentation_decoders", space=space, grid=True)
+    spec.metric = SEG_METRIC
+    return spec
+
+
+def decoder_robustness_spec(args: argparse.Namespace) -> StudySpec:
+    """The decoders to perturb: each attention at --depth, trained with the same --seeds
+    (the noise is applied to the trained decoders afterwards: `cbtlab.tune.segmentation`)."""
+    seg_args = _seg_args(args)
+    base = base_config(seg_args)
+    _check_values(base, "task.decoder_attention", args.decoders, "--decoders")
+    _check_values(base, "task.decoder_depth", [args.depth], "--depth")
+    space = {"task.decoder_attention": list(args.decoders), "task.decoder_depth": [args.depth]}
+    spec = study_spec(seg_args, name="decoder_robustness", space=space, grid=True)
+    spec.metric = SEG_METRIC
+    if not spec.base.train.checkpoint_every:
+        raise ConfigError("train.checkpoint_every", "the noise is applied to the last checkpoint")
+    return spec
