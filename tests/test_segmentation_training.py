@@ -13,6 +13,9 @@ from cbtlab.config import ConfigError, ExperimentConfig
 from cbtlab.data import open_split
 from cbtlab.data.seg_transforms import SegEvalTransform, seg_loader
 from cbtlab.train.segmentation import poly_schedule, run_segmentation
+from cbtlab.tune.cli import decoder_robustness_parser, seg_decoders_parser
+from cbtlab.tune.definitions import decoder_robustness_spec, seg_decoders_spec
+from cbtlab.tune.segmentation import noisy_mious, summarise
 
 
 def _tiny_seg_config(tmp_path: Path, **overrides: object) -> ExperimentConfig:
@@ -59,6 +62,11 @@ def test_a_cbsa_decoder_trains_past_the_majority_class(tmp_path: Path) -> None:
     assert final["val/miou"] > baseline.miou() + 0.15, (final["val/miou"], baseline.miou())
     assert final["val/pixel_acc"] > baseline.pixel_accuracy()
     assert reports[0][0]["train/loss"] > final["train/loss"]
+    assert 0 < final["model/decoder_flops"] < final["model/flops"]
+    # the robustness study's evaluation of the checkpoint: scale 0 is the clean model
+    noisy = noisy_mious(cfg, state, [0.0, 3.0])
+    assert noisy["noise/0/miou"] == pytest.approx(final["val/miou"], abs=1e-6)
+    assert noisy["noise/3/miou"] < noisy["noise/0/miou"]
 
 
 def test_a_classification_config_holds_no_task_section() -> None:
@@ -83,3 +91,37 @@ def test_poly_schedule_warms_up_then_decays_to_zero() -> None:
         sched.step()
     assert rates[:3] == pytest.approx([0.5, 1.0, 1.0])
     assert rates[-1] == pytest.approx(1 / 8) and opt.param_groups[0]["lr"] == 0
+
+
+def test_seg_decoder_studies_specs() -> None:
+    args = seg_decoders_parser().parse_args(["--decoders", "cbsa", "softmax", "--depths", "1", "2"])
+    spec = seg_decoders_spec(args).validate()
+    assert spec.metric == "val/miou" and spec.grid and spec.seeds == 2
+    assert len(spec.cells) == 4 and spec.base.task.segmentation
+    assert spec.base.data.dataset == "shapes"
+    with pytest.raises(ConfigError, match="--decoders"):
+        seg_decoders_spec(seg_decoders_parser().parse_args(["--decoders", "nope"]))
+    with pytest.raises(ConfigError, match="--data-root"):
+        seg_decoders_spec(seg_decoders_parser().parse_args(["--preset", "ade20k"]))
+    ade = seg_decoders_spec(
+        seg_decoders_parser().parse_args(["--preset", "ade20k", "--data-root", "/x"])
+    )
+    assert ade.base.model.num_classes == 150 and ade.base.task.encoder == "vit_tiny_patch16_224"
+    robust = decoder_robustness_spec(decoder_robustness_parser().parse_args(["--depth", "2"]))
+    assert robust.space == {
+        "task.decoder_attention": ["cbsa", "mssa", "softmax"],
+        "task.decoder_depth": [2],
+    }
+
+
+def test_robustness_summary_has_intervals_over_seeds() -> None:
+    per_trial = [
+        ("cbsa", {"noise/0/miou": 0.8, "noise/1/miou": 0.7}),
+        ("cbsa", {"noise/0/miou": 0.6, "noise/1/miou": 0.5}),
+        ("mssa", {"noise/0/miou": 0.7, "noise/1/miou": 0.2}),
+    ]
+    rows = summarise(per_trial, [0.0, 1.0])
+    first = rows[0]
+    assert (first["decoder"], first["scale"], first["seeds"]) == ("cbsa", 0.0, 2)
+    assert first["miou"] == pytest.approx(0.7) and first["ci_low"] < 0.7 < first["ci_high"]
+    assert rows[-1]["decoder"] == "mssa" and rows[-1]["seeds"] == 1

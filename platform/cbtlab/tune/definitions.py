@@ -480,7 +480,8 @@ SEG_DEPTHS = (1, 2)
 SEG_PRESETS = ("smoke", "ade20k")
 SEG_METRIC = "val/miou"
 # The smoke preset: the generated shapes (4 classes, 64 px, cbtlab.data.segmentation) with
-# crops of 32 px, a one-layer encoder of width 48 on 4-pixel patches, one training worker.
+# crops of 32 px, a one-layer encoder of width 48 on 4-pixel patches, one training worker, 3
+# epochs (about 0.9 mIoU against the majority class's 0.2).
 SEG_SMOKE: dict[str, Any] = {
     "task.kind": "segmentation",
     "task.photometric": False,
@@ -497,7 +498,7 @@ SEG_SMOKE: dict[str, Any] = {
     "model.block": "mlp",
     "model.attention": "softmax",
     "model.rep_grid": "4x4",
-    "train.epochs": 6,
+    "train.epochs": 3,
     "train.lr": 2e-3,
     "train.warmup_epochs": 0.5,
     "train.num_workers": 1,
