@@ -12,6 +12,7 @@ from cbtlab.analysis.segmentation import ConfusionMatrix
 from cbtlab.config import ConfigError, ExperimentConfig
 from cbtlab.data import open_split
 from cbtlab.data.seg_transforms import SegEvalTransform, seg_loader
+from cbtlab.tracking.schema import config_from_params
 from cbtlab.train.segmentation import poly_schedule, run_segmentation
 from cbtlab.tune.cli import decoder_robustness_parser, seg_decoders_parser
 from cbtlab.tune.definitions import decoder_robustness_spec, seg_decoders_spec
@@ -75,6 +76,8 @@ def test_a_classification_config_holds_no_task_section() -> None:
     seg = plain.with_overrides({"task.kind": "segmentation", "task.decoder_depth": 3})
     assert seg.flat()["task.decoder_depth"] == 3
     assert ExperimentConfig.from_flat(seg.flat()).task.decoder_depth == 3
+    # a run's logged params rebuild its config, the task section's included
+    assert config_from_params({k: str(v) for k, v in seg.flat().items()}) == seg
     with pytest.raises(ConfigError, match=r"task\.decoder_attention"):
         seg.with_overrides({"task.decoder_attention": "nope"})
     with pytest.raises(ConfigError, match=r"data\.dataset"):

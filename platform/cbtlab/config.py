@@ -512,6 +512,16 @@ class ExperimentConfig:
             for key, value in values.items()
         }
 
+    @staticmethod
+    def keys() -> list[str]:
+        """Every dotted key a config may hold, the task section's included (which `flat`
+        leaves out of a classification config)."""
+        return [
+            f"{section.name}.{f.name}"
+            for section in dataclasses.fields(ExperimentConfig)
+            for f in dataclasses.fields(typing.get_type_hints(ExperimentConfig)[section.name])
+        ]
+
     def config_hash(self) -> str:
         """Short, stable hash of every field: equal configs give equal hashes."""
         blob = json.dumps(self.flat(), sort_keys=True, default=str).encode()

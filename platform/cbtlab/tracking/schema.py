@@ -125,7 +125,7 @@ def trial_config(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentCo
 def config_from_params(params: dict[str, str]) -> ExperimentConfig:
     """The experiment config of an MLflow run from its params (the flattened config; derived
     values such as `model.num_representatives` and study settings are skipped)."""
-    known = set(ExperimentConfig().flat())
+    known = set(ExperimentConfig.keys())
     return ExperimentConfig.from_flat({k: v for k, v in params.items() if k in known})
 
 

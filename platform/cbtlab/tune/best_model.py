@@ -35,6 +35,7 @@ from cbtlab.tracking.schema import (
     MODEL_TRIAL_RUN_TAG,
     config_from_params,
 )
+from cbtlab.train.segmentation import build_segmentation_model
 from cbtlab.tune.budget import Answer
 from cbtlab.tune.stats import cell_label
 
@@ -149,6 +150,15 @@ def log_registered_model(
     return registered, info.model_id
 
 
+def _trained_model(cfg: ExperimentConfig, state: dict[str, Any]) -> torch.nn.Module:
+    """The checkpoint's network: the classifier, or a segmentation run's encoder + decoder."""
+    if not cfg.task.segmentation:
+        return load_model(cfg, state)
+    model = build_segmentation_model(cfg)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
 def log_best_model(
     uri: str,
     parent_run_id: str,
@@ -173,7 +183,7 @@ def log_best_model(
         MODEL_EPOCH_TAG: str(epoch),
     }
     registered, model_id = log_registered_model(
-        uri, parent_run_id, load_model(cfg, state), input_example(cfg), name=name, tags=tags
+        uri, parent_run_id, _trained_model(cfg, state), input_example(cfg), name=name, tags=tags
     )
     model_uri = f"models:/{name}/{registered}"
     client.set_tag(parent_run_id, BEST_MODEL_TAG, model_uri)
