@@ -80,6 +80,8 @@ def test_a_classification_config_holds_no_task_section() -> None:
     assert config_from_params({k: str(v) for k, v in seg.flat().items()}) == seg
     with pytest.raises(ConfigError, match=r"task\.decoder_attention"):
         seg.with_overrides({"task.decoder_attention": "nope"})
+    with pytest.raises(ConfigError, match=r"train\.init_from.*task\.encoder_weights"):
+        seg.with_overrides({"train.init_from": "/x"})
     with pytest.raises(ConfigError, match=r"data\.dataset"):
         plain.with_overrides({"data.dataset": "shapes"})
 

@@ -484,10 +484,8 @@ class ExperimentConfig:
         self.task.validate()
         if self.data.dataset == "shapes" and not self.task.segmentation:
             raise ConfigError("data.dataset", '"shapes" is a segmentation dataset: set task.kind')
-        if self.task.segmentation and self.train.checkpoint_every_steps:
-            raise ConfigError(
-                "train.checkpoint_every_steps", "segmentation runs checkpoint at epoch ends only"
-            )
+        if self.task.segmentation:
+            self._check_segmentation()
         if self.data.batch_size % self.train.num_workers:
             raise ConfigError(
                 "data.batch_size",
@@ -495,6 +493,21 @@ class ExperimentConfig:
                 f"train.num_workers={self.train.num_workers}",
             )
         return self
+
+    def _check_segmentation(self) -> None:
+        """Refuse the training options the segmentation worker does not honour."""
+        unsupported = {
+            "train.checkpoint_every_steps": (0, "segmentation runs checkpoint at epoch ends only"),
+            "train.init_from": ("", "give the encoder's weights as task.encoder_weights"),
+            "train.grad_accum_steps": (1, "not in the segmentation worker"),
+            "train.probe_every": (0, "the compression probes read classifiers"),
+            "train.compile": (False, "not in the segmentation worker"),
+            "train.label_smoothing": (0.0, "not in the segmentation worker"),
+        }
+        for key, (default, why) in unsupported.items():
+            value = getattr(self.train, key.partition(".")[2])
+            if value != default:
+                raise ConfigError(key, f"{value!r} with task.kind=segmentation: {why}")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Every section; the task section only for segmentation (see `TaskConfig`)."""
