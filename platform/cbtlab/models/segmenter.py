@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from cbtlab.attention import create_attention
 from cbtlab.models.blocks import MLP
+from cbtlab.models.transformer import CBTransformer
 
 # The decoder attentions with a feed-forward module under ffn="auto": Segmenter's.
 FFN_ATTENTIONS = frozenset({"softmax"})
@@ -160,6 +161,10 @@ class Segmenter(nn.Module):
         self.decoder = decoder
         self.patch_size = encoder_patch_size(encoder)
         self.num_classes = decoder.num_classes
+        # The decoder reads normalised tokens: timm's ViTs normalise them in forward_features,
+        # our backbone in its head, after pooling; its final norm is applied per token here
+        # (the same module: its weights load and train as the encoder's).
+        self.token_norm = encoder.norm if isinstance(encoder, CBTransformer) else nn.Identity()
 
     def no_weight_decay(self) -> set[str]:
         inner = getattr(self.encoder, "no_weight_decay", lambda: set())()
@@ -171,7 +176,7 @@ class Segmenter(nn.Module):
             raise ValueError(f"image {h}x{w} is not a multiple of the patch size {self.patch_size}")
         grid = (h // self.patch_size, w // self.patch_size)
         tokens = self.encoder.forward_features(images)
-        patches = tokens[:, self.encoder.num_prefix_tokens :]  # (B, H*W, d)
+        patches = self.token_norm(tokens[:, self.encoder.num_prefix_tokens :])  # (B, H*W, d)
         masks = self.decoder(patches, grid)  # (B, n_cls, H, W)
         return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
 
