@@ -13,7 +13,7 @@ from cbtlab.config import ConfigError, ExperimentConfig
 from cbtlab.data import open_split
 from cbtlab.data.seg_transforms import SegEvalTransform, seg_loader
 from cbtlab.tracking.schema import config_from_params
-from cbtlab.train.segmentation import poly_schedule, run_segmentation
+from cbtlab.train.segmentation import build_segmentation_model, poly_schedule, run_segmentation
 from cbtlab.tune.cli import decoder_robustness_parser, seg_decoders_parser
 from cbtlab.tune.definitions import decoder_robustness_spec, seg_decoders_spec
 from cbtlab.tune.segmentation import noisy_mious, summarise
@@ -130,3 +130,21 @@ def test_robustness_summary_has_intervals_over_seeds() -> None:
     assert (first["decoder"], first["scale"], first["seeds"]) == ("cbsa", 0.0, 2)
     assert first["miou"] == pytest.approx(0.7) and first["ci_low"] < 0.7 < first["ci_high"]
     assert rows[-1]["decoder"] == "mssa" and rows[-1]["seeds"] == 1
+
+
+@pytest.mark.parametrize("encoder", ["vit_tiny_patch16_224", "cbt_tiny_patch16_224"])
+def test_a_timm_or_cbtlab_encoder_by_name(encoder: str) -> None:
+    cfg = ExperimentConfig().with_overrides(
+        {
+            "task.kind": "segmentation",
+            "task.encoder": encoder,
+            "task.decoder_depth": 1,
+            "model.in_chans": 3,
+            "model.num_classes": 5,
+            "model.img_size": 128,
+            "model.patch_size": 16,
+            "model.rep_grid": "2x2",
+        }
+    )
+    model = build_segmentation_model(cfg)  # the zoo's CBT pools 8 x 8 representatives
+    assert model(torch.randn(1, 3, 128, 160)).shape == (1, 5, 128, 160)

@@ -34,7 +34,7 @@ from cbtlab.data import check_dataset_fits, open_split, prepare_dataset
 from cbtlab.data.seg_transforms import SegEvalTransform, SegTrainTransform, seg_loader
 from cbtlab.data.shards import ShardSet
 from cbtlab.data.transforms import image_stats
-from cbtlab.models import build_model, build_segmenter
+from cbtlab.models import build_model, build_segmenter, zoo
 from cbtlab.models.segmenter import Segmenter, decoder_share
 from cbtlab.train.collectives import all_reduce, reduction_device
 from cbtlab.train.messages import Diverged
@@ -53,7 +53,9 @@ def build_segmentation_model(cfg: ExperimentConfig) -> Segmenter:
         kwargs: dict[str, Any] = {"num_classes": 0, "img_size": cfg.model.img_size}
         if task.encoder_weights:
             kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": task.encoder_weights}}
-        encoder = timm.create_model(task.encoder, dynamic_img_size=True, **kwargs)
+        if task.encoder not in zoo.MODEL_NAMES:  # timm's ViTs: any multiple of the patch
+            kwargs["dynamic_img_size"] = True  # (ours resample their positions anyway)
+        encoder = timm.create_model(task.encoder, **kwargs)
     else:
         encoder = build_model(cfg.model)
         encoder.reset_classifier(0)
