@@ -12,7 +12,7 @@ from cbtlab.analysis.segmentation import ConfusionMatrix
 from cbtlab.config import ConfigError, ExperimentConfig
 from cbtlab.data import open_split
 from cbtlab.data.seg_transforms import SegEvalTransform, seg_loader
-from cbtlab.tracking.schema import config_from_params
+from cbtlab.tracking.schema import TRIAL_METRIC_PREFIXES, config_from_params
 from cbtlab.train.segmentation import build_segmentation_model, poly_schedule, run_segmentation
 from cbtlab.tune.cli import decoder_robustness_parser, seg_decoders_parser
 from cbtlab.tune.definitions import decoder_robustness_spec, seg_decoders_spec
@@ -64,6 +64,7 @@ def test_a_cbsa_decoder_trains_past_the_majority_class(tmp_path: Path) -> None:
     assert final["val/pixel_acc"] > baseline.pixel_accuracy()
     assert reports[0][0]["train/loss"] > final["train/loss"]
     assert 0 < final["model/decoder_flops"] < final["model/flops"]
+    assert "model/decoder_flops".startswith(TRIAL_METRIC_PREFIXES)  # MLflow gets it per trial
     # the robustness study's evaluation of the checkpoint: scale 0 is the clean model
     noisy = noisy_mious(cfg, state, [0.0, 3.0])
     assert noisy["noise/0/miou"] == pytest.approx(final["val/miou"], abs=1e-6)

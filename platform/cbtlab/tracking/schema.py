@@ -96,6 +96,8 @@ TRIAL_METRIC_PREFIXES = (
     "data/",
     "rc/",
     "rc_norm/",
+    # a segmentation run's costs, model/decoder_flops the x of its Pareto figure
+    "model/",
 )
 # Metrics whose best value over the epochs is kept (lower is better for losses), as best/<key>.
 BEST_TRACKED = ("val/top1", "val/top5", "val/loss", "val/miou", "val/pixel_acc")
