@@ -47,6 +47,7 @@ from cbtlab.tracking.schema import (
     StudyRuns,
     config_from_params,
 )
+from cbtlab.train.segmentation import build_segmentation_model
 from cbtlab.tune.budget import common_budget, with_budget_values
 from cbtlab.tune.stats import cell_label, mean_ci
 
@@ -115,7 +116,7 @@ class FlopCounter:
 
     def __call__(self, params: dict[str, str]) -> tuple[float, int | None, str]:
         """(forward FLOPs per image, parameter count, error message or "")."""
-        model_params = {k: v for k, v in params.items() if k.startswith("model.")}
+        model_params = {k: v for k, v in params.items() if k.startswith(("model.", "task."))}
         key = json.dumps(model_params, sort_keys=True)
         if key not in self._cache:
             self._cache[key] = self._count(params)
@@ -124,9 +125,12 @@ class FlopCounter:
     @staticmethod
     def _count(params: dict[str, str]) -> tuple[float, int | None, str]:
         try:
-            cfg = config_from_params(params).model
+            whole = config_from_params(params)
+            cfg = whole.model
             with torch.device("meta"):
-                model = build_model(cfg)
+                # a segmentation run's model is its encoder + decoder
+                seg = whole.task.segmentation
+                model = build_segmentation_model(whole) if seg else build_model(cfg)
             flops = count_flops(model, cfg.img_size, in_chans=cfg.in_chans)
             return float(flops), sum(p.numel() for p in model.parameters()), ""
         except Exception as exc:  # a config this version cannot build: say so, go on
