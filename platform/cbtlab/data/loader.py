@@ -11,9 +11,10 @@ function of (seed, epoch, rank) and W, never of timing, so a mid-epoch resume co
 epoch and skip k batches. `loader_workers=0` runs the one stream in the training process: the
 batches of one worker.
 
-Workers. The streams run in the processes of a `WorkerPool` (workers.py), which a run keeps
-from epoch to epoch and hands batches over in reused shared memory; an epoch given no pool (or
-a busy one) starts workers for itself alone.
+Workers. The streams run in the processes of a `WorkerPool` (workers.py: torch's DataLoader with
+persistent workers, each epoch's streams sent to them as a job), which a run keeps from epoch to
+epoch; an epoch given no pool (or a busy one) starts workers for itself alone. Shards are read
+by webdataset's tar reader (`tar_file_iterator`).
 
 Equal batches. Each stream's batch quota comes from the card's per-shard counts: a rank yields
 `steps` = the smallest, over ranks, of the full batches its streams hold, spread over its
@@ -59,11 +60,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch import Tensor
-from webdataset.tariterators import base_plus_ext
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from cbtlab.data.remote import ReadAhead, close_early, explain, open_url, prefetch
 from cbtlab.data.shards import ShardInfo, ShardSet
-from cbtlab.data.tarstream import tar_members
 from cbtlab.data.transforms import SplitTransform
 from cbtlab.data.workers import CountedBatch, WorkerPool
 
@@ -205,7 +205,8 @@ class _Epoch:
         if pool is None or pool.busy:  # one made for this epoch (forked now, stopped after)
             pool, own = WorkerPool(), True
         try:
-            yield from self._batches(pool.run(self.streams.stream, count, self._images))
+            batches = pool.run(self.streams.stream, count, self._images, pin_memory=self.pin_memory)
+            yield from self._batches(batches)
         finally:
             if own:
                 pool.close()
@@ -229,7 +230,7 @@ class _Epoch:
     def _to_device(self, tensor: Tensor) -> Tensor:
         if self.device is None:
             return tensor
-        if self.pin_memory:
+        if self.pin_memory and not tensor.is_pinned():  # workers' batches come pinned
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=self.pin_memory)
 
@@ -458,7 +459,7 @@ def _read_shard(
         raise ShardReadError(f"cannot open shard {url}: {explain(url, exc)}") from exc
     count, finished = 0, False
     try:
-        for sample in _group(tar_members(stream), url):
+        for sample in _group(_tar_members(stream), url):
             count += 1
             yield sample
         finished = True
@@ -470,6 +471,13 @@ def _read_shard(
         raise ShardReadError(
             f"shard {url} holds {count} samples, its dataset card says {shard.num_samples}"
         )
+
+
+def _tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of a tar stream's files in order (webdataset's reader: Python's tarfile in
+    stream mode, any compression; directories, links and `__meta__` names skipped). A stream cut
+    inside a member raises; one cut at a member's end is caught by the count against the card."""
+    return ((member["fname"], member["data"]) for member in tar_file_iterator(stream))
 
 
 def _group(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any]]:
