@@ -149,7 +149,8 @@ def test_a_split_on_s3_streams_the_same_samples_as_a_local_copy(
 ) -> None:
     on_s3, local = open_split(dataset.url, "train"), open_split(dataset.local, "train")
     assert on_s3.shards[0].path == f"{dataset.url}/train-00000.tar"
-    assert dataclasses.replace(on_s3, shards=local.shards) == local
+    assert on_s3.manifest == f"{dataset.url}/manifest.parquet"
+    assert dataclasses.replace(on_s3, shards=local.shards, manifest=local.manifest) == local
 
     def train(shardset: ShardSet) -> list[list[float]]:
         epoch = TrainEpoch(
