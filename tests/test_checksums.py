@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from cbtlab.config import ExperimentConfig
-from cbtlab.data import ShardSet, TrainEpoch, eval_batches, read_split
+from cbtlab.data import ShardSet, TrainEpoch, checksums, eval_batches, read_split
 from cbtlab.data.checksums import (
     ChecksumError,
     _warn_unchecked,
@@ -161,6 +161,8 @@ def test_a_stream_reads_only_its_shards_rows_of_the_manifest(
     assert pq.ParquetFile(manifest).metadata.num_row_groups == 1
     assert read_shard_checksums(str(manifest), "train-00001.tar") == rows
     assert read_shard_checksums(str(manifest), "train-09999.tar") == {}
+    monkeypatch.setattr(checksums, "SMALL_MANIFEST", 10)  # as if ImageNet's: filtered by Arrow
+    assert read_shard_checksums(str(manifest), "train-00001.tar") == rows
 
 
 def test_without_a_manifest_skip_reads_unchecked_and_stop_refuses(
