@@ -259,6 +259,11 @@ class DataConfig:
     # Decode JPEGs at a reduced scale (libjpeg's DCT scaling) when the transform would shrink
     # them further anyway; never below the resolution the output needs.
     jpeg_draft: bool = True
+    # What a sample whose image bytes differ from the manifest's sha256 does as it is read:
+    # "skip" (counted in data/corrupt_samples and skipped), "stop" (the run fails naming the
+    # shard and key) or "off" (not checked: a corrupt but decodable image is trained on).
+    # Hashing costs tens of microseconds per ImageNet JPEG (`cbtlab data bench`).
+    checksums: str = "skip"
 
     def validate(self) -> None:
         _finite_floats("data", self)
@@ -272,6 +277,7 @@ class DataConfig:
         _positive("data.shuffle_buffer", self.shuffle_buffer)
         _positive("data.loader_workers", self.loader_workers, allow_zero=True)
         _choice("data.augment", self.augment, ("auto", "none", "digits", "imagenet"))
+        _choice("data.checksums", self.checksums, ("skip", "stop", "off"))
         if self.auto_augment and self.train_augment != "imagenet":
             raise ConfigError(
                 "data.auto_augment", 'goes with data.augment="imagenet" (or "auto" on shards)'

@@ -246,6 +246,7 @@ class RankData:
             pin_memory=self.pin_memory,
             device=self.device,  # uint8 batches cross to the device and are normalised there
             pool=self.pool,
+            checksums=self.cfg.data.checksums,
         )
 
     def val_batches(self) -> Any:
@@ -260,6 +261,7 @@ class RankData:
             pin_memory=self.pin_memory,
             device=self.device,
             pool=self.pool,
+            checksums=self.cfg.data.checksums,
         )
 
     def probe_images(self) -> Tensor:
@@ -272,6 +274,7 @@ class RankData:
             batch_size=self.cfg.train.probe_samples,
             transform=self.tf.eval,
             device=self.device,
+            checksums=self.cfg.data.checksums,
         )
         return next(iter(probe))[0]
 
