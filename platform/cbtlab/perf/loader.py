@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from cbtlab.data.checksums import checksum_cost
 from cbtlab.data.loader import TrainEpoch, _collate, _group, _tar_members
 from cbtlab.data.shards import Sample, ShardSet, read_split, write_card, write_split
 from cbtlab.data.transforms import (
@@ -65,7 +66,8 @@ WEBLOADER_STEPS = (
     "crop+resize+flip",
     "uint8 batch into new shared memory",
 )
-WEBDATASET_WORKER_STEPS = WEBLOADER_STEPS  # ours reads and ships its batches alike
+# Ours reads and ships its batches alike, and checks each sample against the manifest.
+WEBDATASET_WORKER_STEPS = (*WEBLOADER_STEPS, "sha256 check against the manifest")
 WEBDATASET_MAIN_STEP = "normalise a collated batch"
 
 
@@ -468,6 +470,7 @@ def _cost_breakdown(
         return {
             "open+read file": _per_image_ms(lambda p: p.read_bytes(), paths),
             "tar sample": tar_ms(),
+            "sha256 check against the manifest": checksum_cost(encoded),
             "decode JPEG": _per_image_ms(decode, encoded),
             "crop+resize+flip": _per_image_ms(transform.per_image, decoded),
             "normalise a collated batch": _per_batched_image_ms(transform.per_batch, collated),
