@@ -156,7 +156,7 @@ def test_study_cells(tmp_path, monkeypatch) -> None:
         ("cbsa", "none"),
     ]
     assert set(spec.space) == {"model.attention", "model.contraction"}
-    assert spec.base.model.adapt_from == NAME and spec.base.model.img_size == 64
+    assert spec.base.model.adapt_from == NAME and spec.base.model.img_size == 48
     assert spec.base.train.init_from.endswith(f"random_{NAME}.safetensors")
     bad = vit_adaptation_parser().parse_args(["--preset", "imagenet"])
     with pytest.raises(ConfigError, match="--weights"):
