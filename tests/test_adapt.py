@@ -138,6 +138,8 @@ def test_bad_inputs_are_named(vit_file, tmp_path) -> None:
     cfg = _adapted_config(small)  # a small ViT's file for the tiny model
     with pytest.raises(ValueError, match=r"train\.init_from: .*another ViT size"):
         read_start(small, cfg.model)
+    with pytest.raises(ValueError, match="not a URI"):
+        read_start("s3://bucket/vit.safetensors", cfg.model)
 
 
 def test_study_cells(tmp_path, monkeypatch) -> None:

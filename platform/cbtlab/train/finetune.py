@@ -110,6 +110,11 @@ def _is_vit_file(path: str | Path) -> bool:
     """Whether `path` is a timm ViT's weights file rather than a cbtlab checkpoint (a folder,
     a state.pt with the cbtlab format, or a URI a study wrote)."""
     if "://" in str(path):
+        if Path(str(path)).suffix in (".safetensors", ".npz", ".bin", ".pth"):
+            raise CheckpointError(
+                f"train.init_from: {path}: a timm ViT's weights are read from a path every "
+                "worker sees (a shared file system), not a URI"
+            )
         return False
     path = Path(path).expanduser()
     if path.is_dir():
