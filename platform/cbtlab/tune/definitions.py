@@ -538,7 +538,8 @@ def adaptation_cells(
         name = f"vit_{size}_patch16_224"
         arch = {f"model.{k}": v for k, v in vit_fields(name).items()}
         for form in forms:
-            fields = {"contraction": "softmax", **FORMS[form]}
+            fields = {**FORMS[form]}
+            fields.setdefault("contraction", "softmax")  # read by CBSA only
             cells.append(
                 {
                     **{f"model.{k}": v for k, v in fields.items()},
