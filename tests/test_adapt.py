@@ -165,5 +165,10 @@ def test_study_cells(tmp_path, monkeypatch) -> None:
         _adaptation_specs(bad)
     sizes = argparse.Namespace(**{**vars(args), "sizes": ["tiny", "small"], "weights": [
         f"tiny={tmp_path / 'nope'}"]})  # fmt: skip
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match="no ViT weights file"):
         _adaptation_specs(sizes)
+    tiny_file = spec.base.train.init_from
+    other = argparse.Namespace(**{**vars(args), "sizes": ["small"], "weights": [
+        f"small={tiny_file}"]})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"--weights: small: .*another ViT size"):
+        _adaptation_specs(other)

@@ -11,13 +11,12 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from cbtlab.config import ExperimentConfig
 from cbtlab.data import open_split
 from cbtlab.data.transforms import image_stats
-from cbtlab.models.adapt import FORMS, write_random_vit
+from cbtlab.models.adapt import FORMS, load_vit, write_random_vit
 from cbtlab.overrides import ConfigError, add_override_argument, parse_override
 from cbtlab.paths import cbtlab_home
 from cbtlab.tracking import StudyTracker
@@ -762,8 +761,7 @@ def _adaptation_specs(args: argparse.Namespace) -> dict[str, StudySpec]:
     weights = parse_size_files(args.weights)
     for size in args.sizes:
         if size in weights:
-            if "://" not in weights[size] and not Path(weights[size]).expanduser().is_file():
-                raise ConfigError("--weights", f"{size}: no such file {weights[size]}")
+            _check_weights(size, weights[size])
         elif args.preset == "smoke":
             name = f"vit_{size}_patch16_224"
             path = cbtlab_home() / "vit_adaptation" / f"random_{name}.safetensors"
@@ -796,6 +794,17 @@ def _adaptation_specs(args: argparse.Namespace) -> dict[str, StudySpec]:
         ).validate()
         for stage, root in downstream.items()
     }
+
+
+def _check_weights(size: str, path: str) -> None:
+    """A size's weights file exists and holds that ViT (read here once, so that a file of
+    another size fails before any trial starts); a URI is refused by the workers' loader."""
+    if "://" in path:
+        return
+    try:
+        load_vit(f"vit_{size}_patch16_224", path, num_classes=1, img_size=224, in_chans=3)
+    except ValueError as exc:
+        raise ConfigError("--weights", f"{size}: {exc}") from None
 
 
 def _downstream_data(root: str) -> dict[str, Any]:
