@@ -104,7 +104,7 @@ def test_every_form_trains_and_counts(vit, form: str) -> None:
     assert count_flops(model, IMG) > 0
 
 
-def test_the_config_path_matches_the_adapter(vit_file) -> None:
+def test_the_config_path_matches_the_adapter(vit_file, tmp_path) -> None:
     """`train.init_from` with `model.adapt_from` starts the model as `adapt_vit` builds it;
     a one-channel model gets the first convolution summed and one-channel statistics."""
     cfg = _adapted_config(vit_file, attention="cbsa", contraction="none")
@@ -114,6 +114,12 @@ def test_the_config_path_matches_the_adapter(vit_file) -> None:
     for key, value in reference.state_dict().items():
         if "step" not in key and not key.startswith("head."):
             torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    pth = tmp_path / "vit.pth"  # timm's other layout: a torch state dict
+    torch.save(load_file(str(vit_file)), pth)
+    from_pth = read_start(pth, cfg.model).weights
+    torch.testing.assert_close(
+        from_pth["blocks.2.mlp.fc1.weight"], reference.blocks[2].mlp.fc1.weight
+    )
     grey = _adapted_config(vit_file, in_chans=1)
     start = read_start(vit_file, grey.model)
     assert start.weights["patch_embed.proj.weight"].shape[1] == 1
