@@ -61,6 +61,11 @@ COMMANDS: dict[str, dict[str, Command]] = {
             "model sizes pre-trained, then fine-tuned downstream (the scaling table)",
             "cbtlab study scaling --preset smoke",
         ),
+        "vit-adapt": Command(
+            "cbtlab.dashboards.study_reports:vit_adaptation_main",
+            "Fig. 9: pretrained timm ViTs adapted to CBSA / linear attention, vs FLOPs",
+            "cbtlab study vit-adapt --preset smoke",
+        ),
         "joint": Command(
             "cbtlab.tune.cli:joint_search_main",
             "variant x representatives x pooling x step sizes, one conditional Optuna search",

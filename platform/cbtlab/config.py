@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package (pyproj
 
 from cbtlab.attention import ATTENTION_REGISTRY
 from cbtlab.attention.common import window_grid
+from cbtlab.models.adapt import vit_fields
 from cbtlab.models.stems import STEMS
 from cbtlab.models.transformer import layer_attentions
 from cbtlab.overrides import ConfigError
@@ -148,6 +149,11 @@ class ModelConfig:
     ista_lambda: float = 0.1
     global_pool: str = "avg"
     drop_rate: float = 0.0
+    # A timm ViT (vit_{tiny,small,base,large}_patch16_224[.tag]) adapted to model.attention
+    # (the paper's Fig. 9, cbtlab.models.adapt): the architecture fields must be that ViT's,
+    # and train.init_from gives its pretrained weights (a timm .safetensors/.pth/.npz file).
+    # Empty: none.
+    adapt_from: str = ""
 
     def validate(self) -> None:
         _finite_floats("model", self)
@@ -218,6 +224,25 @@ class ModelConfig:
         _choice("model.global_pool", self.global_pool, ("token", "avg"))
         if not 0 <= self.drop_rate < 1:
             raise ConfigError("model.drop_rate", f"must be in [0, 1), got {self.drop_rate!r}")
+        self._check_adapted()
+
+    def _check_adapted(self) -> None:
+        """With adapt_from, the architecture fields must be the ViT's: one message naming every
+        field to set."""
+        if not self.adapt_from:
+            return
+        try:
+            fields = vit_fields(self.adapt_from)
+        except ValueError as exc:
+            raise ConfigError("model.adapt_from", str(exc)) from None
+        wrong = {k: v for k, v in fields.items() if getattr(self, k) != v}
+        if wrong:
+            sets = " ".join(f"--set model.{k}={v}" for k, v in wrong.items())
+            now = ", ".join(f"{k}={getattr(self, k)!r}" for k in wrong)
+            raise ConfigError(
+                "model.adapt_from",
+                f"{self.adapt_from} fixes the architecture: {sets} (now {now})",
+            )
 
     @property
     def num_representatives(self) -> int:

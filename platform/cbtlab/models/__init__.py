@@ -9,15 +9,28 @@ from __future__ import annotations
 from typing import Any
 
 from cbtlab.models import zoo
+from cbtlab.models.adapt import NORM_EPS, adapt_vit
 from cbtlab.models.blocks import ISTA, MLP, Block
 from cbtlab.models.reference import from_reference
 from cbtlab.models.transformer import CBTransformer
 
-__all__ = ["ISTA", "MLP", "Block", "CBTransformer", "build_model", "from_reference", "zoo"]
+__all__ = [
+    "ISTA",
+    "MLP",
+    "Block",
+    "CBTransformer",
+    "adapt_vit",
+    "build_model",
+    "from_reference",
+    "zoo",
+]
 
 
 def build_model(cfg: Any) -> CBTransformer:
-    """The model a `cbtlab.config.ModelConfig` (or any object with its fields) describes."""
+    """The model a `cbtlab.config.ModelConfig` (or any object with its fields) describes. With
+    `adapt_from` (a timm ViT name), the fields describe that ViT (config validation checks it)
+    and its LayerNorms take timm's epsilon; its weights come from `train.init_from`
+    (`cbtlab.models.adapt`)."""
     return CBTransformer(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
@@ -48,4 +61,5 @@ def build_model(cfg: Any) -> CBTransformer:
         ista_lambda=cfg.ista_lambda,
         global_pool=cfg.global_pool,
         drop_rate=cfg.drop_rate,
+        norm_eps=NORM_EPS if getattr(cfg, "adapt_from", "") else 1e-5,
     )

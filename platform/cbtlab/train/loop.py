@@ -143,7 +143,11 @@ def run_training(
     reduction_device(device)  # a process group that cannot reduce this rank's tensors fails now
     _set_threads_and_seed(cfg)
     # A restart continues from its checkpoint, not from the weights it first started from.
-    start = read_start(cfg.train.init_from) if cfg.train.init_from and resume is None else None
+    start = (
+        read_start(cfg.train.init_from, cfg.model)
+        if cfg.train.init_from and resume is None
+        else None
+    )
     stats = normalisation(cfg, start, resume)
     data = RankData.open(cfg, rank=rank, world_size=world_size, device=device, stats=stats)
     learner = Learner.build(cfg, data, prepare_model=prepare_model, start=start)
