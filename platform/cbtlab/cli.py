@@ -126,7 +126,7 @@ COMMANDS: dict[str, dict[str, Command]] = {
         ),
         "bench": Command(
             "cbtlab.perf.loader:bench_main",
-            "our shard loader against torchvision's ImageFolder DataLoader, side by side",
+            "our shard loader against webdataset's WebLoader and torch's DataLoader, side by side",
             "cbtlab data bench --cache warm",
         ),
     },
