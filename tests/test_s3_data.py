@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from cbtlab.data import TrainEpoch, eval_batches, open_split, remote
+from cbtlab.data.checksums import ChecksumError
 from cbtlab.data.cli import build_main, verify_main
 from cbtlab.data.loader import ShardReadError, _read_shard, _read_shards
 from cbtlab.data.shards import ShardInfo, ShardSet
@@ -133,6 +134,14 @@ def test_build_to_s3_resumes_and_verify_catches_a_corrupted_object(
     assert report.startswith(f"FAILED {url}")
     assert f"val-00000.tar: corrupt image {bad_key}" in report
     assert f"val-00000.tar: checksum mismatch {bad_key}" in report
+    # The loader reads the manifest's rows of the shard from S3 as well, and stops on them.
+    val = open_split(url, "val")
+    with pytest.raises(ChecksumError, match=f"{bad_key} of shard {url}/val-00000.tar"):
+        _batches(
+            eval_batches(
+                val, rank=0, world_size=1, batch_size=2, transform=_pixels, checksums="stop"
+            )
+        )
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
@@ -149,7 +158,8 @@ def test_a_split_on_s3_streams_the_same_samples_as_a_local_copy(
 ) -> None:
     on_s3, local = open_split(dataset.url, "train"), open_split(dataset.local, "train")
     assert on_s3.shards[0].path == f"{dataset.url}/train-00000.tar"
-    assert dataclasses.replace(on_s3, shards=local.shards) == local
+    assert on_s3.manifest == f"{dataset.url}/manifest.parquet"
+    assert dataclasses.replace(on_s3, shards=local.shards, manifest=local.manifest) == local
 
     def train(shardset: ShardSet) -> list[list[float]]:
         epoch = TrainEpoch(

@@ -61,6 +61,11 @@ COMMANDS: dict[str, dict[str, Command]] = {
             "model sizes pre-trained, then fine-tuned downstream (the scaling table)",
             "cbtlab study scaling --preset smoke",
         ),
+        "vit-adapt": Command(
+            "cbtlab.dashboards.study_reports:vit_adaptation_main",
+            "Fig. 9: pretrained timm ViTs adapted to CBSA / linear attention, vs FLOPs",
+            "cbtlab study vit-adapt --preset smoke",
+        ),
         "joint": Command(
             "cbtlab.tune.cli:joint_search_main",
             "variant x representatives x pooling x step sizes, one conditional Optuna search",
@@ -136,7 +141,7 @@ COMMANDS: dict[str, dict[str, Command]] = {
         ),
         "bench": Command(
             "cbtlab.perf.loader:bench_main",
-            "our shard loader against torchvision's ImageFolder DataLoader, side by side",
+            "our shard loader against webdataset's WebLoader and torch's DataLoader, side by side",
             "cbtlab data bench --cache warm",
         ),
     },

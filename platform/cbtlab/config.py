@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package (pyproj
 
 from cbtlab.attention import ATTENTION_REGISTRY
 from cbtlab.attention.common import window_grid
+from cbtlab.models.adapt import vit_fields
 from cbtlab.models.stems import STEMS
 from cbtlab.models.transformer import layer_attentions
 from cbtlab.overrides import ConfigError
@@ -148,6 +149,11 @@ class ModelConfig:
     ista_lambda: float = 0.1
     global_pool: str = "avg"
     drop_rate: float = 0.0
+    # A timm ViT (vit_{tiny,small,base,large}_patch16_224[.tag]) adapted to model.attention
+    # (the paper's Fig. 9, cbtlab.models.adapt): the architecture fields must be that ViT's,
+    # and train.init_from gives its pretrained weights (a timm .safetensors/.pth/.npz file).
+    # Empty: none.
+    adapt_from: str = ""
 
     def validate(self) -> None:
         _finite_floats("model", self)
@@ -218,6 +224,25 @@ class ModelConfig:
         _choice("model.global_pool", self.global_pool, ("token", "avg"))
         if not 0 <= self.drop_rate < 1:
             raise ConfigError("model.drop_rate", f"must be in [0, 1), got {self.drop_rate!r}")
+        self._check_adapted()
+
+    def _check_adapted(self) -> None:
+        """With adapt_from, the architecture fields must be the ViT's: one message naming every
+        field to set."""
+        if not self.adapt_from:
+            return
+        try:
+            fields = vit_fields(self.adapt_from)
+        except ValueError as exc:
+            raise ConfigError("model.adapt_from", str(exc)) from None
+        wrong = {k: v for k, v in fields.items() if getattr(self, k) != v}
+        if wrong:
+            sets = " ".join(f"--set model.{k}={v}" for k, v in wrong.items())
+            now = ", ".join(f"{k}={getattr(self, k)!r}" for k in wrong)
+            raise ConfigError(
+                "model.adapt_from",
+                f"{self.adapt_from} fixes the architecture: {sets} (now {now})",
+            )
 
     @property
     def num_representatives(self) -> int:
@@ -260,6 +285,11 @@ class DataConfig:
     # Decode JPEGs at a reduced scale (libjpeg's DCT scaling) when the transform would shrink
     # them further anyway; never below the resolution the output needs.
     jpeg_draft: bool = True
+    # What a sample whose image bytes differ from the manifest's sha256 does as it is read:
+    # "skip" (counted in data/corrupt_samples and skipped), "stop" (the run fails naming the
+    # shard and key) or "off" (not checked: a corrupt but decodable image is trained on).
+    # Hashing costs tens of microseconds per ImageNet JPEG (`cbtlab data bench`).
+    checksums: str = "skip"
 
     def validate(self) -> None:
         _finite_floats("data", self)
@@ -273,6 +303,7 @@ class DataConfig:
         _positive("data.shuffle_buffer", self.shuffle_buffer)
         _positive("data.loader_workers", self.loader_workers, allow_zero=True)
         _choice("data.augment", self.augment, ("auto", "none", "digits", "imagenet"))
+        _choice("data.checksums", self.checksums, ("skip", "stop", "off"))
         if self.auto_augment and self.train_augment != "imagenet":
             raise ConfigError(
                 "data.auto_augment", 'goes with data.augment="imagenet" (or "auto" on shards)'

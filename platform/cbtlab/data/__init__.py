@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cbtlab.config import DataConfig, ModelConfig
+from cbtlab.data.checksums import ChecksumError
 from cbtlab.data.digits import ensure_digits
 from cbtlab.data.loader import ShardReadError, TrainEpoch, eval_batches
 from cbtlab.data.remote import open_split
@@ -16,6 +17,7 @@ from cbtlab.data.workers import LoaderWorkerError, WorkerPool
 from cbtlab.paths import data_home
 
 __all__ = [
+    "ChecksumError",
     "LoaderWorkerError",
     "ShardReadError",
     "ShardSet",

@@ -11,9 +11,10 @@ function of (seed, epoch, rank) and W, never of timing, so a mid-epoch resume co
 epoch and skip k batches. `loader_workers=0` runs the one stream in the training process: the
 batches of one worker.
 
-Workers. The streams run in the processes of a `WorkerPool` (workers.py), which a run keeps
-from epoch to epoch and hands batches over in reused shared memory; an epoch given no pool (or
-a busy one) starts workers for itself alone.
+Workers. The streams run in the processes of a `WorkerPool` (workers.py: torch's DataLoader with
+persistent workers, each epoch's streams sent to them as a job), which a run keeps from epoch to
+epoch; an epoch given no pool (or a busy one) starts workers for itself alone. Shards are read
+by webdataset's tar reader (`tar_file_iterator`).
 
 Equal batches. Each stream's batch quota comes from the card's per-shard counts: a rank yields
 `steps` = the smallest, over ranks, of the full batches its streams hold, spread over its
@@ -27,7 +28,8 @@ batch is then moved to `device` when one is given and normalised there by the pe
 which also makes it contiguous. Any other transform runs whole in the workers, and its batches
 are only moved. Either way a batch comes out of the epoch ready to use.
 
-Corrupt samples. A sample whose image or label fails to decode is skipped and counted (the count
+Corrupt samples. A sample whose image or label fails to decode, or whose image bytes differ from
+the manifest's sha256 (checksums.py; policy `checksums`), is skipped and counted (the count
 travels with the batches; `corrupt_samples` after an epoch). A training stream that skipped so
 many that it runs short of its quota reads its shards again (a top-up pass, the shuffle going
 on), so every rank still yields exactly `steps` batches and needs no extra collective; the price
@@ -59,11 +61,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch import Tensor
-from webdataset.tariterators import base_plus_ext
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from cbtlab.data.checksums import ChecksumError, ShardChecksums, shard_checksums
 from cbtlab.data.remote import ReadAhead, close_early, explain, open_url, prefetch
 from cbtlab.data.shards import ShardInfo, ShardSet
-from cbtlab.data.tarstream import tar_members
 from cbtlab.data.transforms import SplitTransform
 from cbtlab.data.workers import CountedBatch, WorkerPool
 
@@ -72,6 +74,8 @@ log = logging.getLogger(__name__)
 Batch = tuple[Tensor, Tensor]
 # Corrupt samples logged (with key and shard) per stream before going quiet.
 LOGGED_CORRUPT = 3
+# A sample's entry holding its shard's manifest checksums ({key: sha256}), when checked.
+CHECKSUMS = "__checksums__"
 
 
 class ShardReadError(OSError):
@@ -173,6 +177,7 @@ class _Epoch:
         shuffle_buffer: int = 0,
         seed_key: str | None = None,
         pool: WorkerPool | None = None,
+        checksums: str = "skip",
     ) -> None:
         split = isinstance(transform, SplitTransform)
         self.streams = _RankStreams(
@@ -184,6 +189,7 @@ class _Epoch:
             decode_size=decode_size,
             shuffle_buffer=shuffle_buffer,
             seed_key=seed_key,
+            checksums=shard_checksums(shardset, checksums),
         )
         self.per_batch = transform.per_batch if split else None
         self.loader_workers = loader_workers
@@ -205,7 +211,8 @@ class _Epoch:
         if pool is None or pool.busy:  # one made for this epoch (forked now, stopped after)
             pool, own = WorkerPool(), True
         try:
-            yield from self._batches(pool.run(self.streams.stream, count, self._images))
+            batches = pool.run(self.streams.stream, count, self._images, pin_memory=self.pin_memory)
+            yield from self._batches(batches)
         finally:
             if own:
                 pool.close()
@@ -229,7 +236,7 @@ class _Epoch:
     def _to_device(self, tensor: Tensor) -> Tensor:
         if self.device is None:
             return tensor
-        if self.pin_memory:
+        if self.pin_memory and not tensor.is_pinned():  # workers' batches come pinned
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=self.pin_memory)
 
@@ -238,7 +245,9 @@ class TrainEpoch(_Epoch):
     """One epoch of training batches for one rank; `len()` is the same on every rank. With
     `device`, batches arrive there (copied without blocking when `pin_memory`); a split
     transform's batches are normalised there. With `loader_workers`, the epoch runs in `pool`'s
-    worker processes (kept for the next epoch), or in workers started for it alone."""
+    worker processes (kept for the next epoch), or in workers started for it alone.
+    `checksums`: what a sample whose bytes differ from the manifest's sha256 does, "skip"
+    (counted as corrupt), "stop" (raises `ChecksumError`) or "off" (not checked; checksums.py)."""
 
     def __init__(
         self,
@@ -256,6 +265,7 @@ class TrainEpoch(_Epoch):
         pin_memory: bool = False,
         device: torch.device | str | None = None,
         pool: WorkerPool | None = None,
+        checksums: str = "skip",
     ) -> None:
         _check_rank(rank, world_size)
         self.plan = plan_train_epoch(
@@ -280,6 +290,7 @@ class TrainEpoch(_Epoch):
             shuffle_buffer=shuffle_buffer,
             seed_key=f"{seed}:{epoch}:{rank}",
             pool=pool,
+            checksums=checksums,
         )
 
     def __len__(self) -> int:
@@ -306,10 +317,11 @@ def eval_batches(
     pin_memory: bool = False,
     device: torch.device | str | None = None,
     pool: WorkerPool | None = None,
+    checksums: str = "skip",
 ) -> _Epoch:
     """This rank's share of an evaluation split, every sample once, each stream's last batch
-    partial; iterate it (once per evaluation), then read its `corrupt_samples`. `device` and
-    `pool` as in `TrainEpoch`."""
+    partial; iterate it (once per evaluation), then read its `corrupt_samples`. `device`,
+    `pool` and `checksums` as in `TrainEpoch`."""
     _check_rank(rank, world_size)
     plan = plan_eval(shardset, world_size=world_size, workers=loader_workers)
     return _Epoch(
@@ -322,6 +334,7 @@ def eval_batches(
         pin_memory=pin_memory,
         device=device,
         pool=pool,
+        checksums=checksums,
     )
 
 
@@ -345,6 +358,7 @@ class _RankStreams:
         decode_size: int | None,
         shuffle_buffer: int,
         seed_key: str | None,
+        checksums: ShardChecksums | None = None,
     ) -> None:
         self.streams = streams
         self.batch_size = batch_size
@@ -354,6 +368,7 @@ class _RankStreams:
         self.decode_size = decode_size
         self.shuffle_buffer = shuffle_buffer
         self.seed_key = seed_key
+        self.checksums = checksums
 
     def stream(self, worker: int) -> Iterator[CountedBatch]:
         stream = self.streams[worker]
@@ -370,7 +385,7 @@ class _RankStreams:
         pending: list[tuple[Tensor, int]] = []
         while True:
             decoded = 0
-            reading = _read_shards(stream.shards)
+            reading = _read_shards(stream.shards, self.checksums)
             samples: Iterator[dict[str, Any]] = reading
             if rng is not None:
                 samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
@@ -410,7 +425,18 @@ class _RankStreams:
             )
 
     def _decode(self, sample: dict[str, Any], *, logged: bool) -> tuple[Image.Image, int] | None:
-        """The sample's image in `mode` and its label; None (and a log line) if either fails."""
+        """The sample's image in `mode` and its label; None (and a log line) if either fails,
+        or if its bytes differ from the manifest's checksum (under "stop": raises)."""
+        expected = sample.get(CHECKSUMS)
+        if self.checksums is not None and expected is not None and self.image_ext in sample:
+            reason = self.checksums.mismatch(sample["__key__"], sample[self.image_ext], expected)
+            if reason is not None:
+                key, url = sample["__key__"], sample["__url__"]
+                if self.checksums.policy == "stop":
+                    raise ChecksumError(f"sample {key} of shard {url} is corrupt: {reason}")
+                if logged:
+                    log.warning("skipping corrupt sample %s in %s: %s", key, url, reason)
+                return None
         try:
             image = Image.open(io.BytesIO(sample[self.image_ext]))
             if self.decode_size and image.format == "JPEG":
@@ -434,32 +460,51 @@ def _seed_global_generators(key: str) -> None:
     torch.manual_seed(value)
 
 
-def _read_shards(shards: Sequence[ShardInfo]) -> Iterator[dict[str, Any]]:
+def _read_shards(
+    shards: Sequence[ShardInfo], checksums: ShardChecksums | None = None
+) -> Iterator[dict[str, Any]]:
     """The samples of `shards` in order, each shard read ahead (from the disk, or downloaded)
     while its predecessor is decoded; a local first shard while the stream starts. Closing
-    the iterator early stops the download of the next shard."""
+    the iterator early stops the download of the next shard. With `checksums`, each sample
+    carries its shard's manifest checksums (`CHECKSUMS`)."""
     if shards:
         prefetch(shards[0].path)
     with ReadAhead() as ahead:
         for i, shard in enumerate(shards):
             then = shards[i + 1].path if i + 1 < len(shards) else None
-            yield from _read_shard(shard, functools.partial(ahead.open, then=then))
+            yield from _read_shard(shard, functools.partial(ahead.open, then=then), checksums)
 
 
 def _read_shard(
-    shard: ShardInfo, open_shard: Callable[[str], IO[bytes]] = open_url
+    shard: ShardInfo,
+    open_shard: Callable[[str], IO[bytes]] = open_url,
+    checksums: ShardChecksums | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The samples of one tar shard ({"__key__", "__url__", ext: bytes, ...}), checked against
-    its card's count when read to the end."""
+    its card's count when read to the end. With `checksums`, the shard's rows of the manifest
+    are read as it is opened (and only its rows), and each sample carries them (`CHECKSUMS`),
+    for `_decode` to check."""
     url = shard.path
+    expected = None
+    if checksums is not None:
+        try:
+            expected = checksums.expected(shard)
+        except ChecksumError:
+            raise
+        except Exception as exc:
+            raise ShardReadError(
+                f"cannot read the checksums of shard {url} from {checksums.manifest}: {exc}"
+            ) from exc
     try:
         stream = open_shard(url)
     except Exception as exc:
         raise ShardReadError(f"cannot open shard {url}: {explain(url, exc)}") from exc
     count, finished = 0, False
     try:
-        for sample in _group(tar_members(stream), url):
+        for sample in _group(_tar_members(stream), url):
             count += 1
+            if expected is not None:
+                sample[CHECKSUMS] = expected
             yield sample
         finished = True
     except Exception as exc:
@@ -470,6 +515,13 @@ def _read_shard(
         raise ShardReadError(
             f"shard {url} holds {count} samples, its dataset card says {shard.num_samples}"
         )
+
+
+def _tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of a tar stream's files in order (webdataset's reader: Python's tarfile in
+    stream mode, any compression; directories, links and `__meta__` names skipped). A stream cut
+    inside a member raises; one cut at a member's end is caught by the count against the card."""
+    return ((member["fname"], member["data"]) for member in tar_file_iterator(stream))
 
 
 def _group(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any]]:

@@ -32,7 +32,7 @@ from urllib.request import url2pathname
 
 from webdataset.gopen import gopen, gopen_schemes
 
-from cbtlab.data.shards import CARD_NAME, ShardInfo, ShardSet, read_split
+from cbtlab.data.shards import CARD_NAME, MANIFEST_NAME, ShardInfo, ShardSet, read_split
 from cbtlab.data.storage import url_filesystem
 
 # A shard read ahead stays in memory up to this size, the rest spills to a temporary file.
@@ -237,7 +237,9 @@ def open_split(root: str | Path, split: str) -> ShardSet:
     if split not in card["splits"]:
         raise KeyError(f"split {split!r} not in {card_url}; has {sorted(card['splits'])}")
     shards = tuple(
-        ShardInfo(join_url(root, entry["path"]), entry["num_samples"], entry["num_bytes"])
+        ShardInfo(
+            join_url(root, entry["path"]), entry["num_samples"], entry["num_bytes"], entry["path"]
+        )
         for entry in card["splits"][split]
     )
     return ShardSet(
@@ -248,4 +250,6 @@ def open_split(root: str | Path, split: str) -> ShardSet:
         image_ext=card["image_ext"],
         content_hash=card["content_hash"],
         extra=card.get("extra", {}),
+        # Not looked for here (a request); a stream that finds none says so (checksums.py).
+        manifest=join_url(root, MANIFEST_NAME),
     )

@@ -4,7 +4,9 @@ The manifest has one row per sample (key, label, split, shard, size, sha256 of t
 datasets built by `cbtlab.data.build` add the class name); the card (JSON) lists every split's
 shards with their sample counts and byte sizes, the sample and per-class counts of every split,
 the class names when known, and a content hash over the manifest, so that a reader knows counts
-without opening tars and can check that what is on disk is what was written.
+without opening tars and can check that what is on disk is what was written. The manifest holds
+one Parquet row group per shard, so that a loader reads one shard's checksums alone
+(checksums.py).
 
 A shard holds, per sample, the members `{key}.{ext}` (the image bytes) and `{key}.cls` (the
 label as decimal text), with fixed member metadata so that a rebuild is byte-identical.
@@ -13,6 +15,7 @@ label as decimal text), with fixed member metadata so that a rebuild is byte-ide
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -45,6 +48,8 @@ class ShardInfo:
     path: str
     num_samples: int
     num_bytes: int
+    # Its path in the card, which the manifest's `shard` column holds ("": the path's file name).
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class ShardSet:
     image_ext: str
     content_hash: str
     extra: dict[str, Any]
+    # The manifest's path or URL (None: the dataset has none), for the loader's checksums.
+    manifest: str | None = None
 
     @property
     def num_samples(self) -> int:
@@ -133,6 +140,22 @@ def content_hash(manifest: pa.Table) -> str:
     return digest.hexdigest()
 
 
+def write_manifest(table: pa.Table, path: Path) -> None:
+    """Write the manifest with one row group per run of rows of the same shard, so that a loader
+    reads one shard's checksums without the rest (`checksums.read_shard_checksums`)."""
+    if table.num_rows == 0:
+        pq.write_table(table, path)
+        return
+    runs = [len(list(rows)) for _, rows in itertools.groupby(table.column("shard").to_pylist())]
+    starts = [0, *itertools.accumulate(runs)]
+    # Statistics on `shard` only: they select the row groups; those of the keys and checksums
+    # would make the footer, which each loader process parses, 1.1 MB instead of 0.7 MB for
+    # ImageNet's 1,281 training shards.
+    with pq.ParquetWriter(path, table.schema, write_statistics=["shard"]) as writer:
+        for start, end in itertools.pairwise(starts):
+            writer.write_table(table.slice(start, end - start), row_group_size=end - start)
+
+
 def write_card(
     out_dir: Path,
     name: str,
@@ -153,7 +176,7 @@ def write_card(
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
-    pq.write_table(table, out_dir / MANIFEST_NAME)
+    write_manifest(table, out_dir / MANIFEST_NAME)
     counts: dict[str, list[int]] = {}
     for split, label in zip(
         table.column("split").to_pylist(), table.column("label").to_pylist(), strict=True
@@ -205,7 +228,8 @@ def read_split(root: Path, split: str) -> ShardSet:
             raise FileNotFoundError(
                 f"shard {path} has {size} bytes, the card says {entry['num_bytes']}"
             )
-        shards.append(ShardInfo(str(path), entry["num_samples"], entry["num_bytes"]))
+        shards.append(ShardInfo(str(path), entry["num_samples"], entry["num_bytes"], entry["path"]))
+    manifest = root / MANIFEST_NAME
     return ShardSet(
         name=card["name"],
         split=split,
@@ -214,4 +238,5 @@ def read_split(root: Path, split: str) -> ShardSet:
         image_ext=card["image_ext"],
         content_hash=card["content_hash"],
         extra=card.get("extra", {}),
+        manifest=str(manifest) if manifest.is_file() else None,
     )

@@ -1,53 +1,51 @@
-"""Loader worker processes that outlive an epoch and hand batches over in reused shared memory.
+"""Loader worker processes kept from epoch to epoch: torch's DataLoader with persistent
+workers, running a new job (an epoch's streams) each time.
 
-A `WorkerPool` starts its processes once and keeps them for every epoch it runs (in place of
-torch's DataLoader); each worker owns `SLOTS` shared-memory buffers, mapped once in both
-processes, and a batch crosses as a slot number with its labels.
+A `WorkerPool` holds one `DataLoader` (`persistent_workers=True`, batches already formed by the
+job: `batch_size=None`) over a dataset that runs, in worker w, the job the pool last sent it:
+`run(job, workers, finish)` puts the cloudpickled `job` on each worker's own queue and iterates
+the loader once, so the workers, their shared-memory batches, pinning (`pin_memory`) and the
+order are torch's. Workers beyond `workers` get no job and end at once.
 
-Protocol: one duplex pipe per worker.
-- Main -> worker: ("job", generation, payload) runs the cloudpickled callable `payload(worker)`
-  and sends the `(images, labels, skipped)` batches it yields; ("free", slot) says the main
-  process is done with a slot; ("cancel", generation) stops that job; ("stop",) ends the worker.
-- Worker -> main: ("slot", i, tensor) makes slot i that shared buffer (sent when first made, or
-  remade larger); ("batch", generation, i, shape, dtype, labels, skipped); ("end", generation);
-  ("error", generation, exception, traceback).
-A worker runs at most `SLOTS` batches ahead: it writes only into a free slot, and the main
-process frees a slot as soon as `finish` has made the batch its own (moved to the device,
-normalised, or copied).
-
-Order. `run` takes the workers' batches round-robin, skipping workers that are done: the order in
-which torch's DataLoader hands out an IterableDataset's batches, so a run's batches depend on its
-jobs only, never on timing.
+Order. The DataLoader takes an IterableDataset's batches from its workers round-robin, skipping
+workers that are done (in the order of the requests it sent, never of timing), so a run's
+batches depend on its jobs only.
 
 Failures. A job's exception is raised again in the main process as itself, the worker's traceback
-chained as its cause. A worker that dies (killed, out of memory) raises `LoaderWorkerError` naming
-it and its exit code, and the pool shuts down; its next `run` starts new workers. Stopping early
-(the consumer breaks off or raises) cancels the job in every worker and waits for each to
-acknowledge, so the next job starts clean. Workers exit when the pool closes, when it is garbage
-collected, or when they find their parent process gone.
+chained as its cause (`RemoteTraceback`). A worker that dies (killed, out of memory) raises
+`LoaderWorkerError` naming it and how it ended. An epoch not read to its end (the consumer broke
+off, or an error) stops the workers, so that no job is left half-read in a queue; the next `run`
+starts new ones. Workers exit when the pool closes, when it is garbage collected, or when they
+find their parent process gone (torch's watchdog).
+
+Why torch's DataLoader and not a pool of our own: `cbtlab data bench` measures the loader
+against webdataset's WebLoader and torch's DataLoader over an ImageFolder, and a hand-written
+pool (two reused shared-memory slots a worker) was kept only while it beat the best library path
+by 1.2x; it did not (docs/training.md has the numbers).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
-import math
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import sys
+import threading
 import time
 import traceback
-import weakref
 from collections.abc import Callable, Iterable, Iterator
-from multiprocessing.connection import Connection
+from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import cloudpickle
-import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data._utils import signal_handling
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +53,16 @@ log = logging.getLogger(__name__)
 CountedBatch = tuple[Tensor, Tensor, int]
 Job = Callable[[int], Iterable[CountedBatch]]
 
-# Shared-memory batch buffers per worker: one the main process is reading, one being filled.
-SLOTS = 2
 # Modules a forkserver loads once, before it forks any worker ("__main__": the program's script,
 # which every worker would otherwise import again).
 FORKSERVER_PRELOAD = ["__main__", "cbtlab.data.workers"]
-# How often a waiting side checks that the other is still alive (seconds).
-LIVENESS_S = 2.0
-# How long stopping a job may take before the pool is given up (seconds): a worker finishes the
-# batch it is making first, which may be reading a slow remote shard.
-CANCEL_TIMEOUT_S = 120.0
+# Batches each worker makes ahead of the consumer (torch's default).
+PREFETCH = 2
+# How often a worker checks that the main process is still there (seconds).
+WATCH_S = 2.0
+# How torch's DataLoader names its dead workers: "DataLoader worker (pid 12) is killed by
+# signal: ...", "DataLoader worker (pid(s) 12, 13) exited unexpectedly".
+_PIDS = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
 
 
 def default_start_method() -> str | None:
@@ -87,7 +85,7 @@ def default_start_method() -> str | None:
 
 
 class LoaderWorkerError(RuntimeError):
-    """A loader worker process died, or stopped answering; the message names it."""
+    """A loader worker process died; the message names it."""
 
 
 class RemoteTraceback(Exception):
@@ -101,6 +99,68 @@ class RemoteTraceback(Exception):
         return f"\n\nin the loader worker:\n{self.text}"
 
 
+@dataclass
+class _Failure:
+    """A job's exception, as it crosses from a worker."""
+
+    exc: Exception
+    text: str
+
+
+class _Jobs(IterableDataset):
+    """What the DataLoader's worker w iterates: the job the pool last put on queue w."""
+
+    def __init__(self, queues: list[Any]) -> None:
+        self.queues = queues
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        assert info is not None, "a WorkerPool's jobs run in its loader workers"
+        payload = self.queues[info.id].get()
+        if payload is None:
+            return
+        try:
+            batches = iter(cloudpickle.loads(payload)(info.id))
+            try:
+                yield from batches
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()  # closes the job's shard streams
+        except Exception as exc:
+            yield _Failure(_portable(exc), traceback.format_exc())
+
+
+def _worker_init(environ: dict[str, str], owner: tuple[int, str] | None, worker: int) -> None:
+    """A forkserver's children inherit its environment, fixed when it started: they get the
+    main process's as it was when the pool started (S3 credentials set since, for one).
+
+    And they watch the main process (`owner`: its pid and start time), exiting when it is gone:
+    torch's workers watch only their parent, here the forkserver, which lives on while they do
+    (each holds its liveness pipe), and they hold both ends of their own queues, which thus
+    never report the main process's end."""
+    os.environ.clear()
+    os.environ.update(environ)
+    if owner is not None:
+        threading.Thread(target=_exit_with, args=owner, daemon=True).start()
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a live process (Linux's /proc), None if gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _exit_with(pid: int, started: str) -> None:
+    while _process_start(pid) == started:
+        time.sleep(WATCH_S)
+    os._exit(0)
+
+
 class WorkerPool:
     """Loader worker processes kept across jobs (epochs), started as `run` first needs them.
 
@@ -111,21 +171,21 @@ class WorkerPool:
         """`start_method`: multiprocessing's ("fork", "forkserver", "spawn"); by default
         `default_start_method()` when the workers start."""
         self.start_method = start_method
-        self._workers: list[_Worker] = []
-        self._generation = 0
         self.busy = False
         self._owner = os.getpid()
-        # Stops the workers when the pool is collected or the interpreter exits; holds the list,
-        # not the pool, so that it does not keep the pool alive.
-        self._finalizer = weakref.finalize(self, _stop_all, self._workers, self._owner)
+        self._loader: DataLoader | None = None
+        self._queues: list[Any] = []
+        self._pin_memory = False
+        self._unwatched: int | None = None
 
     @property
     def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers if w.process.pid is not None]
+        iterator = self._loader._iterator if self._loader is not None else None
+        return [w.pid for w in getattr(iterator, "_workers", []) if w.pid is not None]
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU seconds the live workers have used (Linux's /proc; else None).
-        Pool workers are never reaped while the pool lives, so `os.times()`'s children
+        Persistent workers are not reaped while the pool lives, so `os.times()`'s children
         columns miss them."""
         total = 0.0
         try:
@@ -138,39 +198,51 @@ class WorkerPool:
         return total
 
     def run(
-        self, job: Job, workers: int, finish: Callable[[Tensor], Tensor]
+        self,
+        job: Job,
+        workers: int,
+        finish: Callable[[Tensor], Tensor],
+        *,
+        pin_memory: bool = False,
     ) -> Iterator[CountedBatch]:
         """`job(w)` in workers w = 0 .. `workers` - 1; yields their batches round-robin, each
-        with its images through `finish` (a result on the shared buffer itself is copied), so
-        what it yields stays valid."""
+        with its images through `finish`. `pin_memory`: the batches arrive in pinned memory
+        (pinned by torch's thread while the consumer works), for copies to an accelerator."""
         if self.busy:
             raise RuntimeError("this WorkerPool is already running a job")
         if os.getpid() != self._owner:
             raise RuntimeError("a WorkerPool is used only by the process that made it")
         self.busy = True
+        finished = False
         try:
-            for attempt in (1, 2):
-                self._start(workers)
-                self._generation += 1
-                started = False
-                try:
-                    for batch in self._run(self._workers[:workers], self._generation, job, finish):
-                        started = True
-                        yield batch
-                    return
-                except LoaderWorkerError as exc:
-                    # A worker lost before the job's first batch (it died idle, as the job was
-                    # sent): the job runs again, from its start, on new workers.
-                    if started or attempt == 2:
-                        raise
-                    log.warning("%s; running the job again on new loader workers", exc)
+            loader = self._start(workers, pin_memory)
+            payload = cloudpickle.dumps(job)
+            for index, queue in enumerate(self._queues):
+                queue.put(payload if index < workers else None)
+            try:
+                iterator = iter(loader)  # persistent: the same, reset
+                self._unwatch(iterator)
+                for item in iterator:
+                    if isinstance(item, _Failure):
+                        raise item.exc from RemoteTraceback(item.text)
+                    images, labels, skipped = item
+                    yield finish(images), labels, skipped
+            except (RuntimeError, OSError, EOFError) as exc:
+                if not self._lost_a_worker(exc):
+                    raise
+                raise self._died(str(exc)) from exc
+            finished = True
         finally:
             self.busy = False
+            if not finished:  # a job left half-read: start the next one on new workers
+                self.close()
 
     def close(self) -> None:
         """Stop the workers (a later `run` starts new ones)."""
-        _stop_all(self._workers, self._owner)
-        self._workers.clear()
+        loader, self._loader = self._loader, None
+        if loader is not None and loader._iterator is not None and os.getpid() == self._owner:
+            loader._iterator._shutdown_workers()
+            loader._iterator = None
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -178,279 +250,105 @@ class WorkerPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _start(self, count: int) -> None:
-        dead = [w.name for w in self._workers if not w.process.is_alive()]
-        if dead:  # between epochs (killed, out of memory): a new set, nothing lost
-            log.warning("%s exited while idle; starting new loader workers", ", ".join(dead))
+    def __del__(self) -> None:
+        self.close()
+
+    def _start(self, count: int, pin_memory: bool) -> DataLoader:
+        if self._loader is not None and (
+            len(self._queues) < count or pin_memory != self._pin_memory or self._dead()
+        ):
             self.close()
-        method = self.start_method or default_start_method()
-        context = multiprocessing.get_context(method)
-        if method == "forkserver":
-            context.set_forkserver_preload(FORKSERVER_PRELOAD)  # used when the server starts
-        while len(self._workers) < count:
-            index = len(self._workers)
-            mine, theirs = context.Pipe()
-            process = context.Process(
-                target=_worker_main,
-                # A forkserver's children inherit its environment, fixed when it started: they
-                # get this process's, as it is now (S3 credentials set since, for one).
-                args=(index, theirs, dict(os.environ)),
-                name=f"cbtlab-loader-{index}",
-                daemon=True,
+        if self._loader is None:
+            method = self.start_method or default_start_method()
+            context = multiprocessing.get_context(method)
+            if method == "forkserver":
+                context.set_forkserver_preload(FORKSERVER_PRELOAD)  # when the server starts
+            self._queues = [context.SimpleQueue() for _ in range(count)]
+            self._pin_memory = pin_memory
+            self._loader = DataLoader(
+                _Jobs(self._queues),
+                batch_size=None,  # the jobs form the batches
+                num_workers=count,
+                persistent_workers=True,
+                prefetch_factor=PREFETCH,
+                pin_memory=pin_memory,
+                multiprocessing_context=context,
+                worker_init_fn=functools.partial(_worker_init, dict(os.environ), self._me()),
             )
-            process.start()
-            theirs.close()  # so that our reads see the end of the pipe if the worker dies
-            self._workers.append(_Worker(index, process, mine))
+        return self._loader
 
-    def _run(
-        self,
-        workers: list[_Worker],
-        generation: int,
-        job: Job,
-        finish: Callable[[Tensor], Tensor],
-    ) -> Iterator[CountedBatch]:
-        payload = cloudpickle.dumps(job)
-        for worker in workers:
-            worker.send(("job", generation, payload))
-        running = list(workers)
-        try:
-            while running:
-                for worker in list(running):
-                    message = worker.receive()
-                    kind = message[0]
-                    if message[1] != generation:  # the protocol's guard, not a path
-                        raise LoaderWorkerError(f"{worker.name} answered job {message[1]}")
-                    if kind == "end":
-                        running.remove(worker)
-                    elif kind == "error":
-                        running.remove(worker)
-                        _, _, exc, text = message
-                        raise exc from RemoteTraceback(text)
-                    else:
-                        _, _, slot, shape, stride, dtype, labels, skipped = message
-                        images = worker.take(slot, shape, stride, dtype, finish)
-                        yield images, torch.tensor(labels, dtype=torch.long), skipped
-        except LoaderWorkerError:
-            self.close()
-            raise
-        finally:
-            if running and self._workers:
-                self._cancel(running, generation)
+    def _me(self) -> tuple[int, str] | None:
+        started = _process_start(self._owner)
+        return None if started is None else (self._owner, started)
 
-    def _cancel(self, workers: list[_Worker], generation: int) -> None:
-        """Stop `generation` in `workers` and drain their pipes (freeing the slots of batches
-        nobody will read), so that the next job starts clean; give the pool up on failure."""
-        deadline = time.monotonic() + CANCEL_TIMEOUT_S
-        try:
-            for worker in workers:
-                worker.send(("cancel", generation))
-            for worker in workers:
-                while True:
-                    message = worker.receive(deadline)
-                    if message[0] in ("end", "error"):
-                        break
-                    if message[2] is not None:  # a batch nobody will read: its slot is free
-                        worker.send(("free", message[2]))
-        except Exception as exc:  # died, hung, or a message cut off by an interrupt
-            log.warning("loader workers did not stop cleanly (%r); starting new ones", exc)
-            self.close()
+    def _dead(self) -> bool:
+        """Whether a worker died between epochs (killed, out of memory): a new set is started,
+        nothing lost."""
+        iterator = self._loader._iterator if self._loader is not None else None
+        # A forkserver's child is reported dead by the server, a moment after it dies: /proc
+        # knows at once (on Linux).
+        linux = sys.platform.startswith("linux")
+        dead = [
+            w
+            for w in getattr(iterator, "_workers", [])
+            if not w.is_alive() or (linux and _process_start(w.pid) is None)
+        ]
+        if dead:
+            log.warning(
+                "loader worker pid(s) %s exited while idle; starting new loader workers",
+                ", ".join(str(w.pid) for w in dead),
+            )
+        return bool(dead)
 
-
-class _Worker:
-    """The main process's end of one worker: its process, pipe and mapped slots."""
-
-    def __init__(self, index: int, process: Any, conn: Connection) -> None:
-        self.index = index
-        self.process = process
-        self.conn = conn
-        self.slots: list[Tensor | None] = [None] * SLOTS
-        self.name = f"loader worker {index} (pid {process.pid})"
-
-    def send(self, message: tuple[Any, ...]) -> None:
-        try:
-            self.conn.send(message)
-        except OSError as exc:
-            raise self._died() from exc
-
-    def receive(self, deadline: float | None = None) -> tuple[Any, ...]:
-        """The worker's next message, taking in its slot buffers on the way."""
-        while True:
-            try:
-                while not self.conn.poll(LIVENESS_S):
-                    if not self.process.is_alive():
-                        raise self._died()
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise LoaderWorkerError(f"{self.name} stopped answering")
-                message = self.conn.recv()
-            except (EOFError, OSError) as exc:
-                raise self._died() from exc
-            if message[0] != "slot":
-                return message
-            self.slots[message[1]] = message[2]
-
-    def take(
-        self,
-        slot: int | None,
-        shape: tuple[int, ...],
-        stride: tuple[int, ...],
-        dtype: torch.dtype,
-        finish: Callable[[Tensor], Tensor],
-    ) -> Tensor:
-        """`finish` of the batch in `slot`, made independent of the slot, which is then freed."""
-        if slot is None:  # an empty batch: no bytes crossed
-            return torch.empty(shape, dtype=dtype)
-        buffer = self.slots[slot]
-        assert buffer is not None, "a batch arrived in a slot never sent"
-        try:
-            images = finish(_as_batch(buffer, shape, stride, dtype))
-            if images.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
-                images = images.clone()
-        finally:
-            self.send(("free", slot))
-        return images
-
-    def _died(self) -> LoaderWorkerError:
-        self.process.join(timeout=1.0)
-        code = self.process.exitcode
-        how = "is not answering"
-        if code is not None and code < 0:
-            how = f"was killed by signal {signal.Signals(-code).name}"
-        elif code is not None:
-            how = f"exited with code {code}"
-        return LoaderWorkerError(
-            f"{self.name} {how} in the middle of an epoch (out of memory? see the system log); "
-            "the epoch is abandoned, and the next one starts new workers"
-        )
-
-
-def _as_batch(
-    buffer: Tensor, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype
-) -> Tensor:
-    """A dense tensor of `shape`, `stride` and `dtype` on the start of a uint8 `buffer`."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    return buffer[:nbytes].view(dtype).as_strided(shape, stride)
-
-
-def _channels_last(tensor: Tensor) -> bool:
-    return tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
-
-
-def _stop_all(workers: list[_Worker], owner: int) -> None:
-    if os.getpid() != owner:  # a forked copy of the pool, in a worker: not its to stop
-        return
-    for worker in workers:
-        with contextlib.suppress(OSError):
-            worker.conn.send(("stop",))
-    for worker in workers:
-        worker.process.join(timeout=1.0)
-        if worker.process.is_alive():
-            worker.process.terminate()
-            worker.process.join(timeout=1.0)
-        worker.conn.close()
-
-
-# The worker process.
-
-
-class _Stop(Exception):
-    """The main process asked this worker to exit."""
-
-
-def _worker_main(index: int, conn: Connection, environ: dict[str, str]) -> None:
-    os.environ.clear()
-    os.environ.update(environ)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which stops us
-    torch.set_num_threads(1)  # the workers take the cores between them
-    # Our parent: the main process, or the forkserver, which exits when the main process does.
-    state = _WorkerState(index, conn, os.getppid())
-    try:
-        while True:
-            message = state.receive()
-            if message[0] == "job":
-                state.run(message[1], message[2])
-            elif message[0] == "free":
-                state.free.append(message[1])
-            elif message[0] == "stop":
-                return
-            # ("cancel", g) of a job that has already ended: nothing to stop.
-    except (_Stop, EOFError, OSError):
-        return
-
-
-class _WorkerState:
-    def __init__(self, index: int, conn: Connection, parent: int) -> None:
-        self.index = index
-        self.conn = conn
-        self.parent = parent
-        self.slots: list[Tensor | None] = [None] * SLOTS
-        self.free = list(range(SLOTS))
-
-    def receive(self) -> tuple[Any, ...]:
-        while not self.conn.poll(LIVENESS_S):
-            if os.getppid() != self.parent:  # orphaned: the main process is gone
-                raise _Stop
-        return self.conn.recv()
-
-    def run(self, generation: int, payload: bytes) -> None:
-        try:
-            batches = iter(cloudpickle.loads(payload)(self.index))
-            try:
-                for images, labels, skipped in batches:
-                    if not self._send(generation, images, labels, skipped):
-                        break  # cancelled
-            finally:
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()  # closes the job's shard streams
-        except (_Stop, EOFError):
-            raise
-        except Exception as exc:
-            self.conn.send(("error", generation, _portable(exc), traceback.format_exc()))
+    def _unwatch(self, iterator: Any) -> None:
+        """Take the workers out of torch's SIGCHLD handler, which raises a worker's death in
+        the main thread wherever it is, even between epochs (an idle worker killed would stop
+        training there): the pool finds dead workers itself, idle ones at the next `run`, busy
+        ones as the loader waits for them (torch checks every few seconds)."""
+        if self._unwatched == id(iterator) or not getattr(iterator, "_worker_pids_set", False):
             return
-        self.conn.send(("end", generation))
+        signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False  # so that its shutdown does not remove them again
+        self._unwatched = id(iterator)
 
-    def _send(self, generation: int, images: Tensor, labels: Tensor, skipped: int) -> bool:
-        """Put one batch in a free slot and announce it; False if the job was cancelled."""
-        if not (images.is_contiguous() or _channels_last(images)):
-            images = images.contiguous()
-        # The slot keeps the batch's memory layout (strides): copying into another would be a
-        # transposing copy.
-        shape, stride = tuple(images.shape), images.stride()
-        nbytes = images.numel() * images.element_size()
-        slot = None
-        if nbytes:
-            slot = self._acquire(generation)
-            if slot is None:
+    def _lost_a_worker(self, exc: BaseException) -> bool:
+        """Whether `exc` is torch's report of a dead worker (its own message, or a broken
+        connection to a worker no longer alive)."""
+        if isinstance(exc, RuntimeError) and _PIDS.search(str(exc)):
+            return True
+        if not isinstance(exc, (OSError, EOFError)):
+            return False
+        iterator = self._loader._iterator if self._loader is not None else None
+        workers = getattr(iterator, "_workers", [])
+        # A batch's shared memory comes from its worker on request: a worker dying as it exits
+        # breaks that connection a moment before it is reported dead.
+        deadline = time.monotonic() + WATCH_S
+        while not any(not w.is_alive() for w in workers):
+            if time.monotonic() > deadline:
                 return False
-            buffer = self.slots[slot]
-            if buffer is None or buffer.numel() < nbytes:
-                # Written through once here, so its pages are in place before any batch is.
-                buffer = self.slots[slot] = torch.zeros(nbytes, dtype=torch.uint8).share_memory_()
-                self.conn.send(("slot", slot, buffer))
-            _as_batch(buffer, shape, stride, images.dtype).copy_(images)
-        labels_list = labels.tolist()
-        message = ("batch", generation, slot, shape, stride, images.dtype, labels_list, skipped)
-        self.conn.send(message)
+            time.sleep(0.05)
         return True
 
-    def _acquire(self, generation: int) -> int | None:
-        """A free slot, waiting for the main process to free one; None if `generation` is
-        cancelled meanwhile (a cancel is read before any free slot is used)."""
-        while True:
-            while self.conn.poll():
-                if self._cancelled(self.conn.recv(), generation):
-                    return None
-            if self.free:
-                return self.free.pop(0)
-            if self._cancelled(self.receive(), generation):
-                return None
-
-    def _cancelled(self, message: tuple[Any, ...], generation: int) -> bool:
-        if message[0] == "free":
-            self.free.append(message[1])
-        elif message[0] == "stop":
-            raise _Stop
-        return message[0] == "cancel" and message[1] == generation
+    def _died(self, message: str) -> LoaderWorkerError:
+        iterator = self._loader._iterator if self._loader is not None else None
+        processes = list(getattr(iterator, "_workers", []))
+        found = _PIDS.search(message)
+        named = {int(pid) for pid in re.findall(r"\d+", found[1])} if found else set()
+        lost = [(i, w) for i, w in enumerate(processes) if w.pid in named or not w.is_alive()]
+        descriptions = []
+        for index, process in lost or list(enumerate(processes))[:1]:
+            process.join(timeout=1.0)
+            code = process.exitcode
+            how = "is not answering"
+            if code is not None and code < 0:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            elif code is not None:
+                how = f"exited with code {code}"
+            descriptions.append(f"loader worker {index} (pid {process.pid}) {how}")
+        return LoaderWorkerError(
+            f"{', '.join(descriptions)} in the middle of an epoch (out of memory? see the "
+            "system log); the epoch is abandoned, and the next one starts new workers"
+        )
 
 
 def _portable(exc: Exception) -> Exception:

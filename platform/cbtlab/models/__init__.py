@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from cbtlab.models import zoo
+from cbtlab.models.adapt import NORM_EPS, adapt_vit
 from cbtlab.models.blocks import ISTA, MLP, Block
 from cbtlab.models.reference import from_reference
 from cbtlab.models.segmenter import (
@@ -28,6 +29,7 @@ __all__ = [
     "CBTransformer",
     "MaskDecoder",
     "Segmenter",
+    "adapt_vit",
     "build_model",
     "build_segmenter",
     "create_segmenter",
@@ -37,7 +39,10 @@ __all__ = [
 
 
 def build_model(cfg: Any) -> CBTransformer:
-    """The model a `cbtlab.config.ModelConfig` (or any object with its fields) describes."""
+    """The model a `cbtlab.config.ModelConfig` (or any object with its fields) describes. With
+    `adapt_from` (a timm ViT name), the fields describe that ViT (config validation checks it)
+    and its LayerNorms take timm's epsilon; its weights come from `train.init_from`
+    (`cbtlab.models.adapt`)."""
     return CBTransformer(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
@@ -68,4 +73,5 @@ def build_model(cfg: Any) -> CBTransformer:
         ista_lambda=cfg.ista_lambda,
         global_pool=cfg.global_pool,
         drop_rate=cfg.drop_rate,
+        norm_eps=NORM_EPS if getattr(cfg, "adapt_from", "") else 1e-5,
     )

@@ -63,7 +63,8 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """`Z = Z + Attn(LN(Z))`, then either `Z = ISTA(LN(Z))` (CRATE/CBT: no residual around
-    ISTA) or `Z = Z + MLP(LN(Z))` (ViT)."""
+    ISTA) or `Z = Z + MLP(LN(Z))` (ViT). `norm_eps`: the LayerNorms' epsilon (timm's ViTs use
+    1e-6, PyTorch's default is 1e-5)."""
 
     def __init__(
         self,
@@ -76,14 +77,15 @@ class Block(nn.Module):
         ista_step: float = 0.1,
         ista_lambda: float = 0.1,
         mlp_ratio: float = 4.0,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if block not in BLOCK_TYPES:
             raise ValueError(f"unknown block type {block!r}; known: {', '.join(BLOCK_TYPES)}")
         self.residual_mlp = block == "mlp"
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = create_attention(attention, dim, num_heads, **attn_options)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp: nn.Module = (
             MLP(dim, int(dim * mlp_ratio))
             if self.residual_mlp

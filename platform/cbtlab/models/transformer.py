@@ -59,6 +59,8 @@ class CBTransformer(nn.Module):
     timm's model surface: `reset_classifier`, `get_classifier`, `group_matcher` (for timm's
     layer-decay optimisers), `set_grad_checkpointing` (blocks recomputed in the backward pass),
     `no_weight_decay`, `num_features` and `head_hidden_size` (the width `forward_head` pools).
+    `norm_eps` is every LayerNorm's epsilon but the linear stem's (1e-6 in an adapted timm ViT,
+    `cbtlab.models.adapt`).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class CBTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         global_pool: str = "token",
         drop_rate: float = 0.0,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         img_h, img_w = _pair(img_size)
@@ -112,10 +115,11 @@ class CBTransformer(nn.Module):
                 ista_step=ista_step,
                 ista_lambda=ista_lambda,
                 mlp_ratio=mlp_ratio,
+                norm_eps=norm_eps,
             )
             for name in layer_attentions(attention, depth)
         )
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head: nn.Module = _classifier(embed_dim, num_classes)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -115,7 +115,7 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
             check_position(state, cfg, cfg.train.num_workers)
         if cfg.train.init_from and "://" not in cfg.train.init_from:
             # Fine-tuning weights that do not fit fail here, not in every worker.
-            for note in init_from(build_model(cfg.model), cfg.train.init_from):
+            for note in init_from(build_model(cfg.model), cfg.train.init_from, cfg.model):
                 print(f"train.init_from: {note}")
         # Data that cannot train on these workers fails here, naming why.
         check_training_data(cfg, cfg.train.num_workers)

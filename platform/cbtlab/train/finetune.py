@@ -14,6 +14,13 @@ pretrained model's data config, not the new dataset's statistics): a cbtlab chec
 recorded mean and std, the authors' checkpoints the zoo's `pretrained_cfg` (ImageNet's). Where
 the weights do not say (a bare state dict, a checkpoint older than the record), the dataset
 card's statistics, as before.
+
+With `model.adapt_from` (a timm ViT adapted to `model.attention`, `cbtlab.models.adapt`), the
+file may instead be that ViT's timm weights (.safetensors, .pth, .bin or big_vision's .npz):
+timm loads them (a new head for another class count, the position embedding resampled, the
+first convolution fitted to `model.in_chans`), the adapter maps them to our names, and the
+run normalises as the ViT was trained (its pretrained config's mean and std). A cbtlab
+checkpoint of an adapted model loads as any other.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from torch import Tensor, nn
 
 from cbtlab.checkpoint import FORMAT, STATE_FILE, CheckpointError, recorded_normalisation
 from cbtlab.config import ExperimentConfig
-from cbtlab.models import zoo
+from cbtlab.models import build_model, zoo
+from cbtlab.models.adapt import convert_vit_state_dict, load_vit, vit_normalisation
 from cbtlab.models.reference import (
     convert_reference_state_dict,
     is_reference_layout,
@@ -54,14 +62,17 @@ class StartingWeights:
     normalisation: Normalisation | None
 
 
-def read_weights(path: str | Path) -> dict[str, Tensor]:
+def read_weights(path: str | Path, model: Any = None) -> dict[str, Tensor]:
     """The model weights of `path`, under our parameter names (see the module docstring)."""
-    return read_start(path).weights
+    return read_start(path, model).weights
 
 
-def read_start(path: str | Path) -> StartingWeights:
+def read_start(path: str | Path, model: Any = None) -> StartingWeights:
     """The weights of `path` and their normalisation (see the module docstring). A URI
-    (s3://, gs://, ...: a checkpoint a study wrote to cluster storage) is fetched first."""
+    (s3://, gs://, ...: a checkpoint a study wrote to cluster storage) is fetched first.
+    `model`: the run's model config, read for `adapt_from` (a timm ViT's weights file)."""
+    if getattr(model, "adapt_from", "") and _is_vit_file(path):
+        return read_vit_start(model, path)
     if "://" in str(path):
         from ray.train import Checkpoint
 
@@ -93,6 +104,46 @@ def read_start(path: str | Path) -> StartingWeights:
             raise CheckpointError(f"train.init_from: {path}: {exc.args[0]}") from None
         return StartingWeights(weights, (list(zoo.CFG["mean"]), list(zoo.CFG["std"])))
     return StartingWeights({k: v for k, v in state.items() if isinstance(v, Tensor)}, None)
+
+
+def _is_vit_file(path: str | Path) -> bool:
+    """Whether `path` is a timm ViT's weights file rather than a cbtlab checkpoint (a folder,
+    a state.pt with the cbtlab format, or a URI a study wrote)."""
+    if "://" in str(path):
+        if Path(str(path)).suffix in (".safetensors", ".npz", ".bin", ".pth"):
+            raise CheckpointError(
+                f"train.init_from: {path}: a timm ViT's weights are read from a path every "
+                "worker sees (a shared file system), not a URI"
+            )
+        return False
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return False
+    if path.suffix in (".safetensors", ".npz") or not path.is_file():
+        return True  # (load_vit names a missing file)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return True  # timm's reader says what is wrong with it
+    return not (isinstance(raw, Mapping) and raw.get("format") == FORMAT)
+
+
+def read_vit_start(model: Any, path: str | Path) -> StartingWeights:
+    """The starting weights of an adapted ViT (model config `model`, with `adapt_from`) from
+    the timm ViT weights at `path`: every tensor of `build_model(model)`, the ViT's where they
+    map (`cbtlab.models.adapt`), the rest as the model initialises them."""
+    try:
+        vit = load_vit(
+            model.adapt_from,
+            path,
+            num_classes=model.num_classes,
+            img_size=model.img_size,
+            in_chans=model.in_chans,
+        )
+        weights = convert_vit_state_dict(vit.state_dict(), build_model(model).state_dict())
+    except ValueError as exc:
+        raise CheckpointError(f"train.init_from: {exc}") from None
+    return StartingWeights(weights, vit_normalisation(vit, model.in_chans))
 
 
 def load_backbone(model: nn.Module, weights: Mapping[str, Tensor]) -> list[str]:
@@ -137,9 +188,10 @@ def load_backbone(model: nn.Module, weights: Mapping[str, Tensor]) -> list[str]:
     return notes
 
 
-def init_from(model: nn.Module, path: str | Path) -> list[str]:
-    """Start `model` from the weights at `path`; returns what was adapted."""
-    return load_backbone(model, read_weights(path))
+def init_from(model: nn.Module, path: str | Path, model_cfg: Any = None) -> list[str]:
+    """Start `model` from the weights at `path` (`model_cfg`: its config, for a timm ViT's
+    weights, see `read_start`); returns what was adapted."""
+    return load_backbone(model, read_weights(path, model_cfg))
 
 
 def normalisation(

@@ -146,7 +146,11 @@ def run_training(
     reduction_device(device)  # a process group that cannot reduce this rank's tensors fails now
     _set_threads_and_seed(cfg)
     # A restart continues from its checkpoint, not from the weights it first started from.
-    start = read_start(cfg.train.init_from) if cfg.train.init_from and resume is None else None
+    start = (
+        read_start(cfg.train.init_from, cfg.model)
+        if cfg.train.init_from and resume is None
+        else None
+    )
     stats = normalisation(cfg, start, resume)
     data = RankData.open(cfg, rank=rank, world_size=world_size, device=device, stats=stats)
     learner = Learner.build(cfg, data, prepare_model=prepare_model, start=start)
@@ -249,6 +253,7 @@ class RankData:
             pin_memory=self.pin_memory,
             device=self.device,  # uint8 batches cross to the device and are normalised there
             pool=self.pool,
+            checksums=self.cfg.data.checksums,
         )
 
     def val_batches(self) -> Any:
@@ -263,6 +268,7 @@ class RankData:
             pin_memory=self.pin_memory,
             device=self.device,
             pool=self.pool,
+            checksums=self.cfg.data.checksums,
         )
 
     def probe_images(self) -> Tensor:
@@ -275,6 +281,7 @@ class RankData:
             batch_size=self.cfg.train.probe_samples,
             transform=self.tf.eval,
             device=self.device,
+            checksums=self.cfg.data.checksums,
         )
         return next(iter(probe))[0]
 

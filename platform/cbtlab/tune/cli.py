@@ -14,9 +14,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cbtlab.config import ExperimentConfig
+from cbtlab.data import open_split
+from cbtlab.data.transforms import image_stats
+from cbtlab.models.adapt import FORMS, load_vit, write_random_vit
 from cbtlab.overrides import ConfigError, add_override_argument, parse_override
+from cbtlab.paths import cbtlab_home
 from cbtlab.tracking import StudyTracker
 from cbtlab.tune.definitions import (
+    ADAPT_DEFAULT_SIZES,
+    ADAPT_SIZES,
     DEFAULT_GRID_EPOCHS,
     DEFAULT_REP_GRIDS,
     ES_PRESETS,
@@ -31,10 +37,12 @@ from cbtlab.tune.definitions import (
     SEG_DEPTHS,
     STEP_CELLS,
     VARIANTS,
+    adaptation_spec,
     decoder_robustness_spec,
     es_check_grid_spec,
     joint_spec,
     model_scaling_spec,
+    parse_size_files,
     rep_count_spec,
     seg_decoders_spec,
     step_init_spec,
@@ -758,3 +766,160 @@ def decoder_robustness_main(argv: Sequence[str] | None = None, prog: str | None 
         )
     print(f"logged as noise_robustness.json and .png on the parent run {result.parent_run_id}")
     return 0 if result.failed < len(result.rows) else 1
+
+
+def vit_adaptation_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = study_parser(
+        "ViT adaptation (the paper's Fig. 9): timm ViTs with pretrained weights, their attention "
+        "replaced by each --forms (softmax: the ViT itself; cbsa; cbsa_nocontract: CBSA without "
+        "the contraction step; linear: kernelised linear attention), every other weight "
+        "inherited, each fine-tuned with the same --seeds on every --downstream dataset; top-1 "
+        "with 95% intervals against FLOPs (the report's pareto_flops.png).",
+        prog=prog,
+        search=False,
+        seeds=3,
+        presets={
+            "smoke": "the tiny ViT on the digits at 48 px, 2 seeds x 2 epochs (minutes on 2 "
+            "CPUs); a random ViT stands in for weights not given",
+            "imagenet": "the reference's adaptation recipe at 224 px on --downstream shards",
+        },
+    )
+    parser.add_argument(
+        "--forms", nargs="+", choices=list(FORMS), default=list(FORMS), help="attention forms"
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        choices=ADAPT_SIZES,
+        default=None,
+        help="ViT sizes (vit_SIZE_patch16_224); default: "
+        + "; ".join(f"{p}: {' '.join(s)}" for p, s in ADAPT_DEFAULT_SIZES.items()),
+    )
+    parser.add_argument(
+        "--weights",
+        nargs="*",
+        default=[],
+        metavar="SIZE=FILE",
+        help="each size's pretrained timm weights (.safetensors, .pth, .bin or .npz), a path "
+        "every worker reads, e.g. small=/data/vit_small_patch16_224.augreg_in21k.safetensors",
+    )
+    parser.add_argument(
+        "--downstream",
+        nargs="*",
+        default=[],
+        metavar="NAME=ROOT",
+        help="fine-tuning datasets: prebuilt shards (folder or URL), e.g. cifar10=/data/c10; "
+        "none: the digits (smoke)",
+    )
+    parser.add_argument(
+        "--no-report", action="store_true", help="skip the report (figures, HTML) at the end"
+    )
+    parser.set_defaults(seeds=None)  # the preset's: 2 for smoke, 3 for imagenet
+    return parser
+
+
+def vit_adaptation_main(
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    *,
+    report: Callable[[StudyResult], None] | None = None,
+) -> int:
+    """Build one grid per downstream dataset (a bad flag: one message naming it, exit 2), run
+    each, print it and, unless --no-report, hand its result to `report` (the console script's
+    report builder, `cbtlab.dashboards.study_reports`)."""
+    parser = vit_adaptation_parser(prog)
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        parser.error(
+            "--resume: the study runs one grid per downstream set; go on with a stopped one "
+            "through `cbtlab study resume FOLDER`"
+        )
+    try:
+        specs = _adaptation_specs(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    failed = 0
+    for stage, spec in specs.items():
+        print(f"\nViT adaptation on {stage}: {len(spec.cells)} cells x {spec.seeds} seeds")
+        try:
+            result = run_study(spec)
+        except ConnectionError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print_study_result(result, spec)
+        if report is not None and not args.no_report:
+            report(result)
+        failed += result.failed == len(result.rows)
+    return 0 if not failed else 1
+
+
+def _adaptation_specs(args: argparse.Namespace) -> dict[str, StudySpec]:
+    """Each downstream set's validated grid (`adaptation_spec`), every set and weights file
+    checked before anything trains; the smoke preset writes a random ViT for a size without
+    --weights (and says so)."""
+    if args.data_root is not None:
+        raise ConfigError("--data-root", "give the fine-tuning shards as --downstream NAME=ROOT")
+    args.sizes = args.sizes or list(ADAPT_DEFAULT_SIZES[args.preset])
+    weights = parse_size_files(args.weights)
+    for size in args.sizes:
+        if size in weights:
+            _check_weights(size, weights[size])
+        elif args.preset == "smoke":
+            name = f"vit_{size}_patch16_224"
+            path = cbtlab_home() / "vit_adaptation" / f"random_{name}.safetensors"
+            if not path.is_file():
+                write_random_vit(name, path)
+            weights[size] = str(path)
+            print(
+                f"--weights: none for {size}: a randomly initialised {name} ({path}) stands in "
+                "for pretrained weights; a smoke run of the machinery, its numbers say nothing "
+                "about adaptation"
+            )
+        else:
+            raise ConfigError(
+                "--weights",
+                f"give vit_{size}_patch16_224's pretrained timm file: --weights {size}=FILE "
+                "(docs/studies.md: ViT adaptation)",
+            )
+    downstream = parse_downstream(args.downstream)
+    if not downstream:
+        if args.preset != "smoke":
+            raise ConfigError("--downstream", "give the fine-tuning shards: NAME=ROOT ...")
+        return {
+            "digits": adaptation_spec(
+                args, name="vit_adaptation", data={}, weights=weights
+            ).validate()
+        }
+    return {
+        stage: adaptation_spec(
+            args, name=f"vit_adaptation-{stage}", data=_downstream_data(root), weights=weights
+        ).validate()
+        for stage, root in downstream.items()
+    }
+
+
+def _check_weights(size: str, path: str) -> None:
+    """A size's weights file exists and holds that ViT (read here once, so that a file of
+    another size fails before any trial starts); a URI is refused by the workers' loader."""
+    if "://" in path:
+        return
+    try:
+        load_vit(f"vit_{size}_patch16_224", path, num_classes=1, img_size=224, in_chans=3)
+    except ValueError as exc:
+        raise ConfigError("--weights", f"{size}: {exc}") from None
+
+
+def _downstream_data(root: str) -> dict[str, Any]:
+    """The config overrides of fine-tuning on the shards at `root`: their classes and channels
+    (the ViT's first convolution is fitted to them)."""
+    try:
+        shardset = open_split(root, "train")
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError("--downstream", f"{root}: {exc}") from exc
+    channels, _, _ = image_stats(shardset)
+    return {
+        "data.dataset": "shards",
+        "data.root": root,
+        "model.num_classes": shardset.num_classes,
+        "model.in_chans": channels,
+    }

@@ -12,6 +12,7 @@ from typing import Any
 
 from cbtlab.attention.common import STEP_INITS
 from cbtlab.config import ConfigError, ExperimentConfig, format_grid, parse_grid
+from cbtlab.models.adapt import FORMS, VIT_SIZES, vit_fields
 from cbtlab.models.zoo import architecture
 from cbtlab.overrides import parse_override
 from cbtlab.tune.scaling import SIZE_KEYS, size_cells
@@ -586,3 +587,115 @@ def decoder_robustness_spec(args: argparse.Namespace) -> StudySpec:
     if not spec.base.train.checkpoint_every:
         raise ConfigError("train.checkpoint_every", "the noise is applied to the last checkpoint")
     return spec
+
+
+# The ViT adaptation study (the paper's Fig. 9, studies/vit_adaptation.py): timm ViTs with
+# pretrained weights, their attention replaced by each form (cbtlab.models.adapt.FORMS), each
+# fine-tuned on every downstream dataset; top-1 over seeds against FLOPs.
+ADAPT_SIZES = tuple(VIT_SIZES)
+ADAPT_DEFAULT_SIZES = {"smoke": ("tiny",), "imagenet": ("tiny", "small", "base")}
+# Every preset: the step sizes start at 1 (CBSA starts as `A^T contract(Q0 + A W)`, the
+# reference adaptation's extraction and broadcast without a learned scale).
+ADAPT_COMMON: dict[str, Any] = {"model.step_init": "constant", "model.step_scale": 1.0}
+# smoke: the tiny ViT on the digits at 48 px (a 3 x 3 patch grid, 2 x 2 representatives), one
+# worker, 2 epochs, 2 seeds: minutes on 2 CPU cores.
+ADAPT_SMOKE: dict[str, Any] = {
+    "model.img_size": 48,
+    "model.in_chans": 1,
+    "model.num_classes": 10,
+    "model.rep_grid": "2x2",
+    "train.epochs": 2,
+    "train.num_workers": 1,
+    "train.lr": 5e-4,
+    "train.warmup_epochs": 0.0,
+}
+ADAPT_SMOKE_SEEDS = 2
+# imagenet: the reference code's adaptation command (CBSA README: AdamW, lr 5e-5, weight decay
+# 0.01, global batch 512, 50 epochs) with its main.py's label smoothing 0.1 and 10 warm-up
+# epochs, then a cosine to 0; 224 px, the 14 x 14 patch grid pooled to 8 x 8 representatives as
+# the reference's adapted attention does.
+ADAPT_RECIPE: dict[str, Any] = {
+    "model.img_size": 224,
+    "model.rep_grid": "8x8",
+    "data.dataset": "shards",
+    "data.batch_size": 512,
+    "data.augment": "imagenet",
+    "train.optimizer": "adamw",
+    "train.lr": 5e-5,
+    "train.weight_decay": 0.01,
+    "train.epochs": 50,
+    "train.warmup_epochs": 10.0,
+    "train.min_lr_ratio": 0.0,
+    "train.label_smoothing": 0.1,
+    "train.grad_clip": 1.0,
+}
+
+
+def parse_size_files(items: Sequence[str], flag: str = "--weights") -> dict[str, str]:
+    """`SIZE=FILE` items -> {size: file}, each size a ViT size (tiny, small, base, large)."""
+    out: dict[str, str] = {}
+    for item in items:
+        size, sep, path = item.partition("=")
+        if not sep or size not in ADAPT_SIZES or not path.strip():
+            raise ConfigError(
+                flag, f"{item!r}: expected SIZE=FILE with SIZE one of {', '.join(ADAPT_SIZES)}"
+            )
+        out[size] = path.strip()
+    return out
+
+
+def adaptation_cells(
+    forms: Sequence[str], sizes: Sequence[str], weights: dict[str, str]
+) -> list[dict[str, Any]]:
+    """One cell per size x attention form: the ViT (`model.adapt_from` and the architecture
+    it fixes), the form's attention fields and the size's weights file (`train.init_from`)."""
+    cells = []
+    for size in sizes:
+        name = f"vit_{size}_patch16_224"
+        arch = {f"model.{k}": v for k, v in vit_fields(name).items()}
+        for form in forms:
+            fields = {**FORMS[form]}
+            fields.setdefault("contraction", "softmax")  # read by CBSA only
+            cells.append(
+                {
+                    **{f"model.{k}": v for k, v in fields.items()},
+                    "model.adapt_from": name,
+                    **arch,
+                    "train.init_from": weights[size],
+                }
+            )
+    return cells
+
+
+def factor_out(cells: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the keys every cell sets alike, the cells without them), so that a cell names only what
+    varies; model.attention always stays."""
+    same = {
+        key: value
+        for key, value in cells[0].items()
+        if key != "model.attention" and all(cell[key] == value for cell in cells)
+    }
+    return same, [{k: v for k, v in cell.items() if k not in same} for cell in cells]
+
+
+def adaptation_spec(
+    args: argparse.Namespace, *, name: str, data: dict[str, Any], weights: dict[str, str]
+) -> StudySpec:
+    """The grid of one downstream dataset (`data`: its config overrides): every size x form of
+    `args`, each with the same seeds, starting from `weights` (size -> timm file)."""
+    same, cells = factor_out(adaptation_cells(args.forms, args.sizes, weights))
+    recipe = ADAPT_SMOKE if args.preset == "smoke" else ADAPT_RECIPE
+    preset_sets = {**recipe, **ADAPT_COMMON, **data, **same}
+    given = {parse_override(text)[0] for text in args.overrides}
+    spec_args = argparse.Namespace(
+        **{
+            **vars(args),
+            "data_root": data.get("data.root"),
+            "seeds": args.seeds or (ADAPT_SMOKE_SEEDS if args.preset == "smoke" else 3),
+            # The preset's fields unless --set gives them (`--set` comes last either way).
+            "overrides": [f"{k}={v}" for k, v in preset_sets.items() if k not in given]
+            + list(args.overrides),
+        }
+    )
+    space = {key: list(dict.fromkeys(cell[key] for cell in cells)) for key in cells[0]}
+    return study_spec(spec_args, name=name, space=space, cells=cells, grid=True)
