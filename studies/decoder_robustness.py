@@ -23,7 +23,7 @@ try:
 except ImportError:  # a source tree (e.g. a ray job's working dir) with cbtlab not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from cbtlab.tune.cli import decoder_robustness_main
+from cbtlab.dashboards.study_reports import decoder_robustness_main
 
 if __name__ == "__main__":
     sys.exit(decoder_robustness_main())

@@ -5,8 +5,7 @@ similarities logged per trial (model/decoder_flops, model/decoder_similarities).
 
 On this machine (generated shapes in the ADE20K layout, a tiny encoder, 3 x 2 cells x 2 seeds
 of 3 epochs; MLflow in ~/.cbtlab/mlflow.db):
-    python studies/segmentation_decoders.py --preset smoke
-    cbtlab study report --study segmentation_decoders     # table, mIoU vs decoder FLOPs
+    python studies/segmentation_decoders.py --preset smoke    # then its report (mIoU vs FLOPs)
 On a GPU cluster, Segmenter's ADE20K recipe on shards from `cbtlab data ade20k`:
     ray job submit --working-dir . -- python studies/segmentation_decoders.py --address auto \
         --preset ade20k --data-root s3://bucket/ade20k-wds --seeds 3 \
@@ -23,7 +22,7 @@ try:
 except ImportError:  # a source tree (e.g. a ray job's working dir) with cbtlab not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from cbtlab.tune.cli import seg_decoders_main
+from cbtlab.dashboards.study_reports import segmentation_decoders_main
 
 if __name__ == "__main__":
-    sys.exit(seg_decoders_main())
+    sys.exit(segmentation_decoders_main())

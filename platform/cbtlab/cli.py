@@ -77,12 +77,12 @@ COMMANDS: dict[str, dict[str, Command]] = {
             "cbtlab study es-check --preset smoke",
         ),
         "seg-decoders": Command(
-            "cbtlab.tune.cli:seg_decoders_main",
+            "cbtlab.dashboards.study_reports:segmentation_decoders_main",
             "Fig. 8 left: segmentation decoders' attention x depth, mIoU against decoder FLOPs",
             "cbtlab study seg-decoders --preset smoke",
         ),
         "decoder-robustness": Command(
-            "cbtlab.tune.cli:decoder_robustness_main",
+            "cbtlab.dashboards.study_reports:decoder_robustness_main",
             "Fig. 8 right: trained decoders' mIoU under noise on their projection matrices",
             "cbtlab study decoder-robustness --preset smoke --scales 0 0.5 1",
         ),

@@ -4,6 +4,8 @@ run (`cbtlab.dashboards.report`). The study layer cannot draw its own report (th
 sit above it), so the command lives here.
 
     vit_adaptation_main(["--preset", "smoke"])    # = studies/vit_adaptation.py --preset smoke
+    segmentation_decoders_main(["--preset", "smoke"])       # studies/segmentation_decoders.py
+    decoder_robustness_main(["--preset", "smoke"])          # studies/decoder_robustness.py
 """
 
 from __future__ import annotations
@@ -35,3 +37,15 @@ def report_study(result: StudyResult) -> None:
 def vit_adaptation_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """`cbtlab study vit-adapt` and studies/vit_adaptation.py: the study, then its report."""
     return study_cli.vit_adaptation_main(argv, prog, report=report_study)
+
+
+def segmentation_decoders_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """`cbtlab study seg-decoders` and studies/segmentation_decoders.py: the grid, then its
+    report (pareto_flops.png: mIoU against decoder FLOPs, Fig. 8 left)."""
+    return study_cli.seg_decoders_main(argv, prog, report=report_study)
+
+
+def decoder_robustness_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """`cbtlab study decoder-robustness` and studies/decoder_robustness.py: the grid, the noise
+    evaluation, then the grid's report."""
+    return study_cli.decoder_robustness_main(argv, prog, report=report_study)

@@ -234,9 +234,12 @@ def run_study_main(
     parser: argparse.ArgumentParser,
     make_spec: Callable[[argparse.Namespace], StudySpec],
     argv: Sequence[str] | None,
+    *,
+    report: Callable[[StudyResult], None] | None = None,
 ) -> int:
     """Parse, build the spec (a bad value: one message naming it, exit 2), run, print the
-    trial table, the statistics of a grid, and where MLflow keeps it all."""
+    trial table, the statistics of a grid, and where MLflow keeps it all; then, where given
+    and the parser has no --no-report or it is not set, hand the result to `report`."""
     args = parser.parse_args(argv)
     try:
         spec = make_spec(args).validate()
@@ -261,6 +264,8 @@ def run_study_main(
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_study_result(result, spec)
+    if report is not None and not getattr(args, "no_report", False):
+        report(result)
     return 0 if result.failed < len(result.rows) else 1
 
 
@@ -683,6 +688,9 @@ def _seg_parser(description: str, prog: str | None, seeds: int) -> argparse.Argu
         description, prog=prog, search=False, seeds=seeds, presets=SEG_PRESET_HELP
     )
     parser.add_argument(
+        "--no-report", action="store_true", help="skip the report (figures, HTML) at the end"
+    )
+    parser.add_argument(
         "--decoders",
         nargs="+",
         default=list(SEG_DECODERS),
@@ -705,8 +713,14 @@ def seg_decoders_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def seg_decoders_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    return run_study_main(seg_decoders_parser(prog), seg_decoders_spec, argv)
+def seg_decoders_main(
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    *,
+    report: Callable[[StudyResult], None] | None = None,
+) -> int:
+    """The grid; then, unless --no-report, `report` (`cbtlab.dashboards.study_reports`)."""
+    return run_study_main(seg_decoders_parser(prog), seg_decoders_spec, argv, report=report)
 
 
 def decoder_robustness_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -730,8 +744,14 @@ def decoder_robustness_parser(prog: str | None = None) -> argparse.ArgumentParse
     return parser
 
 
-def decoder_robustness_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Train the decoders (a grid), then evaluate each under noise and log the curves."""
+def decoder_robustness_main(
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    *,
+    report: Callable[[StudyResult], None] | None = None,
+) -> int:
+    """Train the decoders (a grid), then evaluate each under noise and log the curves; then,
+    unless --no-report, `report` (`cbtlab.dashboards.study_reports`)."""
     parser = decoder_robustness_parser(prog)
     args = parser.parse_args(argv)
     if args.resume is not None:
@@ -765,6 +785,8 @@ def decoder_robustness_main(argv: Sequence[str] | None = None, prog: str | None 
             f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]  ({row['seeds']} seeds)"
         )
     print(f"logged as noise_robustness.json and .png on the parent run {result.parent_run_id}")
+    if report is not None and not args.no_report:
+        report(result)
     return 0 if result.failed < len(result.rows) else 1
 
 
