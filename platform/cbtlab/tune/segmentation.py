@@ -114,8 +114,10 @@ def evaluate_robustness(
     parent_run_id: str,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Evaluate every finished trial under noise, log each child run's values and the parent's
-    summary (JSON and figure); returns the summary rows (decoder, scale, mean, CI, seeds)."""
+    """Evaluate every finished trial under noise (on the driver's GPU where it has one), log
+    each child run's values and the parent's summary (JSON and figure); returns the summary
+    rows (decoder, scale, mean, CI, seeds)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     per_trial = []
     for row in rows:
         if row.get("status") != "FINISHED":
@@ -124,7 +126,7 @@ def evaluate_robustness(
         if not location:
             continue
         cfg = trial_config(base, row, keys)
-        values = noisy_mious(cfg, load_checkpoint(location), scales, seed=seed)
+        values = noisy_mious(cfg, load_checkpoint(location), scales, seed=seed, device=device)
         tracker.log_metrics(row["run_id"], values, step=cfg.train.epochs)
         per_trial.append((cfg.task.decoder_attention, values))
     summary = summarise(per_trial, scales)
