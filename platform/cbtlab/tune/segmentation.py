@@ -5,7 +5,7 @@ After the decoder study's grid has trained (`decoder_robustness_spec`), every fi
 last checkpoint is evaluated again, unchanged, at each noise scale s: every decoder layer's
 input projection W becomes `W + s * rms(W) * G`, G ~ N(0, 1) elementwise
 (`cbtlab.analysis.segmentation.add_projection_noise`; one draw per trial and scale, seeded by
---noise-seed and the scale's index). No retraining per noise level. Each trial's child run gets
+--noise-seed and the scale itself). No retraining per noise level. Each trial's child run gets
 `noise/<s>/miou` and `noise/<s>/pixel_acc`; the parent run gets `noise_robustness.json` (per
 decoder and scale: the mean and 95% t-interval over seeds) and `noise_robustness.png`.
 """
@@ -80,9 +80,10 @@ def noisy_mious(
     crop = cfg.model.img_size
     transform = SegEvalTransform(cfg.task.eval_size(crop), mean=mean, std=std)
     out: dict[str, float] = {}
-    for index, scale in enumerate(scales):
+    for scale in scales:
         noisy = copy.deepcopy(model)
-        generator = torch.Generator().manual_seed(seed * 1_000 + index)
+        # the draw depends on the seed and the scale, not on the other scales asked for
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + round(float(scale) * 1e6))
         add_projection_noise(noisy.decoder.attention_layers(), float(scale), generator)
         metrics = evaluate_segmentation(
             noisy,
