@@ -145,6 +145,19 @@ def _worker_init(environ: dict[str, str], owner: tuple[int, str] | None, worker:
         threading.Thread(target=_exit_with, args=owner, daemon=True).start()
 
 
+def processes_cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU seconds of live processes (Linux's /proc; else None)."""
+    total = 0.0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    return total
+
+
 def _process_start(pid: int) -> str | None:
     """The start time of a live process (Linux's /proc), None if gone or a zombie."""
     try:
@@ -187,15 +200,7 @@ class WorkerPool:
         """User + system CPU seconds the live workers have used (Linux's /proc; else None).
         Persistent workers are not reaped while the pool lives, so `os.times()`'s children
         columns miss them."""
-        total = 0.0
-        try:
-            for pid in self.pids:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError):
-            return None
-        return total
+        return processes_cpu_seconds(self.pids)
 
     def run(
         self,

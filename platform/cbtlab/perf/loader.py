@@ -49,7 +49,7 @@ from cbtlab.data.transforms import (
     SplitTransform,
     build_transforms,
 )
-from cbtlab.data.workers import WorkerPool
+from cbtlab.data.workers import WorkerPool, processes_cpu_seconds
 
 EXTENSIONS = (".jpg", ".jpeg")
 CACHE_MODES = ("cold", "warm")
@@ -255,20 +255,7 @@ def drop_from_page_cache(paths: Iterable[Path]) -> None:
 def _cpu_s(pids: list[int]) -> float:
     times = os.times()
     own = times.user + times.system + times.children_user + times.children_system
-    return own + (_proc_cpu_s(pids) or math.nan)
-
-
-def _proc_cpu_s(pids: list[int]) -> float | None:
-    """User + system CPU seconds of live processes (Linux's /proc; else None)."""
-    total = 0.0
-    try:
-        for pid in pids:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return None
-    return total
+    return own + (processes_cpu_seconds(pids) or math.nan)
 
 
 def _pin() -> bool:
