@@ -402,6 +402,23 @@ def test_a_search_logged_before_the_budget_keeps_its_best_and_says_so(tmp_path: 
     assert "values may be at unequal budgets (they ran 1 to 3 epochs)" in notes
 
 
+def test_a_segmenters_miou_and_pixel_accuracy_reach_the_table(tmp_path: Path) -> None:
+    """A segmentation trial logs val/miou and val/pixel_acc (and their best/): the table has
+    them as columns beside a classifier's top-1, so its runs.parquet is not all NaN."""
+    study = write_study(tmp_path, seeds=1, probes=False)
+    client = MlflowClient(study.uri)
+    run_id = study.trials[0]["run_id"]
+    logged = {"val/miou": 0.61, "val/pixel_acc": 0.83, "best/val/miou": 0.64,
+              "best/val/pixel_acc": 0.85}  # fmt: skip
+    for key, value in logged.items():
+        client.log_metric(run_id, key, value, step=3)
+    rows = {r["run_id"]: r for r in trial_rows(load_study(study.uri, "synthetic"))}
+    assert {key: rows[run_id][key] for key in logged} == logged
+    other = study.trials[1]["run_id"]
+    assert all(math.isnan(rows[other][key]) for key in logged)
+    assert set(logged) <= set(TABLE_COLUMNS)
+
+
 def test_the_stats_metric_names_its_budget() -> None:
     cases = [
         ("final val/top1 at epoch 8", "final val/top1", "8"),

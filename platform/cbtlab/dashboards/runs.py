@@ -35,6 +35,7 @@ from cbtlab.analysis import count_flops
 from cbtlab.models import build_model
 from cbtlab.tracking.schema import (
     BEST_PREFIX,
+    BEST_TRACKED,
     CELL_TAG,
     EPOCHS_TAG,
     ERROR_TAG,
@@ -51,9 +52,12 @@ from cbtlab.train.segmentation import build_segmentation_model
 from cbtlab.tune.budget import common_budget, with_budget_values
 from cbtlab.tune.stats import cell_label, mean_ci
 
-# Latest values copied into the table when a run logs them.
-LATEST_METRICS = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1")
-BEST_METRICS = ("best/val/top1", "best/val/top5", "best/val/loss")
+# Latest values copied into the table when a run logs them (a classifier's top-1/top-5, a
+# segmenter's mIoU and pixel accuracy), and the best of each the trial tracked.
+LATEST_METRICS = (
+    "val/top1", "val/top5", "val/miou", "val/pixel_acc", "val/loss", "train/loss", "train/top1",
+)  # fmt: skip
+BEST_METRICS = tuple(BEST_PREFIX + name for name in BEST_TRACKED)
 # A FLOP count some writer may log (metric or param); otherwise counted from the run's config.
 LOGGED_FLOPS = ("flops", "model/flops", "model.flops")
 # A segmentation run logs its decoder's share (cbtlab.train.segmentation): the x of its Pareto
