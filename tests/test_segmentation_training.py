@@ -15,35 +15,18 @@ from cbtlab.data.seg_transforms import SegEvalTransform, seg_loader
 from cbtlab.tracking.schema import TRIAL_METRIC_PREFIXES, config_from_params
 from cbtlab.train.segmentation import build_segmentation_model, poly_schedule, run_segmentation
 from cbtlab.tune.cli import decoder_robustness_parser, seg_decoders_parser
-from cbtlab.tune.definitions import decoder_robustness_spec, seg_decoders_spec
+from cbtlab.tune.definitions import SEG_SMOKE, decoder_robustness_spec, seg_decoders_spec
 from cbtlab.tune.segmentation import noisy_mious, summarise
 
 
 def _tiny_seg_config(tmp_path: Path, **overrides: object) -> ExperimentConfig:
+    """The smoke preset's model and data (the study's own trials), a CBSA decoder of depth 1."""
     return ExperimentConfig().with_overrides(
         {
-            "task.kind": "segmentation",
+            **SEG_SMOKE,
             "task.decoder_attention": "cbsa",
             "task.decoder_depth": 1,
-            "task.photometric": False,
-            "data.dataset": "shapes",
             "data.cache_dir": str(tmp_path),
-            "data.batch_size": 16,
-            "data.shuffle_buffer": 32,
-            "model.in_chans": 3,
-            "model.num_classes": 4,
-            "model.img_size": 32,
-            "model.patch_size": 4,
-            "model.embed_dim": 48,
-            "model.num_heads": 3,
-            "model.depth": 1,
-            "model.block": "mlp",
-            "model.attention": "softmax",
-            "model.rep_grid": "4x4",
-            "train.epochs": 3,
-            "train.lr": 2e-3,
-            "train.warmup_epochs": 0.5,
-            "train.num_workers": 1,
             **overrides,
         }
     )
