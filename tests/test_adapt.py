@@ -79,6 +79,34 @@ def test_inherited_weights_are_the_files(vit_file) -> None:
     torch.testing.assert_close(linear["blocks.5.attn.qkv.bias"], saved["blocks.5.attn.qkv.bias"])
 
 
+def test_the_reference_layer_inherits_the_whole_attention(vit_file) -> None:
+    """qkv_agent (the authors' adapted layer) takes the ViT's q, k, v and output projection as
+    they are, and computes softmax(s q Q0^T) softmax(s Q0 K^T) V with Q0 the queries pooled
+    over the patch grid: checked against the equations written out here."""
+    saved = load_file(str(vit_file))
+    vit = load_vit(NAME, vit_file, num_classes=10, img_size=64, in_chans=3).eval()
+    model = adapt_vit(vit, "qkv_agent", {"rep_grid": (2, 2)}).eval()
+    ours = model.state_dict()
+    for key in ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias"):
+        torch.testing.assert_close(ours[f"blocks.7.{key}"], saved[f"blocks.7.{key}"])
+    attn = model.blocks[0].attn
+    heads, d = attn.num_heads, ours["cls_token"].shape[-1]
+    p = d // heads
+    x = torch.randn(2, 1 + 16, d)  # a CLS token and a 4 x 4 patch grid
+    q, k, v = (t.view(2, 17, heads, p).transpose(1, 2) for t in attn.qkv(x).chunk(3, dim=-1))
+    grid = q[:, :, 1:].transpose(-1, -2).reshape(2 * heads, p, 4, 4)
+    reps = torch.nn.functional.adaptive_avg_pool2d(grid, 2).reshape(2, heads, p, 4)
+    reps = reps.transpose(-1, -2)  # (B, K, m, p)
+    gathered = torch.softmax(reps @ k.transpose(-1, -2) / p**0.5, dim=-1) @ v
+    read = torch.softmax(q @ reps.transpose(-1, -2) / p**0.5, dim=-1)
+    expected = attn.proj((read @ gathered).transpose(1, 2).reshape(2, 17, d))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, (4, 4)), expected)
+        mixed = attn.attention_map(x, (4, 4)) @ v  # the map is the layer's token mixing
+        torch.testing.assert_close(attn.proj(mixed.transpose(1, 2).reshape(2, 17, d)), expected)
+    assert attn.pairwise_similarities(17) == heads * 2 * 17 * 4
+
+
 @pytest.fixture(scope="module")
 def vit():
     """A 2-layer tiny ViT (the adapter reads the depth from the model): fast to train."""

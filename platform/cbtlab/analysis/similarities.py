@@ -14,7 +14,7 @@ mechanism gives its count from the number of tokens entering it (`pairwise_simil
 | `cbsa` (contraction softmax / exact) | N m + m (m + 1) / 2 | 528,768 (paper 0.53M)         |
 | `cbsa` (contraction "none")          | N m                 | 453,888                       |
 | `tssa`, `linear`, `linear_attention` | N p                 | 453,888 (TSSA; paper 0.45M)   |
-| `agent`                              | 2 N m               | 907,776                       |
+| `agent`, `qkv_agent`                 | 2 N m               | 907,776                       |
 
 - MSSA and softmax attention: the tokens are their own representatives, no contraction.
 - CBSA: m = the layer's `num_representatives`. The contraction's Gram `Q Q^T` is symmetric and
@@ -25,7 +25,9 @@ mechanism gives its count from the number of tokens entering it (`pairwise_simil
 - Agent attention: our `agent` compares the tokens with the m agents twice, to gather
   (`softmax_r(s Q0 W^T)`) and to read back (`softmax_r(s W Q0^T)`). The paper's Agent column
   (0.52M / 1.0M) is "CBSA without the contraction step" and gives no formula; neither our
-  `agent` (0.91M) nor `cbsa` with contraction "none" (N m, 0.45M) reproduces it.
+  `agent` (0.91M) nor `cbsa` with contraction "none" (N m, 0.45M) reproduces it. `qkv_agent`
+  (the authors' adapted ViT layer) compares the keys and the queries with the pooled queries:
+  2 N m as `agent`.
 
 Counting runs on a copy of the model on PyTorch's meta device (as `count_flops`, CBSA in its
 reference form), so it costs nothing at any resolution. The token count of every attention

@@ -20,6 +20,8 @@ Options a mechanism does not take are ignored by `create_attention`, so one mode
 | `tssa`             | ToST's token statistics attention, eq. 13   | O(N p)            |
 | `agent`            | agent attention (pooled agents)             | O(N m p)          |
 | `linear_attention` | kernelised linear attention (elu + 1)       | O(N p^2)          |
+| `qkv_agent`        | CBSA w/o contraction on ViT's q, k, v       | O(N m p)          |
+|                    | (pooled queries; the authors' adaptation)   |                   |
 """
 
 from cbtlab.attention.cbsa import CBSA
@@ -29,6 +31,7 @@ from cbtlab.attention.family import (
     AgentAttention,
     KernelLinearAttention,
     LinearVariant,
+    QKVAgentAttention,
     SoftmaxAttention,
 )
 from cbtlab.attention.registry import ATTENTION_REGISTRY, create_attention, register_attention
@@ -41,6 +44,7 @@ __all__ = [
     "AgentAttention",
     "KernelLinearAttention",
     "LinearVariant",
+    "QKVAgentAttention",
     "SoftmaxAttention",
     "create_attention",
     "register_attention",

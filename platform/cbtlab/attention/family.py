@@ -229,3 +229,59 @@ class KernelLinearAttention(SoftmaxAttention):
         q, k, _ = self._features(x)
         sim = select_rows(q, rows) @ k.transpose(-1, -2)
         return sim / (sim.sum(-1, keepdim=True) + 1e-6)
+
+
+@register_attention("qkv_agent")
+class QKVAgentAttention(SoftmaxAttention):
+    """CBSA without the contraction step on a ViT's own projections, the layer of the authors'
+    ViT adaptation (`CBSA_finetune_vit/attention.py`): the m representatives are the queries
+    pooled over the patch grid, `Q0 = pool(q)`; they gather the values, `A V` with
+    `A = softmax_r(s Q0 K^T)`, and every token reads them back by its query,
+    `out = softmax_r(s q Q0^T) (A V)` (s = p^-1/2). ViT's q, k, v (one `Linear(d, 3d)` with
+    bias) and output projection, so a pretrained ViT's attention maps onto it whole
+    (`cbtlab.models.adapt`). Agent attention's form with q, k, v kept apart. O(N m p)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        num_prefix_tokens: int = 1,
+        qkv_bias: bool = True,
+        rep_grid: tuple[int, int] = (8, 8),
+        rep_pool: str = "avg",
+    ) -> None:
+        super().__init__(dim, num_heads, num_prefix_tokens=num_prefix_tokens, qkv_bias=qkv_bias)
+        self.rep_grid = (int(rep_grid[0]), int(rep_grid[1]))
+        self.rep_pool = rep_pool
+
+    def _reps(self, x: Tensor, grid_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(q, k, v, Q0): the tokens' projections (B, K, N, p), the pooled queries (B, K, m, p)."""
+        q, k, v = self._qkv(x)
+        patches = q[:, :, self.num_prefix_tokens :]
+        return q, k, v, pool_grid(patches, grid_size, self.rep_grid, self.rep_pool)
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        q, k, v, reps = self._reps(x, grid_size)
+        gathered = F.scaled_dot_product_attention(reps, k, v)  # A V: (B, K, m, p)
+        return self.proj(merge_heads(F.scaled_dot_product_attention(q, reps, gathered)))
+
+    @property
+    def num_representatives(self) -> int:
+        return self.rep_grid[0] * self.rep_grid[1]
+
+    def pairwise_similarities(self, num_tokens: int) -> int:
+        """Similarities of one image over all heads (`cbtlab.analysis.similarities`): the keys
+        meet the m representatives to gather, the queries meet them to read back, 2 N m per
+        head (as `agent`)."""
+        return self.num_heads * 2 * num_tokens * self.num_representatives
+
+    def attention_map(
+        self, x: Tensor, grid_size: tuple[int, int], rows: Tensor | None = None
+    ) -> Tensor:
+        """The effective token-to-token map `softmax_r(s q Q0^T) A`: (B, K, R, N)."""
+        q, k, _, reps = self._reps(x, grid_size)
+        scale = q.shape[-1] ** -0.5
+        gather = torch.softmax(scale * reps @ k.transpose(-1, -2), dim=-1)  # (B, K, m, N)
+        read = torch.softmax(scale * select_rows(q, rows) @ reps.transpose(-1, -2), dim=-1)
+        return read @ gather

@@ -4,8 +4,10 @@ A timm `vit_{tiny,small,base,large}_patch16_224` (any pretrained tag, e.g.
 `vit_base_patch16_224.augreg_in21k`) is the same network as our `CBTransformer` with the patch
 stem, MLP blocks, CLS-token pooling and LayerNorms of epsilon 1e-6 (`NORM_EPS`); only its
 attention changes, to any name of the attention registry (`cbtlab.attention`): "cbsa" (with
-`contraction="none"`: CBSA without the contraction step), "linear_attention" (kernelised
-linear attention), or "softmax" (the ViT itself: its logits are reproduced exactly).
+`contraction="none"`: CBSA without the contraction step), "qkv_agent" (CBSA without the
+contraction step on the ViT's own q, k and v: the authors' adapted layer), "linear_attention"
+(kernelised linear attention), or "softmax" (the ViT itself: its logits are reproduced
+exactly).
 
 What maps to what (timm name -> ours; every other tensor is initialised as our model does):
     cls_token, pos_embed, patch_embed.proj.*       -> the same  (pos_embed resampled by timm to
@@ -16,7 +18,8 @@ What maps to what (timm name -> ours; every other tensor is initialised as our m
     head.*                                          -> head.* where the class count is the
                                                       file's, else a new head
     blocks.{i}.attn.qkv.*, attn.proj.*  for mechanisms with ViT's projections (softmax,
-        linear_attention: `qkv` is Linear(d, 3d) with bias)  -> the same, q, k and v kept
+        qkv_agent, linear_attention: `qkv` is Linear(d, 3d) with bias)  -> the same, q, k and v
+        kept; qkv_agent's representatives are the pretrained queries pooled over the patch grid
     for the white-box mechanisms (cbsa, agent, mssa, tssa, linear), whose one bias-free
     projection U (`qkv`, d x d) gives the subspaces the tokens are compared and mixed in:
         the value rows W_v of attn.qkv.weight       -> blocks.{i}.attn.qkv.weight  (U = W_v)
@@ -26,8 +29,9 @@ What maps to what (timm name -> ours; every other tensor is initialised as our m
     output in the space the pretrained P, MLP and head expect; the value bias, which a mixture
     whose weights sum to one passes through unchanged, is folded into the output bias. The
     query and key rows have no place in a mechanism that compares the tokens' projections with
-    one another (the reference code's adaptation, `CBSA_finetune_vit/attention.py`, keeps q, k
-    and v: its layer is agent attention over pooled queries; ours is the paper's CBSA).
+    one another: this is the paper's CBSA. The reference code's adaptation
+    (`CBSA_finetune_vit/attention.py`) keeps q, k and v instead: its layer is `qkv_agent`
+    (the form "cbsa_nocontract_qkv"), which inherits the whole pretrained attention.
     New: CBSA's step sizes eta_rep, eta_x and the linear variant's eta (model.step_init and
     step_scale; "constant" 1 starts CBSA as `A^T contract(Q0 + A W)`), TSSA's temperature.
 
@@ -73,6 +77,8 @@ FORMS: dict[str, dict[str, str]] = {
     "softmax": {"attention": "softmax"},
     "cbsa": {"attention": "cbsa", "contraction": "softmax"},
     "cbsa_nocontract": {"attention": "cbsa", "contraction": "none"},
+    # the reference code's adapted layer: CBSA without contraction on the ViT's q, k, v
+    "cbsa_nocontract_qkv": {"attention": "qkv_agent"},
     "linear": {"attention": "linear_attention"},
 }
 

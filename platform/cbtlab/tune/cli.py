@@ -794,7 +794,8 @@ def vit_adaptation_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = study_parser(
         "ViT adaptation (the paper's Fig. 9): timm ViTs with pretrained weights, their attention "
         "replaced by each --forms (softmax: the ViT itself; cbsa; cbsa_nocontract: CBSA without "
-        "the contraction step; linear: kernelised linear attention), every other weight "
+        "the contraction step; cbsa_nocontract_qkv: the same on the ViT's own q, k, v, the "
+        "authors' adapted layer; linear: kernelised linear attention), every other weight "
         "inherited, each fine-tuned with the same --seeds on every --downstream dataset; top-1 "
         "with 95% intervals against FLOPs (the report's pareto_flops.png).",
         prog=prog,
