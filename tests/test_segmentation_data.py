@@ -14,7 +14,12 @@ from PIL import Image
 
 from cbtlab.analysis.segmentation import VOID
 from cbtlab.data import open_split
-from cbtlab.data.seg_transforms import SegEvalTransform, SegTrainTransform, seg_loader
+from cbtlab.data.seg_transforms import (
+    SegEvalTransform,
+    SegTrainTransform,
+    seg_loader,
+    split_shards,
+)
 from cbtlab.data.segmentation import (
     SegmentationDataError,
     ade20k_pairs,
@@ -119,5 +124,24 @@ def test_loader_splits_samples_over_ranks(tmp_path: Path) -> None:
         )
         for r in range(2)
     ]
-    assert seen == [3, 2]
+    assert seen == [4, 1]  # shard 0 (4 samples) to rank 0, shard 1 (1 sample) to rank 1
     assert ensure_shapes(tmp_path, num_train=10, num_val=5, size=32, samples_per_shard=4) == root
+
+
+@pytest.mark.parametrize("shards", [1, 3, 4, 9, 16])
+@pytest.mark.parametrize(("ranks", "workers"), [(1, 1), (2, 1), (4, 2), (8, 4)])
+def test_every_sample_goes_to_one_reader(shards: int, ranks: int, workers: int) -> None:
+    """Each (shard, sample) is kept by exactly one (rank, loader worker); with as many shards
+    as ranks, a rank opens only its own shards (not every shard's bytes)."""
+    urls = [f"shard-{i:02d}.tar" for i in range(shards)]
+    kept: list[tuple[str, int]] = []
+    for r in range(ranks):
+        opened: set[str] = set()
+        for w in range(workers):
+            mine, part, parts = split_shards(urls, (r, ranks), (w, workers))
+            opened.update(mine)
+            positions = [(u, j) for u in mine for j in range(5)]  # 5 samples a shard
+            kept += [sample for i, sample in enumerate(positions) if i % parts == part]
+        if shards >= ranks:
+            assert opened == set(urls[r::ranks])
+    assert sorted(kept) == sorted((u, j) for u in urls for j in range(5))

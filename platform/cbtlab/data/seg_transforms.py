@@ -123,11 +123,13 @@ class SegEvalTransform:
 
 
 class SegShardStream(torch.utils.data.IterableDataset):
-    """Samples of a list of shards through a transform, read with webdataset. The samples are
-    split into parts, one per (rank, loader worker): part j keeps every sample whose position
-    in the (seeded) shard order is j modulo the parts, decoding only those. For training the
-    shard order (the same on every rank) and a buffer of samples are shuffled with `seed`; for
-    evaluation the order is the shards'."""
+    """Samples of a list of shards through a transform, read with webdataset, split into parts
+    one per (rank, loader worker) so that every sample goes to one part (`split_shards`): whole
+    shards to each rank, then to each of its loader workers, where there are enough shards;
+    otherwise the samples by position modulo the parts (every such part reads the bytes of all
+    its shards and decodes only its samples). For training the shard order (the same on every
+    rank) and a buffer of samples are shuffled with `seed`; for evaluation the order is the
+    shards'."""
 
     def __init__(
         self,
@@ -150,16 +152,35 @@ class SegShardStream(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        part, parts = self.rank * workers + worker, self.world_size * workers
         urls = list(self.urls)
         if self.train:
             random.Random(self.seed).shuffle(urls)
-        rng = random.Random((self.seed * 1_000_003 + part) * 7919)
+        urls, part, parts = split_shards(urls, (self.rank, self.world_size), (worker, workers))
+        rng = random.Random((self.seed * 1_000_003 + self.rank * workers + worker) * 7919)
+        if not urls:
+            return
         raw = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
         mine = (decode_sample(s) for i, s in enumerate(raw) if i % parts == part)
         samples = _shuffled(mine, self.shuffle_buffer, rng) if self.train else mine
         for _, image, mask in samples:
             yield self.transform(image, mask, rng) if self.train else self.transform(image, mask)
+
+
+def split_shards(
+    urls: Sequence[str], rank: tuple[int, int], worker: tuple[int, int]
+) -> tuple[list[str], int, int]:
+    """(the shards this (rank, loader worker) reads, part, parts): it keeps the samples of
+    those shards whose position is `part` modulo `parts`. `rank` and `worker` are (index,
+    count). Whole shards go round-robin to the ranks where there are at least as many shards as
+    ranks, then to the rank's workers likewise; where there are fewer, every reader of the same
+    shards takes every `parts`-th sample. Each sample goes to exactly one (rank, worker)."""
+    (r, ranks), (w, workers) = rank, worker
+    if len(urls) < ranks:
+        return list(urls), r * workers + w, ranks * workers
+    mine = list(urls[r::ranks])
+    if len(mine) < workers:
+        return mine, w, workers
+    return mine[w::workers], 0, 1
 
 
 def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
