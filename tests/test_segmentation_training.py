@@ -116,6 +116,46 @@ def test_robustness_summary_has_intervals_over_seeds() -> None:
     assert rows[-1]["decoder"] == "mssa" and rows[-1]["seeds"] == 1
 
 
+def test_robustness_keeps_the_studys_decoder_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trials come best first; the summary, its JSON and figure list the decoders in the
+    study's order, each child run gets its noise metrics."""
+    from cbtlab.tracking import StudyTracker
+    from cbtlab.tracking.schema import CHECKPOINT_TAG
+    from cbtlab.tune import segmentation
+
+    def fake_noisy(cfg: ExperimentConfig, state: dict, scales: list, **_: object) -> dict:
+        base = {"cbsa": 0.8, "mssa": 0.7, "softmax": 0.9}[cfg.task.decoder_attention]
+        return {segmentation.noise_key(s): base - s / 10 - cfg.train.seed / 100 for s in scales}
+
+    monkeypatch.setattr(segmentation, "noisy_mious", fake_noisy)
+    monkeypatch.setattr(segmentation, "load_checkpoint", lambda location: {})
+    tracker = StudyTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "robust")
+    parent = tracker.start_run("robust", params={}, tags={})
+    rows = []
+    for decoder, seed in [("softmax", 0), ("mssa", 1), ("cbsa", 0), ("softmax", 1),
+                          ("cbsa", 1), ("mssa", 0)]:  # fmt: skip
+        run_id = tracker.start_run("t", params={}, tags={CHECKPOINT_TAG: "/nowhere"},
+                                   parent_run_id=parent)  # fmt: skip
+        rows.append({"run_id": run_id, "status": "FINISHED", "train.seed": seed,
+                     "task.decoder_attention": decoder})  # fmt: skip
+    summary = segmentation.evaluate_robustness(
+        ExperimentConfig().with_overrides(SEG_SMOKE), rows, keys=["task.decoder_attention"],
+        scales=[0.0, 1.0], tracker=tracker, parent_run_id=parent,
+        decoders=["cbsa", "mssa", "softmax"],
+    )  # fmt: skip
+    assert [(r["decoder"], r["scale"]) for r in summary] == [
+        ("cbsa", 0.0), ("cbsa", 1.0), ("mssa", 0.0), ("mssa", 1.0),
+        ("softmax", 0.0), ("softmax", 1.0),
+    ]  # fmt: skip
+    assert summary[0]["miou"] == pytest.approx(0.795) and summary[0]["seeds"] == 2
+    logged = tracker.client.get_run(rows[0]["run_id"]).data.metrics
+    assert logged["noise/1/miou"] == pytest.approx(0.8)
+    names = {a.path for a in tracker.client.list_artifacts(parent)}
+    assert {"noise_robustness.json", "noise_robustness.png"} <= names
+
+
 @pytest.mark.parametrize("encoder", ["vit_tiny_patch16_224", "cbt_tiny_patch16_224"])
 def test_a_timm_or_cbtlab_encoder_by_name(encoder: str) -> None:
     cfg = ExperimentConfig().with_overrides(

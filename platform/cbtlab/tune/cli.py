@@ -777,6 +777,7 @@ def decoder_robustness_main(
         tracker=tracker,
         parent_run_id=result.parent_run_id,
         seed=args.noise_seed,
+        decoders=args.decoders,
     )
     print("\nval mIoU under noise on the decoder's projections (mean [95% CI] over seeds):")
     for row in summary:

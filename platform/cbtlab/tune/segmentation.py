@@ -114,10 +114,12 @@ def evaluate_robustness(
     tracker: StudyTracker,
     parent_run_id: str,
     seed: int = 0,
+    decoders: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Evaluate every finished trial under noise (on the driver's GPU where it has one), log
     each child run's values and the parent's summary (JSON and figure); returns the summary
-    rows (decoder, scale, mean, CI, seeds)."""
+    rows (decoder, scale, mean, CI, seeds), the decoders in the order of `decoders` (the
+    study's), any other after them."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     per_trial = []
     for row in rows:
@@ -130,6 +132,8 @@ def evaluate_robustness(
         values = noisy_mious(cfg, load_checkpoint(location), scales, seed=seed, device=device)
         tracker.log_metrics(row["run_id"], values, step=cfg.train.epochs)
         per_trial.append((cfg.task.decoder_attention, values))
+    rank = {name: i for i, name in enumerate(decoders)}
+    per_trial.sort(key=lambda item: rank.get(item[0], len(rank)))  # stable: seeds keep order
     summary = summarise(per_trial, scales)
     tracker.log_text(parent_run_id, json.dumps(summary, indent=2), ROBUSTNESS_JSON)
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +159,9 @@ def summarise(
 
 
 def plot_robustness(summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """mIoU against the noise scale, one line per decoder, its 95% interval shaded."""
+    """mIoU against the noise scale, one line per decoder, its 95% interval shaded within
+    [0, 1], where mIoU lives (the t-interval of 2 seeds reaches far beyond it; the JSON keeps
+    the interval as computed)."""
     import math
 
     import matplotlib
@@ -170,10 +176,14 @@ def plot_robustness(summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
         ax.plot(xs, [r["miou"] for r in mine], marker="o", label=decoder)
         if all(math.isfinite(r["ci_low"]) for r in mine):
             ax.fill_between(
-                xs, [r["ci_low"] for r in mine], [r["ci_high"] for r in mine], alpha=0.2
+                xs,
+                [max(0.0, r["ci_low"]) for r in mine],
+                [min(1.0, r["ci_high"]) for r in mine],
+                alpha=0.2,
             )
     ax.set_xlabel("noise scale on the decoder's projections (x rms of W)")
     ax.set_ylabel("val mIoU")
+    ax.set_ylim(0.0, 1.0)
     ax.set_title("decoder robustness (mean, 95% CI over seeds)")
     ax.legend(title="decoder attention")
     path.parent.mkdir(parents=True, exist_ok=True)
