@@ -194,6 +194,10 @@ def test_study_cells(tmp_path, monkeypatch) -> None:
     assert set(spec.space) == {"model.attention", "model.contraction"}
     assert spec.base.model.adapt_from == NAME and spec.base.model.img_size == 48
     assert spec.base.train.init_from.endswith(f"random_{NAME}.safetensors")
+    default = vit_adaptation_parser().parse_args(["--preset", "smoke"])
+    (spec,) = _adaptation_specs(default).values()  # the smoke's forms: the paper's claim
+    assert [c["model.attention"] for c in spec.cells] == ["softmax", "cbsa", "linear_attention"]
+    assert spec.cells[1]["model.contraction"] == "none"
     bad = vit_adaptation_parser().parse_args(["--preset", "imagenet"])
     with pytest.raises(ConfigError, match="--weights"):
         _adaptation_specs(bad)

@@ -21,6 +21,7 @@ from cbtlab.overrides import ConfigError, add_override_argument, parse_override
 from cbtlab.paths import cbtlab_home
 from cbtlab.tracking import StudyTracker
 from cbtlab.tune.definitions import (
+    ADAPT_DEFAULT_FORMS,
     ADAPT_DEFAULT_SIZES,
     ADAPT_SIZES,
     DEFAULT_GRID_EPOCHS,
@@ -809,7 +810,12 @@ def vit_adaptation_parser(prog: str | None = None) -> argparse.ArgumentParser:
         },
     )
     parser.add_argument(
-        "--forms", nargs="+", choices=list(FORMS), default=list(FORMS), help="attention forms"
+        "--forms",
+        nargs="+",
+        choices=list(FORMS),
+        default=None,
+        help="attention forms; default: "
+        + "; ".join(f"{p}: {' '.join(f)}" for p, f in ADAPT_DEFAULT_FORMS.items()),
     )
     parser.add_argument(
         "--sizes",
@@ -884,6 +890,7 @@ def _adaptation_specs(args: argparse.Namespace) -> dict[str, StudySpec]:
     if args.data_root is not None:
         raise ConfigError("--data-root", "give the fine-tuning shards as --downstream NAME=ROOT")
     args.sizes = args.sizes or list(ADAPT_DEFAULT_SIZES[args.preset])
+    args.forms = args.forms or list(ADAPT_DEFAULT_FORMS[args.preset])
     weights = parse_size_files(args.weights)
     for size in args.sizes:
         if size in weights:
