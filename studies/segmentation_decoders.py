@@ -4,7 +4,7 @@ same seeds; val/miou with paired statistics vs the first decoder, decoder FLOPs 
 similarities logged per trial (model/decoder_flops, model/decoder_similarities).
 
 On this machine (generated shapes in the ADE20K layout, a tiny encoder, 3 x 2 cells x 2 seeds
-of 3 epochs; MLflow in ~/.cbtlab/mlflow.db):
+of 3 epochs, two at once: about 6 minutes on 2 cores; MLflow in ~/.cbtlab/mlflow.db):
     python studies/segmentation_decoders.py --preset smoke    # then its report (mIoU vs FLOPs)
 On a GPU cluster, Segmenter's ADE20K recipe on shards from `cbtlab data ade20k`:
     ray job submit --working-dir . -- python studies/segmentation_decoders.py --address auto \

@@ -4,8 +4,9 @@ CBSA (with or without the contraction step) or linear attention, every other wei
 downstream dataset; prints each grid's statistics and logs its report (top-1 with 95% intervals
 against FLOPs: report/pareto_flops.png on the parent run).
 
-On one machine (local Ray, the built-in digits, the tiny ViT at 48 px, 2 seeds x 2 epochs; a
-random ViT stands in for pretrained weights unless --weights gives some; minutes on 2 CPUs):
+On one machine (local Ray, the built-in digits, the tiny ViT at 48 px, softmax, CBSA without
+contraction and linear attention, 2 seeds x 2 epochs; a random ViT stands in for pretrained
+weights unless --weights gives some; about 5 minutes on 2 CPUs):
     python studies/vit_adaptation.py --preset smoke
 On a GPU cluster, with timm's ImageNet-21k weights (docs/studies.md: ViT adaptation) on storage
 every worker reads, fine-tuned on the downstream shards of data_pipelines/build_shards.py:
