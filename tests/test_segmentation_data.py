@@ -108,6 +108,9 @@ def test_crop_is_padded_with_ignored_pixels_and_eval_resizes_the_short_side() ->
     _, labels = transform(Image.new("RGB", (10, 10)), mask, random.Random(0))
     assert (labels[:10, :10] == 1).all() and (labels[10:] == VOID).all()
     image, labels = SegEvalTransform(20)(Image.new("RGB", (10, 15)), np.ones((15, 10), np.uint8))
+    assert image.shape == (3, 30, 20) and labels.shape == (15, 10)  # scored at the original
+    resized = SegEvalTransform(20, at_original=False)
+    image, labels = resized(Image.new("RGB", (10, 15)), np.ones((15, 10), np.uint8))
     assert image.shape == (3, 30, 20) and labels.shape == (30, 20)
 
 

@@ -3,10 +3,13 @@ trained through the worker beats the majority-class baseline; the task section's
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cbtlab.analysis.segmentation import ConfusionMatrix
 from cbtlab.config import ConfigError, ExperimentConfig
@@ -52,6 +55,40 @@ def test_a_cbsa_decoder_trains_past_the_majority_class(tmp_path: Path) -> None:
     noisy = noisy_mious(cfg, state, [0.0, 3.0])
     assert noisy["noise/0/miou"] == pytest.approx(final["val/miou"], abs=1e-6)
     assert noisy["noise/3/miou"] < noisy["noise/0/miou"]
+
+
+def test_evaluation_scores_at_the_original_resolution() -> None:
+    """Logits of the resized image are resized back to the original mask before scoring: a
+    model right at the half resolution scores 1 against the full-size mask, and a missed
+    one-pixel stripe weighs its 16 pixels of 256 (a half-size mask would weigh it 8 of 64)."""
+    from cbtlab.train.segmentation import evaluate_segmentation
+
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, 8:] = 1
+    transform = SegEvalTransform(8, mean=(0, 0, 0), std=(1, 1, 1))
+    image = Image.fromarray(np.where(mask[..., None] == 1, 255, 0).astype(np.uint8).repeat(3, 2))
+    pixels, labels = transform(image, mask)
+    assert pixels.shape == (3, 8, 8) and labels.shape == (16, 16)
+
+    class Bright(torch.nn.Module):  # class 1 where the image is bright
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bright = (x.mean(1, keepdim=True) > 0.5).float()
+            return torch.cat([1 - bright, bright], dim=1) * 10
+
+    model = Bright()
+
+    def score(batch: list) -> dict:
+        return evaluate_segmentation(
+            model, batch, num_classes=2, crop=8, stride=8, device=torch.device("cpu"),
+            amp=contextlib.nullcontext,
+        )  # fmt: skip
+
+    assert score([(pixels[None], labels[None])])["val/miou"] == pytest.approx(1.0)
+    striped = mask.copy()
+    striped[:, 1] = 1  # one column of class 1 in the left half: half-size pixels miss it
+    _, labels = transform(image, striped)
+    metrics = score([(pixels[None], labels[None])])
+    assert metrics["val/pixel_acc"] == pytest.approx(1 - 16 / 256)
 
 
 def test_a_classification_config_holds_no_task_section() -> None:

@@ -7,8 +7,10 @@ uniformly from `scale_range` (bilinear for the image, nearest for the mask); a r
 `cat_max_ratio` of its scored pixels (mmseg's RandomCrop); padding to the crop where the image
 is smaller (image 0, mask ignored); a horizontal flip with probability 1/2; photometric
 distortion on the image only (brightness, contrast, saturation, hue, each with probability
-1/2, in mmseg's ranges). Evaluation (`SegEvalTransform`): the shorter side resized to
-`base_size` (nearest for the mask), evaluated by sliding windows of the crop.
+1/2, in mmseg's ranges). Evaluation (`SegEvalTransform`): the image's shorter side resized to
+`base_size`, evaluated by sliding windows of the crop, its logits resized back to the mask,
+which stays at the image's original size (Segmenter and mmseg score at the original
+resolution); `at_original=False` resizes the mask with the image (nearest) instead.
 """
 
 from __future__ import annotations
@@ -113,13 +115,18 @@ class SegTrainTransform:
 
 @dataclass
 class SegEvalTransform:
+    """The image with its shorter side at `base_size`; the mask at the original size (to be
+    scored against the logits resized back, `evaluate_segmentation`), or resized with the
+    image (nearest) where `at_original` is False."""
+
     base_size: int
     mean: Sequence[float] = (0.485, 0.456, 0.406)
     std: Sequence[float] = (0.229, 0.224, 0.225)
+    at_original: bool = True
 
     def __call__(self, image: Image.Image, mask: np.ndarray) -> Pair:
-        image, mask = resize_pair(image, mask, self.base_size)
-        return to_tensors(image, mask, self.mean, self.std)
+        resized, resized_mask = resize_pair(image, mask, self.base_size)
+        return to_tensors(resized, mask if self.at_original else resized_mask, self.mean, self.std)
 
 
 class SegShardStream(torch.utils.data.IterableDataset):

@@ -253,8 +253,9 @@ def evaluate_segmentation(
     reduce: Callable[[Tensor], Any] | None = None,
 ) -> dict[str, float]:
     """`val/loss`, `val/miou`, `val/pixel_acc` and `val/iou/XXX` of `model` on (image, mask)
-    batches by sliding windows of `crop` every `stride` pixels; with `reduce`, summed over
-    ranks first."""
+    batches by sliding windows of `crop` every `stride` pixels; logits are resized (bilinear)
+    to a mask of another size, the original image's (`SegEvalTransform`), before they are
+    scored, as Segmenter and mmseg do; with `reduce`, summed over ranks first."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, device=device)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, scored pixels
@@ -268,6 +269,8 @@ def evaluate_segmentation(
         logits = sliding_window_logits(
             forward, images, window=crop, stride=stride, num_classes=num_classes
         )
+        if logits.shape[-2:] != masks.shape[-2:]:
+            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear")
         scored = (masks != VOID).sum()
         loss = F.cross_entropy(logits, masks, ignore_index=VOID, reduction="sum")
         sums += torch.stack([loss.double(), scored.double()])
