@@ -5,9 +5,11 @@ decoder trained through the segmentation worker beating the majority-class basel
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -21,6 +23,7 @@ from cbtlab.data.seg_transforms import (
     split_shards,
 )
 from cbtlab.data.segmentation import (
+    BUILD_DIR,
     SegmentationDataError,
     ade20k_pairs,
     convert_mask,
@@ -65,6 +68,44 @@ def test_reader_names_a_mask_beyond_the_classes(layout: Path, tmp_path: Path) ->
     # through the shard writer: the generated masks hold classes up to 4
     with pytest.raises(SegmentationDataError, match=r"ADE_train.*\.png: mask value 4 exceeds"):
         write_segmentation_shards(layout, tmp_path / "shards", num_classes=3)
+
+
+def _shard_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+def test_a_stopped_build_goes_on_and_processes_write_the_same(layout: Path, tmp_path: Path) -> None:
+    """A bad validation mask stops the build naming it, after the training shards; fixed and
+    run again, the build keeps those shards (not rewritten) and writes the rest. Two processes
+    write the same shards and card; a new plan removes the shards it lacks."""
+    source = tmp_path / "src"
+    shutil.copytree(layout, source / layout.name)
+    bad = ade20k_pairs(source, "val")[1].mask
+    good = bad.read_bytes()
+    Image.fromarray(np.full((32, 32), 9, dtype=np.uint8)).save(bad)
+    out = tmp_path / "shards"
+    with pytest.raises(SegmentationDataError, match=rf"{bad.name}: mask value 9 exceeds"):
+        write_segmentation_shards(source, out, num_classes=4, samples_per_shard=2)
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar")}
+    assert sorted(first) == ["train-00000.tar", "train-00001.tar", "train-00002.tar"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(first)  # no temp file
+    bad.write_bytes(good)
+    write_segmentation_shards(source, out, num_classes=4, samples_per_shard=2)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar")} == first
+    assert open_split(out, "val").num_samples == 3 and not (out / BUILD_DIR).exists()
+
+    parallel = write_segmentation_shards(
+        source, tmp_path / "parallel", num_classes=4, samples_per_shard=2, workers=2
+    )
+    assert _shard_files(parallel) == _shard_files(out)
+    for split in ("train", "val"):
+        ours, theirs = open_split(out, split), open_split(parallel, split)
+        assert ours.content_hash == theirs.content_hash  # the manifests' rows
+        rows = [r for r in pq.read_table(theirs.manifest).to_pylist() if r["split"] == split]
+        assert len(rows) == ours.num_samples
+        assert {r["shard"] for r in rows} == {Path(s.path).name for s in theirs.shards}
+    write_segmentation_shards(source, out, num_classes=4, samples_per_shard=4)
+    assert sorted(_shard_files(out)) == ["train-00000.tar", "train-00001.tar", "val-00000.tar"]
 
 
 def test_shards_hold_images_and_converted_masks(layout: Path, tmp_path: Path) -> None:

@@ -19,11 +19,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import io
+import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,10 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+BUILD_DIR = ".build"  # per-shard build records in the shard folder while a build runs
+SHARD_FORMAT_VERSION = 1  # what a shard holds; a change rewrites shards left by a stopped build
+
+
 def write_segmentation_shards(
     source: Path,
     out_dir: Path,
@@ -112,18 +118,39 @@ def write_segmentation_shards(
     num_classes: int = ADE20K_CLASSES,
     samples_per_shard: int = 256,
     limit: int = 0,
+    workers: int = 1,
 ) -> Path:
     """Shard a dataset in the ADE20K layout into `out_dir` (train and val, with the card);
     `limit` > 0 keeps the first that many samples of each split (a quick look). Returns
-    `out_dir`. Every mask is checked (see `convert_mask`) before its shard is written."""
+    `out_dir`. Every mask is checked (see `convert_mask`) before its shard is written.
+
+    Shards are written by `workers` processes (1: in this one), each atomically (a temporary
+    file renamed into place) and followed by its build record (`BUILD_DIR`), so that a build
+    stopped half-way (interrupted, or a bad mask, which stops it naming the file) goes on from
+    the shards it finished: a shard is kept when its record matches its plan (the sample
+    files, their sizes and the class count) and its size. The records go once the card is
+    written; shard files of an earlier plan that this one lacks are removed."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    splits: dict[str, list[ShardInfo]] = {}
-    rows: list[dict[str, Any]] = []
+    (out_dir / BUILD_DIR).mkdir(parents=True, exist_ok=True)
+    jobs = []
     for split in ("train", "val"):
         pairs = ade20k_pairs(source, split)
         pairs = pairs[:limit] if limit else pairs
-        splits[split] = _write_split(pairs, out_dir, split, num_classes, samples_per_shard, rows)
+        jobs += [
+            _ShardJob(split, i, tuple(pairs[start : start + samples_per_shard]), num_classes)
+            for i, start in enumerate(range(0, len(pairs), samples_per_shard))
+        ]
+    results = {job.name: _finished(out_dir, job) for job in jobs}
+    todo = [job for job in jobs if results[job.name] is None]
+    if len(todo) < len(jobs):
+        log.info(
+            "%s: %d of %d shards already written, kept", out_dir, len(jobs) - len(todo), len(jobs)
+        )
+    results.update(_run_jobs(todo, out_dir, workers))
+    splits = {
+        split: [results[j.name].info for j in jobs if j.split == split] for split in SPLIT_DIRS
+    }
+    rows = [row for job in jobs for row in results[job.name].rows]
     write_card(
         out_dir,
         name,
@@ -141,41 +168,119 @@ def write_segmentation_shards(
             "source": str(source),
         },
     )
+    planned = {job.name for job in jobs}
+    for stale in out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9].tar"):
+        if stale.name.split("-")[0] in SPLIT_DIRS and stale.name not in planned:
+            stale.unlink()
+    shutil.rmtree(out_dir / BUILD_DIR, ignore_errors=True)
     return out_dir
 
 
-def _write_split(
-    pairs: list[SourcePair],
-    out_dir: Path,
-    split: str,
-    num_classes: int,
-    per_shard: int,
-    rows: list[dict[str, Any]],
-) -> list[ShardInfo]:
-    shards: list[ShardInfo] = []
-    for start in range(0, len(pairs), per_shard):
-        path = out_dir / shard_name(split, len(shards))
-        with open(path, "wb") as file:
+@dataclass(frozen=True)
+class _ShardJob:
+    """One shard to write: its split, index and (image, mask) pairs."""
+
+    split: str
+    index: int
+    pairs: tuple[SourcePair, ...]
+    num_classes: int
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.index)
+
+    def digest(self) -> str:
+        """Changes whenever the shard's bytes could: its samples' files, their sizes, the
+        class count and the format."""
+        spec = [SHARD_FORMAT_VERSION, self.name, self.num_classes] + [
+            [p.key, str(p.image), p.image.stat().st_size, str(p.mask), p.mask.stat().st_size]
+            for p in self.pairs
+        ]
+        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+@dataclass
+class _ShardResult:
+    info: ShardInfo
+    rows: list[dict[str, Any]]
+    digest: str
+
+
+def _record_path(out_dir: Path, name: str) -> Path:
+    return out_dir / BUILD_DIR / f"{name}.json"
+
+
+def _finished(out_dir: Path, job: _ShardJob) -> _ShardResult | None:
+    """The shard's result when it is written and from this plan, else None."""
+    try:
+        record = json.loads(_record_path(out_dir, job.name).read_text())
+        result = _ShardResult(ShardInfo(**record["info"]), record["rows"], record["digest"])
+        size = (out_dir / job.name).stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if result.digest != job.digest() or size != result.info.num_bytes:
+        return None
+    return result
+
+
+def _run_jobs(jobs: list[_ShardJob], out_dir: Path, workers: int) -> dict[str, _ShardResult]:
+    """Write the shards of `jobs`, in `workers` processes where more than one; the first
+    error (a bad mask) stops the build once the shards being written are done."""
+    if workers <= 1 or len(jobs) <= 1:
+        return {job.name: _write_shard(job, out_dir) for job in jobs}
+    from concurrent.futures import ProcessPoolExecutor
+
+    out: dict[str, _ShardResult] = {}
+    with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+        futures = [pool.submit(_write_shard, job, out_dir) for job in jobs]
+        try:
+            for job, future in zip(jobs, futures, strict=True):
+                out[job.name] = future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return out
+
+
+def _write_shard(job: _ShardJob, out_dir: Path) -> _ShardResult:
+    """Write one shard atomically, then its build record."""
+    path = out_dir / job.name
+    tmp = path.with_name(f".{job.name}.{os.getpid()}.tmp")
+    rows: list[dict[str, Any]] = []
+    try:
+        with open(tmp, "wb") as file:
             writer = open_tar_writer(file)
-            for pair in pairs[start : start + per_shard]:
-                image = pair.image.read_bytes()
-                mask = convert_mask(pair.mask, num_classes)
-                mask_bytes = _png(mask)
-                writer.write({"__key__": pair.key, "jpg": image, MASK_KEY: mask_bytes})
-                scored = mask[mask != IGNORE_INDEX]
-                rows.append(
-                    {
-                        "key": pair.key,
-                        "label": int(np.bincount(scored).argmax()) if scored.size else 0,
-                        "split": split,
-                        "shard": path.name,
-                        "size": len(image) + len(mask_bytes),
-                        "sha256": hashlib.sha256(image + mask_bytes).hexdigest(),
-                    }
-                )
-            writer.close()
-        shards.append(ShardInfo(path.name, min(per_shard, len(pairs) - start), path.stat().st_size))
-    return shards
+            try:
+                for pair in job.pairs:
+                    rows.append(_write_pair(writer, pair, job))
+            finally:
+                writer.close()
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info = ShardInfo(path.name, len(job.pairs), path.stat().st_size)
+    result = _ShardResult(info, rows, job.digest())
+    record = {"info": asdict(result.info), "rows": rows, "digest": result.digest}
+    _record_path(out_dir, job.name).write_text(json.dumps(record))
+    return result
+
+
+def _write_pair(writer: Any, pair: SourcePair, job: _ShardJob) -> dict[str, Any]:
+    """One sample into the shard; its manifest row."""
+    image = pair.image.read_bytes()
+    mask = convert_mask(pair.mask, job.num_classes)
+    mask_bytes = _png(mask)
+    writer.write({"__key__": pair.key, "jpg": image, MASK_KEY: mask_bytes})
+    scored = mask[mask != IGNORE_INDEX]
+    return {
+        "key": pair.key,
+        "label": int(np.bincount(scored).argmax()) if scored.size else 0,
+        "split": job.split,
+        "shard": job.name,
+        "size": len(image) + len(mask_bytes),
+        "sha256": hashlib.sha256(image + mask_bytes).hexdigest(),
+    }
 
 
 def write_shapes_layout(
@@ -317,6 +422,13 @@ def ade20k_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--limit", type=int, default=0, help="first N samples per split only")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes writing shards (default: this machine's CPUs); a stopped build run "
+        "again keeps the shards it finished",
+    )
+    parser.add_argument(
         "--generate", action="store_true", help="generate the shapes dataset (4 classes) first"
     )
     args = parser.parse_args(argv)
@@ -329,7 +441,7 @@ def ade20k_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         out = write_segmentation_shards(
             source, args.output, name=name, num_classes=args.num_classes,
-            samples_per_shard=args.samples_per_shard, limit=args.limit,
+            samples_per_shard=args.samples_per_shard, limit=args.limit, workers=args.workers,
         )  # fmt: skip
     except (SegmentationDataError, FileNotFoundError) as exc:
         print(f"error: {exc}")
