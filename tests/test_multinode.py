@@ -68,11 +68,14 @@ def _wait_started(node: subprocess.Popen, log: Path) -> None:
         time.sleep(1)
 
 
-def _ray_list(kind: str, dashboard: str, env: dict[str, str]) -> list[dict]:
+def _ray_list(kind: str, dashboard: str, env: dict[str, str], *filters: str) -> list[dict]:
+    """What the State API lists of `kind` (those matching `filters`, "key=value"); [] when the
+    call fails."""
+    flags = [arg for f in filters for arg in ("--filter", f)]
     out = subprocess.run(
         [RAY, "list", kind, "--address", dashboard, "--format", "json", "--limit", "1000",
-         "--detail"],
-        env=env, capture_output=True, text=True, timeout=60,
+         "--timeout", "60", *flags],
+        env=env, capture_output=True, text=True, timeout=90,
     )  # fmt: skip
     text = out.stdout.strip()  # "No resource in the cluster" when there is none
     return json.loads(text) if out.returncode == 0 and text.startswith("[") else []
@@ -134,8 +137,8 @@ def test_a_study_survives_losing_a_node(
 
         shards = _build_shards_on_s3(services, env, tmp_path)
         driver, output = _start_study(services, env, gcs, shards, tmp_path)
-        killed = _kill_second_node_mid_trial(
-            second_port, driver, output, dashboard_url, env, head_id, second_id
+        polls = _kill_second_node_mid_trial(
+            second_port, driver, output, dashboard_url, env, second_id
         )
         driver.wait(timeout=900)
         text = output.read_text()
@@ -148,7 +151,9 @@ def test_a_study_survives_losing_a_node(
                 stop(node, timeout_s=60)
         for folder in (temp_dir, second_dir):
             shutil.rmtree(folder, ignore_errors=True)
-    assert killed, "the second node was never killed mid-trial"
+    assert polls[-1:] == ["killed"], "the second node was never killed mid-trial:\n" + "\n".join(
+        polls[-40:]
+    )
     _check_the_study(services, text, tmp_path, token, monkeypatch)
 
 
@@ -205,23 +210,28 @@ def _start_study(services, env: dict[str, str], gcs: int, shards: str, tmp_path:
 
 
 def _kill_second_node_mid_trial(
-    raylet_port: int, driver, output: Path, dashboard: str, env, head_id: str, second_id: str
-) -> bool:
-    """Once training workers run on both nodes and a trial has finished an epoch, SIGKILL the
-    second node's raylet; whether it was killed so."""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and driver.poll() is None:
-        workers = [
-            a
-            for a in _ray_list("actors", dashboard, env)
-            if a.get("state") == "ALIVE" and "TrainWorker" in a.get("class_name", "")
-        ]
-        where = {a.get("node_id") for a in workers}
-        if {head_id, second_id} <= where and "epoch 1/" in output.read_text():
+    raylet_port: int, driver, output: Path, dashboard: str, env, second_id: str
+) -> list[str]:
+    """Once a trial has finished an epoch and a training worker runs on the second node, SIGKILL
+    that node's raylet. Returns what each poll saw, the last line saying whether it killed."""
+    polls: list[str] = []
+    started = time.monotonic()
+    while time.monotonic() < started + 600 and driver.poll() is None:
+        actors = _ray_list("actors", dashboard, env, "state=ALIVE")
+        workers = [a for a in actors if "TrainWorker" in (a.get("class_name") or "")]
+        on_second = sum(a.get("node_id") == second_id for a in workers)
+        trained = "epoch 1/" in output.read_text()
+        polls.append(
+            f"{time.monotonic() - started:.0f}s: {len(actors)} actors alive, "
+            f"{len(workers)} train workers, {on_second} on the second node, epoch 1 "
+            f"{'reported' if trained else 'not yet'}"
+        )
+        if on_second and trained:
             os.kill(_raylet_pid(raylet_port), 9)
-            return True
+            polls.append("killed")
+            break
         time.sleep(1)
-    return False
+    return polls
 
 
 def _check_the_study(services, text: str, tmp_path: Path, token: str, monkeypatch) -> None:
