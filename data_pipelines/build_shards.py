@@ -1,10 +1,12 @@
 """Convert an image dataset on disk into WebDataset shards with a Parquet manifest and a card.
 
 Sources: imagefolder (ImageNet's train/<wnid>/*.JPEG; val/ in class folders, or flat with
---val-labels), cifar10, cifar100, flowers102, pets; layouts in `cbtlab.data.sources`. Original
-image bytes are kept unless --resize / --jpeg-quality ask for re-encoding. Each shard is a Ray
-task; --local writes in this process instead. Run the same command again to resume: complete
-shards are kept, missing or partial ones rebuilt. Check the result with verify_shards.py.
+--val-labels), cifar10, cifar100, flowers102, pets (layouts in `cbtlab.data.sources`), and ade20k
+(ADEChallengeData2016: image + mask shards, `cbtlab.data.segmentation`). Original image bytes
+are kept unless --resize / --jpeg-quality ask for re-encoding (ade20k: never resized). Each
+shard is a Ray task; --local writes in this process instead, --local --workers N in N
+processes. Run the same command again to resume: complete shards are kept, missing or partial
+ones rebuilt. Check the result with verify_shards.py.
 Every image is decoded: images that do not are all listed and the build stops (exit 1), or,
 with --skip-bad, they are left out and listed in the card (extra.skipped_images).
 

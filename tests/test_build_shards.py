@@ -26,7 +26,7 @@ from cbtlab.data.build import (
 )
 from cbtlab.data.cli import build_main, verify_main
 from cbtlab.data.progress import Progress
-from cbtlab.data.shards import content_hash
+from cbtlab.data.shards import CARD_NAME, content_hash
 from cbtlab.data.sources import (
     CifarSource,
     Flowers102Source,
@@ -523,3 +523,18 @@ def test_ray_fan_out_writes_the_same_shards(tmp_path: Path, ray_session: None) -
     assert len(result.written) == 4
     assert _tars(tmp_path / "ray") == _tars(tmp_path / "local")
     assert verify_shards(tmp_path / "ray").ok
+
+
+def test_a_process_pool_writes_the_same_shards(tmp_path: Path) -> None:
+    data = _imagefolder(tmp_path / "in", train=3, val=1)
+    _build(ImageFolderSource(data), tmp_path / "local")
+    result = build_shards(
+        ImageFolderSource(data), tmp_path / "pool", samples_per_shard=4, local=True, workers=3,
+        progress=False,
+    )  # fmt: skip
+    assert len(result.written) == 4
+    assert _tars(tmp_path / "pool") == _tars(tmp_path / "local")
+    cards = [(tmp_path / out / CARD_NAME).read_bytes() for out in ("pool", "local")]
+    assert cards[0] == cards[1]
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        build_shards(ImageFolderSource(data), tmp_path / "x", local=True, workers=0)

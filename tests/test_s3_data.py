@@ -28,6 +28,7 @@ from cbtlab.data import TrainEpoch, eval_batches, open_split, remote
 from cbtlab.data.checksums import ChecksumError
 from cbtlab.data.cli import build_main, verify_main
 from cbtlab.data.loader import ShardReadError, _read_shard, _read_shards
+from cbtlab.data.segmentation import MASK_KEY, write_shapes_layout
 from cbtlab.data.shards import ShardInfo, ShardSet
 from faults import DISK_GONE, fail_read_number
 from services import S3, s3_server
@@ -142,6 +143,28 @@ def test_build_to_s3_resumes_and_verify_catches_a_corrupted_object(
                 val, rank=0, world_size=1, batch_size=2, transform=_pixels, checksums="stop"
             )
         )
+
+
+def test_ade20k_builds_into_s3_with_its_masks_verified(
+    server: tuple[S3, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`build_shards.py --source ade20k` writes image + mask shards to S3 (as Ray tasks without
+    --local; here in two processes), which verify reads mask and all; resizing is refused."""
+    layout = write_shapes_layout(tmp_path / "ade", num_train=5, num_val=2, size=24)
+    url = f"s3://{BUCKET}/ade"
+    argv = ["--source", "ade20k", "--input", str(layout.parent), "--output", url,
+            "--samples-per-shard", "2", "--local", "--workers", "2", "--quiet"]  # fmt: skip
+    assert build_main(argv) == 0
+    assert f"{url}: 4 shards written, 0 already complete; train 5, val 2 samples" in (
+        capsys.readouterr().out
+    )
+    assert verify_main([url, "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"OK {url}: 7 samples in 4 shards")
+    val = open_split(url, "val")
+    assert val.extra["members"] == [MASK_KEY] and val.num_classes == 150
+    with pytest.raises(SystemExit):
+        build_main([*argv, "--resize", "16"])
+    assert "cannot resize the images alone" in capsys.readouterr().err
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:

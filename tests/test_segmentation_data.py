@@ -4,6 +4,7 @@ decoder trained through the segmentation worker beating the majority-class basel
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 
 from cbtlab.analysis.segmentation import VOID
 from cbtlab.data import open_split
+from cbtlab.data.build import build_shards
 from cbtlab.data.seg_transforms import (
     SegEvalTransform,
     SegTrainTransform,
@@ -23,8 +25,10 @@ from cbtlab.data.seg_transforms import (
     split_shards,
 )
 from cbtlab.data.segmentation import (
-    BUILD_DIR,
+    MASK_KEY,
+    ADE20KSource,
     SegmentationDataError,
+    ade20k_main,
     ade20k_pairs,
     convert_mask,
     ensure_shapes,
@@ -32,6 +36,9 @@ from cbtlab.data.segmentation import (
     write_segmentation_shards,
     write_shapes_layout,
 )
+from cbtlab.data.verify import verify_shards
+
+SPLITS = ("train", "val")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +67,21 @@ def test_reader_names_an_image_without_its_mask(layout: Path, tmp_path: Path) ->
         ade20k_pairs(tmp_path, "train")
 
 
+def test_class_names_come_from_the_releases_table(layout: Path, tmp_path: Path) -> None:
+    """ADE20K's objectInfo150.txt (tab-separated; a name is its first synonym, and may hold
+    spaces); labels it lacks, and a layout without it, get `class_<label>`."""
+    root = tmp_path / "ADEChallengeData2016"
+    shutil.copytree(layout, root)
+    (root / "objectInfo150.txt").write_text(
+        "Idx\tRatio\tTrain\tVal\tName\n1\t0.1576\t11664\t1172\twall\n"
+        "2\t0.0051\t1080\t89\tchest of drawers;chest;bureau;dresser\n"
+    )
+    source = ADE20KSource(tmp_path, num_classes=3)
+    assert source.class_names == ("wall", "chest of drawers", "class_3")
+    (root / "objectInfo150.txt").unlink()
+    assert ADE20KSource(root, num_classes=2).class_names == ("class_1", "class_2")
+
+
 def test_reader_names_a_mask_beyond_the_classes(layout: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.png"
     Image.fromarray(np.full((4, 4), 151, dtype=np.uint8)).save(bad)
@@ -76,8 +98,9 @@ def _shard_files(folder: Path) -> dict[str, bytes]:
 
 def test_a_stopped_build_goes_on_and_processes_write_the_same(layout: Path, tmp_path: Path) -> None:
     """A bad validation mask stops the build naming it, after the training shards; fixed and
-    run again, the build keeps those shards (not rewritten) and writes the rest. Two processes
-    write the same shards and card; a new plan removes the shards it lacks."""
+    run again, the build keeps those shards (not rewritten) and writes the rest; run once more,
+    it writes nothing. Two processes write the same shards and card; a new plan's card lists
+    only its own shards."""
     source = tmp_path / "src"
     shutil.copytree(layout, source / layout.name)
     bad = ade20k_pairs(source, "val")[1].mask
@@ -92,7 +115,11 @@ def test_a_stopped_build_goes_on_and_processes_write_the_same(layout: Path, tmp_
     bad.write_bytes(good)
     write_segmentation_shards(source, out, num_classes=4, samples_per_shard=2)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar")} == first
-    assert open_split(out, "val").num_samples == 3 and not (out / BUILD_DIR).exists()
+    assert open_split(out, "val").num_samples == 3
+    again = build_shards(
+        ADE20KSource(source, num_classes=4), out, samples_per_shard=2, local=True, progress=False
+    )
+    assert again.written == [] and len(again.skipped) == 5
 
     parallel = write_segmentation_shards(
         source, tmp_path / "parallel", num_classes=4, samples_per_shard=2, workers=2
@@ -105,19 +132,58 @@ def test_a_stopped_build_goes_on_and_processes_write_the_same(layout: Path, tmp_
         assert len(rows) == ours.num_samples
         assert {r["shard"] for r in rows} == {Path(s.path).name for s in theirs.shards}
     write_segmentation_shards(source, out, num_classes=4, samples_per_shard=4)
-    assert sorted(_shard_files(out)) == ["train-00000.tar", "train-00001.tar", "val-00000.tar"]
+    carded = [
+        Path(s.path).name for split in ("train", "val") for s in open_split(out, split).shards
+    ]
+    assert carded == ["train-00000.tar", "train-00001.tar", "val-00000.tar"]
+    assert verify_shards(out).ok
 
 
 def test_shards_hold_images_and_converted_masks(layout: Path, tmp_path: Path) -> None:
+    """Every sample's image and converted mask, the label its mask's most frequent class, the
+    class names from the layout's table, ImageNet's normalisation; verify reads the masks."""
     out = write_segmentation_shards(layout, tmp_path / "shards", num_classes=4, samples_per_shard=4)
     train = open_split(out, "train")
     assert train.num_samples == 6 and len(train.shards) == 2
     assert train.extra["task"] == "segmentation" and train.extra["ignore_index"] == VOID
-    samples = list(iter_shard_samples(train.urls))
-    assert [key for key, _, _ in samples] == [p.key for p in ade20k_pairs(layout, "train")]
-    _, image, mask = samples[0]
-    assert image.size == (32, 32) and mask.shape == (32, 32)
-    np.testing.assert_array_equal(mask, convert_mask(ade20k_pairs(layout, "train")[0].mask, 4))
+    assert train.extra["members"] == [MASK_KEY] and train.extra["mean"] == [0.485, 0.456, 0.406]
+    pairs = {p.key: p for p in ade20k_pairs(layout, "train")}
+    samples = {key: (image, mask) for key, image, mask in iter_shard_samples(train.urls)}
+    assert sorted(samples) == sorted(pairs)
+    for key, (image, mask) in samples.items():
+        assert image.size == (32, 32) and mask.shape == (32, 32)
+        np.testing.assert_array_equal(mask, convert_mask(pairs[key].mask, 4))
+    for row in pq.read_table(train.manifest).to_pylist():
+        if row["split"] == "train":
+            mask = samples[row["key"]][1]
+            assert row["label"] == np.bincount(mask[mask != VOID].ravel()).argmax()
+    card_names = json.loads((out / "card.json").read_text())["class_names"]
+    assert card_names == ["background", "red disc", "green square", "blue triangle"]
+    assert verify_shards(out).ok
+
+    # one flipped byte of a mask is caught by the manifest's checksum, which covers it
+    shard = out / train.shards[0].path
+    data = bytearray(shard.read_bytes())
+    first_mask = data.find(b"IDAT", data.find(b".seg.png"))
+    data[first_mask + 8] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    kinds = {p.kind for p in verify_shards(out).problems}
+    assert kinds == {"checksum mismatch"}, verify_shards(out).problems
+
+
+def test_the_command_generates_builds_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "shapes"
+    argv = ["--generate", "--output", str(out), "--samples-per-shard", "32", "--quiet"]
+    assert ade20k_main([*argv, "--workers", "2"]) == 0
+    assert "96 training images, 24 validation images, 4 classes; 4 shards written, 0 already" in (
+        capsys.readouterr().out
+    )
+    assert ade20k_main(argv) == 0  # the same build again: nothing to write
+    assert "0 shards written, 4 already complete" in capsys.readouterr().out
+    assert ade20k_main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 1
+    assert "expected the ADEChallengeData2016 layout" in capsys.readouterr().err
 
 
 def test_joint_augmentation_keeps_image_and_mask_aligned() -> None:

@@ -10,8 +10,9 @@ The build runs in four steps:
    the same plan (the digest of its keys, labels, sources, encoding and statistics share) and
    the shard has the recorded size. Records are written only after their shard is in place, so
    a shard cut short by a crash, a missing shard or one left from a different plan is rebuilt.
-3. Write. Each remaining shard is one unit of work: in this process (`local=True`), or as a Ray
-   task with fractional CPUs on an existing cluster (`address`, or $RAY_ADDRESS) or a local Ray.
+3. Write. Each remaining shard is one unit of work: in this process (`local=True`), in a pool
+   of processes of this machine (`local=True, workers=N`), or as a Ray task with fractional CPUs
+   on an existing cluster (`address`, or $RAY_ADDRESS) or a local Ray.
    A shard is written to `<shard>.tmp-<random>` and renamed into place (`cbtlab.data.storage`),
    so a reader never sees a partial shard under its final name. Member mtimes are fixed, so a
    rebuild is byte-identical.
@@ -27,6 +28,11 @@ Every image is decoded whole as its shard is written (`decode_error`): a shard h
 that do not decode is not committed, every shard is still checked, and the build stops with
 `UndecodableImages`, which lists them all; with `skip_bad` they are left out instead, and the
 card lists them (`extra.skipped_images`).
+
+A source whose samples carry more than an image and a label (`Source.members`: ADE20K's masks,
+`cbtlab.data.segmentation`) gives their bytes as each shard is written (`Source.annotate`, which
+may also give the label: a mask's most frequent class); its images are never resized, and a card
+records the source's own normalisation (`Source.statistics`) where it has one.
 """
 
 from __future__ import annotations
@@ -183,7 +189,7 @@ class ShardPlan:
     def num_samples(self) -> int:
         return len(self.records)
 
-    def digest(self, encoding: Encoding, image_ext: str) -> str:
+    def digest(self, encoding: Encoding, image_ext: str, source: Source) -> str:
         """Changes whenever the shard's bytes or its record could change."""
         spec = {
             "format": FORMAT_VERSION,
@@ -193,6 +199,8 @@ class ShardPlan:
             "stats_count": self.stats_count,
             "records": [[r.key, r.label, r.ref, r.size] for r in self.records],
         }
+        if source.build_spec():  # (a classification build's digest is what it always was)
+            spec["source"] = source.build_spec()
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
@@ -319,10 +327,11 @@ def _write_records(
             bad.append([record.ref, reason])
         if reason is None and (skip_bad or not bad):
             image = encoding.apply(raw, record.ext, where=where)
-            sample = Sample(record.key, image, image_ext, record.label)
+            label, members = source.annotate(record)
+            sample = Sample(record.key, image, image_ext, label, members)
             write_sample(writer, sample)
             row = manifest_row(sample, plan.split, plan.name)
-            class_name = source.class_names[record.label]
+            class_name = source.class_names[label]
             rows.append({"key": row["key"], "label": row["label"], "class_name": class_name} | row)
             if i < plan.stats_count:
                 sums += _pixel_sums(image, where)
@@ -372,7 +381,7 @@ def write_shard(
     result = ShardResult(
         name=plan.name,
         split=plan.split,
-        digest=plan.digest(encoding, image_ext),
+        digest=plan.digest(encoding, image_ext, source),
         num_samples=len(rows),
         num_bytes=num_bytes,
         rows=rows,
@@ -421,6 +430,7 @@ def _image_ext(records: dict[str, list[Record]], encoding: Encoding) -> str:
 
 def _resume(
     storage: Storage,
+    source: Source,
     plans: list[ShardPlan],
     encoding: Encoding,
     image_ext: str,
@@ -432,7 +442,7 @@ def _resume(
     A shard that left out undecodable images is complete only for a build that skips them."""
     todo: list[ShardPlan] = []
     for plan in plans:
-        result = _finished(storage, plan, plan.digest(encoding, image_ext))
+        result = _finished(storage, plan, plan.digest(encoding, image_ext, source))
         if result is None or (result.undecodable and not skip_bad):
             todo.append(plan)
         else:
@@ -459,12 +469,15 @@ def build_shards(
     cpus_per_task: float = 0.5,
     progress: bool = True,
     skip_bad: bool = False,
+    workers: int = 1,
 ) -> BuildResult:
-    """Build (or finish building) the shards, manifest and card of `source` at `output`.
+    """Build (or finish building) the shards, manifest and card of `source` at `output`:
+    on Ray, or with `local` in this process, or in `workers` processes of this machine.
 
     Raises `UndecodableImages` listing every image that does not decode, after writing the
     shards without any; `skip_bad` leaves those images out and lists them in the card."""
     encoding = encoding or Encoding()
+    _check_settings(source, encoding, workers)
     records = source.records()
     image_ext = _image_ext(records, encoding)
     plans = plan_shards(
@@ -472,7 +485,8 @@ def build_shards(
         samples_per_shard=samples_per_shard,
         max_shard_bytes=max_shard_bytes,
         seed=seed,
-        stats_samples=stats_samples,
+        # (a source with a normalisation of its own has the card record it)
+        stats_samples=stats_samples if source.statistics is None else 0,
     )
     storage = open_storage(output)
     storage.remove(CARD_NAME)  # the dataset is incomplete until the card is written again
@@ -486,12 +500,12 @@ def build_shards(
         result.rows = []
         done[result.name] = result
 
-    todo = _resume(storage, plans, encoding, image_ext, keep, skip_bad)
+    todo = _resume(storage, source, plans, encoding, image_ext, keep, skip_bad)
     skipped = [p.name for p in plans if p.name in done]
     if skipped:
         log.info("resuming: %d of %d shards are complete", len(skipped), len(plans))
     meter = _progress(plans, (done[n] for n in skipped)) if progress else None
-    run = _run_local if local else _run_ray
+    run = (_run_processes if workers > 1 else _run_local) if local else _run_ray
     results = run(
         source,
         todo,
@@ -502,6 +516,7 @@ def build_shards(
         meter=meter,
         address=address,
         cpus_per_task=cpus_per_task,
+        workers=workers,
     )
     _keep_decodable(source, results, keep, skip_bad, meter)
 
@@ -519,10 +534,25 @@ def build_shards(
         **({"skipped_images": _skipped(ordered)} if skip_bad else {}),
     )
     _warn_stale(storage, plans)
+    return BuildResult(storage.location, [p.name for p in todo], skipped, _counts(ordered), card)
+
+
+def _counts(results: list[ShardResult]) -> dict[str, int]:
+    """Each split's sample count."""
     counts: dict[str, int] = {}
-    for r in ordered:
+    for r in results:
         counts[r.split] = counts.get(r.split, 0) + r.num_samples
-    return BuildResult(storage.location, [p.name for p in todo], skipped, counts, card)
+    return counts
+
+
+def _check_settings(source: Source, encoding: Encoding, workers: int) -> None:
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if source.members and encoding.resize is not None:
+        raise SourceError(
+            f"{source.kind} samples carry {', '.join(source.members)} aligned with their "
+            "images' pixels: a build cannot resize the images alone (leave --resize out)"
+        )
 
 
 def _keep_decodable(
@@ -570,21 +600,62 @@ def _run_local(
 ) -> Iterator[ShardResult]:
     on_sample = (lambda: meter.advance(1)) if meter is not None else None
     for plan in todo:
-        try:
-            result = write_shard(
-                source,
-                plan,
-                location,
-                encoding=encoding,
-                image_ext=image_ext,
+        yield _shard_result(
+            plan,
+            lambda plan=plan: write_shard(
+                source, plan, location, encoding=encoding, image_ext=image_ext,
+                skip_bad=skip_bad, on_sample=on_sample,
+            ),
+        )  # fmt: skip
+
+
+def _shard_result(plan: ShardPlan, write: Callable[[], ShardResult]) -> ShardResult:
+    """What `write()` gives for `plan`; a `SourceError` (the input's fault, naming its file)
+    raised as it is, any other error as a `BuildError` naming the shard."""
+    try:
+        return write()
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise BuildError(f"writing shard {plan.name} failed: {exc}") from exc
+
+
+def _run_processes(
+    source: Source,
+    todo: list[ShardPlan],
+    location: str,
+    *,
+    encoding: Encoding,
+    image_ext: str,
+    skip_bad: bool,
+    meter: Progress | None,
+    workers: int,
+    **_: Any,
+) -> Iterator[ShardResult]:
+    """Each shard a task of a pool of `workers` processes, results in the order they finish;
+    the first failure cancels the shards not yet started (those being written finish)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if not todo:
+        return
+    with ProcessPoolExecutor(min(workers, len(todo))) as pool:
+        futures = {
+            pool.submit(
+                write_shard, source, plan, location, encoding=encoding, image_ext=image_ext,
                 skip_bad=skip_bad,
-                on_sample=on_sample,
-            )
-        except SourceError:
-            raise
-        except Exception as exc:
-            raise BuildError(f"writing shard {plan.name} failed: {exc}") from exc
-        yield result
+            ): plan
+            for plan in todo
+        }  # fmt: skip
+        try:
+            for future in as_completed(futures):
+                plan = futures[future]
+                result = _shard_result(plan, future.result)
+                if meter is not None:
+                    meter.advance(plan.num_samples)
+                yield result
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def _run_ray(
@@ -598,6 +669,7 @@ def _run_ray(
     meter: Progress | None,
     address: str | None,
     cpus_per_task: float,
+    **_: Any,
 ) -> Iterator[ShardResult]:
     """Each shard a Ray task; at most a couple of tasks per CPU are queued at a time."""
     if not todo:
@@ -666,6 +738,10 @@ def _describe(
     sums = np.sum([r.pixel_sums for r in results if r.split == TRAIN_SPLIT], axis=0)
     extra: dict[str, Any] = {**source.describe(), "format_version": FORMAT_VERSION, **settings}
     extra |= {"resize": encoding.resize, "jpeg_quality": encoding.jpeg_quality, "channels": 3}
+    if source.members:
+        extra["members"] = list(source.members)
+    if source.statistics is not None:
+        extra |= {"mean": list(source.statistics[0]), "std": list(source.statistics[1])}
     if encoding.resize is not None and "image_size" in extra:
         extra["image_size"] = min(extra["image_size"], encoding.resize)
     if sums[6] > 0:

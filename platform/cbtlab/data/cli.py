@@ -10,9 +10,12 @@ from collections.abc import Sequence
 
 from cbtlab.data.build import BuildError, Encoding, UndecodableImages, build_shards
 from cbtlab.data.remote import explain
-from cbtlab.data.sources import SOURCES, SourceError, open_source
+from cbtlab.data.segmentation import ADE20KSource
+from cbtlab.data.sources import SOURCES, Source, SourceError, open_source
 from cbtlab.data.verify import verify_shards
 
+# The classification sources and ADE20K's (image + mask; `cbtlab data ade20k` builds it too).
+BUILD_SOURCES = (*SOURCES, ADE20KSource.kind)
 SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
@@ -28,7 +31,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Build WebDataset shards, a Parquet manifest and a dataset card."
     )
-    parser.add_argument("--source", required=True, choices=SOURCES, help="the input's layout")
+    parser.add_argument("--source", required=True, choices=BUILD_SOURCES, help="the input's layout")
     parser.add_argument("--input", required=True, help="the dataset's folder")
     parser.add_argument("--output", required=True, help="a folder, or an fsspec URL (s3://...)")
     parser.add_argument(
@@ -53,7 +56,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--address", default=None, help="Ray cluster address (else $RAY_ADDRESS)")
-    where.add_argument("--local", action="store_true", help="write in this process, no Ray")
+    where.add_argument("--local", action="store_true", help="write on this machine, no Ray")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="with --local: processes writing shards"
+    )
     parser.add_argument("--cpus-per-task", type=float, default=0.5, help="Ray CPUs per shard")
     parser.add_argument(
         "--skip-bad",
@@ -69,8 +75,10 @@ def build_main(argv: Sequence[str] | None = None, *, prog: str | None = None) ->
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.workers != 1 and not args.local:
+        parser.error("--workers applies with --local (on Ray, every shard is a task)")
     try:
-        source = open_source(args.source, args.input, val_labels=args.val_labels, name=args.name)
+        source = _open_source(args)
         result = build_shards(
             source,
             args.output,
@@ -84,6 +92,7 @@ def build_main(argv: Sequence[str] | None = None, *, prog: str | None = None) ->
             cpus_per_task=args.cpus_per_task,
             progress=not args.quiet,
             skip_bad=args.skip_bad,
+            workers=args.workers,
         )
     except (SourceError, ValueError, ImportError) as exc:
         parser.error(str(exc))
@@ -114,6 +123,14 @@ def build_main(argv: Sequence[str] | None = None, *, prog: str | None = None) ->
             f"extra.skipped_images): {', '.join(item['file'] for item in skipped)}"
         )
     return 0
+
+
+def _open_source(args: argparse.Namespace) -> Source:
+    if args.source != ADE20KSource.kind:
+        return open_source(args.source, args.input, val_labels=args.val_labels, name=args.name)
+    if args.val_labels is not None:
+        raise SourceError("a validation label file only applies to imagefolder, not ade20k")
+    return ADE20KSource(args.input, name=args.name)
 
 
 def verify_main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:

@@ -6,33 +6,38 @@ Layout read (ADE20K's, and what `write_shapes_layout` generates):
     ADEChallengeData2016/images/{training,validation}/NAME.jpg
     ADEChallengeData2016/annotations/{training,validation}/NAME.png   (0 = unlabelled, 1..n)
 
-Shards: every sample is `{key}.jpg` (the image's own bytes) and `{key}.seg.png`, the mask as
-8-bit PNG with classes 0..n-1 and 255 for pixels never scored (ADE20K's label 0; its class c
-becomes c - 1, as mmseg's `reduce_zero_label`). The card (`cbtlab.data.shards.write_card`) is
-the classification shards' one, so `read_split`, `open_split` and the data hash serve both:
-each manifest row's label is the mask's most frequent class, its sha256 covers image and mask,
-and `extra` holds `task: "segmentation"`, `ignore_index`, the normalisation and the source.
+Shards are built as every dataset's (`cbtlab.data.build.build_shards`, from `ADE20KSource`):
+planned up front, written atomically, resumable, into a folder or s3://, in this process, a pool
+of processes (`cbtlab data ade20k --workers`) or Ray tasks (`build_shards.py --source ade20k`).
+Every sample is `{key}.jpg` (the image's own bytes), `{key}.cls` and `{key}.seg.png`, the mask
+as 8-bit PNG with classes 0..n-1 and 255 for pixels never scored (ADE20K's label 0; its class c
+becomes c - 1, as mmseg's `reduce_zero_label`). The card is the classification shards' one, so
+`read_split`, `open_split` and the data hash serve both: each manifest row's label (and `cls`)
+is the mask's most frequent class, its sha256 covers image and mask, and `extra` holds
+`task: "segmentation"`, `members`, `ignore_index`, the normalisation (ImageNet's, which the
+encoders were pretrained with) and the source.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
-import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cbtlab.data.shards import ShardInfo, open_tar_writer, read_split, shard_name, write_card
+from cbtlab.data.build import BuildError, build_shards
+from cbtlab.data.shards import read_split
+from cbtlab.data.sources import Record, Source, SourceError, safe_key
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +50,10 @@ MASK_KEY = "seg.png"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SHAPES_NAME = "shapes-seg"
-SHAPES_FORMAT_VERSION = 1
+SHAPES_FORMAT_VERSION = 2  # 2: built by build_shards (a cls member, class names, shuffled)
 
 
-class SegmentationDataError(ValueError):
+class SegmentationDataError(SourceError):
     """A source sample that cannot become a shard sample; the message names the file."""
 
 
@@ -106,181 +111,112 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-BUILD_DIR = ".build"  # per-shard build records in the shard folder while a build runs
-SHARD_FORMAT_VERSION = 1  # what a shard holds; a change rewrites shards left by a stopped build
+class ADE20KSource(Source):
+    """A dataset in the ADEChallengeData2016 layout as a `Source` of `build_shards`: each
+    sample's image and mask (converted by `convert_mask`, checked as its shard is written), the
+    manifest's label its mask's most frequent scored class. `limit` > 0 keeps the first that
+    many samples of each split. Class names come from the release's `objectInfo150.txt` (its
+    `Name` column, first synonym) where present, else `class_<label>` by the masks' label."""
+
+    kind = "ade20k"
+    members = (MASK_KEY,)
+    statistics = (IMAGENET_MEAN, IMAGENET_STD)
+
+    def __init__(
+        self, root: Path | str, *, num_classes: int = ADE20K_CLASSES, limit: int = 0,
+        name: str = "",
+    ) -> None:  # fmt: skip
+        if num_classes < 1 or num_classes > IGNORE_INDEX:
+            raise SourceError(f"num_classes must be within 1..{IGNORE_INDEX}, got {num_classes}")
+        self.root = layout_root(Path(root))
+        self.name = name or self.kind
+        self.limit = limit
+        self.class_names = _class_names(self.root, num_classes)
+        self.split_origin = dict(SPLIT_DIRS)
+
+    def records(self) -> dict[str, list[Record]]:
+        records: dict[str, list[Record]] = {}
+        for split in SPLIT_DIRS:
+            pairs = ade20k_pairs(self.root, split)
+            records[split] = [
+                Record(
+                    safe_key(pair.key), 0, split, str(pair.image.relative_to(self.root)), "jpg",
+                    pair.image.stat().st_size + pair.mask.stat().st_size,
+                )
+                for pair in (pairs[: self.limit] if self.limit else pairs)
+            ]  # fmt: skip
+        return records
+
+    def read(self, record: Record) -> bytes:
+        return (self.root / record.ref).read_bytes()
+
+    def mask_path(self, record: Record) -> Path:
+        return self.root / "annotations" / SPLIT_DIRS[record.split] / f"{Path(record.ref).stem}.png"
+
+    def annotate(self, record: Record) -> tuple[int, tuple[tuple[str, bytes], ...]]:
+        mask = convert_mask(self.mask_path(record), self.num_classes)
+        scored = mask[mask != IGNORE_INDEX]
+        label = int(np.bincount(scored).argmax()) if scored.size else 0
+        return label, ((MASK_KEY, _png(mask)),)
+
+    def build_spec(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "mask_format": MASK_FORMAT_VERSION}
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {
+            "task": "segmentation", "ignore_index": IGNORE_INDEX, "mask_ext": MASK_KEY,
+        }  # fmt: skip
+
+
+MASK_FORMAT_VERSION = 1  # how a mask is stored; a change rewrites the shards of earlier builds
+# The release's class table: a header `Idx Ratio Train Val Name`, then a row per class.
+CLASS_INFO = "objectInfo150.txt"
+
+
+def _class_names(root: Path, num_classes: int) -> tuple[str, ...]:
+    """The release's class names (first synonym of each), or `class_<label>` for each label."""
+    names = [f"class_{c + 1}" for c in range(num_classes)]
+    try:
+        lines = (root / CLASS_INFO).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return tuple(names)
+    header = lines[0].split() if lines else []
+    if "Idx" in header and header[-1:] == ["Name"]:
+        idx, col = header.index("Idx"), len(header) - 1
+        for line in lines[1:]:  # tab-separated; names may hold spaces ("chest of drawers")
+            fields = line.split("\t") if "\t" in line else line.split(None, col)
+            if len(fields) > max(idx, col) and fields[idx].strip().isdigit():
+                label = int(fields[idx])
+                if 1 <= label <= num_classes:
+                    names[label - 1] = fields[col].split(";")[0].strip() or names[label - 1]
+    return tuple(names)
 
 
 def write_segmentation_shards(
     source: Path,
-    out_dir: Path,
+    out_dir: Path | str,
     *,
     name: str = "ade20k",
     num_classes: int = ADE20K_CLASSES,
     samples_per_shard: int = 256,
     limit: int = 0,
     workers: int = 1,
-) -> Path:
-    """Shard a dataset in the ADE20K layout into `out_dir` (train and val, with the card);
-    `limit` > 0 keeps the first that many samples of each split (a quick look). Returns
-    `out_dir`. Every mask is checked (see `convert_mask`) before its shard is written.
+    progress: bool = False,
+) -> Path | str:
+    """Shard a dataset in the ADE20K layout (`ADE20KSource`) into `out_dir`, a folder or an
+    s3:// URL, with `build_shards` in `workers` processes of this machine; returns `out_dir`.
 
-    Shards are written by `workers` processes (1: in this one), each atomically (a temporary
-    file renamed into place) and followed by its build record (`BUILD_DIR`), so that a build
-    stopped half-way (interrupted, or a bad mask, which stops it naming the file) goes on from
-    the shards it finished: a shard is kept when its record matches its plan (the sample
-    files, their sizes and the class count) and its size. The records go once the card is
-    written; shard files of an earlier plan that this one lacks are removed."""
-    out_dir = Path(out_dir)
-    (out_dir / BUILD_DIR).mkdir(parents=True, exist_ok=True)
-    jobs = []
-    for split in ("train", "val"):
-        pairs = ade20k_pairs(source, split)
-        pairs = pairs[:limit] if limit else pairs
-        jobs += [
-            _ShardJob(split, i, tuple(pairs[start : start + samples_per_shard]), num_classes)
-            for i, start in enumerate(range(0, len(pairs), samples_per_shard))
-        ]
-    results = {job.name: _finished(out_dir, job) for job in jobs}
-    todo = [job for job in jobs if results[job.name] is None]
-    if len(todo) < len(jobs):
-        log.info(
-            "%s: %d of %d shards already written, kept", out_dir, len(jobs) - len(todo), len(jobs)
-        )
-    results.update(_run_jobs(todo, out_dir, workers))
-    splits = {
-        split: [results[j.name].info for j in jobs if j.split == split] for split in SPLIT_DIRS
-    }
-    rows = [row for job in jobs for row in results[job.name].rows]
-    write_card(
+    As every build, it resumes: a build stopped half-way (interrupted, or by a bad mask, which
+    stops it naming the file) run again keeps the shards it finished."""
+    build_shards(
+        ADE20KSource(source, num_classes=num_classes, limit=limit, name=name),
         out_dir,
-        name,
-        splits,
-        rows,
-        num_classes=num_classes,
-        image_ext="jpg",
-        extra={
-            "task": "segmentation",
-            "ignore_index": IGNORE_INDEX,
-            "mask_ext": MASK_KEY,
-            "channels": 3,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "source": str(source),
-        },
+        samples_per_shard=samples_per_shard,
+        local=True,
+        workers=workers,
+        progress=progress,
     )
-    planned = {job.name for job in jobs}
-    for stale in out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9].tar"):
-        if stale.name.split("-")[0] in SPLIT_DIRS and stale.name not in planned:
-            stale.unlink()
-    shutil.rmtree(out_dir / BUILD_DIR, ignore_errors=True)
     return out_dir
-
-
-@dataclass(frozen=True)
-class _ShardJob:
-    """One shard to write: its split, index and (image, mask) pairs."""
-
-    split: str
-    index: int
-    pairs: tuple[SourcePair, ...]
-    num_classes: int
-
-    @property
-    def name(self) -> str:
-        return shard_name(self.split, self.index)
-
-    def digest(self) -> str:
-        """Changes whenever the shard's bytes could: its samples' files, their sizes, the
-        class count and the format."""
-        spec = [SHARD_FORMAT_VERSION, self.name, self.num_classes] + [
-            [p.key, str(p.image), p.image.stat().st_size, str(p.mask), p.mask.stat().st_size]
-            for p in self.pairs
-        ]
-        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
-
-
-@dataclass
-class _ShardResult:
-    info: ShardInfo
-    rows: list[dict[str, Any]]
-    digest: str
-
-
-def _record_path(out_dir: Path, name: str) -> Path:
-    return out_dir / BUILD_DIR / f"{name}.json"
-
-
-def _finished(out_dir: Path, job: _ShardJob) -> _ShardResult | None:
-    """The shard's result when it is written and from this plan, else None."""
-    try:
-        record = json.loads(_record_path(out_dir, job.name).read_text())
-        result = _ShardResult(ShardInfo(**record["info"]), record["rows"], record["digest"])
-        size = (out_dir / job.name).stat().st_size
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if result.digest != job.digest() or size != result.info.num_bytes:
-        return None
-    return result
-
-
-def _run_jobs(jobs: list[_ShardJob], out_dir: Path, workers: int) -> dict[str, _ShardResult]:
-    """Write the shards of `jobs`, in `workers` processes where more than one; the first
-    error (a bad mask) stops the build once the shards being written are done."""
-    if workers <= 1 or len(jobs) <= 1:
-        return {job.name: _write_shard(job, out_dir) for job in jobs}
-    from concurrent.futures import ProcessPoolExecutor
-
-    out: dict[str, _ShardResult] = {}
-    with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-        futures = [pool.submit(_write_shard, job, out_dir) for job in jobs]
-        try:
-            for job, future in zip(jobs, futures, strict=True):
-                out[job.name] = future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-    return out
-
-
-def _write_shard(job: _ShardJob, out_dir: Path) -> _ShardResult:
-    """Write one shard atomically, then its build record."""
-    path = out_dir / job.name
-    tmp = path.with_name(f".{job.name}.{os.getpid()}.tmp")
-    rows: list[dict[str, Any]] = []
-    try:
-        with open(tmp, "wb") as file:
-            writer = open_tar_writer(file)
-            try:
-                for pair in job.pairs:
-                    rows.append(_write_pair(writer, pair, job))
-            finally:
-                writer.close()
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    info = ShardInfo(path.name, len(job.pairs), path.stat().st_size)
-    result = _ShardResult(info, rows, job.digest())
-    record = {"info": asdict(result.info), "rows": rows, "digest": result.digest}
-    _record_path(out_dir, job.name).write_text(json.dumps(record))
-    return result
-
-
-def _write_pair(writer: Any, pair: SourcePair, job: _ShardJob) -> dict[str, Any]:
-    """One sample into the shard; its manifest row."""
-    image = pair.image.read_bytes()
-    mask = convert_mask(pair.mask, job.num_classes)
-    mask_bytes = _png(mask)
-    writer.write({"__key__": pair.key, "jpg": image, MASK_KEY: mask_bytes})
-    scored = mask[mask != IGNORE_INDEX]
-    return {
-        "key": pair.key,
-        "label": int(np.bincount(scored).argmax()) if scored.size else 0,
-        "split": job.split,
-        "shard": job.name,
-        "size": len(image) + len(mask_bytes),
-        "sha256": hashlib.sha256(image + mask_bytes).hexdigest(),
-    }
 
 
 def write_shapes_layout(
@@ -295,7 +231,8 @@ def write_shapes_layout(
     """Generate a small dataset in the ADE20K layout under `root/ADEChallengeData2016`: textured
     backgrounds (class 1) with 1-3 discs, squares and triangles (classes 2..num_classes, one
     colour family and shape per class), each shape outlined by a 1-pixel unlabelled ring (0),
-    as ADE20K's boundaries often are. Returns the layout's folder."""
+    as ADE20K's boundaries often are, and the class table (`CLASS_INFO`: background, red disc,
+    green square, ...) as the release's. Returns the layout's folder."""
     if not 2 <= num_classes <= 6:
         raise ValueError(f"the shapes dataset has 2..6 classes, got {num_classes}")
     base = Path(root) / ADE_DIR
@@ -310,12 +247,20 @@ def write_shapes_layout(
             stem = f"ADE_{SPLIT_DIRS[split][:5]}_{index + 1:08d}"
             image.save(images_dir / f"{stem}.jpg", quality=95)
             Image.fromarray(mask).save(masks_dir / f"{stem}.png")
+    names = ["background"] + [
+        f"{colour} {kind}" for colour, kind in zip(_COLOUR_NAMES, _SHAPE_KINDS, strict=True)
+    ]
+    table = ["Idx\tRatio\tTrain\tVal\tName"] + [
+        f"{c}\t0\t0\t0\t{names[c - 1]}" for c in range(1, num_classes + 1)
+    ]
+    (base / CLASS_INFO).write_text("\n".join(table) + "\n")
     return base
 
 
 # Per class from 2: a base colour and a shape.
 _SHAPE_KINDS = ("disc", "square", "triangle", "disc", "square")
 _SHAPE_COLOURS = ((220, 40, 40), (40, 200, 60), (40, 80, 230), (230, 200, 30), (200, 50, 200))
+_COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta")
 
 
 def _shapes_sample(
@@ -417,7 +362,9 @@ def ade20k_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "ignored), or with --generate, first write the shapes dataset in that layout.",
     )
     parser.add_argument("--input", type=Path, help="the folder holding ADEChallengeData2016")
-    parser.add_argument("--output", type=Path, required=True, help="the shard folder to write")
+    parser.add_argument(
+        "--output", required=True, help="the shard folder to write, or an s3:// URL"
+    )
     parser.add_argument("--num-classes", type=int, default=ADE20K_CLASSES)
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--limit", type=int, default=0, help="first N samples per split only")
@@ -431,24 +378,33 @@ def ade20k_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument(
         "--generate", action="store_true", help="generate the shapes dataset (4 classes) first"
     )
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
     source, name = args.input, "ade20k"
     if args.generate:
         args.num_classes, name = 4, SHAPES_NAME
-        source = write_shapes_layout(args.output / "source").parent
+        if "://" in args.output:
+            parser.error("--generate writes its source beside the shards: give a local --output")
+        source = write_shapes_layout(Path(args.output) / "source").parent
     elif source is None:
         parser.error("--input: give the folder holding ADEChallengeData2016 (or --generate)")
     try:
-        out = write_segmentation_shards(
-            source, args.output, name=name, num_classes=args.num_classes,
-            samples_per_shard=args.samples_per_shard, limit=args.limit, workers=args.workers,
+        result = build_shards(
+            ADE20KSource(source, num_classes=args.num_classes, limit=args.limit, name=name),
+            args.output, samples_per_shard=args.samples_per_shard, local=True,
+            workers=args.workers, progress=not args.quiet,
         )  # fmt: skip
-    except (SegmentationDataError, FileNotFoundError) as exc:
-        print(f"error: {exc}")
+    except (SourceError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    card = read_split(out, "train")
+    except (BuildError, OSError) as exc:
+        resume = "finished shards are kept: run the same command to resume"
+        print(f"error: {exc}\n{resume}", file=sys.stderr)
+        return 1
+    counts = result.num_samples
     print(
-        f"{out}: {card.num_samples} training images in {len(card.shards)} shards, "
-        f"{read_split(out, 'val').num_samples} validation images, {args.num_classes} classes"
+        f"{result.location}: {counts['train']} training images, {counts['val']} validation "
+        f"images, {args.num_classes} classes; {len(result.written)} shards written, "
+        f"{len(result.skipped)} already complete"
     )
     return 0

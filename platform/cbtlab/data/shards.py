@@ -1,6 +1,6 @@
 """Writing and describing WebDataset shards: tar files, a Parquet manifest and a dataset card.
 
-The manifest has one row per sample (key, label, split, shard, size, sha256 of the image bytes;
+The manifest has one row per sample (key, label, split, shard, size, sha256 of the sample's bytes;
 datasets built by `cbtlab.data.build` add the class name); the card (JSON) lists every split's
 shards with their sample counts and byte sizes, the sample and per-class counts of every split,
 the class names when known, and a content hash over the manifest, so that a reader knows counts
@@ -9,7 +9,10 @@ one Parquet row group per shard, so that a loader reads one shard's checksums al
 (checksums.py).
 
 A shard holds, per sample, the members `{key}.{ext}` (the image bytes) and `{key}.cls` (the
-label as decimal text), with fixed member metadata so that a rebuild is byte-identical.
+label as decimal text), with fixed member metadata so that a rebuild is byte-identical; a
+dataset whose samples carry more (a segmentation mask, `{key}.seg.png`) names those members in
+its card (`extra.members`), and the manifest's size and sha256 then cover the image's bytes
+followed by theirs, in that order.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ class Sample:
     image: bytes
     ext: str
     label: int
+    # Members stored beside the image and the label, as (extension, bytes): a mask.
+    members: tuple[tuple[str, bytes], ...] = ()
+
+    @property
+    def payload(self) -> bytes:
+        """The bytes the manifest's size and sha256 cover: the image's, then the members'."""
+        return b"".join([self.image, *(data for _, data in self.members)])
 
 
 @dataclass(frozen=True)
@@ -82,8 +92,10 @@ def open_tar_writer(fileobj: IO[bytes]) -> wds.TarWriter:
 
 
 def write_sample(writer: wds.TarWriter, sample: Sample) -> None:
-    """Write one sample as the members `{key}.{ext}` (the image) and `{key}.cls` (the label)."""
-    writer.write({"__key__": sample.key, sample.ext: sample.image, "cls": sample.label})
+    """Write one sample as the members `{key}.{ext}` (the image), `{key}.cls` (the label) and
+    its other members."""
+    members = {"__key__": sample.key, sample.ext: sample.image, "cls": sample.label}
+    writer.write(members | dict(sample.members))
 
 
 def manifest_row(sample: Sample, split: str, shard: str) -> dict[str, Any]:
@@ -93,8 +105,8 @@ def manifest_row(sample: Sample, split: str, shard: str) -> dict[str, Any]:
         "label": sample.label,
         "split": split,
         "shard": shard,
-        "size": len(sample.image),
-        "sha256": hashlib.sha256(sample.image).hexdigest(),
+        "size": len(payload := sample.payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
     }
 
 

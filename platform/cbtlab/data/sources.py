@@ -94,6 +94,13 @@ class Source(ABC):
     root: Path
     class_names: tuple[str, ...]
     split_origin: dict[str, str]
+    # Members each sample stores beside its image and label (`annotate` gives their bytes), in
+    # the order the manifest's sha256 covers them; pixel-aligned with the image (a mask), so the
+    # images of such a source are never resized by a build.
+    members: ClassVar[tuple[str, ...]] = ()
+    # The normalisation its models expect ((mean, std) per RGB channel), which the card records
+    # instead of the training images' own statistics; None: measure them.
+    statistics: ClassVar[tuple[tuple[float, ...], tuple[float, ...]] | None] = None
 
     @abstractmethod
     def records(self) -> dict[str, list[Record]]:
@@ -102,6 +109,16 @@ class Source(ABC):
     @abstractmethod
     def read(self, record: Record) -> bytes:
         """The image bytes of one record."""
+
+    def annotate(self, record: Record) -> tuple[int, tuple[tuple[str, bytes], ...]]:
+        """One record's label and its `members`' bytes, read as its shard is written: a
+        classification source has the record's label and no members."""
+        return record.label, ()
+
+    def build_spec(self) -> dict[str, Any]:
+        """What, beyond the records, shapes the bytes the source gives a shard (a build rewrites
+        the shards of an earlier build when it changes); empty for the classification sources."""
+        return {}
 
     @property
     def num_classes(self) -> int:
@@ -126,7 +143,7 @@ class Source(ABC):
             )
 
 
-def _safe_key(text: str) -> str:
+def safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
@@ -193,7 +210,7 @@ class ImageFolderSource(Source):
                     )
                 labels = read_label_file(self.val_labels, [f for f, _, _ in flat], self.class_names)
                 splits[split] = [
-                    Record(_safe_key(Path(f).stem), labels[f], split, f"{split}/{f}", ext, size)
+                    Record(safe_key(Path(f).stem), labels[f], split, f"{split}/{f}", ext, size)
                     for f, ext, size in flat
                 ]
                 continue
@@ -212,7 +229,7 @@ class ImageFolderSource(Source):
                 prefix = f"{split}_{class_dir.name}_"
                 records += [
                     Record(
-                        _safe_key(prefix + Path(f).stem),
+                        safe_key(prefix + Path(f).stem),
                         index[class_dir.name],
                         split,
                         f"{split}/{class_dir.name}/{f}",
@@ -527,7 +544,7 @@ class PetsSource(Source):
                 ref = f"images/{image}.jpg"
                 path = _require_file(self.root / ref, "image")
                 records.append(
-                    Record(_safe_key(image), class_id - 1, split, ref, "jpg", path.stat().st_size)
+                    Record(safe_key(image), class_id - 1, split, ref, "jpg", path.stat().st_size)
                 )
             splits[split] = records
         return splits

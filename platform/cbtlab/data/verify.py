@@ -2,8 +2,9 @@
 
 For every split in the card, every shard must exist with the card's size and read as a tar to
 its end; it must hold exactly the manifest's keys for that shard, each as an image (`{key}.{ext}`
-whose sha256 matches the manifest and which PIL decodes) and a label (`{key}.cls` matching the
-manifest). The manifest must match the card's content hash and sample counts. Problems are
+which PIL decodes), a label (`{key}.cls` matching the manifest) and the members the card names
+(`extra.members`: a segmentation mask), whose bytes after the image's match the manifest's
+sha256. The manifest must match the card's content hash and sample counts. Problems are
 collected, not raised, so that one run reports all of them.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import re
 import tarfile
@@ -105,14 +107,64 @@ def _members(storage: Storage, name: str) -> Iterator[tuple[str, bytes]]:
             yield member.name, data.read() if data is not None else b""
 
 
+def _samples(
+    storage: Storage, name: str, problems: list[Problem]
+) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """The shard's samples in order, each its key and its members' (extension, bytes); a
+    member whose name has no key is a problem."""
+
+    def parsed() -> Iterator[tuple[str, str, bytes]]:
+        for member, data in _members(storage, name):
+            match = MEMBER_NAME.match(member)
+            if match is None:
+                problems.append(Problem("unexpected member", name, member))
+                continue
+            yield *match.groups(), data
+
+    for key, group in itertools.groupby(parsed(), key=lambda item: item[0]):
+        yield key, [(ext, data) for _, ext, data in group]
+
+
+def _check_sample(
+    name: str,
+    key: str,
+    parts: list[tuple[str, bytes]],
+    row: tuple[int, str],
+    image_ext: str,
+    members: tuple[str, ...],
+) -> list[Problem]:
+    """The problems of one sample's members against its manifest row (label, sha256): the
+    sha256 covers the image's bytes and then the members'."""
+    label, sha256 = row
+    problems = [
+        Problem("unexpected member", name, f"{key}.{ext}", key)
+        for ext, _ in parts
+        if ext not in (image_ext, "cls", *members)
+    ]
+    data = dict(parts)
+    if image_ext in data and all(m in data for m in members):
+        payload = b"".join([data[image_ext], *(data[m] for m in members)])
+        if hashlib.sha256(payload).hexdigest() != sha256:
+            problems.append(Problem("checksum mismatch", name, "differs from the manifest", key))
+    if image_ext in data:
+        error = _decode_error(data[image_ext])
+        if error is not None:
+            problems.append(Problem("corrupt image", name, error, key))
+    if "cls" in data and data["cls"].strip() != str(label).encode():
+        detail = f"{data['cls'][:20]!r}, the manifest says {label}"
+        problems.append(Problem("label mismatch", name, detail, key))
+    return problems
+
+
 def check_shard(
     storage: Storage,
     entry: dict[str, Any],
     rows: dict[str, tuple[int, str]],
     image_ext: str,
+    members: tuple[str, ...] = (),
 ) -> tuple[list[Problem], int]:
     """The problems of one shard (a card entry) against its manifest's (label, sha256) by key,
-    and how many complete samples it holds."""
+    and how many complete samples (image, label and `members`) it holds."""
     name = entry["path"]
     size = storage.size(name)
     if size is None:
@@ -125,45 +177,28 @@ def check_shard(
         )
     seen: dict[str, set[str]] = {}
     try:
-        for member, data in _members(storage, name):
-            match = MEMBER_NAME.match(member)
-            if match is None:
-                problems.append(Problem("unexpected member", name, member))
-                continue
-            key, ext = match.groups()
+        for key, parts in _samples(storage, name, problems):
             exts = seen.setdefault(key, set())
-            if ext in exts:
-                problems.append(Problem("duplicate member", name, member, key))
-            exts.add(ext)
-            if key not in rows:
-                continue  # reported once below as an extra key
-            label, sha256 = rows[key]
-            if ext == image_ext:
-                if hashlib.sha256(data).hexdigest() != sha256:
-                    problems.append(
-                        Problem("checksum mismatch", name, "differs from the manifest", key)
-                    )
-                error = _decode_error(data)
-                if error is not None:
-                    problems.append(Problem("corrupt image", name, error, key))
-            elif ext == "cls":
-                if data.strip() != str(label).encode():
-                    detail = f"{data[:20]!r}, the manifest says {label}"
-                    problems.append(Problem("label mismatch", name, detail, key))
-            else:
-                problems.append(Problem("unexpected member", name, member, key))
+            for ext, _ in parts:
+                if ext in exts:
+                    problems.append(Problem("duplicate member", name, f"{key}.{ext}", key))
+                exts.add(ext)
+            if key in rows:  # (else reported once below as an extra key)
+                problems += _check_sample(name, key, parts, rows[key], image_ext, members)
     except (tarfile.TarError, EOFError, OSError) as exc:
         detail = f"the tar breaks off after {len(seen)} samples ({exc})"
         if problems and problems[0].kind == "truncated shard":
             detail = f"{problems[0].detail}; {detail}"
             problems.pop(0)
         problems.insert(0, Problem("truncated shard", name, detail))
-    complete = [k for k, exts in seen.items() if {image_ext, "cls"} <= exts]
-    incomplete = [k for k, exts in seen.items() if k in rows and not {image_ext, "cls"} <= exts]
+    expected = {image_ext, "cls", *members}
+    complete = [k for k, exts in seen.items() if expected <= exts]
+    incomplete = [k for k, exts in seen.items() if k in rows and not expected <= exts]
     missing = [k for k in rows if k not in seen]
     extra = [k for k in seen if k not in rows]
     if incomplete:
-        detail = f"image or label missing: {_examples(incomplete)}"
+        what = ", ".join(["image", "label", *members])
+        detail = f"one of {what} missing: {_examples(incomplete)}"
         problems.append(Problem("incomplete samples", name, detail))
     if missing:
         detail = (
@@ -227,7 +262,8 @@ def verify_shards(
     def check(item: tuple[str, dict[str, Any]]) -> tuple[list[Problem], int]:
         _, entry = item
         rows = rows_by_shard.get(entry["path"], {})
-        return check_shard(storage, entry, rows, card["image_ext"])
+        members = tuple(card.get("extra", {}).get("members", ()))
+        return check_shard(storage, entry, rows, card["image_ext"], members)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for (split, entry), (problems, samples) in zip(
