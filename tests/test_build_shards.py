@@ -188,6 +188,52 @@ def test_verify_finds_extra_keys_and_a_missing_card(tmp_path: Path) -> None:
     assert [p.kind for p in verify_shards(out).problems] == ["missing card"]
 
 
+def _rewrite(shard: Path, order: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(shard, "w") as tar:
+        for name, data in order:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _problems(out: Path, shard: str) -> set[tuple[str, str]]:
+    return {(p.kind, p.key) for p in verify_shards(out).problems if p.where == shard}
+
+
+def test_verify_reads_samples_as_a_reader_groups_them(tmp_path: Path) -> None:
+    """Members apart are a split sample; each copy of a duplicated image is checked; a tar that
+    breaks off inside a sample keeps the complete samples before it."""
+    out = tmp_path / "out"
+    _build(ImageFolderSource(_imagefolder(tmp_path / "in")), out)
+    shard = out / "train-00000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    (a_cls, a_img), (b_cls, b_img) = members[0:2], members[2:4]
+    a, b = a_cls[0].split(".")[0], b_cls[0].split(".")[0]
+    assert a_img[0].startswith(f"{a}.") and b_img[0].startswith(f"{b}.")
+
+    _rewrite(shard, [a_img, *members[2:], a_cls])  # a's label after the other samples
+    assert ("split sample", a) in _problems(out, shard.name)
+    assert ("checksum mismatch", a) not in _problems(out, shard.name)
+
+    broken = (b_img[0], b"not an image")
+    _rewrite(shard, [*members[:2], b_cls, broken, b_img, *members[4:]])
+    found = _problems(out, shard.name)
+    assert {("duplicate member", b), ("corrupt image", b), ("checksum mismatch", b)} <= found
+
+    _rewrite(shard, members)
+    with tarfile.open(shard) as tar:
+        third_image = tar.getmembers()[5]
+    shard.write_bytes(shard.read_bytes()[: third_image.offset_data + 10])
+    report = verify_shards(out)
+    ours = [p for p in report.problems if p.where == shard.name]
+    assert "the tar breaks off after 3 samples" in ours[0].detail, ours
+    incomplete = [p for p in ours if p.kind == "incomplete samples"]
+    assert len(incomplete) == 1 and third_image.name.split(".")[0] in incomplete[0].detail
+    missing = next(p for p in ours if p.kind == "missing keys")
+    assert missing.detail.startswith("1 samples of the manifest"), missing  # the fourth only
+
+
 def test_interrupted_build_resumes_to_identical_shards(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

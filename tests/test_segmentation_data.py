@@ -18,6 +18,7 @@ from PIL import Image
 from cbtlab.analysis.segmentation import VOID
 from cbtlab.data import open_split
 from cbtlab.data.build import build_shards
+from cbtlab.data.cli import build_main
 from cbtlab.data.seg_transforms import (
     SegEvalTransform,
     SegTrainTransform,
@@ -184,6 +185,14 @@ def test_the_command_generates_builds_and_resumes(
     assert "0 shards written, 4 already complete" in capsys.readouterr().out
     assert ade20k_main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 1
     assert "expected the ADEChallengeData2016 layout" in capsys.readouterr().err
+    assert ade20k_main([*argv, "--workers", "0"]) == 1
+    assert "workers must be at least 1" in capsys.readouterr().err
+    # build_shards.py names the input, not the output, for a wrong layout
+    nowhere = ["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"), "--local"]
+    with pytest.raises(SystemExit):
+        build_main(["--source", "ade20k", *nowhere])
+    err = capsys.readouterr().err
+    assert "expected the ADEChallengeData2016 layout" in err and "cannot write" not in err
 
 
 def test_joint_augmentation_keeps_image_and_mask_aligned() -> None:

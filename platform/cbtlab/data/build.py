@@ -7,7 +7,8 @@ The build runs in four steps:
    (sized from the source's byte sizes plus tar headers; with re-encoding that is an estimate).
    Shards keep the `{split}-{index:05d}.tar` naming and the members of `shards.write_sample`.
 2. Resume. A shard counts as done when its record `_build/<shard>.json` exists, was written for
-   the same plan (the digest of its keys, labels, sources, encoding and statistics share) and
+   the same plan (the digest of its keys, labels, sources, encoding, statistics share and what
+   else the source says shapes its bytes, `Source.build_spec`) and
    the shard has the recorded size. Records are written only after their shard is in place, so
    a shard cut short by a crash, a missing shard or one left from a different plan is rebuilt.
 3. Write. Each remaining shard is one unit of work: in this process (`local=True`), in a pool
@@ -205,10 +206,14 @@ class ShardPlan:
 
 
 def _tar_bytes(record: Record) -> int:
-    """A sample's bytes in a tar: header + padded image, header + one block for the label
-    (plus a PAX header pair for each member when its name is too long for the plain header)."""
-    long_names = 2 * 2 * TAR_BLOCK if len(record.key) > TAR_NAME_ROOM else 0
-    return 3 * TAR_BLOCK + math.ceil(record.size / TAR_BLOCK) * TAR_BLOCK + long_names
+    """A sample's bytes in a tar: header + padded image, header + one block for the label, a
+    header and up to a block of padding for each other member (whose size `record.size`
+    includes; a mask is re-encoded, so there it is an estimate), plus a PAX header pair for each
+    member when its name is too long for the plain header."""
+    count = 2 + record.members
+    long_names = 2 * count * TAR_BLOCK if len(record.key) > TAR_NAME_ROOM else 0
+    padded = math.ceil(record.size / TAR_BLOCK) * TAR_BLOCK
+    return 3 * TAR_BLOCK + 2 * record.members * TAR_BLOCK + padded + long_names
 
 
 def _padded(size: int) -> int:

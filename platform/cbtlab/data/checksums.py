@@ -1,8 +1,10 @@
 """Checking samples against the manifest's sha256 as the loader reads them.
 
 The manifest (`shards.py`) holds the sha256 of every sample's image bytes, the `{key}.{ext}`
-member of its shard. A shard whose bytes changed after it was built (a bad disk, a botched
-copy, an overwrite) may still read as a tar and even decode, so only the checksum tells a
+member of its shard (for a dataset whose samples carry more, a segmentation mask, of the image's
+bytes followed by theirs: `verify_shards` checks those; the segmentation loader does not). A
+shard whose bytes changed after it was built (a bad disk, a botched copy, an overwrite) may
+still read as a tar and even decode, so only the checksum tells a
 corrupt sample from a good one. The policy (`data.checksums`) says what a mismatch does:
 
 - "skip" (the default): the sample is counted and skipped, like one that does not decode

@@ -77,7 +77,7 @@ def ade20k_pairs(root: Path, split: str) -> list[SourcePair]:
     images_dir = base / "images" / SPLIT_DIRS[split]
     masks_dir = base / "annotations" / SPLIT_DIRS[split]
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"no {images_dir}: expected the ADEChallengeData2016 layout")
+        raise SegmentationDataError(f"no {images_dir}: expected the ADEChallengeData2016 layout")
     images = {p.stem: p for p in images_dir.glob("*.jpg")}
     masks = {p.stem: p for p in masks_dir.glob("*.png")} if masks_dir.is_dir() else {}
     for stem in sorted(images.keys() - masks.keys()):
@@ -129,6 +129,10 @@ class ADE20KSource(Source):
         if num_classes < 1 or num_classes > IGNORE_INDEX:
             raise SourceError(f"num_classes must be within 1..{IGNORE_INDEX}, got {num_classes}")
         self.root = layout_root(Path(root))
+        if not (self.root / "images").is_dir():
+            raise SegmentationDataError(
+                f"no {self.root / 'images'}: expected the ADEChallengeData2016 layout"
+            )
         self.name = name or self.kind
         self.limit = limit
         self.class_names = _class_names(self.root, num_classes)
@@ -141,7 +145,7 @@ class ADE20KSource(Source):
             records[split] = [
                 Record(
                     safe_key(pair.key), 0, split, str(pair.image.relative_to(self.root)), "jpg",
-                    pair.image.stat().st_size + pair.mask.stat().st_size,
+                    pair.image.stat().st_size + pair.mask.stat().st_size, members=1,
                 )
                 for pair in (pairs[: self.limit] if self.limit else pairs)
             ]  # fmt: skip
@@ -160,7 +164,8 @@ class ADE20KSource(Source):
         return label, ((MASK_KEY, _png(mask)),)
 
     def build_spec(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "mask_format": MASK_FORMAT_VERSION}
+        # (the class names too: kept shards' manifest rows carry them)
+        return {"class_names": list(self.class_names), "mask_format": MASK_FORMAT_VERSION}
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {
@@ -394,8 +399,9 @@ def ade20k_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             args.output, samples_per_shard=args.samples_per_shard, local=True,
             workers=args.workers, progress=not args.quiet,
         )  # fmt: skip
-    except (SourceError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # the source (a SegmentationDataError names the file) or a setting
+        kept = "shards finished before it are kept: run again to go on"
+        print(f"error: {exc}\n({kept})", file=sys.stderr)
         return 1
     except (BuildError, OSError) as exc:
         resume = "finished shards are kept: run the same command to resume"

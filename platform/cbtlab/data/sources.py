@@ -72,8 +72,10 @@ class Record:
     ref: str
     ext: str
     # The image's size in bytes (for array sources an estimate: the raw pixel count), which
-    # sizes shards by bytes.
+    # sizes shards by bytes; with the sizes of its other members (a mask) where it has some.
     size: int
+    # How many members the sample stores beside its image and label (`Source.members`).
+    members: int = 0
 
 
 @dataclass(frozen=True)

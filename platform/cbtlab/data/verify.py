@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import re
 import tarfile
@@ -34,6 +33,7 @@ from cbtlab.data.storage import Storage, open_storage
 # WebDataset's rule: the key is the member name up to the first dot of its last path part.
 MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 EXAMPLES = 3  # keys quoted in a problem that covers many samples
+CHANGED = "differs from the manifest"
 
 
 @dataclass(frozen=True)
@@ -110,19 +110,28 @@ def _members(storage: Storage, name: str) -> Iterator[tuple[str, bytes]]:
 def _samples(
     storage: Storage, name: str, problems: list[Problem]
 ) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """The shard's samples in order, each its key and its members' (extension, bytes); a
-    member whose name has no key is a problem."""
-
-    def parsed() -> Iterator[tuple[str, str, bytes]]:
+    """The shard's runs of members with one key, in order, each its key and its members'
+    (extension, bytes), as a WebDataset reader groups them; a member whose name has no key is a
+    problem. Where the tar breaks off, the run read so far comes out before the error."""
+    key, parts = "", []
+    try:
         for member, data in _members(storage, name):
             match = MEMBER_NAME.match(member)
             if match is None:
                 problems.append(Problem("unexpected member", name, member))
                 continue
-            yield *match.groups(), data
-
-    for key, group in itertools.groupby(parsed(), key=lambda item: item[0]):
-        yield key, [(ext, data) for _, ext, data in group]
+            member_key, ext = match.groups()
+            if parts and member_key != key:
+                yield key, parts
+                parts = []
+            key = member_key
+            parts.append((ext, data))
+    except (tarfile.TarError, EOFError, OSError):
+        if parts:
+            yield key, parts
+        raise
+    if parts:
+        yield key, parts
 
 
 def _check_sample(
@@ -133,26 +142,27 @@ def _check_sample(
     image_ext: str,
     members: tuple[str, ...],
 ) -> list[Problem]:
-    """The problems of one sample's members against its manifest row (label, sha256): the
-    sha256 covers the image's bytes and then the members'."""
+    """The problems of one sample's members, in their order, against its manifest row (label,
+    sha256): the sha256 covers the image's bytes and then the `members`' (every copy of a
+    duplicated image or label is checked)."""
     label, sha256 = row
-    problems = [
-        Problem("unexpected member", name, f"{key}.{ext}", key)
-        for ext, _ in parts
-        if ext not in (image_ext, "cls", *members)
-    ]
-    data = dict(parts)
-    if image_ext in data and all(m in data for m in members):
-        payload = b"".join([data[image_ext], *(data[m] for m in members)])
-        if hashlib.sha256(payload).hexdigest() != sha256:
-            problems.append(Problem("checksum mismatch", name, "differs from the manifest", key))
-    if image_ext in data:
-        error = _decode_error(data[image_ext])
-        if error is not None:
-            problems.append(Problem("corrupt image", name, error, key))
-    if "cls" in data and data["cls"].strip() != str(label).encode():
-        detail = f"{data['cls'][:20]!r}, the manifest says {label}"
-        problems.append(Problem("label mismatch", name, detail, key))
+    found = dict(parts)
+    rest = [found[m] for m in members if m in found]
+    problems = []
+    whole = len(rest) == len(members)  # (else the sample is reported incomplete)
+    for ext, data in parts:
+        if ext == image_ext:
+            if whole and hashlib.sha256(b"".join([data, *rest])).hexdigest() != sha256:
+                problems.append(Problem("checksum mismatch", name, CHANGED, key))
+            error = _decode_error(data)
+            if error is not None:
+                problems.append(Problem("corrupt image", name, error, key))
+        elif ext == "cls":
+            if data.strip() != str(label).encode():
+                detail = f"{data[:20]!r}, the manifest says {label}"
+                problems.append(Problem("label mismatch", name, detail, key))
+        elif ext not in members:
+            problems.append(Problem("unexpected member", name, f"{key}.{ext}", key))
     return problems
 
 
@@ -178,6 +188,9 @@ def check_shard(
     seen: dict[str, set[str]] = {}
     try:
         for key, parts in _samples(storage, name, problems):
+            if key in seen:  # a reader takes each run of one key for a sample of its own
+                detail = f"the members of {key} are apart: a reader sees two samples"
+                problems.append(Problem("split sample", name, detail, key))
             exts = seen.setdefault(key, set())
             for ext, _ in parts:
                 if ext in exts:
@@ -197,8 +210,8 @@ def check_shard(
     missing = [k for k in rows if k not in seen]
     extra = [k for k in seen if k not in rows]
     if incomplete:
-        what = ", ".join(["image", "label", *members])
-        detail = f"one of {what} missing: {_examples(incomplete)}"
+        what = f"one of image, label, {', '.join(members)}" if members else "image or label"
+        detail = f"{what} missing: {_examples(incomplete)}"
         problems.append(Problem("incomplete samples", name, detail))
     if missing:
         detail = (
