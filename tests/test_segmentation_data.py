@@ -193,6 +193,14 @@ def test_the_command_generates_builds_and_resumes(
         build_main(["--source", "ade20k", *nowhere])
     err = capsys.readouterr().err
     assert "expected the ADEChallengeData2016 layout" in err and "cannot write" not in err
+    # a bad mask found while writing: the file named, the finished shards kept (exit 1)
+    source = out / "source" / "ADEChallengeData2016"
+    bad = sorted((source / "annotations" / "validation").glob("*.png"))[0]
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint8)).save(bad)  # beyond 150
+    argv = ["--source", "ade20k", "--input", str(source), "--output", str(tmp_path / "b")]
+    assert build_main([*argv, "--local", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad.name}: mask value 200 exceeds" in err and "finished shards are kept" in err
 
 
 def test_joint_augmentation_keeps_image_and_mask_aligned() -> None:

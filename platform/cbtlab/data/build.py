@@ -554,7 +554,7 @@ def _check_settings(source: Source, encoding: Encoding, workers: int) -> None:
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if source.members and encoding.resize is not None:
-        raise SourceError(
+        raise ValueError(
             f"{source.kind} samples carry {', '.join(source.members)} aligned with their "
             "images' pixels: a build cannot resize the images alone (leave --resize out)"
         )

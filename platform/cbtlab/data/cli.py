@@ -79,13 +79,17 @@ def build_main(argv: Sequence[str] | None = None, *, prog: str | None = None) ->
         parser.error("--workers applies with --local (on Ray, every shard is a task)")
     try:
         source = _open_source(args)
+        encoding = Encoding(resize=args.resize, jpeg_quality=args.jpeg_quality)
+    except (SourceError, ValueError) as exc:
+        parser.error(str(exc))
+    try:
         result = build_shards(
             source,
             args.output,
             samples_per_shard=args.samples_per_shard or None,
             max_shard_bytes=args.max_shard_bytes,
             seed=args.seed,
-            encoding=Encoding(resize=args.resize, jpeg_quality=args.jpeg_quality),
+            encoding=encoding,
             stats_samples=args.stats_samples,
             local=args.local,
             address=args.address,
@@ -94,17 +98,17 @@ def build_main(argv: Sequence[str] | None = None, *, prog: str | None = None) ->
             skip_bad=args.skip_bad,
             workers=args.workers,
         )
-    except (SourceError, ValueError, ImportError) as exc:
-        parser.error(str(exc))
     except UndecodableImages as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 1
-    except BuildError as exc:
+    except (SourceError, BuildError) as exc:  # the input's fault (a bad mask), or a shard's
         print(
             f"{parser.prog}: {exc}\nfinished shards are kept: run the same command to resume",
             file=sys.stderr,
         )
         return 1
+    except (ValueError, ImportError) as exc:  # a setting, or a package the output needs
+        parser.error(str(exc))
     except OSError as exc:  # the output's storage: a missing bucket, denied credentials, ...
         print(
             f"{parser.prog}: cannot write {args.output}: {explain(args.output, exc)}",
