@@ -10,7 +10,7 @@
 #
 #   bash studies/gpu_acceptance.sh            # all steps
 #   bash studies/gpu_acceptance.sh kernels    # one step: check, kernels, scaling, throughput,
-#                                             # loop, compile
+#                                             # layout, loop, compile
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/platform${PYTHONPATH:+:$PYTHONPATH}"
@@ -44,6 +44,11 @@ step scaling 300 "$PY" studies/attention_scaling.py --device cuda --levels mecha
 # Issue 19: CBT against ViT/CRATE/ToST, eager and compiled.
 step throughput 420 "$PY" studies/throughput.py --device cuda --resolutions 224,448 --compile \
   --modes train --no-mlflow \
+  --models cbt_tiny_patch16_224,vit_tiny_patch16_224,cbt_small_patch16_224,vit_small_patch16_224
+# Issue 19: the same training rows with NHWC images and stems (train.channels_last), to read
+# against the step above: whether the conv stem's BatchNorm and convolutions gain from it.
+step layout 300 "$PY" studies/throughput.py --device cuda --resolutions 224,448 --modes train \
+  --channels-last --no-mlflow \
   --models cbt_tiny_patch16_224,vit_tiny_patch16_224,cbt_small_patch16_224,vit_small_patch16_224
 # Issue 17: the worker loop's per-step cost over a bare loop (CBT-S, bf16, batch 256).
 step loop 240 "$PY" studies/bench_loop_overhead.py --device cuda --max-ratio 1.05

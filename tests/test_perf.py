@@ -316,10 +316,11 @@ def test_throughput_rows_and_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise AssertionError("Inductor could not lower this graph")
 
-    compiled: list[str] = []
+    compiled: list[tuple[str, bool]] = []
 
     def fake_compile(model: nn.Module) -> nn.Module:
-        compiled.append(type(model).__name__)
+        batch_norms = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        compiled.append((type(model).__name__, batch_norms))
         return model if "VisionTransformer" in type(model).__name__ else FailsToCompile()
 
     monkeypatch.setattr(torch, "compile", fake_compile)
@@ -328,7 +329,11 @@ def test_throughput_rows_and_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
         batch_at_224=1, rounds=1, warmup=0, compile=True, peak_memory=True,
     )  # fmt: skip
     rows = run_throughput(spec, echo=lambda _: None)
-    assert len(compiled) == 2
+    # Training runs the model, inference the deployed copy: CBT's stem BatchNorms folded.
+    assert sorted(compiled) == [
+        ("CBTransformer", False), ("CBTransformer", True),
+        ("VisionTransformer", False), ("VisionTransformer", False),
+    ]  # fmt: skip
     row = {(r["mode"], r["form"], r["model"]): r for r in rows}
     assert set(row) == {
         (mode, form, model)
@@ -362,6 +367,38 @@ def test_throughput_rows_and_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     with pytest.raises(ValueError, match="multiple of the patch size"):
         ThroughputSpec(resolutions=(100,)).validate()
+
+
+def test_throughput_channels_last_runs_nhwc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--channels-last: every case gets NHWC images and a model whose stem weights are NHWC,
+    training and the deployed inference copy alike."""
+    import timm
+
+    seen: list[tuple[bool, bool, bool]] = []
+    create = timm.create_model
+
+    def create_and_watch(*args: Any, **kwargs: Any) -> nn.Module:
+        model = create(*args, **kwargs)
+
+        def watch(module: nn.Module, inputs: tuple[torch.Tensor]) -> None:
+            if inputs[0].is_meta:  # count_flops's own copy
+                return
+            conv = next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+            nhwc = torch.channels_last
+            seen.append((module.training, inputs[0].is_contiguous(memory_format=nhwc),
+                         conv.weight.is_contiguous(memory_format=nhwc)))  # fmt: skip
+
+        model.register_forward_pre_hook(watch)
+        return model
+
+    monkeypatch.setattr(timm, "create_model", create_and_watch)
+    spec = ThroughputSpec(
+        models=("cbt_tiny_patch16_224",), resolutions=(128,), batch_at_224=2, rounds=1,
+        warmup=0, channels_last=True,
+    )  # fmt: skip
+    run_throughput(spec, echo=lambda _: None)
+    assert {training for training, _, _ in seen} == {True, False}  # train and infer ran
+    assert all(images and weights for _, images, weights in seen), seen
 
 
 @pytest.mark.gpu

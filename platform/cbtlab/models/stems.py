@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 class PatchStem(nn.Module):
@@ -25,10 +26,34 @@ class PatchStem(nn.Module):
         return self.proj(x)
 
 
+class ConvNorm(nn.Sequential):
+    """A bias-free convolution (index 0) and its BatchNorm (index 1).
+
+    `fuse()` folds the BatchNorm's running statistics and affine map into the convolution's
+    weight and bias, the hook that `timm.utils.reparameterize_model` calls on every module that
+    has one: an inference model without the BatchNorm pass (same outputs, to rounding).
+    """
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        )
+
+    def fuse(self) -> nn.Conv2d:
+        if self.training:
+            raise ValueError(
+                "BatchNorm folds into the convolution only in eval mode (its running statistics "
+                "are what inference uses): call model.eval() before reparameterize_model"
+            )
+        return fuse_conv_bn_eval(self[0], self[1])
+
+
 class ConvStem(nn.Module):
     """CBT's stem: log2(p) 3x3 stride-2 convolutions, each with BatchNorm, GELU between them;
     widths d / 2^(n-1), ..., d / 2, d. Layer indices match the reference code's
-    `to_patch_embedding.proj.{0,2,4,6}.{0,1}` (conv, norm) so checkpoints map one to one."""
+    `to_patch_embedding.proj.{0,2,4,6}.{0,1}` (conv, norm) so checkpoints map one to one.
+    For inference, `timm.utils.reparameterize_model(model.eval())` folds each BatchNorm into
+    its convolution (`ConvNorm.fuse`)."""
 
     first_conv: str | None = "proj.0.0"
 
@@ -44,12 +69,7 @@ class ConvStem(nn.Module):
         for i, (c_in, c_out) in enumerate(zip([in_chans, *widths[:-1]], widths, strict=True)):
             if i:
                 layers.append(nn.GELU())
-            layers.append(
-                nn.Sequential(
-                    nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
-                    nn.BatchNorm2d(c_out),
-                )
-            )
+            layers.append(ConvNorm(c_in, c_out))
         self.proj = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -190,6 +190,9 @@ def throughput_main(argv: Sequence[str] | None = None, prog: str | None = None) 
     parser.add_argument("--peak-memory", action=argparse.BooleanOptionalAction, default=None,
                         help="measure each case's peak memory (default: on for CUDA; on CPU "
                         "it costs one more step per case)")  # fmt: skip
+    parser.add_argument("--channels-last", action="store_true",
+                        help="images and convolution weights in NHWC order, as "
+                        "train.channels_last (the conv stems' layout on tensor cores)")  # fmt: skip
     _common(parser)
     args = parser.parse_args(argv)
     _setup(args)
@@ -207,6 +210,7 @@ def throughput_main(argv: Sequence[str] | None = None, prog: str | None = None) 
         amp=on_cuda if args.amp is None else args.amp,
         compile=args.compile,
         peak_memory=on_cuda if args.peak_memory is None else args.peak_memory,
+        channels_last=args.channels_last,
     )
     try:
         spec.validate()
@@ -214,7 +218,8 @@ def throughput_main(argv: Sequence[str] | None = None, prog: str | None = None) 
         parser.error(str(exc))
     forms = ", eager and compiled" if spec.compile else ""
     print(f"throughput on {_device_name(args.device)}, "
-          f"{'bf16 autocast' if spec.amp else 'fp32'}{forms}", flush=True)  # fmt: skip
+          f"{'bf16 autocast' if spec.amp else 'fp32'}{forms}"
+          f"{', channels-last' if spec.channels_last else ''}", flush=True)  # fmt: skip
     rows = run_throughput(spec, echo=lambda line: print(line, flush=True))
     return _report(
         args, "throughput", rows, throughput_table(rows), throughput_metrics(rows),

@@ -2,11 +2,13 @@
 224 px and at high resolution (the paper's Table 7; `studies/throughput.py`).
 
 A training step is forward + backward + an AdamW step on a random batch; inference is an
-eval-mode forward under `torch.inference_mode`. Every model at one resolution is measured
-interleaved with the others (`measure_side_by_side`; on CUDA each call timed by CUDA events),
-so ratios hold on a noisy machine. With `compile`, each model also runs `torch.compile`d (its
-forward; default mode), in rows of its own beside the eager ones; a model that fails to compile
-(or, on CUDA, any case that runs out of memory) becomes a row with the reason as its note.
+eval-mode forward under `torch.inference_mode` of the model as deployed, its BatchNorms folded
+into their convolutions (`timm.utils.reparameterize_model`; the conv stems'). Every model at
+one resolution is measured interleaved with the others (`measure_side_by_side`; on CUDA each
+call timed by CUDA events), so ratios hold on a noisy machine. With `compile`, each model also
+runs `torch.compile`d (its forward; default mode), in rows of its own beside the eager ones; a
+model that fails to compile (or, on CUDA, any case that runs out of memory) becomes a row with
+the reason as its note.
 Model FLOP utilisation (MFU): the model's FLOPs (`count_flops`, `torch.utils.flop_counter`, the
 paper's convention: a training step counts 3x the forward) over the time, divided by the peak
 that a large matmul reaches on the same device and dtype, measured in the same run. Peak
@@ -25,6 +27,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.utils import reparameterize_model
 
 import cbtlab.models  # noqa: F401  (registers our models with timm)
 from cbtlab.analysis.flops import count_flops
@@ -57,6 +60,8 @@ class ThroughputSpec:
     amp: bool = False  # bf16 autocast (GPU)
     compile: bool = False  # add torch.compile'd rows beside the eager ones
     peak_memory: bool = False  # measure each case's peak memory (one more call per case)
+    # Images and convolution weights in channels-last (NHWC) order, as `train.channels_last`.
+    channels_last: bool = False
     num_classes: int = 1000
 
     def batch(self, resolution: int) -> int:
@@ -107,16 +112,24 @@ def _cases(spec: ThroughputSpec, resolution: int) -> dict[str, Callable[[], Any]
     """One case per mode, form and model, keyed `mode:form:model`."""
     batch = spec.batch(resolution)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, resolution, resolution, generator=gen).to(spec.device)
+    layout = torch.channels_last if spec.channels_last else torch.contiguous_format
+    images = torch.randn(batch, 3, resolution, resolution, generator=gen)
+    images = images.to(spec.device, memory_format=layout)
     labels = torch.randint(0, spec.num_classes, (batch,), generator=gen).to(spec.device)
     cases: dict[str, Callable[[], Any]] = {}
     for form in _forms(spec):
         for name in spec.models:
             torch.manual_seed(0)
             model = timm.create_model(name, img_size=resolution, num_classes=spec.num_classes)
-            model = model.to(spec.device)
+            model = model.to(spec.device, memory_format=layout)
             # The compiled module shares the model's parameters and compiles on first call.
             run = torch.compile(model) if form == "compiled" else model
+            if "infer" in spec.modes:
+                # Deployed as for inference: a copy with every BatchNorm folded into its
+                # convolution (the conv stems'; `ConvNorm.fuse`).
+                deployed = reparameterize_model(model.eval()).eval()
+                model.train()
+                infer_run = torch.compile(deployed) if form == "compiled" else deployed
             if "train" in spec.modes:
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -131,8 +144,7 @@ def _cases(spec: ThroughputSpec, resolution: int) -> dict[str, Callable[[], Any]
                 cases[f"train:{form}:{name}"] = train
             if "infer" in spec.modes:
 
-                def infer(run: torch.nn.Module = run) -> None:
-                    run.eval()
+                def infer(run: torch.nn.Module = infer_run) -> None:
                     with torch.inference_mode(), _autocast(spec):
                         run(images)
 
