@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
+from timm.utils import reparameterize_model
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cbtlab.config import ModelConfig
 from cbtlab.models import ISTA, build_model
+from cbtlab.models.blocks import LayerNorm
 
 
 def test_ista_is_one_proximal_step() -> None:
@@ -70,3 +75,73 @@ def test_ista_two_product_form_equals_the_reference() -> None:
         results.append((out.detach(), x.grad.clone(), ista.weight.grad.clone()))
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want)
+
+
+class _Casts(TorchDispatchMode):
+    """The shapes of the tensors every dtype conversion (`aten._to_copy`) converts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._to_copy.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_ista_under_autocast_casts_the_tokens_once() -> None:
+    """Under bf16 autocast, with float32 tokens in (as a LayerNorm under CUDA's autocast gives
+    them), ISTA converts the tokens once forward and their gradient once back; the rest runs
+    in bf16 and agrees with the float32 step to bf16's precision."""
+    torch.manual_seed(0)
+    ista = ISTA(32, step=0.3, lambd=0.05)
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    with _Casts() as casts:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ista(x)
+        out.backward(torch.ones_like(out))
+    tokens = [shape for shape in casts.shapes if shape[0] == 80]  # (B N, d)
+    assert out.dtype == torch.bfloat16
+    assert tokens == [(80, 32), (80, 32)], casts.shapes  # forward in, gradient back
+    torch.testing.assert_close(out.float(), ista(x), atol=0.1, rtol=0.05)
+
+
+def test_reparameterize_folds_the_conv_stems_batchnorms() -> None:
+    """timm's reparameterize_model folds each stem BatchNorm into its convolution (eval mode):
+    the same logits without a BatchNorm pass; a model in training mode is refused."""
+    torch.manual_seed(0)
+    model = timm.create_model("cbt_tiny_patch16_224", img_size=128, num_classes=10)
+    model(torch.randn(8, 3, 128, 128))  # training steps move the running statistics off 0 / 1
+    model.eval()
+    deployed = reparameterize_model(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # a copy was folded
+    images = torch.randn(2, 3, 128, 128)
+    with torch.inference_mode():
+        torch.testing.assert_close(deployed(images), model(images), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="only in eval mode"):
+        reparameterize_model(model.train())
+
+
+def test_block_layer_norm_runs_in_autocasts_dtype() -> None:
+    """Outside autocast the blocks' LayerNorm is nn.LayerNorm's; under autocast it takes and
+    gives autocast's dtype (no float32 copy of the tokens either way) and agrees with the
+    float32 norm to bf16's precision, gradients included."""
+    torch.manual_seed(0)
+    ours, plain = LayerNorm(48, eps=1e-6), nn.LayerNorm(48, eps=1e-6)
+    with torch.no_grad():
+        for norm in (ours, plain):
+            norm.weight.copy_(torch.linspace(0.5, 1.5, 48))
+            norm.bias.copy_(torch.linspace(-0.2, 0.2, 48))
+    x = torch.randn(3, 20, 48)
+    assert torch.equal(ours(x), plain(x))
+    tokens = x.bfloat16().requires_grad_()
+    with _Casts() as casts:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ours(tokens)
+        out.backward(torch.ones_like(out))
+    assert out.dtype == torch.bfloat16 and tokens.grad.dtype == torch.bfloat16
+    assert all(shape == (48,) for shape in casts.shapes), casts.shapes  # the affine map only
+    torch.testing.assert_close(out.float(), plain(tokens.float()), atol=0.05, rtol=0.02)
+    assert ours.weight.grad is not None and ours.weight.grad.dtype == torch.float32

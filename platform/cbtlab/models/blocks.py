@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers.fast_norm import fast_layer_norm
 from torch import Tensor, nn
 
 from cbtlab.attention import create_attention
@@ -35,6 +36,13 @@ class ISTA(nn.Module):
         if not self.fused:
             return self.forward_reference(x)
         flat = x.reshape(-1, x.shape[-1])
+        device = flat.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            # Once into autocast's dtype, so that every product and sum below runs in it:
+            # left to autocast, `flat - Z D^T` would come back in float32 and both of addmm's
+            # token-sized operands would be cast again (two more round trips, and their
+            # gradients' casts back, in every layer).
+            flat = flat.to(torch.get_autocast_dtype(device))
         # F.linear takes the weight itself, whose autocast copy is cached; `weight.t()` is a
         # view, cast anew at every call.
         residual = flat - F.linear(flat, self.weight)  # Z - Z D^T
@@ -46,6 +54,20 @@ class ISTA(nn.Module):
         x_dt = x @ self.weight.t()  # Z D^T
         grad = x @ self.weight - x_dt @ self.weight  # Z D - Z D^T D
         return torch.relu(x + self.step * grad - self.step * self.lambd)
+
+
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` that, under autocast, normalises in autocast's dtype (statistics still
+    accumulate in float32 inside the kernel) through timm's `fast_layer_norm`, as apex does.
+    Autocast would run it in float32: a copy of the tokens into float32 before it and, since
+    every consumer here is a product, a copy back after it, with both again in the backward
+    pass. Outside autocast it is `nn.LayerNorm`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device.type  # "meta" (FLOP counting) has no autocast to ask
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            return fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class MLP(nn.Module):
@@ -83,9 +105,9 @@ class Block(nn.Module):
         if block not in BLOCK_TYPES:
             raise ValueError(f"unknown block type {block!r}; known: {', '.join(BLOCK_TYPES)}")
         self.residual_mlp = block == "mlp"
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = LayerNorm(dim, eps=norm_eps)
         self.attn = create_attention(attention, dim, num_heads, **attn_options)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = LayerNorm(dim, eps=norm_eps)
         self.mlp: nn.Module = (
             MLP(dim, int(dim * mlp_ratio))
             if self.residual_mlp
