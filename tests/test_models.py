@@ -78,15 +78,19 @@ def test_ista_two_product_form_equals_the_reference() -> None:
 
 
 class _Casts(TorchDispatchMode):
-    """The shapes of the tensors every dtype conversion (`aten._to_copy`) converts."""
+    """The shapes of the tensors every dtype conversion (`aten._to_copy`) converts, and the
+    dtypes of each LayerNorm kernel's input, weight and bias."""
 
     def __init__(self) -> None:
         super().__init__()
         self.shapes: list[tuple[int, ...]] = []
+        self.norms: list[tuple[torch.dtype, ...]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func is torch.ops.aten._to_copy.default:
             self.shapes.append(tuple(args[0].shape))
+        if func is torch.ops.aten.native_layer_norm.default:
+            self.norms.append((args[0].dtype, args[2].dtype, args[3].dtype))
         return func(*args, **(kwargs or {}))
 
 
@@ -125,9 +129,9 @@ def test_reparameterize_folds_the_conv_stems_batchnorms() -> None:
 
 
 def test_block_layer_norm_runs_in_autocasts_dtype() -> None:
-    """Outside autocast the blocks' LayerNorm is nn.LayerNorm's; under autocast it takes and
-    gives autocast's dtype (no float32 copy of the tokens either way) and agrees with the
-    float32 norm to bf16's precision, gradients included."""
+    """Outside autocast the blocks' LayerNorm is nn.LayerNorm's; under autocast its kernel
+    takes and gives autocast's dtype, affine map included (no float32 copy of the tokens
+    either way), and agrees with the float32 norm to bf16's precision, gradients included."""
     torch.manual_seed(0)
     ours, plain = LayerNorm(48, eps=1e-6), nn.LayerNorm(48, eps=1e-6)
     with torch.no_grad():
@@ -143,5 +147,8 @@ def test_block_layer_norm_runs_in_autocasts_dtype() -> None:
         out.backward(torch.ones_like(out))
     assert out.dtype == torch.bfloat16 and tokens.grad.dtype == torch.bfloat16
     assert all(shape == (48,) for shape in casts.shapes), casts.shapes  # the affine map only
+    # One dtype into the kernel, as CUDA's LayerNorm requires of a bf16 input (a float32
+    # weight beside bf16 tokens runs on CPUs only, and CUDA's autocast would take float32).
+    assert casts.norms == [(torch.bfloat16,) * 3], casts.norms
     torch.testing.assert_close(out.float(), plain(tokens.float()), atol=0.05, rtol=0.02)
     assert ours.weight.grad is not None and ours.weight.grad.dtype == torch.float32
