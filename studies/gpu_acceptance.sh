@@ -42,14 +42,12 @@ step kernels 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cbsa_kerne
 step scaling 300 "$PY" studies/attention_scaling.py --device cuda --levels mechanism \
   --sides 14,28,56,112,224 --rounds 10 --no-mlflow
 # Issue 19: CBT against ViT/CRATE/ToST, eager and compiled.
-step throughput 420 "$PY" studies/throughput.py --device cuda --resolutions 224,448 --compile \
-  --modes train --no-mlflow \
-  --models cbt_tiny_patch16_224,vit_tiny_patch16_224,cbt_small_patch16_224,vit_small_patch16_224
+headline=(--device cuda --resolutions 224,448 --modes train --no-mlflow
+  --models cbt_tiny_patch16_224,vit_tiny_patch16_224,cbt_small_patch16_224,vit_small_patch16_224)
+step throughput 420 "$PY" studies/throughput.py "${headline[@]}" --compile
 # Issue 19: the same training rows with NHWC images and stems (train.channels_last), to read
 # against the step above: whether the conv stem's BatchNorm and convolutions gain from it.
-step layout 300 "$PY" studies/throughput.py --device cuda --resolutions 224,448 --modes train \
-  --channels-last --no-mlflow \
-  --models cbt_tiny_patch16_224,vit_tiny_patch16_224,cbt_small_patch16_224,vit_small_patch16_224
+step layout 300 "$PY" studies/throughput.py "${headline[@]}" --channels-last
 # Issue 17: the worker loop's per-step cost over a bare loop (CBT-S, bf16, batch 256).
 step loop 240 "$PY" studies/bench_loop_overhead.py --device cuda --max-ratio 1.05
 # Issues 17 and 19: every model compiles at 224 and 448 px, CBSA models with the kernels inside.

@@ -46,6 +46,7 @@ from cbtlab.attention.common import (
     STEP_INITS,
     SubspaceAttention,
     TilePool,
+    autocast_dtype,
     init_steps,
     merge_heads,
     pool_grid,
@@ -344,9 +345,9 @@ def _apply_in_autocast_dtype(fn: type[torch.autograd.Function], *args: Any) -> A
     inside, so that the hand-written backward meets a single dtype (autocast would leave the
     softmax in float32 and the products in bfloat16, and does not reach the backward)."""
     device = next(a for a in args if isinstance(a, Tensor)).device.type
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+    dtype = autocast_dtype(device)
+    if dtype is None:
         return fn.apply(*args)
-    dtype = torch.get_autocast_dtype(device)
     with torch.autocast(device, enabled=False):
         return fn.apply(*(a.to(dtype) if isinstance(a, Tensor) else a for a in args))
 

@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cbtlab.attention.common import autocast_dtype
+
 __all__ = ["INTERPRETED", "cbsa_mixing_kernels", "kernels_run_on"]
 
 LOG2E = 1.4426950408889634
@@ -618,8 +620,8 @@ def cbsa_mixing_kernels(
         raise ValueError(f"expected W (B, K, N, p) and Q0 (B, K, m, p), got {w.shape}, {q0.shape}")
     scale = w.shape[-1] ** -0.5 if scale is None else float(scale)
     device = w.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
+    dtype = autocast_dtype(device)
+    if dtype is not None:
         with torch.autocast(device, enabled=False):
             return _KernelMixing.apply(
                 w.to(dtype), q0.to(dtype), step_rep, step_x, scale, contraction, beta

@@ -13,6 +13,14 @@ from torch import Tensor, nn
 STEP_INITS = ("normal", "constant", "zero")
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """Autocast's dtype where autocast is on for `device_type`, else None ("meta", used to count
+    FLOPs, has no autocast to ask)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """(B, N, K*p) -> (B, K, N, p)."""
     b, n, c = x.shape

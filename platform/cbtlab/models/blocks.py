@@ -11,6 +11,7 @@ from timm.layers.fast_norm import fast_layer_norm
 from torch import Tensor, nn
 
 from cbtlab.attention import create_attention
+from cbtlab.attention.common import autocast_dtype
 
 BLOCK_TYPES = ("ista", "mlp")
 
@@ -36,13 +37,13 @@ class ISTA(nn.Module):
         if not self.fused:
             return self.forward_reference(x)
         flat = x.reshape(-1, x.shape[-1])
-        device = flat.device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        dtype = autocast_dtype(flat.device.type)
+        if dtype is not None:
             # Once into autocast's dtype, so that every product and sum below runs in it:
             # left to autocast, `flat - Z D^T` would come back in float32 and both of addmm's
             # token-sized operands would be cast again (two more round trips, and their
             # gradients' casts back, in every layer).
-            flat = flat.to(torch.get_autocast_dtype(device))
+            flat = flat.to(dtype)
         # F.linear takes the weight itself, whose autocast copy is cached; `weight.t()` is a
         # view, cast anew at every call.
         residual = flat - F.linear(flat, self.weight)  # Z - Z D^T
@@ -64,8 +65,7 @@ class LayerNorm(nn.LayerNorm):
     pass. Outside autocast it is `nn.LayerNorm`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        device = x.device.type  # "meta" (FLOP counting) has no autocast to ask
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        if autocast_dtype(x.device.type) is not None:
             return fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 

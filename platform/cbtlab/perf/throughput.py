@@ -124,12 +124,6 @@ def _cases(spec: ThroughputSpec, resolution: int) -> dict[str, Callable[[], Any]
             model = model.to(spec.device, memory_format=layout)
             # The compiled module shares the model's parameters and compiles on first call.
             run = torch.compile(model) if form == "compiled" else model
-            if "infer" in spec.modes:
-                # Deployed as for inference: a copy with every BatchNorm folded into its
-                # convolution (the conv stems'; `ConvNorm.fuse`).
-                deployed = reparameterize_model(model.eval()).eval()
-                model.train()
-                infer_run = torch.compile(deployed) if form == "compiled" else deployed
             if "train" in spec.modes:
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -143,6 +137,11 @@ def _cases(spec: ThroughputSpec, resolution: int) -> dict[str, Callable[[], Any]
 
                 cases[f"train:{form}:{name}"] = train
             if "infer" in spec.modes:
+                # Deployed as for inference: an eval-mode copy with every BatchNorm folded into
+                # its convolution (the conv stems'; `ConvNorm.fuse`).
+                deployed = reparameterize_model(model.eval())
+                model.train()
+                infer_run = torch.compile(deployed) if form == "compiled" else deployed
 
                 def infer(run: torch.nn.Module = infer_run) -> None:
                     with torch.inference_mode(), _autocast(spec):
