@@ -1,18 +1,22 @@
-"""A dispatch mode that records every tensor the ops produce, forward and backward: for tests
-that bound what a computation materialises."""
+"""A dispatch mode that records every tensor the ops produce, forward and backward, and counts
+the ops: for tests that bound what a computation materialises or launches."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class TensorRecorder(TorchDispatchMode):
-    """Records the shape and dtype of every tensor produced by every op."""
+    """Records the shape and dtype of every tensor produced by every op, and counts the ops by
+    name ("aten.clone": every overload)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tensors: list[tuple[tuple[int, ...], torch.dtype]] = []
+        self.ops: Counter[str] = Counter()
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -27,6 +31,7 @@ class TensorRecorder(TorchDispatchMode):
         )  # fmt: skip
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops[str(func.overloadpacket)] += 1
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):

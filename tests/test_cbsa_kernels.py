@@ -206,6 +206,24 @@ def test_no_representatives_by_tokens_tensor_is_formed() -> None:
     assert largest >= n * p  # the output and the tokens' gradient were seen
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_layer_copies_q0s_layout_once(autocast: bool) -> None:
+    """The layer's Q0 is a head view of the pooled projection, (B, K, m, p) over (B, m, K p):
+    it is made contiguous once (forward) and its gradient laid back once (backward), where
+    each kernel's argument and each matmul of the middle had copied it (14 copies a layer,
+    each a launch on a GPU)."""
+    torch.manual_seed(0)
+    attn = CBSA(64, 2, rep_grid=(2, 2)).to(DEVICE)
+    attn.use_kernels = True
+    x = torch.randn(3, 1 + 8 * 8, 64, device=DEVICE, requires_grad=True)
+    with TensorRecorder() as rec:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            out = attn(x, (8, 8))
+        out.float().sum().backward()
+    assert rec.ops["aten.clone"] == 2, rec.ops
+    assert x.grad is not None and attn.step_rep.grad is not None
+
+
 def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks() -> None:
     """The ops' schemas, fake implementations and autograd wiring hold (`opcheck`), and a
     model step traces in one graph around them."""

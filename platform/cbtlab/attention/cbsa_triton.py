@@ -621,11 +621,14 @@ def cbsa_mixing_kernels(
     scale = w.shape[-1] ** -0.5 if scale is None else float(scale)
     device = w.device.type
     dtype = autocast_dtype(device)
+    # Q0 is made contiguous once here (a model's Q0 is a head view of the pooled projection):
+    # each kernel and the middle's matmuls would otherwise copy it again, 12 small launches a
+    # layer between forward and backward.
     if dtype is not None:
         with torch.autocast(device, enabled=False):
             return _KernelMixing.apply(
-                w.to(dtype), q0.to(dtype), step_rep, step_x, scale, contraction, beta
+                w.to(dtype), q0.to(dtype).contiguous(), step_rep, step_x, scale, contraction, beta
             )
-    if q0.dtype != w.dtype:
-        q0 = q0.to(w.dtype)
-    return _KernelMixing.apply(w, q0, step_rep, step_x, scale, contraction, beta)
+    return _KernelMixing.apply(
+        w, q0.to(w.dtype).contiguous(), step_rep, step_x, scale, contraction, beta
+    )
