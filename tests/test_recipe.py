@@ -21,6 +21,7 @@ from cbtlab.train.recipe import (
     autocast,
     build_optimizer,
     compile_model,
+    fused_optimizer_ok,
     is_compile_failure,
     param_groups,
     resolve_precision,
@@ -53,6 +54,35 @@ def test_every_optimizer_lowers_the_loss_on_a_fixed_batch(name: str) -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_adamw_and_sgd_step_fused_and_agree_with_the_plain_step(name: str) -> None:
+    """On one device the fused step runs (one kernel per group, not one per tensor and
+    operation) and follows the plain step to rounding; parameters split across devices or
+    of an integer dtype keep the plain step."""
+    cfg = _cfg(**{"train.optimizer": name, "train.lr": 1e-2, "train.weight_decay": 0.05})
+    torch.manual_seed(0)
+    fused_model = build_model(cfg.model)
+    plain_model = copy.deepcopy(fused_model)
+    fused = build_optimizer(fused_model, cfg)
+    plain = build_optimizer(plain_model, cfg)
+    for group in plain.param_groups:
+        group["fused"] = False
+    assert all(group["fused"] for group in fused.param_groups)
+    x, y = torch.randn(16, 1, 16, 16), torch.randint(0, 10, (16,))
+    for _ in range(5):
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for got, want in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    assert not fused_optimizer_ok(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2, device="meta")))
+    counts = nn.Linear(2, 2)
+    counts.register_parameter("steps", nn.Parameter(torch.zeros(2, dtype=torch.long), False))
+    assert not fused_optimizer_ok(counts)
 
 
 def test_the_head_gets_groups_of_its_own_only_when_fine_tuning() -> None:

@@ -33,6 +33,7 @@ import cbtlab.models  # noqa: F401  (registers our models with timm)
 from cbtlab.analysis.flops import count_flops
 from cbtlab.perf.timing import first_call, measure_side_by_side, peak_memory
 from cbtlab.tables import render_table
+from cbtlab.train.recipe import fused_optimizer_ok
 
 MODELS = (
     "cbt_tiny_patch16_224",
@@ -125,7 +126,9 @@ def _cases(spec: ThroughputSpec, resolution: int) -> dict[str, Callable[[], Any]
             # The compiled module shares the model's parameters and compiles on first call.
             run = torch.compile(model) if form == "compiled" else model
             if "train" in spec.modes:
-                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                optimizer = torch.optim.AdamW(
+                    model.parameters(), lr=1e-4, fused=fused_optimizer_ok(model)
+                )
 
                 def train(run: torch.nn.Module = run, opt: Any = optimizer) -> None:
                     run.train()

@@ -63,7 +63,8 @@ def build_optimizer(
     model: nn.Module, cfg: ExperimentConfig, *, frozen_steps: int = 0
 ) -> torch.optim.Optimizer:
     """AdamW, SGD (Nesterov) or Lion (timm's) over `param_groups`, each group at
-    `train.lr` times its `lr_scale`."""
+    `train.lr` times its `lr_scale`. AdamW and SGD use torch's fused kernels where the
+    parameters allow (`fused_optimizer_ok`)."""
     groups = param_groups(
         model,
         cfg.train.weight_decay,
@@ -73,15 +74,27 @@ def build_optimizer(
     for group in groups:
         group["lr"] = cfg.train.lr * group.get("lr_scale", 1.0)
     name, lr = cfg.train.optimizer, cfg.train.lr
+    fused = fused_optimizer_ok(model)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, fused=fused)
     if name == "lion":
         from timm.optim import Lion
 
         # Lion's update has unit size per coordinate, hence the small rates (the reference
         # uses lion_pytorch's defaults: betas (0.9, 0.99), decoupled weight decay).
         return Lion(groups, lr=lr, betas=(0.9, 0.99))
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, fused=fused)
+
+
+def fused_optimizer_ok(model: nn.Module) -> bool:
+    """Whether torch's fused AdamW / SGD can update `model`: floating-point parameters, all on
+    CUDA or all on the CPU. The fused step is one kernel per parameter group and dtype where the
+    default (for-each) step launches one per operation of the update rule and the plain CPU
+    step loops over the tensors: on this 2-core CPU, 3.8x (AdamW) and 2.5x (SGD) faster for
+    CBT-T's 1.6 M parameters (docs/performance.md); the result agrees to rounding."""
+    devices = {p.device.type for p in model.parameters()}
+    floating = all(p.is_floating_point() for p in model.parameters())
+    return floating and len(devices) == 1 and devices <= {"cpu", "cuda"}
 
 
 def warmup_cosine(
