@@ -1,26 +1,39 @@
-"""A dispatch mode that records every tensor the ops produce, forward and backward, and counts
-the ops: for tests that bound what a computation materialises or launches."""
+"""A dispatch mode that records every tensor the ops produce, forward and backward, and every
+op called: for tests that bound what a computation materialises, converts or launches."""
 
 from __future__ import annotations
 
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+class Call(NamedTuple):
+    """One op call: its name ("aten.clone", every overload) and the shape and dtype of its
+    first tensor argument (empty and None if it had none)."""
+
+    op: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None
+
+
 class TensorRecorder(TorchDispatchMode):
-    """Records the shape and dtype of every tensor produced by every op, and counts the ops by
-    name ("aten.clone": every overload)."""
+    """Records the shape and dtype of every tensor produced by every op, and every call."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tensors: list[tuple[tuple[int, ...], torch.dtype]] = []
-        self.ops: Counter[str] = Counter()
+        self.calls: list[Call] = []
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
         return [shape for shape, _ in self.tensors]
+
+    @property
+    def ops(self) -> Counter[str]:
+        return Counter(call.op for call in self.calls)
 
     def largest(self, floating_only: bool = False) -> int:
         """The most entries any recorded tensor had (floating-point ones only, if asked)."""
@@ -31,7 +44,12 @@ class TensorRecorder(TorchDispatchMode):
         )  # fmt: skip
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.ops[str(func.overloadpacket)] += 1
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        self.calls.append(
+            Call(str(func.overloadpacket), tuple(first.shape), first.dtype)
+            if first is not None
+            else Call(str(func.overloadpacket), (), None)
+        )
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):

@@ -546,9 +546,12 @@ _EAGER_OPS = _Ops(_cbsa_extract, _cbsa_broadcast, _cbsa_reps_grad, _cbsa_inputs_
 _TRACED_OPS = _Ops(cbsa_extract, cbsa_broadcast, cbsa_reps_grad, cbsa_inputs_grad)
 
 
-def _ops() -> _Ops:
-    """The registered custom ops while torch.compile traces, their implementations otherwise."""
-    return _TRACED_OPS if torch.compiler.is_compiling() else _EAGER_OPS
+def _ops(w: Tensor) -> _Ops:
+    """The registered custom ops while torch.compile traces or for a tensor subclass (fake
+    tensors, say: shape propagation or an op census without a GPU), their implementations
+    (no dispatcher round trip) for plain tensors."""
+    traced = torch.compiler.is_compiling() or type(w) is not torch.Tensor
+    return _TRACED_OPS if traced else _EAGER_OPS
 
 
 class _KernelMixing(torch.autograd.Function):
@@ -565,10 +568,10 @@ class _KernelMixing(torch.autograd.Function):
         contraction: str,
         beta: float,
     ) -> Tensor:
-        aw, lse = _ops().extract(w, q0, scale)
+        aw, lse = _ops(w).extract(w, q0, scale)
         q = q0.float() + _heads(step_rep) * aw
         c = _heads(step_x) * _contract(q, contraction, beta)
-        out = _ops().broadcast(w, q0, lse, c, scale)
+        out = _ops(w).broadcast(w, q0, lse, c, scale)
         ctx.save_for_backward(w, q0, step_rep, step_x, aw, lse)
         ctx.scale, ctx.contraction, ctx.beta = scale, contraction, beta
         return out
@@ -576,14 +579,14 @@ class _KernelMixing(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         w, q0, step_rep, step_x, aw, lse = ctx.saved_tensors
-        grad_c = _ops().reps_grad(w, q0, lse, grad_out, ctx.scale)
+        grad_c = _ops(w).reps_grad(w, q0, lse, grad_out, ctx.scale)
         q = q0.float() + _heads(step_rep) * aw
         upstream = _heads(step_x) * grad_c
         contracted, grad_q = _contract_with_grad(q, upstream, ctx.contraction, ctx.beta)
         c = _heads(step_x) * contracted
         grad_aw = _heads(step_rep) * grad_q
         delta = (c * grad_c).sum(-1) + (grad_aw * aw).sum(-1)
-        grad_w, grad_q0 = _ops().inputs_grad(w, q0, lse, grad_out, c, grad_aw, delta, ctx.scale)
+        grad_w, grad_q0 = _ops(w).inputs_grad(w, q0, lse, grad_out, c, grad_aw, delta, ctx.scale)
         per_head = (0, 2, 3)
         return (
             grad_w,

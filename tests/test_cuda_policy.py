@@ -1,0 +1,77 @@
+"""The CUDA path's dtype conversions and copies, counted without a GPU: the models run on fake
+CUDA tensors (`FakeTensorMode`: shapes and dtypes, no data, no device) under CUDA's autocast
+policy, which is not the CPU's (LayerNorm, softmax and norms run in float32 there), with the
+CBSA kernels as their registered ops. A token-sized conversion or copy is a pass over the
+activations on a GPU; this is where issue 19's profile found 16% of a step."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import pytest
+import timm
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import cbtlab.models  # noqa: F401  (registers the models with timm)
+from tensor_recorder import TensorRecorder
+
+pytest.importorskip("triton")
+
+
+@contextlib.contextmanager
+def _cuda_autocast(dtype: torch.dtype) -> Iterator[None]:
+    """CUDA's autocast, on also where no CUDA device is (`torch.autocast` turns itself off)."""
+    enabled, previous = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_dtype("cuda", dtype)
+    torch.set_autocast_enabled("cuda", True)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", previous)
+
+
+def _cuda_forward(
+    model: torch.nn.Module, img_size: int, batch: int
+) -> tuple[TensorRecorder, torch.Tensor]:
+    """`model`'s forward pass on a fake CUDA batch under bf16 autocast, recorded (the model
+    is moved to fake CUDA tensors)."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        images = torch.empty(batch, 3, img_size, img_size, device="cuda")
+        with _cuda_autocast(torch.bfloat16), TensorRecorder() as rec:
+            logits = model(images)
+    return rec, logits
+
+
+@pytest.mark.parametrize(
+    ("name", "img_size"),
+    [("cbt_tiny_patch16_224", 224), ("cbt_tiny_patch16_224", 448), ("cbt_small_patch16_224", 224)],
+)
+def test_cbt_forward_on_cuda_converts_the_tokens_twice_and_copies_them_never(
+    name: str, img_size: int
+) -> None:
+    """Under bf16 autocast the tokens are converted twice in a whole forward pass: the first
+    block's two LayerNorms read the stem + position-embedding stream, float32 under autocast;
+    every later block gets bf16 from the ISTA before it (no residual). No LayerNorm, ISTA or
+    CBSA layer converts or lays out the tokens, and every layer runs the kernels."""
+    batch = 4
+    model = timm.create_model(name, img_size=img_size)
+    depth, width = len(model.blocks), model.num_features
+    images, stream = (batch, 3, img_size, img_size), (batch, 1 + (img_size // 16) ** 2, width)
+    rec, logits = _cuda_forward(model, img_size, batch)
+    # Activations as large as half the token stream or more (Q0, (B, K, m, p), is smaller).
+    big = [
+        c
+        for c in rec.calls
+        if c.shape[:1] == (batch,) and math.prod(c.shape) * 2 >= math.prod(stream)
+    ]
+    casts = [(c.shape, c.dtype) for c in big if c.op == "aten._to_copy"]
+    copies = [c for c in big if c.op in ("aten.clone", "aten.copy_", "aten.contiguous")]
+    assert casts == [(images, torch.float32)] + [(stream, torch.float32)] * 2, casts
+    assert copies == [], copies
+    assert rec.ops["cbtlab.cbsa_extract"] == rec.ops["cbtlab.cbsa_broadcast"] == depth
+    assert logits.shape == (batch, 1000) and logits.device.type == "cuda"
