@@ -1,5 +1,5 @@
-"""A dispatch mode that records every tensor the ops produce, forward and backward, and every
-op called: for tests that bound what a computation materialises, converts or launches."""
+"""A dispatch mode that records every tensor the ops allocate, forward and backward, and every op
+called: for tests that bound what a computation materialises, converts or launches."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ class Call(NamedTuple):
 
 
 class TensorRecorder(TorchDispatchMode):
-    """Records the shape and dtype of every tensor produced by every op, and every call."""
+    """Records the shape and dtype of every tensor produced by every op (views and in-place
+    results aside), and every call."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,6 +52,8 @@ class TensorRecorder(TorchDispatchMode):
             else Call(str(func.overloadpacket), (), None)
         )
         out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # a view or an in-place op's result: no new memory
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.tensors.append((tuple(t.shape), t.dtype))

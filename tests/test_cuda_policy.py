@@ -16,6 +16,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cbtlab.models  # noqa: F401  (registers the models with timm)
+from cbtlab.attention.family import TSSA
 from tensor_recorder import TensorRecorder
 
 pytest.importorskip("triton")
@@ -75,3 +76,23 @@ def test_cbt_forward_on_cuda_converts_the_tokens_twice_and_copies_them_never(
     assert copies == [], copies
     assert rec.ops["cbtlab.cbsa_extract"] == rec.ops["cbtlab.cbsa_broadcast"] == depth
     assert logits.shape == (batch, 1000) and logits.device.type == "cuda"
+
+
+def test_tosts_attention_on_cuda_keeps_the_tokens_in_bf16() -> None:
+    """ToST's TSSA under bf16 autocast: only the normalised energy (two token-sized tensors)
+    is float32, as autocast's float32 rule for norms asks; the squares, the scaling and the
+    output stay bf16, with no conversion of token-sized tensors (ten token-sized tensors were
+    written, seven of them float32, and the output converted for the projection)."""
+    layer = TSSA(192, 3)
+    batch, tokens = 4, 197
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        layer = layer.to("cuda")
+        x = torch.empty(batch, tokens, 192, device="cuda", dtype=torch.bfloat16)
+        with _cuda_autocast(torch.bfloat16), TensorRecorder() as rec:
+            out = layer(x, (14, 14))
+    size = batch * tokens * 192
+    token_sized = [dtype for shape, dtype in rec.tensors if math.prod(shape) == size]
+    casts = [c for c in rec.calls if c.op == "aten._to_copy" and math.prod(c.shape) == size]
+    assert token_sized.count(torch.float32) == 2, token_sized
+    assert casts == [], casts
+    assert out.dtype == torch.bfloat16

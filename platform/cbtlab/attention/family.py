@@ -141,8 +141,12 @@ class TSSA(SubspaceAttention):
         energy = F.normalize(w, dim=-2).square().sum(-1)  # (B, K, N)
         pi = torch.softmax(energy * self.temp, dim=1)  # membership over heads
         weights = pi / (pi.sum(-1, keepdim=True) + 1e-8)  # (B, K, N)
-        moments = (weights.unsqueeze(-2) @ w.square()).squeeze(-2)  # (B, K, p)
-        dw = -(w * pi.unsqueeze(-1)) / (1 + moments.unsqueeze(-2))
+        # In w's dtype: under autocast, `w.square()` would square in float32 only for the
+        # product to round it back, and the float32 memberships would carry the token-sized
+        # output into float32 (three passes there, and a conversion for the projection).
+        # Outside autocast these are the plain expressions.
+        moments = (weights.unsqueeze(-2).to(w.dtype) @ (w * w)).squeeze(-2)  # (B, K, p)
+        dw = (w * (-pi).unsqueeze(-1).to(w.dtype)) / (1 + moments.unsqueeze(-2))
         return self.proj(merge_heads(dw))
 
     def pairwise_similarities(self, num_tokens: int) -> int:
