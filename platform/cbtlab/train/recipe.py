@@ -90,7 +90,7 @@ def fused_optimizer_ok(model: nn.Module) -> bool:
     """Whether torch's fused AdamW / SGD can update `model`: floating-point parameters, all on
     CUDA or all on the CPU. The fused step is one kernel per parameter group and dtype where the
     default (for-each) step launches one per operation of the update rule and the plain CPU
-    step loops over the tensors: on this 2-core CPU, 3.8x (AdamW) and 2.5x (SGD) faster for
+    step loops over the tensors: on this 2-core CPU, 3.7x (AdamW) and 2.7x (SGD) faster for
     CBT-T's 1.6 M parameters (docs/performance.md); the result agrees to rounding."""
     devices = {p.device.type for p in model.parameters()}
     floating = all(p.is_floating_point() for p in model.parameters())
