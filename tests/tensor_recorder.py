@@ -11,12 +11,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class Call(NamedTuple):
-    """One op call: its name ("aten.clone", every overload) and the shape and dtype of its
-    first tensor argument (empty and None if it had none)."""
+    """One op call: its name ("aten.clone", every overload), the shape and dtype of its first
+    tensor argument (empty and None if it had none) and the dtypes of all of them."""
 
     op: str
     shape: tuple[int, ...]
     dtype: torch.dtype | None
+    dtypes: tuple[torch.dtype, ...]
 
 
 class TensorRecorder(TorchDispatchMode):
@@ -45,12 +46,10 @@ class TensorRecorder(TorchDispatchMode):
         )  # fmt: skip
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        self.calls.append(
-            Call(str(func.overloadpacket), tuple(first.shape), first.dtype)
-            if first is not None
-            else Call(str(func.overloadpacket), (), None)
-        )
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        shape, dtype = (tuple(tensors[0].shape), tensors[0].dtype) if tensors else ((), None)
+        dtypes = tuple(t.dtype for t in tensors)
+        self.calls.append(Call(str(func.overloadpacket), shape, dtype, dtypes))
         out = func(*args, **(kwargs or {}))
         if any(r.alias_info is not None for r in func._schema.returns):
             return out  # a view or an in-place op's result: no new memory

@@ -36,16 +36,19 @@ def _cuda_autocast(dtype: torch.dtype) -> Iterator[None]:
 
 
 def _cuda_forward(
-    model: torch.nn.Module, img_size: int, batch: int
+    module: torch.nn.Module,
+    shape: tuple[int, ...],
+    *args: object,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[TensorRecorder, torch.Tensor]:
-    """`model`'s forward pass on a fake CUDA batch under bf16 autocast, recorded (the model
-    is moved to fake CUDA tensors)."""
+    """`module`'s forward pass on a fake CUDA input of `shape` and `dtype` (then `args`)
+    under bf16 autocast, recorded (the module is moved to fake CUDA tensors)."""
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = model.to("cuda")
-        images = torch.empty(batch, 3, img_size, img_size, device="cuda")
+        module = module.to("cuda")
+        x = torch.empty(shape, device="cuda", dtype=dtype)
         with _cuda_autocast(torch.bfloat16), TensorRecorder() as rec:
-            logits = model(images)
-    return rec, logits
+            out = module(x, *args)
+    return rec, out
 
 
 @pytest.mark.parametrize(
@@ -63,7 +66,7 @@ def test_cbt_forward_on_cuda_converts_the_tokens_twice_and_copies_them_never(
     model = timm.create_model(name, img_size=img_size)
     depth, width = len(model.blocks), model.num_features
     images, stream = (batch, 3, img_size, img_size), (batch, 1 + (img_size // 16) ** 2, width)
-    rec, logits = _cuda_forward(model, img_size, batch)
+    rec, logits = _cuda_forward(model, images)
     # Activations as large as half the token stream or more (Q0, (B, K, m, p), is smaller).
     big = [
         c
@@ -83,13 +86,8 @@ def test_tosts_attention_on_cuda_keeps_the_tokens_in_bf16() -> None:
     is float32, as autocast's float32 rule for norms asks; the squares, the scaling and the
     output stay bf16, with no conversion of token-sized tensors (ten token-sized tensors were
     written, seven of them float32, and the output converted for the projection)."""
-    layer = TSSA(192, 3)
     batch, tokens = 4, 197
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        layer = layer.to("cuda")
-        x = torch.empty(batch, tokens, 192, device="cuda", dtype=torch.bfloat16)
-        with _cuda_autocast(torch.bfloat16), TensorRecorder() as rec:
-            out = layer(x, (14, 14))
+    rec, out = _cuda_forward(TSSA(192, 3), (batch, tokens, 192), (14, 14), dtype=torch.bfloat16)
     size = batch * tokens * 192
     token_sized = [dtype for shape, dtype in rec.tensors if math.prod(shape) == size]
     casts = [c for c in rec.calls if c.op == "aten._to_copy" and math.prod(c.shape) == size]

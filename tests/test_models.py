@@ -7,11 +7,11 @@ import timm
 import torch
 from timm.utils import reparameterize_model
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cbtlab.config import ModelConfig
 from cbtlab.models import ISTA, build_model
 from cbtlab.models.blocks import LayerNorm
+from tensor_recorder import TensorRecorder
 
 
 def test_ista_is_one_proximal_step() -> None:
@@ -77,23 +77,6 @@ def test_ista_two_product_form_equals_the_reference() -> None:
         torch.testing.assert_close(got, want)
 
 
-class _Casts(TorchDispatchMode):
-    """The shapes of the tensors every dtype conversion (`aten._to_copy`) converts, and the
-    dtypes of each LayerNorm kernel's input, weight and bias."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-        self.norms: list[tuple[torch.dtype, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func is torch.ops.aten._to_copy.default:
-            self.shapes.append(tuple(args[0].shape))
-        if func is torch.ops.aten.native_layer_norm.default:
-            self.norms.append((args[0].dtype, args[2].dtype, args[3].dtype))
-        return func(*args, **(kwargs or {}))
-
-
 def test_ista_under_autocast_casts_the_tokens_once() -> None:
     """Under bf16 autocast, with float32 tokens in (as a LayerNorm under CUDA's autocast gives
     them), ISTA converts the tokens once forward and their gradient once back; the rest runs
@@ -101,13 +84,14 @@ def test_ista_under_autocast_casts_the_tokens_once() -> None:
     torch.manual_seed(0)
     ista = ISTA(32, step=0.3, lambd=0.05)
     x = torch.randn(2, 40, 32, requires_grad=True)
-    with _Casts() as casts:
+    with TensorRecorder() as rec:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = ista(x)
         out.backward(torch.ones_like(out))
-    tokens = [shape for shape in casts.shapes if shape[0] == 80]  # (B N, d)
+    casts = [c.shape for c in rec.calls if c.op == "aten._to_copy"]
+    tokens = [shape for shape in casts if shape[0] == 80]  # (B N, d)
     assert out.dtype == torch.bfloat16
-    assert tokens == [(80, 32), (80, 32)], casts.shapes  # forward in, gradient back
+    assert tokens == [(80, 32), (80, 32)], casts  # forward in, gradient back
     torch.testing.assert_close(out.float(), ista(x), atol=0.1, rtol=0.05)
 
 
@@ -141,14 +125,16 @@ def test_block_layer_norm_runs_in_autocasts_dtype() -> None:
     x = torch.randn(3, 20, 48)
     assert torch.equal(ours(x), plain(x))
     tokens = x.bfloat16().requires_grad_()
-    with _Casts() as casts:
+    with TensorRecorder() as rec:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = ours(tokens)
         out.backward(torch.ones_like(out))
+    casts = [c.shape for c in rec.calls if c.op == "aten._to_copy"]
+    norms = [c.dtypes for c in rec.calls if c.op == "aten.native_layer_norm"]
     assert out.dtype == torch.bfloat16 and tokens.grad.dtype == torch.bfloat16
-    assert all(shape == (48,) for shape in casts.shapes), casts.shapes  # the affine map only
+    assert all(shape == (48,) for shape in casts), casts  # the affine map only
     # One dtype into the kernel, as CUDA's LayerNorm requires of a bf16 input (a float32
     # weight beside bf16 tokens runs on CPUs only, and CUDA's autocast would take float32).
-    assert casts.norms == [(torch.bfloat16,) * 3], casts.norms
+    assert norms == [(torch.bfloat16,) * 3], norms
     torch.testing.assert_close(out.float(), plain(tokens.float()), atol=0.05, rtol=0.02)
     assert ours.weight.grad is not None and ours.weight.grad.dtype == torch.float32
