@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,7 +24,8 @@ from cbtlab.perf.attention_scaling import (
     scaling_metrics,
     scaling_table,
 )
-from cbtlab.perf.cli import scaling_main
+from cbtlab.perf.cli import scaling_main, throughput_main
+from cbtlab.perf.step_profile import profile_table, profile_throughput, summarize_profile
 from cbtlab.perf.throughput import (
     ThroughputSpec,
     run_throughput,
@@ -328,7 +330,18 @@ def test_throughput_rows_and_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
         models=("cbt_tiny_patch16_224", "vit_tiny_patch16_224"), resolutions=(128,),
         batch_at_224=1, rounds=1, warmup=0, compile=True, peak_memory=True,
     )  # fmt: skip
-    rows = run_throughput(spec, echo=lambda _: None)
+    echoed: list[str] = []
+    rows = run_throughput(spec, echo=echoed.append)
+    # Each compiled case's first call is told as it ends: compiled or failed, and its time.
+    firsts = [line.split(" in ")[0].strip() for line in echoed if line.endswith(" s")]
+    assert firsts == [
+        "train:compiled:cbt_tiny_patch16_224 at 128 px: failed: AssertionError: Inductor could "
+        "not lower this graph",
+        "infer:compiled:cbt_tiny_patch16_224 at 128 px: failed: AssertionError: Inductor could "
+        "not lower this graph",
+        "train:compiled:vit_tiny_patch16_224 at 128 px: compiled",
+        "infer:compiled:vit_tiny_patch16_224 at 128 px: compiled",
+    ], echoed
     # Training runs the model, inference the deployed copy: CBT's stem BatchNorms folded.
     assert sorted(compiled) == [
         ("CBTransformer", False), ("CBTransformer", True),
@@ -462,3 +475,97 @@ def test_loop_overhead_times_both_loops_and_the_platform_one_trains(
     monkeypatch.setattr(loop_overhead, "measure_loop_overhead", lambda **kwargs: slow)
     assert loop_overhead.loop_overhead_main([*argv, "--max-ratio", "1.05"]) == 1
     assert "FAIL: above 1.05x" in capsys.readouterr().out
+
+
+def test_the_step_profile_ranks_operations_by_their_own_time(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--profile` runs the study's very steps under torch.profiler instead of timing them:
+    per case, its operations by own time (CPU here), calls per step, and a compiled case that
+    fails to compile is told, not profiled."""
+
+    def fails_to_compile(model: nn.Module) -> nn.Module:
+        class Fails(nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                raise AssertionError("Inductor could not lower this graph")
+
+        return Fails()
+
+    monkeypatch.setattr(torch, "compile", fails_to_compile)
+    spec = ThroughputSpec(
+        models=("cbt_tiny_patch16_224", "vit_tiny_patch16_224"), resolutions=(128,),
+        batch_at_224=1, modes=("train",), compile=True,
+    )  # fmt: skip
+    shown: list[str] = []
+    profiles = profile_throughput(spec, top=6, steps=2, echo=shown.append)
+    by_case = {p.case: p for p in profiles}
+    assert set(by_case) == {
+        f"train:{form}:{model}" for form in ("eager", "compiled") for model in spec.models
+    }
+    for model in spec.models:
+        failed = by_case[f"train:compiled:{model}"]
+        assert failed.note.startswith("AssertionError: Inductor") and not failed.ops
+        p = by_case[f"train:eager:{model}"]
+        assert p.resolution == 128 and p.batch == spec.batch(128) and p.note == ""
+        assert len(p.ops) == 6
+        times = [op.ms_per_step for op in p.ops]
+        assert times == sorted(times, reverse=True) and times[-1] > 0
+        assert 0 < sum(op.share for op in p.ops) <= 1 + 1e-9
+        assert all(op.calls_per_step > 0 for op in p.ops)
+        # Two steps were profiled: the per-step figures are halves of what the profiler saw.
+        assert p.ops[0].share == pytest.approx(p.ops[0].ms_per_step / p.ms_per_step)
+        assert p.launches_per_step > 1000  # aten calls of a forward, backward and AdamW step
+        assert any(op.name in ("aten::mm", "aten::addmm", "aten::bmm") for op in p.ops)
+    text = "\n".join(shown)
+    assert f"train:eager:cbt_tiny_patch16_224 at 128 px (batch {spec.batch(128)}): " in text
+    assert "not profiled: AssertionError" in text and "calls/step" in text
+    assert profile_table([by_case["train:eager:vit_tiny_patch16_224"]]).count("aten::") == 6
+
+    assert throughput_main(
+        ["--models", "vit_tiny_patch16_224", "--resolutions", "64", "--modes", "infer",
+         "--profile", "3", "--no-mlflow"]
+    ) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "profiled" in out and "infer:eager:vit_tiny_patch16_224 at 64 px" in out
+    assert "images/s" not in out  # profiled instead of timed
+    with pytest.raises(SystemExit) as exit_info:
+        throughput_main(["--profile", "-1", "--no-mlflow"])
+    assert exit_info.value.code == 2
+
+
+def test_the_cuda_profile_counts_each_kernel_once() -> None:
+    """On CUDA the step's time is its kernels' (each once: a record_function range's device-side
+    annotation spans kernels and is not one), an operation's share is the time of the kernels it
+    launched itself, and what no operation claims is told apart."""
+    from torch.autograd import DeviceType
+
+    def kernel(us: float, annotation: bool = False) -> SimpleNamespace:
+        span = SimpleNamespace(elapsed_us=lambda: us)
+        return SimpleNamespace(
+            device_type=DeviceType.CUDA, is_user_annotation=annotation, time_range=span
+        )
+
+    def op(name: str, count: int, device_us: float) -> SimpleNamespace:
+        return SimpleNamespace(
+            key=name, count=count, device_type=DeviceType.CPU, self_device_time_total=device_us,
+            self_cpu_time_total=1.0,
+        )  # fmt: skip
+
+    # Two steps: addmm's 2 kernels of 300 us, copy_'s 4 of 50 us, 100 us of a compiled
+    # region's kernels, all inside an optimizer-step annotation of 900 us.
+    events = [kernel(300), kernel(300), *(kernel(50) for _ in range(4)), kernel(100)]
+    events.append(kernel(900, annotation=True))
+    averages = [
+        op("aten::addmm", 2, 600.0), op("aten::copy_", 4, 200.0), op("aten::linear", 2, 0.0),
+        op("Optimizer.step#AdamW.step", 2, 0.0), op("cudaLaunchKernel", 7, 0.0),
+    ]  # fmt: skip
+    p = summarize_profile(events, averages, "cuda", steps=2, top=5)
+    assert p.ms_per_step == pytest.approx(0.45)  # (600 + 200 + 100) us over 2 steps
+    assert p.launches_per_step == 3.5
+    assert p.unattributed_ms_per_step == pytest.approx(0.05)
+    assert [(o.name, o.calls_per_step, o.ms_per_step) for o in p.ops] == [
+        ("aten::addmm", 1.0, pytest.approx(0.3)),
+        ("aten::copy_", 2.0, pytest.approx(0.1)),
+    ]
+    assert [o.share for o in p.ops] == [pytest.approx(600 / 900), pytest.approx(200 / 900)]
+    assert "kernels no operation claims" in profile_table([p]).splitlines()[0]

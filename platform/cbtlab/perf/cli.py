@@ -26,6 +26,7 @@ from cbtlab.perf.attention_scaling import (
     scaling_table,
 )
 from cbtlab.perf.record import log_benchmark, mlflow_installed
+from cbtlab.perf.step_profile import profile_throughput
 from cbtlab.perf.throughput import (
     MODELS,
     ThroughputSpec,
@@ -193,6 +194,10 @@ def throughput_main(argv: Sequence[str] | None = None, prog: str | None = None) 
     parser.add_argument("--channels-last", action="store_true",
                         help="images and convolution weights in NHWC order, as "
                         "train.channels_last (the conv stems' layout on tensor cores)")  # fmt: skip
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="instead of timing, profile each case's step (torch.profiler): "
+                        "its TOP operations by own device (CPU) time, and kernel launches "
+                        "per step")  # fmt: skip
     _common(parser)
     args = parser.parse_args(argv)
     _setup(args)
@@ -216,10 +221,16 @@ def throughput_main(argv: Sequence[str] | None = None, prog: str | None = None) 
         spec.validate()
     except ValueError as exc:
         parser.error(str(exc))
+    if args.profile < 0:
+        parser.error("--profile takes the number of operations to list, e.g. 15")
     forms = ", eager and compiled" if spec.compile else ""
     print(f"throughput on {_device_name(args.device)}, "
           f"{'bf16 autocast' if spec.amp else 'fp32'}{forms}"
-          f"{', channels-last' if spec.channels_last else ''}", flush=True)  # fmt: skip
+          f"{', channels-last' if spec.channels_last else ''}"
+          f"{', profiled' if args.profile else ''}", flush=True)  # fmt: skip
+    if args.profile:  # the profiler's overhead would distort the timings: one or the other
+        profile_throughput(spec, top=args.profile, echo=lambda text: print(text, flush=True))
+        return 0
     rows = run_throughput(spec, echo=lambda line: print(line, flush=True))
     return _report(
         args, "throughput", rows, throughput_table(rows), throughput_metrics(rows),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -154,6 +155,34 @@ def _cases(spec: ThroughputSpec, resolution: int) -> dict[str, Callable[[], Any]
     return cases
 
 
+def warm_cases(
+    spec: ThroughputSpec, resolution: int, echo: Callable[[str], None] = print
+) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+    """The cases at `resolution` (`_cases`), each called once alone (compilation happens
+    there), and for each "" or the reason it failed: a compile error, or running out of CUDA
+    memory, leaves the case out with the reason as its note. Each compiled case's outcome and
+    compile time is echoed as it ends."""
+    if spec.compile:
+        # The models of another resolution are gone: so are their graphs, lest same-class
+        # models (T and S, train and eval) reach Dynamo's recompile limit and run eager.
+        torch.compiler.reset()
+    cases = _cases(spec, resolution)
+    failed: dict[str, str] = {}
+    for case, fn in cases.items():
+        compiled = ":compiled:" in case
+        start = time.perf_counter()
+        failed[case] = first_call(
+            fn,
+            spec.device,
+            catch=(Exception,) if compiled else (torch.cuda.OutOfMemoryError,),
+        )
+        if compiled:  # compilation's cost, and progress through the longest phase
+            outcome = f"failed: {failed[case]}" if failed[case] else "compiled"
+            echo(f"  {case} at {resolution} px: {outcome} in "
+                 f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+    return cases, failed
+
+
 def run_throughput(
     spec: ThroughputSpec, echo: Callable[[str], None] = print
 ) -> list[dict[str, Any]]:
@@ -165,21 +194,7 @@ def run_throughput(
     on_cuda = torch.device(spec.device).type == "cuda"
     for resolution in spec.resolutions:
         batch = spec.batch(resolution)
-        if spec.compile:
-            # The models of another resolution are gone: so are their graphs, lest same-class
-            # models (T and S, train and eval) reach Dynamo's recompile limit and run eager.
-            torch.compiler.reset()
-        cases = _cases(spec, resolution)
-        # Each case's first call alone (compilation happens there): a compile error, or running
-        # out of CUDA memory, leaves the case out of the timing with the reason as its note.
-        failed = {
-            case: first_call(
-                fn,
-                spec.device,
-                catch=(Exception,) if ":compiled:" in case else (torch.cuda.OutOfMemoryError,),
-            )
-            for case, fn in cases.items()
-        }
+        cases, failed = warm_cases(spec, resolution, echo)
         timings = measure_side_by_side(
             {case: fn for case, fn in cases.items() if not failed[case]},
             warmup=max(spec.warmup - 1, 0),
