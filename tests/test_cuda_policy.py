@@ -2,12 +2,14 @@
 CUDA tensors (`FakeTensorMode`: shapes and dtypes, no data, no device) under CUDA's autocast
 policy, which is not the CPU's (LayerNorm, softmax and norms run in float32 there), with the
 CBSA kernels as their registered ops. A token-sized conversion or copy is a pass over the
-activations on a GPU; this is where issue 19's profile found 16% of a step."""
+activations on a GPU; this is where issue 19's profile found 16% of a step. The same fake
+tensors show what `torch.compile` traces there: one graph per model, the kernels inside."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cbtlab.models  # noqa: F401  (registers the models with timm)
 from cbtlab.attention.family import TSSA
+from cbtlab.models.zoo import MODEL_NAMES
 from tensor_recorder import TensorRecorder
 
 pytest.importorskip("triton")
@@ -94,3 +97,35 @@ def test_tosts_attention_on_cuda_keeps_the_tokens_in_bf16() -> None:
     assert token_sized.count(torch.float32) == 2, token_sized
     assert casts == [], casts
     assert out.dtype == torch.bfloat16
+
+
+# One model of each family (the hybrid is two of them, layer by layer).
+FAMILIES = [n for n in MODEL_NAMES if "_tiny_" in n and not n.startswith("crate_cbt_hybrid")]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_cuda_path_traces_into_one_graph_with_the_kernels_inside(name: str) -> None:
+    """What `torch.compile` sees on a GPU under bf16 autocast (fake CUDA tensors): each model of
+    the zoo is one graph with no graph break (the condition for compiling it whole and for CUDA
+    graphs), CBT's CBSA layers as the kernels' custom ops, forward and backward."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=128, num_classes=10)
+    torch._dynamo.reset()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        x = torch.empty(2, 3, 128, 128, device="cuda")
+        with _cuda_autocast(torch.bfloat16):
+            explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    kernels = Counter(
+        str(node.target)
+        for graph in explained.graphs
+        for module in graph.modules()
+        if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+        if node.op == "call_function" and str(node.target).startswith("cbtlab.")
+    )
+    layers = 12 if name.startswith("cbt_") else 0
+    ops = ("cbsa_extract", "cbsa_broadcast", "cbsa_reps_grad", "cbsa_inputs_grad")
+    assert kernels == Counter({f"cbtlab.{op}.default": layers for op in ops if layers})
