@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cbtlab-installed
 
-.PHONY: install study test lint browser services clean
+.PHONY: install study test lint browser services gpu-carry clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,18 @@ services:
 
 test: lint browser services
 	$(BIN)/python -m pytest $(ARGS)
+
+# What a bare GPU machine (torch, timm, triton; no network) needs besides this checkout for the
+# GPU check and tests (studies/gpu_acceptance.sh picks both up): the three small pure-Python
+# wheels it lacks, unpacked into carry/site, and the digits shards built into digits_cache/
+# (scikit-learn, here). docs/gpu.md, "On a bare GPU machine".
+gpu-carry: $(STAMP)
+	rm -rf carry && mkdir -p carry/site
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d carry \
+	  webdataset braceexpand cloudpickle
+	for w in carry/*.whl; do $(BIN)/python -m zipfile -e "$$w" carry/site || exit 1; done
+	$(BIN)/python data_pipelines/prepare_digits.py --set data.cache_dir=digits_cache
+	@du -sh carry digits_cache
 
 clean:
 	rm -rf $(VENV)
