@@ -15,8 +15,14 @@ STEP_INITS = ("normal", "constant", "zero")
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """Autocast's dtype where autocast is on for `device_type`, else None ("meta", used to count
-    FLOPs, has no autocast to ask)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    FLOPs, has no autocast to ask).
+
+    Dynamo before torch 2.14 cannot trace `is_autocast_available` (torch 2.11, the GPU
+    machines' release, broke every compiled CBT layer's graph there), so a compiled model does
+    not ask: its tensors are on a device that has autocast."""
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return None
+    if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
