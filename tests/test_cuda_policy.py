@@ -137,14 +137,16 @@ def test_the_cuda_path_asks_no_untraceable_autocast_question_when_compiled(
     """Dynamo in torch 2.11 (the GPU machines' release) cannot trace
     `torch.amp.is_autocast_available`: asked in every LayerNorm, ISTA and CBSA layer, it broke a
     compiled CBT-T into 11 graphs there, though 2.14 traces it. Made untraceable here as it is
-    there, it must not be asked while compiling: CBT still traces into one graph."""
+    there, it must not be asked while compiling: CBT still traces into one graph, at 224 px
+    too, where the 14 x 14 patch grid is pooled to 8 x 8 by the separable mean (at 128 px the
+    grid is 8 x 8 equal tiles)."""
     untraceable = torch.compiler.disable(torch.amp.is_autocast_available)
     monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
-    model = timm.create_model("cbt_tiny_patch16_224", img_size=128, num_classes=10)
+    model = timm.create_model("cbt_tiny_patch16_224", img_size=224, num_classes=10)
     torch._dynamo.reset()
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to("cuda")
-        x = torch.empty(2, 3, 128, 128, device="cuda")
+        x = torch.empty(2, 3, 224, 224, device="cuda")
         with _cuda_autocast(torch.bfloat16):
             explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0, explained.break_reasons

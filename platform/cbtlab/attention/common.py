@@ -13,16 +13,18 @@ from torch import Tensor, nn
 STEP_INITS = ("normal", "constant", "zero")
 
 
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """Autocast's dtype where autocast is on for `device_type`, else None ("meta", used to count
-    FLOPs, has no autocast to ask).
+def has_autocast(device_type: str) -> bool:
+    """Whether `device_type` has an autocast ("meta", used to count FLOPs, has none).
 
-    Dynamo before torch 2.14 cannot trace `is_autocast_available` (torch 2.11, the GPU
-    machines' release, broke every compiled CBT layer's graph there), so a compiled model does
-    not ask: its tensors are on a device that has autocast."""
-    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
-        return None
-    if torch.is_autocast_enabled(device_type):
+    Dynamo in torch 2.11 (the GPU machines' release) cannot trace `is_autocast_available`, which
+    2.14 does: asked in every layer, it broke a compiled CBT-T into 9 to 11 graphs there. So a
+    model being compiled does not ask: its tensors are on a device that has autocast."""
+    return torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """Autocast's dtype where autocast is on for `device_type`, else None."""
+    if has_autocast(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -142,9 +144,7 @@ def _separable_mean(
     device = tokens.device.type
     # "meta" (FLOP counting) has no autocast to leave.
     no_autocast = (
-        torch.autocast(device, enabled=False)
-        if torch.amp.is_autocast_available(device)
-        else contextlib.nullcontext()
+        torch.autocast(device, enabled=False) if has_autocast(device) else contextlib.nullcontext()
     )
     with no_autocast:
         by_rows = rows @ tokens.reshape(*lead, h, w * c)  # (..., g_h, W c)
