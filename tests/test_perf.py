@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,6 +30,8 @@ from cbtlab.perf.cli import scaling_main, throughput_main
 from cbtlab.perf.step_profile import profile_table, profile_throughput, summarize_profile
 from cbtlab.perf.throughput import (
     ThroughputSpec,
+    _dynamo_counts,
+    _graphs_summary,
     run_throughput,
     throughput_headline,
     throughput_metrics,
@@ -310,9 +314,9 @@ def test_scaling_cli_logs_to_mlflow(tmp_path, capsys) -> None:  # type: ignore[n
 
 
 def test_throughput_rows_and_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Eager and compiled rows side by side. Compiling is replaced here (it takes minutes on
-    a CPU): CBT's compilation fails as Inductor's did on the H200 (a row with the reason, no
-    crash), ViT's "compiled" form is the model itself."""
+    """Eager and compiled rows side by side. Compiling is replaced here (Inductor takes minutes
+    on a CPU): CBT's compilation fails as Inductor's did on the H200 (a row with the reason, no
+    crash), ViT is compiled by Dynamo alone (`backend="eager"`), into one graph."""
 
     class FailsToCompile(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -323,8 +327,11 @@ def test_throughput_rows_and_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
     def fake_compile(model: nn.Module) -> nn.Module:
         batch_norms = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
         compiled.append((type(model).__name__, batch_norms))
-        return model if "VisionTransformer" in type(model).__name__ else FailsToCompile()
+        if "VisionTransformer" in type(model).__name__:
+            return real_compile(model, backend="eager")
+        return FailsToCompile()
 
+    real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", fake_compile)
     spec = ThroughputSpec(
         models=("cbt_tiny_patch16_224", "vit_tiny_patch16_224"), resolutions=(128,),
@@ -332,16 +339,18 @@ def test_throughput_rows_and_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
     )  # fmt: skip
     echoed: list[str] = []
     rows = run_throughput(spec, echo=echoed.append)
-    # Each compiled case's first call is told as it ends: compiled or failed, and its time.
-    firsts = [line.split(" in ")[0].strip() for line in echoed if line.endswith(" s")]
-    assert firsts == [
-        "train:compiled:cbt_tiny_patch16_224 at 128 px: failed: AssertionError: Inductor could "
-        "not lower this graph",
-        "infer:compiled:cbt_tiny_patch16_224 at 128 px: failed: AssertionError: Inductor could "
-        "not lower this graph",
-        "train:compiled:vit_tiny_patch16_224 at 128 px: compiled",
-        "infer:compiled:vit_tiny_patch16_224 at 128 px: compiled",
-    ], echoed
+    # Each compiled case's first call is told as it ends: compiled or failed, its time, and
+    # the graphs Dynamo made of it.
+    firsts = [line.strip() for line in echoed]
+    told = [line.rsplit(" in ", 1) for line in firsts if line.startswith(("train:c", "infer:c"))]
+    assert [(first, rest.split(" s, ")[1]) for first, rest in told] == [
+        ("train:compiled:cbt_tiny_patch16_224 at 128 px: failed: AssertionError: Inductor could "
+         "not lower this graph", "0 graphs"),
+        ("infer:compiled:cbt_tiny_patch16_224 at 128 px: failed: AssertionError: Inductor could "
+         "not lower this graph", "0 graphs"),
+        ("train:compiled:vit_tiny_patch16_224 at 128 px: compiled", "1 graph"),
+        ("infer:compiled:vit_tiny_patch16_224 at 128 px: compiled", "1 graph"),
+    ], echoed  # fmt: skip
     # Training runs the model, inference the deployed copy: CBT's stem BatchNorms folded.
     assert sorted(compiled) == [
         ("CBTransformer", False), ("CBTransformer", True),
@@ -380,6 +389,26 @@ def test_throughput_rows_and_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     with pytest.raises(ValueError, match="multiple of the patch size"):
         ThroughputSpec(resolutions=(100,)).validate()
+
+
+def test_a_compilation_with_a_graph_break_is_told_so() -> None:
+    """What the throughput benchmark tells of a compilation, from Dynamo's own counts: a
+    function that prints between two operations compiles into two graphs with one break, and
+    the break's reason is named (torch 2.11's untraceable autocast question was such a break,
+    in every CBT layer)."""
+
+    def prints_midway(x: torch.Tensor) -> torch.Tensor:
+        x = x.sin()
+        print("midway")
+        return x.cos()
+
+    torch._dynamo.reset()
+    graphs, breaks = _dynamo_counts()
+    torch.compile(prints_midway, backend="eager")(torch.ones(3))
+    after_graphs, after_breaks = _dynamo_counts()
+    told = _graphs_summary(after_graphs - graphs, after_breaks - breaks)
+    assert re.fullmatch(r"2 graphs, 1 graph break \(\w[^\n]*\)", told), told
+    assert _graphs_summary(1, Counter()) == "1 graph"
 
 
 def test_throughput_channels_last_runs_nhwc(monkeypatch: pytest.MonkeyPatch) -> None:

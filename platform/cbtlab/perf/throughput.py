@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +172,7 @@ def warm_cases(
     for case, fn in cases.items():
         compiled = ":compiled:" in case
         start = time.perf_counter()
+        graphs_before, breaks_before = _dynamo_counts()
         failed[case] = first_call(
             fn,
             spec.device,
@@ -178,9 +180,30 @@ def warm_cases(
         )
         if compiled:  # compilation's cost, and progress through the longest phase
             outcome = f"failed: {failed[case]}" if failed[case] else "compiled"
+            graphs, breaks = _dynamo_counts()
             echo(f"  {case} at {resolution} px: {outcome} in "
-                 f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+                 f"{time.perf_counter() - start:.0f} s, "
+                 f"{_graphs_summary(graphs - graphs_before, breaks - breaks_before)}")  # fmt: skip
     return cases, failed
+
+
+def _dynamo_counts() -> tuple[int, Counter[str]]:
+    """Dynamo's running totals: graphs compiled, and graph breaks by reason."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], Counter(counters["graph_break"])
+
+
+def _graphs_summary(graphs: int, breaks: Counter[str]) -> str:
+    """How many graphs a compilation made, and its graph breaks with the commonest one's
+    reason (its first line): a model compiled whole is "1 graph"; each break costs speed and
+    rules out CUDA graphs."""
+    text = f"{graphs} graph" + ("s" if graphs != 1 else "")
+    total = sum(breaks.values())
+    if total:
+        reason, _ = breaks.most_common(1)[0]
+        text += f", {total} graph break{'s' if total != 1 else ''} ({reason.splitlines()[0]})"
+    return text
 
 
 def run_throughput(
