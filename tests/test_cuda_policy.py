@@ -11,6 +11,7 @@ import contextlib
 import math
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import timm
@@ -99,6 +100,18 @@ def test_tosts_attention_on_cuda_keeps_the_tokens_in_bf16() -> None:
     assert out.dtype == torch.bfloat16
 
 
+def _cuda_explain(name: str, img_size: int) -> Any:
+    """`torch._dynamo.explain` of model `name`'s forward on a fake CUDA batch of 2 under bf16
+    autocast: the graphs and graph breaks `torch.compile` would see there."""
+    model = timm.create_model(name, img_size=img_size, num_classes=10)
+    torch._dynamo.reset()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        x = torch.empty(2, 3, img_size, img_size, device="cuda")
+        with _cuda_autocast(torch.bfloat16):
+            return torch._dynamo.explain(model)(x)
+
+
 # One model of each family (the hybrid is two of them, layer by layer).
 FAMILIES = [n for n in MODEL_NAMES if "_tiny_" in n and not n.startswith("crate_cbt_hybrid")]
 
@@ -109,13 +122,7 @@ def test_the_cuda_path_traces_into_one_graph_with_the_kernels_inside(name: str) 
     the zoo is one graph with no graph break (the condition for compiling it whole and for CUDA
     graphs), CBT's CBSA layers as the kernels' custom ops, forward and backward."""
     torch.manual_seed(0)
-    model = timm.create_model(name, img_size=128, num_classes=10)
-    torch._dynamo.reset()
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model = model.to("cuda")
-        x = torch.empty(2, 3, 128, 128, device="cuda")
-        with _cuda_autocast(torch.bfloat16):
-            explained = torch._dynamo.explain(model)(x)
+    explained = _cuda_explain(name, 128)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
     kernels = Counter(
@@ -142,11 +149,5 @@ def test_the_cuda_path_asks_no_untraceable_autocast_question_when_compiled(
     grid is 8 x 8 equal tiles)."""
     untraceable = torch.compiler.disable(torch.amp.is_autocast_available)
     monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
-    model = timm.create_model("cbt_tiny_patch16_224", img_size=224, num_classes=10)
-    torch._dynamo.reset()
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model = model.to("cuda")
-        x = torch.empty(2, 3, 224, 224, device="cuda")
-        with _cuda_autocast(torch.bfloat16):
-            explained = torch._dynamo.explain(model)(x)
+    explained = _cuda_explain("cbt_tiny_patch16_224", 224)
     assert explained.graph_break_count == 0, explained.break_reasons
